@@ -1,0 +1,45 @@
+"""Hourly drift monitor: an Evidently KS report of recent events against the
+champion's training data; drift past the threshold triggers recsys_training."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
+from airflow.sdk import Param, dag, get_current_context, task
+
+from hyperrec.tasks import check_drift
+
+DEFAULT_ARGS = {"retries": 2, "retry_delay": timedelta(seconds=30)}
+
+
+@dag(
+    dag_id="recsys_drift_monitor",
+    schedule="@hourly",
+    start_date=datetime(2026, 1, 1),
+    catchup=False,
+    max_active_runs=1,
+    default_args=DEFAULT_ARGS,
+    params={"current": Param("", type="string", description="raw dataset directory holding the recent events")},
+    tags=["hyperrec", "monitoring"],
+)
+def recsys_drift_monitor():
+    @task
+    def drift_report() -> dict:
+        context = get_current_context()
+        return check_drift(context["run_id"], context["params"]["current"])
+
+    @task.short_circuit
+    def drift_detected(report: dict) -> bool:
+        return bool(report["retrain"])
+
+    report = drift_report()
+    drift_detected(report) >> TriggerDagRunOperator(
+        task_id="trigger_retraining",
+        trigger_dag_id="recsys_training",
+        conf={"reason": "drift", "drift_report": "{{ ti.xcom_pull(task_ids='drift_report')['json_path'] }}"},
+        wait_for_completion=False,
+    )
+
+
+recsys_drift_monitor()

@@ -1,0 +1,1 @@
+"""Feature store: user profiles, offline Parquet snapshots, the online store and segments."""

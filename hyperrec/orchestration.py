@@ -1,0 +1,67 @@
+"""Run the project's Airflow DAGs in-process (``dag.test()``) against the configured
+metadata DB: SQLite under ``<home>/airflow`` when embedded, PostgreSQL in stack mode."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import yaml
+
+from hyperrec.settings import PROJECT_ROOT, Settings
+
+DAGS_FOLDER = PROJECT_ROOT / "dags"
+
+
+def settings_file(settings: Settings) -> Path:
+    return settings.airflow_home / "hyperrec-settings.yaml"
+
+
+def configure_airflow(settings: Settings) -> None:
+    """Export this process's settings to Airflow and its tasks, before airflow is imported.
+
+    The settings are written to ``<airflow_home>/hyperrec-settings.yaml`` and named by
+    ``HYPERREC_CONFIG`` so every task rebuilds exactly the same settings object.
+    """
+    settings.airflow_home.mkdir(parents=True, exist_ok=True)
+    path = settings_file(settings)
+    path.write_text(yaml.safe_dump(settings.model_dump(mode="json"), sort_keys=False))
+    os.environ.update({
+        "HYPERREC_CONFIG": str(path),
+        "AIRFLOW_HOME": str(settings.airflow_home),
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": settings.airflow_conn,
+        "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS_FOLDER),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__CORE__DAGBAG_IMPORT_TIMEOUT": "120",
+        "AIRFLOW__CORE__ALLOWED_DESERIALIZATION_CLASSES_REGEXP": r"(airflow|hyperrec)\..*",
+        "AIRFLOW__LOGGING__LOGGING_LEVEL": os.environ.get("AIRFLOW__LOGGING__LOGGING_LEVEL", "WARNING"),
+        "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
+    })
+
+
+def migrate_db() -> None:
+    """Create or upgrade the Airflow metadata DB (idempotent)."""
+    from airflow.utils.db import upgradedb
+
+    upgradedb()
+
+
+def load_dags():
+    """Parse ``dags/`` and return the DagBag; raises if any file fails to import."""
+    from airflow.dag_processing.dagbag import DagBag
+
+    bag = DagBag(dag_folder=str(DAGS_FOLDER))
+    if bag.import_errors:
+        raise RuntimeError(f"DAG import errors: {bag.import_errors}")
+    return bag
+
+
+def run_dag(settings: Settings, dag_id: str, conf: dict | None = None):
+    """Run one DAG to completion in this process and return its final state string."""
+    configure_airflow(settings)
+    migrate_db()
+    dag = load_dags().get_dag(dag_id)
+    if dag is None:
+        raise KeyError(f"no DAG named {dag_id!r} in {DAGS_FOLDER}")
+    dag_run = dag.test(run_conf=conf or {})
+    return str(dag_run.state)

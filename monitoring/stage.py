@@ -1,0 +1,64 @@
+"""The drift stage of ``recsys_drift_monitor``: recent events against the champion's
+training data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.dataset as ds
+
+from hyperrec.datasets import RawDataset
+from hyperrec.run_context import RunContext
+from hyperrec.settings import Settings
+from monitoring.drift import DRIFT_FEATURES, detect_drift, drift_features
+from monitoring.trigger import should_retrain
+
+_COLUMNS = ["user_id", "dwell_time_s", "scroll_depth", "rating", "timestamp"]
+
+
+def reference_run_dir(settings: Settings) -> Path:
+    """The run directory that produced the current champion (MLflow tag ``hyperrec.run_dir``)."""
+    from mlflow import MlflowClient
+
+    from training import registry
+
+    version = registry.champion_version(settings)
+    if version is None:
+        raise LookupError("no champion model yet: run recsys_training first (e.g. `make demo`)")
+    client = MlflowClient()
+    mv = client.get_model_version(settings.mlflow.registered_model, str(version))
+    run_dir = client.get_run(mv.run_id).data.tags.get("hyperrec.run_dir")
+    if not run_dir or not Path(run_dir).exists():
+        raise LookupError(f"champion v{version} has no run directory on this machine (tag hyperrec.run_dir={run_dir!r})")
+    return Path(run_dir)
+
+
+def _events(path: Path) -> pd.DataFrame:
+    return ds.dataset(str(path), format="parquet").to_table(columns=_COLUMNS).to_pandas()
+
+
+def check_drift(settings: Settings, run: RunContext, current: str) -> dict:
+    """KS drift of :data:`DRIFT_FEATURES` between the champion's clean training events
+    and the raw events under ``current``; reports go to ``run.drift_dir``."""
+    if not current:
+        raise ValueError("recsys_drift_monitor needs the 'current' param: a raw dataset directory with recent events")
+    reference_dir = reference_run_dir(settings)
+    reference = drift_features(_events(reference_dir / "clean" / "interactions"))
+    recent = drift_features(_events(RawDataset(Path(current)).check().interactions))
+    result = detect_drift(
+        reference, recent, out_dir=run.drift_dir, ks_threshold=settings.drift.ks_threshold,
+        drift_share=settings.drift.drift_share, columns=list(DRIFT_FEATURES),
+    )
+    summary = {
+        "retrain": should_retrain(result),
+        "drifted": result.drifted,
+        "share_drifted": result.share_drifted,
+        "columns": result.columns,
+        "html_path": str(result.html_path),
+        "json_path": str(result.json_path),
+        "reference": str(reference_dir),
+        "current": current,
+    }
+    run.write_json("drift.json", summary)
+    return summary

@@ -1,0 +1,1 @@
+"""Spark preprocessing (ingest, clean, dedup, impute, split) and Great Expectations gates."""

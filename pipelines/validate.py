@@ -1,0 +1,340 @@
+"""Great Expectations quality gates on Spark DataFrames (GX 1.x API).
+
+Each gate builds an expectation suite ``<table>_<stage>`` for one table, runs it through a
+checkpoint against an in-memory Spark DataFrame and renders Data Docs into ``docs_dir``
+(pass or fail). A failed gate raises :class:`ValidationFailed` naming every failed
+expectation, its column and arguments, and how many rows failed out of how many.
+
+GX's stores (suites, validation results, checkpoints) live in ``<docs_dir.parent>/.gx``, so
+the Data Docs index of one run lists every gate that wrote into the same ``docs_dir``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+import great_expectations as gx
+import great_expectations.expectations as gxe
+from great_expectations.checkpoint import UpdateDataDocsAction
+from great_expectations.data_context.types.base import (
+    DataContextConfig,
+    FilesystemStoreBackendDefaults,
+    ProgressBarsConfig,
+)
+
+from hyperrec.errors import DataQualityError
+from hyperrec.schemas import (
+    DEVICES,
+    EVENT_TYPES,
+    INTERACTIONS,
+    ITEMS,
+    RATING_MAX,
+    RATING_MIN,
+    USERS,
+    TableSchema,
+)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from great_expectations.core.expectation_validation_result import ExpectationValidationResult
+    from great_expectations.data_context import AbstractDataContext
+    from great_expectations.expectations import Expectation
+    from pyspark.sql import DataFrame
+
+_SITE = "local_site"
+_DATASOURCE = "hyperrec_spark"
+_MAX_SHOWN_VALUES = 10  # a value_set longer than this is summarised in messages
+_MAX_SAMPLES = 5  # unexpected values kept per failed expectation
+
+logging.getLogger("great_expectations").setLevel(logging.WARNING)
+
+
+class ValidationFailed(DataQualityError):
+    """A quality gate failed.
+
+    ``results`` holds one dict per failed expectation with keys ``expectation`` (GX type),
+    ``column`` (or None), ``kwargs``, ``unexpected_count`` and ``element_count`` (None for
+    table-level expectations) and ``details`` (observed value, sample of unexpected values,
+    or the raised exception).
+    """
+
+    def __init__(self, message: str, results: list[dict] | None = None) -> None:
+        super().__init__(message)
+        self.results: list[dict] = list(results or [])
+
+
+@dataclass
+class GateResult:
+    """Outcome of one gate: ``evaluated`` expectations ran, ``failed`` lists the failures
+    (same dicts as :attr:`ValidationFailed.results`), ``docs_index`` is the Data Docs index."""
+
+    stage: str
+    success: bool
+    evaluated: int
+    failed: list[dict]
+    docs_index: Path | None
+    row_count: int
+
+
+# ---------------------------------------------------------------- suites
+
+
+def _row_count_positive() -> Expectation:
+    return gxe.ExpectTableRowCountToBeBetween(min_value=1)
+
+
+def _schema(schema: TableSchema) -> Expectation:
+    return gxe.ExpectTableColumnsToMatchSet(column_set=schema.names, exact_match=True)
+
+
+def _key_unique_not_null(column: str) -> list[Expectation]:
+    return [gxe.ExpectColumnValuesToNotBeNull(column=column), gxe.ExpectColumnValuesToBeUnique(column=column)]
+
+
+def interactions_expectations(
+    known_users: Sequence[str] | None = None,
+    known_items: Sequence[str] | None = None,
+    unique_key: Sequence[str] | None = None,
+) -> list[Expectation]:
+    """The interactions suite. Nullable columns (rating, device, ...) are checked on their
+    non-null values only (GX ignores nulls in value expectations)."""
+    expectations: list[Expectation] = [
+        _row_count_positive(),
+        _schema(INTERACTIONS),
+        *(gxe.ExpectColumnValuesToNotBeNull(column=c) for c in ("user_id", "item_id", "event_type", "timestamp")),
+        gxe.ExpectColumnValuesToBeInSet(column="event_type", value_set=list(EVENT_TYPES)),
+        gxe.ExpectColumnValuesToBeBetween(column="rating", min_value=RATING_MIN, max_value=RATING_MAX),
+        gxe.ExpectColumnValuesToBeBetween(column="scroll_depth", min_value=0.0, max_value=1.0),
+        gxe.ExpectColumnValuesToBeBetween(column="dwell_time_s", min_value=0.0),
+        gxe.ExpectColumnValuesToBeInSet(column="device", value_set=list(DEVICES)),
+    ]
+    if known_users is not None:
+        expectations.append(gxe.ExpectColumnValuesToBeInSet(column="user_id", value_set=sorted(set(known_users))))
+    if known_items is not None:
+        expectations.append(gxe.ExpectColumnValuesToBeInSet(column="item_id", value_set=sorted(set(known_items))))
+    if unique_key:
+        expectations.append(gxe.ExpectCompoundColumnsToBeUnique(column_list=list(unique_key)))
+    return expectations
+
+
+def users_expectations() -> list[Expectation]:
+    """The users suite: user_id present and unique, age within [0, 120]."""
+    return [
+        _row_count_positive(),
+        *_key_unique_not_null("user_id"),
+        gxe.ExpectColumnValuesToBeBetween(column="age", min_value=0, max_value=120),
+    ]
+
+
+def items_expectations() -> list[Expectation]:
+    """The items suite: item_id present and unique, title present."""
+    return [
+        _row_count_positive(),
+        *_key_unique_not_null("item_id"),
+        gxe.ExpectColumnValuesToNotBeNull(column="title"),
+    ]
+
+
+# ---------------------------------------------------------------- running
+
+
+def _context(docs_dir: Path) -> AbstractDataContext:
+    """An ephemeral GX context: no analytics, no progress bars, filesystem stores under
+    ``docs_dir.parent/.gx`` and one local Data Docs site rooted at ``docs_dir``."""
+    config = DataContextConfig(
+        store_backend_defaults=FilesystemStoreBackendDefaults(root_directory=str(docs_dir.parent / ".gx")),
+        data_docs_sites={
+            _SITE: {
+                "class_name": "SiteBuilder",
+                "show_how_to_buttons": False,
+                "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir)},
+                "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+            }
+        },
+        analytics_enabled=False,
+        progress_bars=ProgressBarsConfig(globally=False),
+    )
+    return gx.get_context(project_config=config, mode="ephemeral")
+
+
+def _describe_kwargs(kwargs: dict[str, Any]) -> str:
+    parts = []
+    for key, value in kwargs.items():
+        if key in ("column", "batch_id") or value is None:
+            continue
+        if isinstance(value, (list, tuple, set)) and len(value) > _MAX_SHOWN_VALUES:
+            value = f"<{len(value)} values>"
+        parts.append(f"{key}={value}")
+    return ", ".join(parts)
+
+
+def _failure(result: ExpectationValidationResult) -> dict:
+    """One failed expectation as a plain dict (see :class:`ValidationFailed`)."""
+    config = result.expectation_config
+    kwargs = {k: v for k, v in dict(config.kwargs).items() if k != "batch_id"}
+    outcome = dict(result.result or {})
+    details: dict[str, Any] = {}
+    for key in ("observed_value", "details"):
+        if outcome.get(key) is not None:
+            details[key] = outcome[key]
+    if outcome.get("partial_unexpected_list"):
+        details["unexpected_sample"] = list(outcome["partial_unexpected_list"])[:_MAX_SAMPLES]
+    info = result.exception_info or {}
+    if info.get("raised_exception"):
+        details["exception"] = info.get("exception_message")
+    return {
+        "expectation": config.type,
+        "column": kwargs.get("column"),
+        "kwargs": kwargs,
+        "unexpected_count": outcome.get("unexpected_count"),
+        "element_count": outcome.get("element_count"),
+        "details": details,
+    }
+
+
+def _failure_line(failure: dict) -> str:
+    column = f" on column '{failure['column']}'" if failure["column"] else ""
+    line = f"{failure['expectation']}{column} ({_describe_kwargs(failure['kwargs'])})"
+    if failure["unexpected_count"] is not None:
+        line += f": {failure['unexpected_count']} of {failure['element_count']} rows failed"
+    details = failure["details"]
+    if "unexpected_sample" in details:
+        line += f", e.g. {details['unexpected_sample']}"
+    elif "exception" in details:
+        line += f": error {details['exception']}"
+    elif "observed_value" in details:
+        line += f": observed {details['observed_value']}"
+    return line
+
+
+def failure_message(table: str, stage: str, failed: list[dict], evaluated: int) -> str:
+    """The text of a :class:`ValidationFailed`: one line per failed expectation."""
+    lines = [f"{table}_{stage}: {len(failed)} of {evaluated} expectations failed"]
+    lines += [f"  - {_failure_line(f)}" for f in failed]
+    return "\n".join(lines)
+
+
+def _row_count(results: list[ExpectationValidationResult]) -> int:
+    for result in results:
+        if result.expectation_config.type == "expect_table_row_count_to_be_between":
+            observed = (result.result or {}).get("observed_value")
+            if observed is not None:
+                return int(observed)
+    return -1
+
+
+def run_suite(
+    df: DataFrame,
+    *,
+    table: str,
+    stage: str,
+    expectations: list[Expectation],
+    docs_dir: Path,
+    raise_on_failure: bool = True,
+) -> GateResult:
+    """Validate ``df`` against ``expectations`` as suite ``<table>_<stage>`` through a
+    checkpoint that renders Data Docs into ``docs_dir``; raise :class:`ValidationFailed`
+    on failure when ``raise_on_failure``."""
+    docs_dir = Path(docs_dir).resolve()
+    docs_dir.mkdir(parents=True, exist_ok=True)
+    name = f"{table}_{stage}"
+    context = _context(docs_dir)
+
+    asset = context.data_sources.add_spark(name=_DATASOURCE).add_dataframe_asset(name=table)
+    batch_definition = asset.add_batch_definition_whole_dataframe(name)
+    suite = context.suites.add_or_update(gx.ExpectationSuite(name=name, expectations=expectations))
+    definition = context.validation_definitions.add_or_update(
+        gx.ValidationDefinition(name=name, data=batch_definition, suite=suite)
+    )
+    checkpoint = context.checkpoints.add_or_update(
+        gx.Checkpoint(
+            name=name,
+            validation_definitions=[definition],
+            actions=[UpdateDataDocsAction(name="update_data_docs", site_names=[_SITE])],
+            result_format={"result_format": "SUMMARY", "partial_unexpected_count": _MAX_SAMPLES},
+        )
+    )
+
+    was_cached = df.is_cached
+    try:
+        outcome = checkpoint.run(batch_parameters={"dataframe": df})
+    finally:
+        if not was_cached:  # GX persists the batch DataFrame; release it again
+            df.unpersist()
+
+    results = [r for run in outcome.run_results.values() for r in run.results]
+    failed = [_failure(r) for r in results if not r.success]
+    index = docs_dir / "index.html"
+    gate = GateResult(
+        stage=stage,
+        success=bool(outcome.success),
+        evaluated=len(results),
+        failed=failed,
+        docs_index=index if index.exists() else None,
+        row_count=_row_count(results),
+    )
+    if not gate.success and raise_on_failure:
+        raise ValidationFailed(failure_message(table, stage, failed, len(results)), failed)
+    return gate
+
+
+# ---------------------------------------------------------------- public gates
+
+
+def validate_interactions(
+    df: DataFrame,
+    *,
+    stage: str,
+    docs_dir: Path,
+    known_users: list[str] | None = None,
+    known_items: list[str] | None = None,
+    unique_key: list[str] | None = None,
+    raise_on_failure: bool = True,
+) -> GateResult:
+    """Gate cleaned interactions (schema ``INTERACTIONS``); ``known_users``/``known_items``
+    add referential integrity checks, ``unique_key`` a compound uniqueness check."""
+    expectations = interactions_expectations(known_users, known_items, unique_key)
+    return run_suite(
+        df, table=INTERACTIONS.name, stage=stage, expectations=expectations,
+        docs_dir=docs_dir, raise_on_failure=raise_on_failure,
+    )
+
+
+def validate_users(df: DataFrame, *, stage: str, docs_dir: Path, raise_on_failure: bool = True) -> GateResult:
+    """Gate the users table (schema ``USERS``)."""
+    return run_suite(
+        df, table=USERS.name, stage=stage, expectations=users_expectations(),
+        docs_dir=docs_dir, raise_on_failure=raise_on_failure,
+    )
+
+
+def validate_items(df: DataFrame, *, stage: str, docs_dir: Path, raise_on_failure: bool = True) -> GateResult:
+    """Gate the items table (schema ``ITEMS``)."""
+    return run_suite(
+        df, table=ITEMS.name, stage=stage, expectations=items_expectations(),
+        docs_dir=docs_dir, raise_on_failure=raise_on_failure,
+    )
+
+
+def check_quarantine_share(counts: dict, max_fraction: float) -> None:
+    """Fail when the quarantined share ``counts["quarantined"] / counts["in"]`` exceeds
+    ``max_fraction``. An empty input (``in == 0``) has share 0."""
+    total, quarantined = int(counts["in"]), int(counts["quarantined"])
+    if total < 0 or quarantined < 0 or quarantined > total:
+        raise ValueError(f"invalid quarantine counts: in={total}, quarantined={quarantined}")
+    share = quarantined / total if total else 0.0
+    if share > max_fraction:
+        failure = {
+            "expectation": "quarantine_share_at_most",
+            "column": None,
+            "kwargs": {"max_fraction": max_fraction},
+            "unexpected_count": quarantined,
+            "element_count": total,
+            "details": {"share": share},
+        }
+        raise ValidationFailed(
+            f"quarantine share {share:.2%} ({quarantined} of {total} rows) exceeds the threshold {max_fraction:.2%}",
+            [failure],
+        )

@@ -1,0 +1,1 @@
+"""Serving tier: bundle publishing, the FastAPI app and its model loading."""

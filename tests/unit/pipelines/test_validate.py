@@ -1,0 +1,162 @@
+"""GX quality gates on small Spark DataFrames."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+import pytest
+from pyspark.sql import functions as F
+
+from hyperrec.schemas import INTERACTIONS, ITEMS, USERS
+from hyperrec.settings import load_settings
+from pipelines.validate import (
+    GateResult,
+    ValidationFailed,
+    check_quarantine_share,
+    validate_interactions,
+    validate_items,
+    validate_users,
+)
+
+T0 = datetime(2024, 5, 1, 12, 0, tzinfo=timezone.utc)
+KEY = list(INTERACTIONS.key)
+
+
+@pytest.fixture(scope="module")
+def spark(tmp_path_factory):
+    from pipelines.spark import get_spark
+
+    home = tmp_path_factory.mktemp("hyperrec_home")
+    return get_spark(load_settings(home=str(home), spark={"master": "local[2]", "shuffle_partitions": 2}))
+
+
+def _event(user="u1", item="i1", event="view", rating=None, dwell=12.5, scroll=0.4, device="mobile", session="s1", minute=0):
+    ts = T0.replace(minute=minute)
+    return (user, item, event, rating, dwell, scroll, device, session, ts)
+
+
+def _clean_rows():
+    return [
+        _event("u1", "i1", "view", minute=0),
+        _event("u1", "i2", "rate", rating=4.0, minute=1),
+        _event("u2", "i1", "click", device=None, scroll=None, minute=2),
+        _event("u2", "i3", "complete", dwell=0.0, scroll=1.0, device="tv", minute=3),
+        _event("u3", "i2", "like", session=None, minute=4),
+    ]
+
+
+def _interactions(spark, rows):
+    return spark.createDataFrame(rows, INTERACTIONS.spark())
+
+
+@pytest.mark.spark
+def test_clean_interactions_pass_and_render_docs(spark, tmp_path):
+    df = _interactions(spark, _clean_rows())
+    docs = tmp_path / "docs"
+    gate = validate_interactions(
+        df, stage="processed", docs_dir=docs,
+        known_users=["u1", "u2", "u3"], known_items=["i1", "i2", "i3"], unique_key=KEY,
+    )
+    assert isinstance(gate, GateResult)
+    assert gate.success and gate.failed == []
+    assert gate.row_count == 5
+    assert gate.evaluated == 14  # 11 base + 2 referential + 1 compound key
+    assert gate.docs_index == docs / "index.html" and gate.docs_index.exists()
+    assert "interactions_processed" in gate.docs_index.read_text()
+    assert not df.is_cached  # the gate releases what GX persisted
+
+
+@pytest.mark.spark
+def test_out_of_range_and_unknown_event_fail_with_named_expectations(spark, tmp_path):
+    rows = _clean_rows() + [_event("u3", "i3", "view", scroll=1.5, minute=5), _event("u1", "i3", "teleport", minute=6)]
+    docs = tmp_path / "docs"
+    with pytest.raises(ValidationFailed) as info:
+        validate_interactions(_interactions(spark, rows), stage="raw", docs_dir=docs)
+    message = str(info.value)
+    assert "expect_column_values_to_be_between" in message and "scroll_depth" in message
+    assert "1 of 7 rows failed" in message
+    assert "expect_column_values_to_be_in_set" in message and "event_type" in message
+    failed = {(f["expectation"], f["column"]): f for f in info.value.results}
+    assert set(failed) == {
+        ("expect_column_values_to_be_between", "scroll_depth"),
+        ("expect_column_values_to_be_in_set", "event_type"),
+    }
+    assert failed[("expect_column_values_to_be_between", "scroll_depth")]["unexpected_count"] == 1
+    assert failed[("expect_column_values_to_be_in_set", "event_type")]["details"]["unexpected_sample"] == ["teleport"]
+    assert (docs / "index.html").exists()  # docs rendered on failure too
+
+
+@pytest.mark.spark
+def test_no_raise_returns_failed_gate(spark, tmp_path):
+    rows = _clean_rows() + [_event(dwell=-3.0, rating=7.0, event="rate", minute=9)]
+    gate = validate_interactions(_interactions(spark, rows), stage="raw", docs_dir=tmp_path / "d", raise_on_failure=False)
+    assert not gate.success
+    assert sorted(f["column"] for f in gate.failed) == ["dwell_time_s", "rating"]
+    assert gate.docs_index is not None and gate.docs_index.exists()
+
+
+@pytest.mark.spark
+def test_referential_miss_is_caught(spark, tmp_path):
+    rows = _clean_rows() + [_event("ghost", "i1", minute=7)]
+    with pytest.raises(ValidationFailed) as info:
+        validate_interactions(
+            _interactions(spark, rows), stage="processed", docs_dir=tmp_path / "docs",
+            known_users=["u1", "u2", "u3"], known_items=["i1", "i2", "i3"],
+        )
+    (failure,) = info.value.results
+    assert failure["expectation"] == "expect_column_values_to_be_in_set"
+    assert failure["column"] == "user_id"
+    assert failure["unexpected_count"] == 1 and failure["element_count"] == 6
+    assert "ghost" in str(info.value)
+
+
+@pytest.mark.spark
+def test_duplicate_key_is_caught(spark, tmp_path):
+    rows = _clean_rows() + [_clean_rows()[0]]
+    with pytest.raises(ValidationFailed) as info:
+        validate_interactions(_interactions(spark, rows), stage="processed", docs_dir=tmp_path / "docs", unique_key=KEY)
+    (failure,) = info.value.results
+    assert failure["expectation"] == "expect_compound_columns_to_be_unique"
+    assert failure["unexpected_count"] == 2  # both copies of the duplicated row
+    assert "expect_compound_columns_to_be_unique" in str(info.value)
+
+
+@pytest.mark.spark
+def test_schema_mismatch_is_caught(spark, tmp_path):
+    df = _interactions(spark, _clean_rows()).drop("device")
+    with pytest.raises(ValidationFailed) as info:
+        validate_interactions(df, stage="raw", docs_dir=tmp_path / "docs")
+    kinds = {f["expectation"] for f in info.value.results}
+    assert "expect_table_columns_to_match_set" in kinds
+
+
+@pytest.mark.spark
+def test_users_and_items_gates(spark, tmp_path):
+    docs = tmp_path / "docs"
+    users = spark.createDataFrame([("u1", 30, "F", "x", "eu"), ("u2", None, None, None, None)], USERS.spark())
+    items = spark.createDataFrame([("i1", "A title", None, ["news"], T0)], ITEMS.spark())
+    assert validate_users(users, stage="raw", docs_dir=docs).success
+    assert validate_items(items, stage="raw", docs_dir=docs).row_count == 1
+
+    bad_users = spark.createDataFrame([("u1", 30, None, None, None), ("u1", 150, None, None, None)], USERS.spark())
+    with pytest.raises(ValidationFailed) as info:
+        validate_users(bad_users, stage="processed", docs_dir=docs)
+    assert {(f["expectation"], f["column"]) for f in info.value.results} == {
+        ("expect_column_values_to_be_unique", "user_id"),
+        ("expect_column_values_to_be_between", "age"),
+    }
+    bad_items = spark.createDataFrame([("i1", "t", None, None, None)], ITEMS.spark()).withColumn("title", F.lit(None).cast("string"))
+    gate = validate_items(bad_items, stage="processed", docs_dir=docs, raise_on_failure=False)
+    assert [(f["expectation"], f["column"]) for f in gate.failed] == [("expect_column_values_to_not_be_null", "title")]
+    index = (docs / "index.html").read_text()
+    assert "users_raw" in index and "items_processed" in index  # one site lists every gate of the run
+
+
+def test_quarantine_share():
+    with pytest.raises(ValidationFailed) as info:
+        check_quarantine_share({"in": 1000, "quarantined": 300}, 0.05)
+    assert "30.00%" in str(info.value) and "5.00%" in str(info.value)
+    check_quarantine_share({"in": 1000, "quarantined": 1}, 0.05)
+    check_quarantine_share({"in": 0, "quarantined": 0}, 0.05)
+    with pytest.raises(ValueError):
+        check_quarantine_share({"in": 1, "quarantined": 2}, 0.05)

@@ -1,0 +1,220 @@
+"""The serving app end to end through HTTP, on hand-built bundles."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import boto3
+import pandas as pd
+import pytest
+from fastapi.testclient import TestClient
+
+from hyperrec.settings import Settings, load_settings
+from serving.app import NO_BUNDLE, InMemoryEventSink, Event, create_app
+from serving.store import ObjectStore, publish
+from training.bundle import load_bundle, write_bundle
+from training.models import InteractionMatrix, fit_ease, popularity
+
+PAIRS = [
+    ("u1", "i1"), ("u1", "i2"), ("u1", "i3"),
+    ("u2", "i1"), ("u2", "i2"), ("u2", "i4"),
+    ("u3", "i2"), ("u3", "i3"), ("u3", "i5"),
+    ("u4", "i1"), ("u4", "i3"),
+    ("u5", "i4"), ("u5", "i5"), ("u5", "i6"),
+]  # fmt: skip
+
+
+def build_bundle(out_dir: Path, version: str) -> Path:
+    data = InteractionMatrix.from_frame(pd.DataFrame(PAIRS, columns=["user_id", "item_id"]))
+    x = data.matrix
+    return write_bundle(
+        out_dir,
+        model=fit_ease(x, lam=1.0),
+        item_ids=data.item_ids,
+        titles=[f"Title {i}" for i in data.item_ids],
+        categories=[[] for _ in data.item_ids],
+        history={u: x[i].indices.tolist() for u, i in data.user_index.items()},
+        popularity=popularity(x),
+        metadata={"version": version, "registered_model_version": "1", "metrics": {}, "k": 10},
+    )
+
+
+def make_settings(tmp_path: Path, **object_store: str) -> Settings:
+    return load_settings(
+        home=str(tmp_path / "home"),
+        object_store={"uri": str(tmp_path / "store"), **object_store},
+    )
+
+
+@pytest.fixture
+def published(tmp_path: Path) -> Settings:
+    settings = make_settings(tmp_path)
+    publish(build_bundle(tmp_path / "build", "v1"), ObjectStore(settings.object_store_uri), "v1")
+    return settings
+
+
+@pytest.fixture
+def client(published: Settings):
+    with TestClient(create_app(published)) as c:
+        yield c
+
+
+def recs(client: TestClient, user: str, **params) -> dict:
+    response = client.get(f"/v1/recommendations/{user}", params=params)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_known_user_excludes_seen_sorted_by_score(client: TestClient) -> None:
+    body = recs(client, "u4", k=3)
+    assert body["user_id"] == "u4" and body["model_version"] == "v1" and body["cold_start"] is False
+    items = body["items"]
+    assert len(items) == 3 and [i["rank"] for i in items] == [1, 2, 3]
+    assert not {"i1", "i3"} & {i["item_id"] for i in items}
+    scores = [i["score"] for i in items]
+    assert scores == sorted(scores, reverse=True)
+    assert all(i["title"] == f"Title {i['item_id']}" for i in items)
+
+    with_seen = recs(client, "u4", k=6, exclude_seen="false")["items"]
+    assert {"i1", "i3"} <= {i["item_id"] for i in with_seen}
+
+
+def test_unknown_user_gets_popularity(client: TestClient, published: Settings) -> None:
+    body = recs(client, "new-user:42", k=4)
+    assert body["cold_start"] is True
+    bundle = load_bundle(Path(published.object_store_uri) / "v1")
+    assert [i["item_id"] for i in body["items"]] == ["i1", "i2", "i3", "i4"]
+    assert [i["score"] for i in body["items"]] == pytest.approx(sorted(bundle.popularity, reverse=True)[:4])
+
+
+def test_event_changes_next_recommendations(client: TestClient) -> None:
+    before = recs(client, "u4", k=3)["items"]
+    top = before[0]["item_id"]
+    response = client.post("/v1/events", json={"user_id": "u4", "item_id": top, "event_type": "click"})
+    assert response.status_code == 202, response.text
+    assert response.json()["accepted"] is True
+
+    after = recs(client, "u4", k=3)["items"]
+    assert top not in {i["item_id"] for i in after}
+    assert after != before
+    assert not {"i1", "i3"} & {i["item_id"] for i in after}
+
+    # An unknown user's live events make it a scored (still cold-start) list without those items.
+    client.post("/v1/events", json={"user_id": "fresh", "item_id": "i6", "event_type": "rate", "rating": 5})
+    fresh = recs(client, "fresh", k=5)
+    assert fresh["cold_start"] is True and "i6" not in {i["item_id"] for i in fresh["items"]}
+
+
+@pytest.mark.parametrize(
+    "payload, needle",
+    [
+        ({"user_id": "u1", "item_id": "nope-99", "event_type": "view"}, "nope-99"),
+        ({"user_id": "u1", "item_id": "i1", "event_type": "teleport"}, "event_type"),
+        ({"user_id": "bad user", "item_id": "i1", "event_type": "view"}, "user_id"),
+        ({"user_id": "u1", "item_id": "i1", "event_type": "view", "rating": 4}, "rating is only allowed"),
+        ({"user_id": "u1", "item_id": "i1", "event_type": "rate", "rating": 9}, "rating"),
+    ],
+)
+def test_bad_events_are_rejected(client: TestClient, payload: dict, needle: str) -> None:
+    response = client.post("/v1/events", json=payload)
+    assert response.status_code == 422
+    assert needle in response.text
+    assert client.app.state.events.recent_items("u1") == []
+
+
+@pytest.mark.parametrize("query", ["k=0", "k=101", "k=ten"])
+def test_bad_k_is_422(client: TestClient, query: str) -> None:
+    assert client.get(f"/v1/recommendations/u1?{query}").status_code == 422
+
+
+def test_bad_user_id_is_422(client: TestClient) -> None:
+    assert client.get("/v1/recommendations/" + "a" * 129).status_code == 422
+    assert client.get("/v1/recommendations/bad%20user").status_code == 422
+    assert client.get("/v1/recommendations/" + "a" * 128).status_code == 200
+
+
+def test_probes_metrics_and_docs(client: TestClient) -> None:
+    assert client.get("/healthz").json() == {"status": "ok"}
+    ready = client.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["model_version"] == "v1"
+    recs(client, "u1")
+    recs(client, "u2")
+    client.get("/v1/recommendations/u1?k=0")
+    text = client.get("/metrics").text
+    assert "hyperrec_request_latency_seconds_bucket" in text
+    assert 'route="/v1/recommendations/{user_id}"' in text and 'route="/v1/recommendations/u1"' not in text
+    assert 'hyperrec_requests_total{method="GET",route="/v1/recommendations/{user_id}",status="200"} 2.0' in text
+    assert 'hyperrec_requests_total{method="GET",route="/v1/recommendations/{user_id}",status="422"} 1.0' in text
+    assert 'hyperrec_model_info{model_name="ease",registered_model_version="1",version="v1"} 1.0' in text
+    assert client.get("/docs").status_code == 200
+    assert "/v1/events" in client.get("/openapi.json").json()["paths"]
+
+
+def test_not_ready_until_published_then_hot_reload(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path)
+    with TestClient(create_app(settings)) as client:
+        assert client.get("/healthz").status_code == 200
+        ready = client.get("/readyz")
+        assert ready.status_code == 503 and ready.json()["detail"] == NO_BUNDLE
+        response = client.get("/v1/recommendations/u1")
+        assert response.status_code == 503 and "make demo" in response.json()["detail"]
+        event = {"user_id": "u1", "item_id": "i1", "event_type": "view"}
+        assert client.post("/v1/events", json=event).status_code == 503
+        assert "hyperrec_model_loaded 0.0" in client.get("/metrics").text
+
+        store = ObjectStore(settings.object_store_uri)
+        publish(build_bundle(tmp_path / "b1", "v1"), store, "v1")
+        assert client.get("/readyz").json()["model_version"] == "v1"
+        publish(build_bundle(tmp_path / "b2", "v2"), store, "v2")
+        assert client.get("/readyz").json()["model_version"] == "v2"
+        assert recs(client, "u1")["model_version"] == "v2"
+
+
+def test_two_apps_have_separate_metrics_and_events(published: Settings) -> None:
+    with TestClient(create_app(published)) as a, TestClient(create_app(published)) as b:
+        a.post("/v1/events", json={"user_id": "u4", "item_id": "i2", "event_type": "like"})
+        assert "i2" not in {i["item_id"] for i in recs(a, "u4", k=4)["items"]}
+        assert "i2" in {i["item_id"] for i in recs(b, "u4", k=4)["items"]}
+        assert "hyperrec_events_total" in a.get("/metrics").text
+        assert 'hyperrec_events_total{event_type="like"}' not in b.get("/metrics").text
+
+
+def test_in_memory_sink_is_bounded() -> None:
+    from datetime import datetime, timezone
+
+    sink = InMemoryEventSink(max_per_user=3, max_users=2)
+    now = datetime.now(timezone.utc)
+    for n in range(5):
+        sink.publish(Event("a", f"i{n}", "view", now))
+    assert sink.recent_items("a") == ["i2", "i3", "i4"]
+    sink.publish(Event("b", "x", "view", now))
+    sink.publish(Event("c", "y", "view", now))
+    assert sink.recent_items("a") == [] and sink.recent_items("c") == ["y"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serves_from_s3_store_named_in_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from moto.server import ThreadedMotoServer
+
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+        monkeypatch.setenv(key, "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=_free_port(), verbose=False)
+    server.start()
+    try:
+        endpoint = "http://{}:{}".format(*server.get_host_and_port())
+        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="models")
+        settings = make_settings(tmp_path, uri="s3://models/serving", s3_endpoint_url=endpoint)
+        publish(build_bundle(tmp_path / "b", "v7"), ObjectStore(settings.object_store_uri, endpoint), "v7")
+        with TestClient(create_app(settings)) as client:
+            body = recs(client, "u4", k=2)
+        assert body["model_version"] == "v7" and len(body["items"]) == 2
+        assert (settings.home / "serving" / "bundles" / "v7" / "metadata.json").is_file()
+    finally:
+        server.stop()

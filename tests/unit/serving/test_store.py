@@ -1,0 +1,242 @@
+"""Bundle format round trips, publishing order and S3 (moto server mode)."""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+
+import boto3
+import numpy as np
+import pandas as pd
+import pytest
+
+from serving.store import ObjectStore, current_version, fetch, publish
+from training.bundle import BUNDLE_FILES, Bundle, load_bundle, write_bundle
+from training.models import InteractionMatrix, fit_ease, fit_popularity, popularity
+
+PAIRS = [
+    ("u1", "i1"), ("u1", "i2"), ("u1", "i3"),
+    ("u2", "i1"), ("u2", "i2"), ("u2", "i4"),
+    ("u3", "i2"), ("u3", "i3"), ("u3", "i5"),
+    ("u4", "i1"), ("u4", "i3"),
+    ("u5", "i4"), ("u5", "i5"), ("u5", "i6"),
+]  # fmt: skip
+
+
+def tiny_bundle(out_dir: Path, version: str = "v1", model_kind: str = "ease") -> Path:
+    """A 5-user × 6-item bundle built by hand (no trainer involved)."""
+    data = InteractionMatrix.from_frame(pd.DataFrame(PAIRS, columns=["user_id", "item_id"]))
+    x = data.matrix
+    model = fit_ease(x, lam=1.0) if model_kind == "ease" else fit_popularity(x)
+    history = {u: x[i].indices.tolist() for u, i in data.user_index.items()}
+    return write_bundle(
+        out_dir,
+        model=model,
+        item_ids=data.item_ids,
+        titles=[f"Title {i}" for i in data.item_ids],
+        categories=[["drama"] if n % 2 else ["comedy", "news"] for n in range(len(data.item_ids))],
+        history=history,
+        popularity=popularity(x),
+        metadata={"version": version, "registered_model_version": "3", "metrics": {"ndcg@10": 0.5}, "k": 10},
+    )
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def s3_endpoint(monkeypatch: pytest.MonkeyPatch):
+    """A moto S3 server on a free local port with bucket ``bundles`` and dummy credentials."""
+    from moto.server import ThreadedMotoServer
+
+    for key, value in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_SESSION_TOKEN": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }.items():
+        monkeypatch.setenv(key, value)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=_free_port(), verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="bundles")
+    yield endpoint
+    server.stop()
+
+
+def assert_same_bundle(a: Bundle, b: Bundle) -> None:
+    assert a.version == b.version
+    assert a.metadata == b.metadata
+    assert a.model.name == b.model.name
+    np.testing.assert_array_equal(a.model.bias, b.model.bias)
+    if a.model.weights is None:
+        assert b.model.weights is None
+    else:
+        np.testing.assert_array_equal(a.model.weights, b.model.weights)
+    np.testing.assert_array_equal(a.popularity, b.popularity)
+    assert list(a.item_ids) == list(b.item_ids)
+    assert list(a.titles) == list(b.titles)
+    assert a.categories == b.categories
+    assert a.history.keys() == b.history.keys()
+    for user in a.history:
+        np.testing.assert_array_equal(a.history[user], b.history[user])
+
+
+def test_local_round_trip(tmp_path: Path) -> None:
+    bundle_dir = tiny_bundle(tmp_path / "build")
+    store = ObjectStore(str(tmp_path / "store"))
+    assert current_version(store) is None
+
+    assert publish(bundle_dir, store, "v1") == "v1"
+    assert current_version(store) == "v1"
+    loaded = load_bundle(fetch(store, "v1", tmp_path / "cache"))
+    original = load_bundle(bundle_dir)
+    assert_same_bundle(loaded, original)
+
+    meta = loaded.metadata
+    assert meta["version"] == "v1" and meta["model_name"] == "ease" and meta["registered_model_version"] == "3"
+    assert meta["metrics"] == {"ndcg@10": 0.5} and meta["k"] == 10 and meta["created_at"]
+    assert list(loaded.item_ids) == ["i1", "i2", "i3", "i4", "i5", "i6"]
+    assert loaded.titles[0] == "Title i1" and loaded.categories[:2] == [["comedy", "news"], ["drama"]]
+    assert sorted(loaded.history["u4"].tolist()) == [0, 2]
+    assert loaded.history["u4"].dtype == np.int32
+    assert loaded.model.weights.shape == (6, 6)
+
+
+def test_republish_is_idempotent_and_drops_stale_files(tmp_path: Path) -> None:
+    store = ObjectStore(str(tmp_path / "store"))
+    publish(tiny_bundle(tmp_path / "ease"), store, "v1")
+    assert (tmp_path / "store" / "v1" / "weights.npy").is_file()
+
+    # Same version again, now a popularity model without weights: overwritten, not merged.
+    pop_dir = tiny_bundle(tmp_path / "pop", model_kind="popularity")
+    publish(pop_dir, store, "v1")
+    publish(pop_dir, store, "v1")
+    assert current_version(store) == "v1"
+    assert not (tmp_path / "store" / "v1" / "weights.npy").exists()
+    loaded = load_bundle(fetch(store, "v1", tmp_path / "cache"))
+    assert loaded.model.name == "popularity" and loaded.model.weights is None
+    assert_same_bundle(loaded, load_bundle(pop_dir))
+
+
+def test_current_is_written_last(tmp_path: Path) -> None:
+    store = ObjectStore(str(tmp_path / "store"))
+    publish(tiny_bundle(tmp_path / "v1"), store, "v1")
+
+    broken = tiny_bundle(tmp_path / "v2", version="v2")
+    (broken / "user_history.parquet").unlink()
+    with pytest.raises(FileNotFoundError, match="user_history.parquet"):
+        publish(broken, store, "v2")
+    assert current_version(store) == "v1"
+    assert store.list("v2") == []
+
+    with pytest.raises(ValueError, match="metadata.json says version 'v1'"):
+        publish(tmp_path / "v1", store, "v3")
+    assert current_version(store) == "v1"
+
+    publish(tiny_bundle(tmp_path / "v2b", version="v2"), store, "v2")
+    assert current_version(store) == "v2"
+    assert store.list("v1")  # old versions stay for rollback
+
+
+def test_s3_publish_and_fetch(tmp_path: Path, s3_endpoint: str) -> None:
+    store = ObjectStore("s3://bundles/recsys/prod", s3_endpoint_url=s3_endpoint)
+    assert current_version(store) is None
+    bundle_dir = tiny_bundle(tmp_path / "build")
+
+    publish(bundle_dir, store, "v1")
+    assert current_version(store) == "v1"
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    keys = {o["Key"] for o in s3.list_objects_v2(Bucket="bundles")["Contents"]}
+    assert keys == {"recsys/prod/CURRENT"} | {f"recsys/prod/v1/{name}" for name in BUNDLE_FILES}
+    assert s3.get_object(Bucket="bundles", Key="recsys/prod/CURRENT")["Body"].read() == b"v1"
+
+    dest = fetch(store, "v1", tmp_path / "cache" / "v1")
+    assert dest == tmp_path / "cache" / "v1"
+    assert_same_bundle(load_bundle(dest), load_bundle(bundle_dir))
+
+    with pytest.raises(FileNotFoundError, match="'v9' not found"):
+        fetch(store, "v9", tmp_path / "cache" / "v9")
+
+
+def test_load_bundle_names_the_bad_file(tmp_path: Path) -> None:
+    bundle_dir = tiny_bundle(tmp_path / "b")
+    (bundle_dir / "items.parquet").rename(tmp_path / "items.parquet")
+    with pytest.raises(FileNotFoundError, match="missing items.parquet"):
+        load_bundle(bundle_dir)
+    (tmp_path / "items.parquet").rename(bundle_dir / "items.parquet")
+
+    np.save(bundle_dir / "popularity.npy", np.ones(4, dtype=np.float32))
+    with pytest.raises(ValueError, match=r"popularity.npy: expected shape \(6,\)"):
+        load_bundle(bundle_dir)
+
+    (bundle_dir / "metadata.json").write_text("{not json")
+    with pytest.raises(ValueError, match="metadata.json: invalid JSON"):
+        load_bundle(bundle_dir)
+
+    with pytest.raises(FileNotFoundError, match="bundle directory not found"):
+        load_bundle(tmp_path / "nowhere")
+
+
+def test_write_bundle_validates_inputs(tmp_path: Path) -> None:
+    data = InteractionMatrix.from_frame(pd.DataFrame(PAIRS, columns=["user_id", "item_id"]))
+    args = dict(
+        model=fit_popularity(data.matrix),
+        item_ids=data.item_ids,
+        titles=list(data.item_ids),
+        categories=[[]] * 6,
+        history={"u1": [0, 1]},
+        popularity=popularity(data.matrix),
+        metadata={"version": "v1", "metrics": {}, "k": 10},
+    )
+    with pytest.raises(ValueError, match="missing keys \\['k'\\]"):
+        write_bundle(tmp_path / "a", **{**args, "metadata": {"version": "v1", "metrics": {}}})
+    with pytest.raises(ValueError, match="titles: expected shape \\(6,\\)"):
+        write_bundle(tmp_path / "b", **{**args, "titles": ["x"] * 5})
+    with pytest.raises(ValueError, match="user 'u1': item index out of range"):
+        write_bundle(tmp_path / "c", **{**args, "history": {"u1": [0, 6]}})
+    with pytest.raises(ValueError, match="invalid bundle version"):
+        write_bundle(tmp_path / "d", **{**args, "metadata": {"version": "../x", "metrics": {}, "k": 1}})
+    json.loads((write_bundle(tmp_path / "ok", **args) / "metadata.json").read_text())
+
+
+def test_recommend_known_unknown_and_live_items(tmp_path: Path) -> None:
+    bundle = load_bundle(tiny_bundle(tmp_path / "b"))
+    ids = list(bundle.item_ids)
+
+    # Known user: seen items excluded, scores descending, same order as the model itself.
+    items, cold = bundle.recommend("u4", k=3)
+    assert cold is False
+    assert not {"i1", "i3"} & {r["item_id"] for r in items}
+    scores = [r["score"] for r in items]
+    assert scores == sorted(scores, reverse=True) and [r["rank"] for r in items] == [1, 2, 3]
+    expected = bundle.model.recommend(bundle._row(bundle.history["u4"]), k=3)[0]
+    assert [r["item_id"] for r in items] == [ids[i] for i in expected]
+    assert items[0]["title"] == f"Title {items[0]['item_id']}"
+
+    # Asking for more than is left returns only the unseen items.
+    assert len(bundle.recommend("u4", k=50)[0]) == 4
+    assert {r["item_id"] for r in bundle.recommend("u4", k=50, exclude_seen=False)[0]} == set(ids)
+
+    # A live item joins the history: excluded and it changes the scores.
+    live, cold = bundle.recommend("u4", k=3, extra_items=["i2", "not-in-bundle"])
+    assert cold is False and "i2" not in {r["item_id"] for r in live}
+    assert live != items
+
+    # Unknown user, nothing live: popularity order, cold start.
+    pop, cold = bundle.recommend("stranger", k=6)
+    assert cold is True
+    assert [r["item_id"] for r in pop] == [ids[i] for i in np.lexsort((np.arange(6), -bundle.popularity))]
+    assert [r["score"] for r in pop] == pytest.approx(sorted(bundle.popularity.tolist(), reverse=True))
+
+    # Unknown user with live items: scored from those items alone, still a cold start.
+    warm, cold = bundle.recommend("stranger", k=6, extra_items=["i5"])
+    assert cold is True and "i5" not in {r["item_id"] for r in warm}
+    model_scores = bundle.model.score(bundle._row(np.array([4])))[0]
+    expected_scores = {ids[i]: float(model_scores[i]) for i in range(6) if i != 4}
+    assert {r["item_id"]: r["score"] for r in warm} == pytest.approx(expected_scores)

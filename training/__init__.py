@@ -1,0 +1,1 @@
+"""Recommenders, evaluation metrics and the MLflow registry."""

@@ -1,0 +1,327 @@
+"""The serving bundle: the on-disk form of a trained model that serving loads.
+
+A bundle is one directory holding :data:`BUNDLE_FILES`:
+
+- ``metadata.json``: ``version``, ``model_name``, ``registered_model_version``, ``created_at``,
+  ``metrics`` (dict), ``k``, plus ``n_items``/``n_users``/``has_weights``/``format_version``;
+- ``bias.npy`` (float32, n_items) and optionally ``weights.npy`` (float32, n_items×n_items):
+  the :class:`training.models.ItemItemModel` ``score = x·W + b``;
+- ``popularity.npy`` (float32, n_items): the cold-start ranking;
+- ``items.parquet``: ``item_id``, ``title``, ``categories`` in item-index order;
+- ``user_history.parquet``: ``user_id``, ``item_idx`` (list of int32 item indices seen in training).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import scipy.sparse as sp
+
+from training.models import ItemItemModel
+
+FORMAT_VERSION = 1
+BUNDLE_FILES: tuple[str, ...] = (
+    "metadata.json",
+    "bias.npy",
+    "weights.npy",
+    "popularity.npy",
+    "items.parquet",
+    "user_history.parquet",
+)
+OPTIONAL_FILES: frozenset[str] = frozenset({"weights.npy"})
+REQUIRED_FILES: tuple[str, ...] = tuple(f for f in BUNDLE_FILES if f not in OPTIONAL_FILES)
+REQUIRED_METADATA: tuple[str, ...] = ("version", "k", "metrics")
+_VERSION_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+
+_ITEMS_SCHEMA = pa.schema(
+    [
+        pa.field("item_id", pa.string(), nullable=False),
+        pa.field("title", pa.string(), nullable=False),
+        pa.field("categories", pa.list_(pa.string())),
+    ]
+)
+_HISTORY_SCHEMA = pa.schema(
+    [pa.field("user_id", pa.string(), nullable=False), pa.field("item_idx", pa.list_(pa.int32()))]
+)
+
+
+def validate_version(version: str) -> str:
+    """Return ``version`` if it is a safe path component: 1-128 chars of ``[A-Za-z0-9_.-]``,
+    not starting with ``.`` or ``-``; raise ``ValueError`` otherwise."""
+    if not isinstance(version, str) or not _VERSION_RE.match(version):
+        raise ValueError(
+            f"invalid bundle version {version!r}: use 1-128 characters of [A-Za-z0-9_.-], "
+            "starting with a letter, digit or underscore"
+        )
+    return version
+
+
+# --------------------------------------------------------------------------- bundle
+
+
+@dataclass
+class Bundle:
+    """A loaded serving bundle: the model, item metadata and each known user's history."""
+
+    version: str
+    metadata: dict
+    model: ItemItemModel
+    popularity: np.ndarray
+    item_ids: np.ndarray
+    titles: np.ndarray
+    categories: list[list[str]]
+    history: dict[str, np.ndarray]
+    item_index: dict[str, int] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.item_index = {str(item): i for i, item in enumerate(self.item_ids)}
+
+    @property
+    def n_items(self) -> int:
+        return len(self.item_ids)
+
+    def has_item(self, item_id: str) -> bool:
+        return item_id in self.item_index
+
+    def recommend(
+        self,
+        user_id: str,
+        k: int,
+        extra_items: Sequence[str] = (),
+        exclude_seen: bool = True,
+    ) -> tuple[list[dict], bool]:
+        """Top-``k`` items for ``user_id`` as ``[{"item_id", "title", "score", "rank"}]`` and
+        whether it is a cold start.
+
+        A known user is scored by the model from the training history plus ``extra_items``
+        (live events; ids this bundle does not know are ignored). An unknown user is a cold
+        start: with usable ``extra_items`` the model scores those alone, otherwise the list is
+        popularity order. With ``exclude_seen`` every history/extra item is left out, so the
+        list may hold fewer than ``k`` items. Ties are broken by item index.
+        """
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        known = user_id in self.history
+        extra = np.array([self.item_index[i] for i in extra_items if i in self.item_index], dtype=np.int32)
+        seen = np.unique(np.concatenate([self.history[user_id], extra])) if known else np.unique(extra)
+        if known or len(seen):
+            scores = self.model.score(self._row(seen))[0]
+        else:
+            scores = self.popularity.astype(np.float32, copy=True)
+        if exclude_seen and len(seen):
+            scores[seen] = -np.inf
+        return self._top(scores, k), not known
+
+    def _row(self, indices: np.ndarray) -> sp.csr_matrix:
+        """One user's binary interaction row over this bundle's items."""
+        data = np.ones(len(indices), dtype=np.float32)
+        return sp.csr_matrix((data, indices, [0, len(indices)]), shape=(1, self.n_items))
+
+    def _top(self, scores: np.ndarray, k: int) -> list[dict]:
+        candidates = np.flatnonzero(np.isfinite(scores))
+        k = min(k, len(candidates))
+        if k == 0:
+            return []
+        if k < len(candidates):
+            candidates = candidates[np.argpartition(-scores[candidates], k - 1)[:k]]
+        order = candidates[np.lexsort((candidates, -scores[candidates]))]
+        return [
+            {"item_id": str(self.item_ids[i]), "title": str(self.titles[i]), "score": float(scores[i]), "rank": r}
+            for r, i in enumerate(order, start=1)
+        ]
+
+
+def _as_str(values: Sequence[Any]) -> np.ndarray:
+    return np.array(["" if v is None else str(v) for v in values], dtype=object)
+
+
+def _check_1d(name: str, array: np.ndarray, n: int) -> None:
+    if array.ndim != 1 or array.shape[0] != n:
+        raise ValueError(f"{name}: expected shape ({n},) to match {n} items, got {array.shape}")
+
+
+def _check_model(model: ItemItemModel, n: int, where: str = "model") -> None:
+    _check_1d(f"{where} bias", np.asarray(model.bias), n)
+    if model.weights is not None and np.asarray(model.weights).shape != (n, n):
+        raise ValueError(f"{where} weights: expected shape ({n}, {n}), got {np.asarray(model.weights).shape}")
+
+
+def _write_atomic(path: Path, write: Any) -> None:
+    """Call ``write(tmp_path)`` then rename the temporary file onto ``path``."""
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
+            np.save(fh, np.ascontiguousarray(array, dtype=np.float32), allow_pickle=False)
+
+    _write_atomic(path, write)
+
+
+def write_bundle(
+    out_dir: Path,
+    *,
+    model: ItemItemModel,
+    item_ids: Sequence[Any],
+    titles: Sequence[Any],
+    categories: Sequence[Sequence[str] | None],
+    history: dict[str, Sequence[int]],
+    popularity: np.ndarray,
+    metadata: dict,
+) -> Path:
+    """Write a bundle to ``out_dir`` (created; a re-run overwrites it) and return ``out_dir``.
+
+    ``metadata`` must hold ``version``, ``k`` and ``metrics``; ``model_name`` (default
+    ``model.name``), ``created_at`` (default now, UTC ISO-8601) and
+    ``registered_model_version`` (default None) are filled in. Item arrays are in the model's
+    item-index order; ``history`` maps user id → item indices seen in training.
+    """
+    missing = [key for key in REQUIRED_METADATA if key not in metadata]
+    if missing:
+        raise ValueError(f"bundle metadata is missing keys {missing}")
+    validate_version(str(metadata["version"]))
+    if not isinstance(metadata["metrics"], dict):
+        raise ValueError(f"bundle metadata 'metrics' must be a dict, got {type(metadata['metrics']).__name__}")
+    ids = _as_str(item_ids)
+    n = len(ids)
+    if len(set(ids)) != n:
+        dupes = sorted(i for i, c in Counter(ids).items() if c > 1)[:5]
+        raise ValueError(f"item_ids must be unique; duplicated: {dupes}")
+    _check_model(model, n)
+    _check_1d("titles", np.asarray(list(titles), dtype=object), n)
+    _check_1d("popularity", np.asarray(popularity), n)
+    if len(categories) != n:
+        raise ValueError(f"categories: expected {n} entries to match item_ids, got {len(categories)}")
+    cats = [[str(c) for c in (row if row is not None else [])] for row in categories]
+
+    users, rows = [], []
+    for user, indices in history.items():
+        idx = np.asarray(indices, dtype=np.int64)
+        if len(idx) and (idx.min() < 0 or idx.max() >= n):
+            bad = idx[(idx < 0) | (idx >= n)][:5].tolist()
+            raise ValueError(f"history of user {user!r}: item index out of range [0, {n}): {bad}")
+        users.append(str(user))
+        rows.append(np.unique(idx).astype(np.int32).tolist())
+
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "model_name": model.name,
+        "registered_model_version": None,
+        "created_at": datetime.now(timezone.utc).isoformat(),
+        **metadata,
+        "version": str(metadata["version"]),
+        "n_items": n,
+        "n_users": len(users),
+        "has_weights": model.weights is not None,
+    }
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _save_npy(out_dir / "bias.npy", model.bias)
+    if model.weights is not None:
+        _save_npy(out_dir / "weights.npy", model.weights)
+    else:
+        (out_dir / "weights.npy").unlink(missing_ok=True)
+    _save_npy(out_dir / "popularity.npy", popularity)
+    items = pa.table({"item_id": list(ids), "title": list(_as_str(titles)), "categories": cats}, schema=_ITEMS_SCHEMA)
+    _write_atomic(out_dir / "items.parquet", lambda tmp: pq.write_table(items, tmp))
+    hist = pa.table({"user_id": users, "item_idx": rows}, schema=_HISTORY_SCHEMA)
+    _write_atomic(out_dir / "user_history.parquet", lambda tmp: pq.write_table(hist, tmp))
+    # metadata.json last: its presence marks a complete bundle directory.
+    text = json.dumps(meta, indent=2, sort_keys=True, default=str)
+    _write_atomic(out_dir / "metadata.json", lambda tmp: tmp.write_text(text))
+    return out_dir
+
+
+def _load_npy(path: Path) -> np.ndarray:
+    try:
+        return np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise ValueError(f"{path}: not a valid .npy array ({exc})") from exc
+
+
+def _load_parquet(path: Path, schema: pa.Schema) -> pa.Table:
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise ValueError(f"{path}: not a valid Parquet file ({exc})") from exc
+    missing = [name for name in schema.names if name not in table.column_names]
+    if missing:
+        raise ValueError(f"{path}: missing columns {missing}")
+    return table.select(schema.names)
+
+
+def load_bundle(path: Path) -> Bundle:
+    """Load the bundle in directory ``path``; ``FileNotFoundError``/``ValueError`` name the
+    missing or malformed file."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"bundle directory not found: {path}")
+    for name in REQUIRED_FILES:
+        if not (path / name).is_file():
+            raise FileNotFoundError(f"bundle {path} is missing {name}")
+    meta_path = path / "metadata.json"
+    try:
+        metadata = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{meta_path}: invalid JSON ({exc})") from exc
+    if not isinstance(metadata, dict):
+        raise ValueError(f"{meta_path}: expected a JSON object")
+    missing = [key for key in (*REQUIRED_METADATA, "model_name") if key not in metadata]
+    if missing:
+        raise ValueError(f"{meta_path}: missing keys {missing}")
+
+    items = _load_parquet(path / "items.parquet", _ITEMS_SCHEMA)
+    n = items.num_rows
+    item_ids = np.array(items.column("item_id").to_pylist(), dtype=object)
+    titles = np.array(items.column("title").to_pylist(), dtype=object)
+    categories = [list(c or []) for c in items.column("categories").to_pylist()]
+    bias = _load_npy(path / "bias.npy").astype(np.float32, copy=False)
+    popularity = _load_npy(path / "popularity.npy").astype(np.float32, copy=False)
+    weights = None
+    if (path / "weights.npy").is_file():
+        weights = _load_npy(path / "weights.npy").astype(np.float32, copy=False)
+    elif metadata.get("has_weights"):
+        raise FileNotFoundError(f"bundle {path} is missing weights.npy (metadata.json says has_weights)")
+    model = ItemItemModel(str(metadata["model_name"]), bias=bias, weights=weights)
+    for name, array in (("bias.npy", bias), ("popularity.npy", popularity)):
+        if array.ndim != 1 or array.shape[0] != n:
+            raise ValueError(f"{path / name}: expected shape ({n},) to match items.parquet, got {array.shape}")
+    if weights is not None and weights.shape != (n, n):
+        raise ValueError(
+            f"{path / 'weights.npy'}: expected shape ({n}, {n}) to match items.parquet, got {weights.shape}"
+        )
+
+    hist = _load_parquet(path / "user_history.parquet", _HISTORY_SCHEMA)
+    history: dict[str, np.ndarray] = {}
+    for user, indices in zip(hist.column("user_id").to_pylist(), hist.column("item_idx").to_pylist()):
+        idx = np.asarray(indices or [], dtype=np.int32)
+        if len(idx) and (idx.min() < 0 or idx.max() >= n):
+            raise ValueError(f"{path / 'user_history.parquet'}: user {user!r} has item indices outside [0, {n})")
+        history[str(user)] = idx
+    return Bundle(
+        version=str(metadata["version"]),
+        metadata=metadata,
+        model=model,
+        popularity=popularity,
+        item_ids=item_ids,
+        titles=titles,
+        categories=categories,
+        history=history,
+    )
+
