@@ -59,7 +59,7 @@ def train(
     from hyperrec.settings import load_settings
 
     settings = load_settings(config)
-    state = run_dag(settings, "recsys_training", {"dataset": dataset, "synthetic_events": synthetic_events})
+    state, _run_id = run_dag(settings, "recsys_training", {"dataset": dataset, "synthetic_events": synthetic_events})
     typer.echo(f"recsys_training: {state}")
     raise typer.Exit(0 if state == "success" else 1)
 
@@ -74,7 +74,7 @@ def drift_check(
     from hyperrec.settings import load_settings
 
     settings = load_settings(config)
-    state = run_dag(settings, "recsys_drift_monitor", {"current": str(current.resolve())})
+    state, _run_id = run_dag(settings, "recsys_drift_monitor", {"current": str(current.resolve())})
     typer.echo(f"recsys_drift_monitor: {state}")
     raise typer.Exit(0 if state == "success" else 1)
 

@@ -56,12 +56,22 @@ def load_dags():
     return bag
 
 
-def run_dag(settings: Settings, dag_id: str, conf: dict | None = None):
-    """Run one DAG to completion in this process and return its final state string."""
+def run_dag(settings: Settings, dag_id: str, conf: dict | None = None) -> tuple[str, str]:
+    """Run one DAG to completion in this process; return ``(state, run_id)``."""
     configure_airflow(settings)
     migrate_db()
-    dag = load_dags().get_dag(dag_id)
+    dag = load_dags().dags.get(dag_id)
     if dag is None:
         raise KeyError(f"no DAG named {dag_id!r} in {DAGS_FOLDER}")
     dag_run = dag.test(run_conf=conf or {})
-    return str(dag_run.state)
+    return str(dag_run.state), dag_run.run_id
+
+
+def dag_runs(dag_id: str) -> list[dict]:
+    """Runs of ``dag_id`` recorded in the metadata DB, oldest first."""
+    from airflow.models.dagrun import DagRun
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        runs = session.query(DagRun).filter(DagRun.dag_id == dag_id).order_by(DagRun.id).all()
+        return [{"run_id": r.run_id, "state": str(r.state), "run_type": str(r.run_type), "conf": dict(r.conf or {})} for r in runs]

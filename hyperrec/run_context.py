@@ -31,6 +31,11 @@ class RunContext:
         return cls(run_id=run_id, root=root)
 
     @classmethod
+    def of_airflow_run(cls, settings: Settings, run_id: str) -> "RunContext":
+        """The run directory :meth:`create` made for an Airflow run id."""
+        return cls.open(settings.runs_dir / _safe(run_id))
+
+    @classmethod
     def open(cls, root: str | Path) -> "RunContext":
         root = Path(root)
         if not root.is_dir():

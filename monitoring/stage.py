@@ -15,6 +15,10 @@ from monitoring.drift import DRIFT_FEATURES, detect_drift, drift_features
 from monitoring.trigger import should_retrain
 
 _COLUMNS = ["user_id", "dwell_time_s", "scroll_depth", "rating", "timestamp"]
+# items_per_user scales with the length of the window a batch covers, so comparing a
+# batch with a whole training set would always flag it; it is not monitored here.
+MONITORED_FEATURES = tuple(c for c in DRIFT_FEATURES if c != "items_per_user")
+MIN_OVERLAP_ROWS = 1000
 
 
 def reference_run_dir(settings: Settings) -> Path:
@@ -44,11 +48,16 @@ def check_drift(settings: Settings, run: RunContext, current: str) -> dict:
     if not current:
         raise ValueError("recsys_drift_monitor needs the 'current' param: a raw dataset directory with recent events")
     reference_dir = reference_run_dir(settings)
-    reference = drift_features(_events(reference_dir / "clean" / "interactions"))
-    recent = drift_features(_events(RawDataset(Path(current)).check().interactions))
+    reference_events = _events(reference_dir / "clean" / "interactions")
+    recent_events = _events(RawDataset(Path(current)).check().interactions)
+    # Compare like with like: when the batch's users were in training, the reference is
+    # their training events (a training set may mix populations, e.g. ml-100k + synthetic).
+    same_users = reference_events[reference_events["user_id"].isin(set(recent_events["user_id"].dropna()))]
+    restricted = len(same_users) >= MIN_OVERLAP_ROWS
     result = detect_drift(
-        reference, recent, out_dir=run.drift_dir, ks_threshold=settings.drift.ks_threshold,
-        drift_share=settings.drift.drift_share, columns=list(DRIFT_FEATURES),
+        drift_features(same_users if restricted else reference_events), drift_features(recent_events),
+        out_dir=run.drift_dir, ks_threshold=settings.drift.ks_threshold,
+        drift_share=settings.drift.drift_share, columns=list(MONITORED_FEATURES),
     )
     summary = {
         "retrain": should_retrain(result),
@@ -59,6 +68,8 @@ def check_drift(settings: Settings, run: RunContext, current: str) -> dict:
         "json_path": str(result.json_path),
         "reference": str(reference_dir),
         "current": current,
+        "reference_rows": int(len(same_users) if restricted else len(reference_events)),
+        "reference_restricted_to_batch_users": restricted,
     }
     run.write_json("drift.json", summary)
     return summary

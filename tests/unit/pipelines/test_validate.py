@@ -8,7 +8,6 @@ import pytest
 from pyspark.sql import functions as F
 
 from hyperrec.schemas import INTERACTIONS, ITEMS, USERS
-from hyperrec.settings import load_settings
 from pipelines.validate import (
     GateResult,
     ValidationFailed,
@@ -20,14 +19,6 @@ from pipelines.validate import (
 
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=timezone.utc)
 KEY = list(INTERACTIONS.key)
-
-
-@pytest.fixture(scope="module")
-def spark(tmp_path_factory):
-    from pipelines.spark import get_spark
-
-    home = tmp_path_factory.mktemp("hyperrec_home")
-    return get_spark(load_settings(home=str(home), spark={"master": "local[2]", "shuffle_partitions": 2}))
 
 
 def _event(user="u1", item="i1", event="view", rating=None, dwell=12.5, scroll=0.4, device="mobile", session="s1", minute=0):

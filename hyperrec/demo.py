@@ -1,0 +1,173 @@
+"""``hyperrec demo``: the nightly pipeline end to end on ml-100k plus a synthetic
+sample, the drift monitor on a fresh batch, then a real server answering requests."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+from rich.console import Console
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from hyperrec.orchestration import run_dag
+from hyperrec.run_context import RunContext
+from hyperrec.settings import Settings
+
+TRAINING_STAGES = ("ingest", "preprocess", "validate", "build_features", "segment", "train", "evaluate", "register", "promote", "publish_champion")
+console = Console()
+
+
+def _newest_run(settings: Settings, since: float) -> Path | None:
+    runs = [p for p in settings.runs_dir.glob("*") if p.is_dir() and p.stat().st_mtime >= since]
+    return max(runs, key=lambda p: p.stat().st_mtime) if runs else None
+
+
+def _run_with_progress(settings: Settings, dag_id: str, conf: dict, stages: tuple[str, ...]) -> tuple[str, RunContext]:
+    """Run a DAG in-process (Airflow needs the main thread) while a watcher thread moves a
+    progress bar along the stages the run directory records as finished."""
+    started = time.time()
+    finished = threading.Event()
+    with Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=console) as progress:
+        bar = progress.add_task(f"{dag_id}: starting", total=len(stages))
+
+        def watch() -> None:
+            while not finished.wait(0.5):
+                run_dir = _newest_run(settings, started)
+                timings = run_dir / "timings.json" if run_dir else None
+                try:
+                    done = json.loads(timings.read_text()) if timings and timings.exists() else {}
+                except json.JSONDecodeError:  # caught mid-write; next tick reads it whole
+                    continue
+                pending = [s for s in stages if s not in done]
+                progress.update(bar, completed=len(stages) - len(pending), description=f"{dag_id}: {pending[0] if pending else 'finishing'}")
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        try:
+            state, run_id = run_dag(settings, dag_id, conf)
+        finally:
+            finished.set()
+            watcher.join()
+        progress.update(bar, completed=len(stages), description=f"{dag_id}: {state}")
+    run = RunContext.of_airflow_run(settings, run_id)
+    if state != "success":
+        console.print(f"[red]{dag_id} ended {state}[/red]: see the task logs above; run directory {run.root}")
+        raise SystemExit(1)
+    return state, run
+
+
+def _stage_table(run: RunContext) -> Table:
+    timings, report = run.read_json("timings.json"), run.read_json("report.json")
+    table = Table(title="recsys_training stages")
+    table.add_column("stage")
+    table.add_column("seconds", justify="right")
+    for stage in TRAINING_STAGES:
+        table.add_row(stage, f"{timings.get(stage, float('nan')):.1f}")
+    table.add_row("[bold]total", f"[bold]{sum(timings.values()):.1f}")
+    rows = Table(title="rows")
+    for col in ("in", "quarantined", "deduplicated", "clean", "train", "test", "imputed"):
+        rows.add_column(col, justify="right")
+    rows.add_row(str(report["in"]), str(report["quarantined_total"]), str(report["duplicates"]), str(report["clean"]),
+                 str(report["train"]), str(report["test"]), str(sum(report["imputed"].values())))
+    return table, rows
+
+
+def _model_table(run: RunContext) -> Table:
+    evaluation = run.read_json("evaluation.json")
+    k = evaluation["k"]
+    table = Table(title=f"models on the temporal holdout ({evaluation['models']['popularity']['users']} users, k={k})")
+    table.add_column("model")
+    metrics = {"precision": "P", "recall": "R", "ndcg": "NDCG", "map": "MAP", "hit": "HR", "coverage": "Cov"}
+    for short in metrics.values():
+        table.add_column(f"{short}@{k}", justify="right")
+    table.add_column("NDCG vs pop", justify="right")
+    for name, res in evaluation["models"].items():
+        lift = evaluation["lift_over_popularity"][name]
+        style = "bold green" if name == evaluation["best"] else ""
+        table.add_row(name, *[f"{res[f'{m}@{k}']:.4f}" for m in metrics], f"{lift:+.1%}", style=style)
+    return table
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _serve_and_show(settings: Settings, users: list[str], k: int) -> None:
+    """Start ``hyperrec serve`` as a real server process and print its answers."""
+    from hyperrec.orchestration import settings_file
+
+    port = _free_port()
+    cmd = [sys.executable, "-m", "hyperrec.cli", "serve", "--port", str(port), "--config", str(settings_file(settings))]
+    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        with console.status(f"starting hyperrec serve on {base}"):
+            deadline = time.time() + 60
+            while True:
+                if server.poll() is not None:
+                    raise RuntimeError(f"hyperrec serve exited: {server.stderr.read()[-2000:]}")
+                try:
+                    if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                if time.time() > deadline:
+                    raise TimeoutError("hyperrec serve did not become ready within 60 s")
+                time.sleep(0.3)
+        for user in users:
+            answer = httpx.get(f"{base}/v1/recommendations/{user}", params={"k": k}, timeout=10).json()
+            table = Table(title=f"GET /v1/recommendations/{user}?k={k}  (model {answer['model_version']}, cold start: {answer['cold_start']})")
+            table.add_column("rank", justify="right")
+            table.add_column("item")
+            table.add_column("title")
+            table.add_column("score", justify="right")
+            for item in answer["items"]:
+                table.add_row(str(item["rank"]), item["item_id"], item["title"], f"{item['score']:.3f}")
+            console.print(table)
+    finally:
+        server.terminate()
+        server.wait(timeout=20)
+
+
+def run_demo(settings: Settings, synthetic_events: int | None = None, show_users: list[str] | None = None) -> None:
+    from hyperrec.datasets.synthetic import generate
+    from training.registry import champion_version
+
+    events = synthetic_events if synthetic_events is not None else settings.synthetic.demo_events
+    console.rule("[bold]hyperrec demo")
+    console.print(f"state under {settings.home} (mode: {settings.mode}); Airflow metadata DB: {settings.airflow_conn}")
+    _, run = _run_with_progress(settings, "recsys_training", {"dataset": "ml-100k", "synthetic_events": events, "reason": "demo"}, TRAINING_STAGES)
+
+    batch = settings.home / "incoming" / "batch-no-drift"
+    with console.status("generating a fresh synthetic batch for the drift monitor"):
+        generate(batch, events=max(events // 5, 2000), seed=101, progress=False)
+    _, drift_run = _run_with_progress(settings, "recsys_drift_monitor", {"current": str(batch)}, ("drift",))
+
+    stages, rows = _stage_table(run)
+    console.print(stages)
+    console.print(rows)
+    console.print(_model_table(run))
+    registration, promotion = run.read_json("registration.json"), run.read_json("promotion.json")
+    drift = drift_run.read_json("drift.json")
+    where = Table(title="what was made, and where", show_header=False)
+    where.add_column(style="bold")
+    where.add_column()
+    where.add_row("registered model", f"{settings.mlflow.registered_model} v{registration['version']} ({registration['model']})")
+    where.add_row("promotion gate", f"{'promoted' if promotion['promoted'] else 'kept as challenger'}: {promotion['reason']}; champion v{champion_version(settings)}")
+    where.add_row("MLflow store", f"{settings.mlflow_tracking_uri}  (browse: .venv/bin/mlflow ui --backend-store-uri {settings.mlflow_tracking_uri})")
+    where.add_row("GX Data Docs", str(run.gx_dir / "index.html"))
+    where.add_row("Evidently report", f"{drift['html_path']}  (drift share {drift['share_drifted']:.0%}, retrain: {drift['retrain']})")
+    where.add_row("serving bundle", str(run.read_json("publish.json")["store"]) + f" @ {run.read_json('publish.json')['current']}")
+    where.add_row("run directory", str(run.root))
+    console.print(where)
+    _serve_and_show(settings, show_users or ["1", "2"], settings.serving.default_k)

@@ -1,0 +1,96 @@
+"""Both DAGs end to end through Airflow's ``dag.test()`` on a small synthetic platform."""
+
+import json
+
+import pytest
+from fastapi.testclient import TestClient
+
+from hyperrec.datasets.synthetic import generate
+from hyperrec.orchestration import dag_runs, run_dag
+from hyperrec.run_context import RunContext
+
+pytestmark = [pytest.mark.slow, pytest.mark.spark]
+
+
+@pytest.fixture(scope="module")
+def trained(settings, tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e")
+    raw = generate(root / "raw", events=8000, seed=11, malformed_fraction=0.01, duplicate_fraction=0.01, progress=False)
+    state, run_id = run_dag(settings, "recsys_training", {"dataset": str(raw.root), "synthetic_events": 0})
+    manifest = json.loads((raw.ground_truth / "manifest.json").read_text())
+    return state, RunContext.of_airflow_run(settings, run_id), manifest, root
+
+
+def test_training_dag_succeeds(trained):
+    state, run, _, _ = trained
+    assert state == "success"
+    assert set(run.read_json("timings.json")) == {
+        "ingest", "preprocess", "validate", "build_features", "segment", "train", "evaluate", "register", "promote", "publish_champion"}
+
+
+def test_preprocess_counts_match_the_injected_dirt(trained):
+    _, run, manifest, _ = trained
+    report, counts = run.read_json("report.json"), manifest["counts"]
+    assert report["in"] == counts["total_rows"]
+    assert report["duplicates"] == counts["duplicates"]
+    assert report["quarantined_total"] == counts["malformed_total"]
+    assert report["clean"] == counts["good_events"]
+    assert report["train"] + report["test"] == report["clean"]
+
+
+def test_quality_gates_and_features_ran(trained):
+    _, run, _, _ = trained
+    validation = run.read_json("validation.json")
+    assert all(g["success"] for g in validation["gates"].values())
+    assert (run.gx_dir / "index.html").exists()
+    import pandas as pd
+
+    n_users = len(pd.read_parquet(run.clean_dir / "users"))
+    assert run.read_json("features.json")["users"] == n_users
+    segments = run.read_json("segments.json")
+    assert segments["k"] >= 2 and sum(segments["sizes"]) == n_users
+
+
+def test_models_are_evaluated_on_the_holdout_and_beat_popularity(trained):
+    _, run, _, _ = trained
+    evaluation = run.read_json("evaluation.json")
+    k = evaluation["k"]
+    assert evaluation["best"] in {"ease", "item_knn"}
+    assert evaluation["models"][evaluation["best"]][f"ndcg@{k}"] > evaluation["models"]["popularity"][f"ndcg@{k}"]
+
+
+def test_registered_promoted_published_and_served(trained, settings):
+    _, run, _, _ = trained
+    from serving.app import create_app
+    from training.registry import champion_version
+
+    registration, promotion, published = run.read_json("registration.json"), run.read_json("promotion.json"), run.read_json("publish.json")
+    assert registration["version"] >= 1
+    assert promotion["promoted"] and champion_version(settings) == registration["version"]
+    assert published["current"] == f"v{registration['version']}"
+    import pandas as pd
+
+    user = pd.read_parquet(run.split_dir / "train", columns=["user_id"])["user_id"].iloc[0]
+    with TestClient(create_app(settings)) as client:
+        assert client.get("/readyz").status_code == 200
+        body = client.get(f"/v1/recommendations/{user}", params={"k": 5}).json()
+    assert body["model_version"] == published["current"] and len(body["items"]) == 5 and not body["cold_start"]
+
+
+def test_drift_monitor_retrains_on_drift_only(trained, settings):
+    _, _, _, root = trained
+    before = len(dag_runs("recsys_training"))
+    calm = generate(root / "calm", events=4000, seed=12, progress=False)
+    state, _ = run_dag(settings, "recsys_drift_monitor", {"current": str(calm.root)})
+    assert state == "success"
+    assert len(dag_runs("recsys_training")) == before, "no drift must not start a retrain"
+
+    drifted = generate(root / "drifted", events=4000, seed=13, drift=0.6, progress=False)
+    state, run_id = run_dag(settings, "recsys_drift_monitor", {"current": str(drifted.root)})
+    assert state == "success"
+    runs = dag_runs("recsys_training")
+    assert len(runs) == before + 1
+    assert runs[-1]["run_type"].endswith("operator_triggered") and runs[-1]["conf"]["reason"] == "drift"
+    report = RunContext.of_airflow_run(settings, run_id).read_json("drift.json")
+    assert report["retrain"] and report["share_drifted"] >= settings.drift.drift_share
+    assert report["html_path"].endswith(".html")

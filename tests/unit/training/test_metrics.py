@@ -1,0 +1,41 @@
+import math
+
+import pytest
+
+from training.metrics import catalog_coverage, evaluate, hit_rate_at_k, map_at_k, ndcg_at_k, precision_at_k, recall_at_k
+
+RECS = ["a", "b", "c", "d"]
+REL = {"b", "d", "z"}
+
+
+def test_precision_and_recall():
+    assert precision_at_k(RECS, REL, 4) == pytest.approx(2 / 4)
+    assert precision_at_k(RECS[:2], REL, 4) == pytest.approx(1 / 4)  # divides by k, not list length
+    assert recall_at_k(RECS, REL, 4) == pytest.approx(2 / 3)
+    assert recall_at_k(RECS, set(), 4) == 0.0
+
+
+def test_ndcg_by_hand():
+    dcg = 1 / math.log2(3) + 1 / math.log2(5)
+    ideal = 1 + 1 / math.log2(3) + 1 / math.log2(4)
+    assert ndcg_at_k(RECS, REL, 4) == pytest.approx(dcg / ideal)
+    assert ndcg_at_k(["b", "d"], {"b", "d"}, 10) == pytest.approx(1.0)
+
+
+def test_map_normalized_by_min_k_and_relevant():
+    # hits at ranks 2 and 4: (1/2 + 2/4) / min(4, 3)
+    assert map_at_k(RECS, REL, 4) == pytest.approx((0.5 + 0.5) / 3)
+    assert map_at_k(["b"], {"b", "x", "y"}, 1) == pytest.approx(1.0)
+
+
+def test_hit_rate_and_evaluate_skip_users_without_relevant_items():
+    assert hit_rate_at_k(RECS, {"d"}, 3) == 0.0
+    assert hit_rate_at_k(RECS, {"d"}, 4) == 1.0
+    result = evaluate({"u1": RECS, "u2": ["q"]}, {"u1": REL, "u2": {"b"}, "u3": set()}, 4)
+    assert result["users"] == 2
+    assert result["hit@4"] == pytest.approx(0.5)
+    assert result["precision@4"] == pytest.approx((2 / 4 + 0) / 2)
+
+
+def test_catalog_coverage():
+    assert catalog_coverage({"u1": ["a", "b"], "u2": ["b", "c"]}, 10, 2) == pytest.approx(0.3)
