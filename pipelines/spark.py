@@ -28,13 +28,14 @@ def get_spark(settings: Settings) -> SparkSession:
             .config("spark.sql.session.timeZone", "UTC")
             .config("spark.ui.enabled", "false")
             .config("spark.ui.showConsoleProgress", "false")
-            .config("spark.driver.host", "127.0.0.1")
-            .config("spark.driver.bindAddress", "127.0.0.1")
             .config("spark.sql.execution.arrow.pyspark.enabled", "true")
             .config("spark.driver.extraJavaOptions", "-Duser.timezone=UTC")
             .config("spark.executor.extraJavaOptions", "-Duser.timezone=UTC")
             .config("spark.sql.warehouse.dir", str(settings.home / "spark-warehouse"))
         )
+        if settings.spark.master.startswith("local"):
+            # Local mode: keep the driver on loopback; cluster executors must reach it by name.
+            builder = builder.config("spark.driver.host", "127.0.0.1").config("spark.driver.bindAddress", "127.0.0.1")
         session = builder.getOrCreate()
         session.sparkContext.setLogLevel("ERROR")
         return session
