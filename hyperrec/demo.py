@@ -159,15 +159,17 @@ def run_demo(settings: Settings, synthetic_events: int | None = None, show_users
     console.print(_model_table(run))
     registration, promotion = run.read_json("registration.json"), run.read_json("promotion.json")
     drift = drift_run.read_json("drift.json")
-    where = Table(title="what was made, and where", show_header=False)
-    where.add_column(style="bold")
-    where.add_column()
-    where.add_row("registered model", f"{settings.mlflow.registered_model} v{registration['version']} ({registration['model']})")
-    where.add_row("promotion gate", f"{'promoted' if promotion['promoted'] else 'kept as challenger'}: {promotion['reason']}; champion v{champion_version(settings)}")
-    where.add_row("MLflow store", f"{settings.mlflow_tracking_uri}  (browse: .venv/bin/mlflow ui --backend-store-uri {settings.mlflow_tracking_uri})")
-    where.add_row("GX Data Docs", str(run.gx_dir / "index.html"))
-    where.add_row("Evidently report", f"{drift['html_path']}  (drift share {drift['share_drifted']:.0%}, retrain: {drift['retrain']})")
-    where.add_row("serving bundle", str(run.read_json("publish.json")["store"]) + f" @ {run.read_json('publish.json')['current']}")
-    where.add_row("run directory", str(run.root))
-    console.print(where)
+    published = run.read_json("publish.json")
+    lines = {
+        "registered model": f"{settings.mlflow.registered_model} v{registration['version']} ({registration['model']})",
+        "promotion gate": f"{'promoted' if promotion['promoted'] else 'kept as challenger'}: {promotion['reason']}; champion is v{champion_version(settings)}",
+        "MLflow store": f"{settings.mlflow_tracking_uri}  (browse: .venv/bin/mlflow ui --backend-store-uri {settings.mlflow_tracking_uri})",
+        "GX Data Docs": str(run.gx_dir / "index.html"),
+        "Evidently report": f"{drift['html_path']}  (drift share {drift['share_drifted']:.0%}, retrain: {drift['retrain']})",
+        "serving bundle": f"{published['store']} @ {published['current']}",
+        "run directory": str(run.root),
+    }
+    console.rule("what was made, and where")
+    for label, text in lines.items():
+        console.print(f"[bold]{label}:[/bold] {text}", soft_wrap=True)
     _serve_and_show(settings, show_users or ["1", "2"], settings.serving.default_k)

@@ -126,7 +126,7 @@ def promotion_gate(
     workdir: Path,
 ) -> GateDecision:
     """Promote the challenger when no champion exists, or when its NDCG@k on this run's
-    holdout beats the champion's NDCG@k on the same holdout by ``promotion.min_ndcg_gain``.
+    holdout is at least the champion's NDCG@k on the same holdout plus ``promotion.min_ndcg_gain``.
 
     The decision and its reason are written as tags on the challenger version.
     """
@@ -141,7 +141,7 @@ def promotion_gate(
         champ = evaluate_bundle_on(bundle_dir_of(settings, current, workdir / f"champion-v{current}"), train_df, test_df, k)[f"ndcg@{k}"]
         margin = settings.promotion.min_ndcg_gain
         promote = challenger_ndcg >= champ + margin
-        verb = "beats" if promote else "does not beat"
+        verb = "reaches" if promote else "falls short of"
         reason = f"challenger ndcg@{k}={challenger_ndcg:.4f} {verb} champion v{current} ndcg@{k}={champ:.4f} + margin {margin}"
         decision = GateDecision(promote, reason, challenger_version, current, challenger_ndcg, champ)
     client = MlflowClient()
