@@ -12,6 +12,19 @@ from hyperrec.tasks import run_stage, start_run
 
 DEFAULT_ARGS = {"retries": 2, "retry_delay": timedelta(seconds=30)}
 
+# task id → the stage function it runs, in pipeline order after ingest.
+STAGES = {
+    "preprocess": "pipelines.stage:preprocess",
+    "validate": "pipelines.stage:validate",
+    "build_features": "feature_store.stage:build_features",
+    "segment": "feature_store.stage:segment",
+    "train": "training.stage:train",
+    "evaluate": "training.stage:evaluate",
+    "register": "training.stage:register",
+    "promote": "training.stage:promote",
+    "publish": "serving.publish:publish_champion",
+}
+
 
 @dag(
     dag_id="recsys_training",
@@ -35,44 +48,9 @@ def recsys_training():
         context = get_current_context()
         return start_run(context["run_id"], dict(context["params"]))
 
-    @task
-    def preprocess(run_dir: str) -> str:
-        return run_stage("pipelines.stage:preprocess", run_dir)
-
-    @task
-    def validate(run_dir: str) -> str:
-        return run_stage("pipelines.stage:validate", run_dir)
-
-    @task
-    def build_features(run_dir: str) -> str:
-        return run_stage("feature_store.stage:build_features", run_dir)
-
-    @task
-    def segment(run_dir: str) -> str:
-        return run_stage("feature_store.stage:segment", run_dir)
-
-    @task
-    def train(run_dir: str) -> str:
-        return run_stage("training.stage:train", run_dir)
-
-    @task
-    def evaluate(run_dir: str) -> str:
-        return run_stage("training.stage:evaluate", run_dir)
-
-    @task
-    def register(run_dir: str) -> str:
-        return run_stage("training.stage:register", run_dir)
-
-    @task
-    def promote(run_dir: str) -> str:
-        return run_stage("training.stage:promote", run_dir)
-
-    @task
-    def publish(run_dir: str) -> str:
-        return run_stage("serving.publish:publish_champion", run_dir)
-
     run_dir = ingest()
-    publish(promote(register(evaluate(train(segment(build_features(validate(preprocess(run_dir)))))))))
+    for task_id, target in STAGES.items():
+        run_dir = task(task_id=task_id)(run_stage)(target, run_dir)
 
 
 recsys_training()
