@@ -2,42 +2,22 @@
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
-import boto3
-import pandas as pd
 import pytest
 from fastapi.testclient import TestClient
 
 from hyperrec.settings import Settings, load_settings
 from serving.app import NO_BUNDLE, InMemoryEventSink, Event, create_app
 from serving.store import ObjectStore, publish
-from training.bundle import load_bundle, write_bundle
-from training.models import InteractionMatrix, fit_ease, popularity
+from training.bundle import load_bundle
 
-PAIRS = [
-    ("u1", "i1"), ("u1", "i2"), ("u1", "i3"),
-    ("u2", "i1"), ("u2", "i2"), ("u2", "i4"),
-    ("u3", "i2"), ("u3", "i3"), ("u3", "i5"),
-    ("u4", "i1"), ("u4", "i3"),
-    ("u5", "i4"), ("u5", "i5"), ("u5", "i6"),
-]  # fmt: skip
+from fixtures_serving import tiny_bundle
 
 
 def build_bundle(out_dir: Path, version: str) -> Path:
-    data = InteractionMatrix.from_frame(pd.DataFrame(PAIRS, columns=["user_id", "item_id"]))
-    x = data.matrix
-    return write_bundle(
-        out_dir,
-        model=fit_ease(x, lam=1.0),
-        item_ids=data.item_ids,
-        titles=[f"Title {i}" for i in data.item_ids],
-        categories=[[] for _ in data.item_ids],
-        history={u: x[i].indices.tolist() for u, i in data.user_index.items()},
-        popularity=popularity(x),
-        metadata={"version": version, "registered_model_version": "1", "metrics": {}, "k": 10},
-    )
+    """The app tests' bundle: no categories, registered model version 1, no metrics."""
+    return tiny_bundle(out_dir, version, registered_model_version="1", categories=[[]] * 6, metrics={})
 
 
 def make_settings(tmp_path: Path, **object_store: str) -> Settings:
@@ -193,28 +173,11 @@ def test_in_memory_sink_is_bounded() -> None:
     assert sink.recent_items("a") == [] and sink.recent_items("c") == ["y"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_serves_from_s3_store_named_in_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from moto.server import ThreadedMotoServer
-
-    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
-        monkeypatch.setenv(key, "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=_free_port(), verbose=False)
-    server.start()
-    try:
-        endpoint = "http://{}:{}".format(*server.get_host_and_port())
-        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="models")
-        settings = make_settings(tmp_path, uri="s3://models/serving", s3_endpoint_url=endpoint)
-        publish(build_bundle(tmp_path / "b", "v7"), ObjectStore(settings.object_store_uri, endpoint), "v7")
-        with TestClient(create_app(settings)) as client:
-            body = recs(client, "u4", k=2)
-        assert body["model_version"] == "v7" and len(body["items"]) == 2
-        assert (settings.home / "serving" / "bundles" / "v7" / "metadata.json").is_file()
-    finally:
-        server.stop()
+def test_serves_from_s3_store_named_in_settings(tmp_path: Path, s3_endpoint: str) -> None:
+    endpoint = s3_endpoint
+    settings = make_settings(tmp_path, uri="s3://models/serving", s3_endpoint_url=endpoint)
+    publish(build_bundle(tmp_path / "b", "v7"), ObjectStore(settings.object_store_uri, endpoint), "v7")
+    with TestClient(create_app(settings)) as client:
+        body = recs(client, "u4", k=2)
+    assert body["model_version"] == "v7" and len(body["items"]) == 2
+    assert (settings.home / "serving" / "bundles" / "v7" / "metadata.json").is_file()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 
 import boto3
@@ -13,60 +12,9 @@ import pytest
 
 from serving.store import ObjectStore, current_version, fetch, publish
 from training.bundle import BUNDLE_FILES, Bundle, load_bundle, write_bundle
-from training.models import InteractionMatrix, fit_ease, fit_popularity, popularity
+from training.models import InteractionMatrix, fit_popularity, popularity
 
-PAIRS = [
-    ("u1", "i1"), ("u1", "i2"), ("u1", "i3"),
-    ("u2", "i1"), ("u2", "i2"), ("u2", "i4"),
-    ("u3", "i2"), ("u3", "i3"), ("u3", "i5"),
-    ("u4", "i1"), ("u4", "i3"),
-    ("u5", "i4"), ("u5", "i5"), ("u5", "i6"),
-]  # fmt: skip
-
-
-def tiny_bundle(out_dir: Path, version: str = "v1", model_kind: str = "ease") -> Path:
-    """A 5-user × 6-item bundle built by hand (no trainer involved)."""
-    data = InteractionMatrix.from_frame(pd.DataFrame(PAIRS, columns=["user_id", "item_id"]))
-    x = data.matrix
-    model = fit_ease(x, lam=1.0) if model_kind == "ease" else fit_popularity(x)
-    history = {u: x[i].indices.tolist() for u, i in data.user_index.items()}
-    return write_bundle(
-        out_dir,
-        model=model,
-        item_ids=data.item_ids,
-        titles=[f"Title {i}" for i in data.item_ids],
-        categories=[["drama"] if n % 2 else ["comedy", "news"] for n in range(len(data.item_ids))],
-        history=history,
-        popularity=popularity(x),
-        metadata={"version": version, "registered_model_version": "3", "metrics": {"ndcg@10": 0.5}, "k": 10},
-    )
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def s3_endpoint(monkeypatch: pytest.MonkeyPatch):
-    """A moto S3 server on a free local port with bucket ``bundles`` and dummy credentials."""
-    from moto.server import ThreadedMotoServer
-
-    for key, value in {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_SESSION_TOKEN": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }.items():
-        monkeypatch.setenv(key, value)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=_free_port(), verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="bundles")
-    yield endpoint
-    server.stop()
+from fixtures_serving import PAIRS, tiny_bundle
 
 
 def assert_same_bundle(a: Bundle, b: Bundle) -> None:
