@@ -10,6 +10,8 @@ from feature_store.profiles import build_user_profiles, read_offline_snapshot, w
 from feature_store.segments import segment_summary, segment_users
 from hyperrec.run_context import RunContext
 from hyperrec.settings import Settings
+from pipelines.spark import get_spark
+from pipelines.validate import validate_features
 
 
 def online_store(settings: Settings) -> OnlineStore:
@@ -18,13 +20,15 @@ def online_store(settings: Settings) -> OnlineStore:
 
 
 def build_features(settings: Settings, run: RunContext) -> dict:
-    """Profiles from the train split only, as of its last event (no test leakage);
-    written as an offline snapshot and materialized to the online store."""
+    """Profiles from the train split only, as of its last event (no test leakage),
+    gated by the ``user_features_features`` GX suite, written as an offline snapshot and
+    materialized to the online store."""
     train = pd.read_parquet(run.split_dir / "train")
     items = pd.read_parquet(run.clean_dir / "items")
     users = pd.read_parquet(run.clean_dir / "users")
     as_of = train["timestamp"].max()
     profiles = build_user_profiles(train, items, users, as_of=as_of, half_life_days=settings.features.half_life_days)
+    validate_features(get_spark(settings).createDataFrame(profiles), stage="features", docs_dir=run.gx_dir)
     snapshot = write_offline_snapshot(profiles, run.features_dir / "offline", as_of)
     store = online_store(settings)
     try:

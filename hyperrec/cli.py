@@ -35,6 +35,30 @@ def generate(
 
 
 @app.command()
+def preprocess(
+    interactions: str = typer.Option(..., "--interactions", help="CSV, JSON lines or Parquet file/directory, local or s3://"),
+    out: Path = typer.Option(..., "--out", help="output directory: clean/, quarantine/, split/, report.json"),
+    users: Optional[str] = typer.Option(None, "--users", help="users table (enables the unknown_user check)"),
+    items: Optional[str] = typer.Option(None, "--items", help="items table (enables the unknown_item check)"),
+    config: Optional[Path] = ConfigOpt,
+) -> None:
+    """Clean, quarantine, deduplicate, impute and split raw interactions with Spark."""
+    import json
+
+    from hyperrec.settings import load_settings
+    from pipelines.preprocess import preprocess as run_preprocess
+    from pipelines.spark import get_spark
+
+    settings = load_settings(config)
+    out.mkdir(parents=True, exist_ok=True)
+    report = run_preprocess(
+        get_spark(settings), interactions, out, settings.preprocess, users=users, items=items,
+        half_life_days=settings.features.half_life_days, s3_endpoint_url=settings.object_store.s3_endpoint_url,
+    )
+    typer.echo(json.dumps(report.to_json(), indent=2, sort_keys=True))
+
+
+@app.command()
 def demo(
     config: Optional[Path] = ConfigOpt,
     synthetic_events: Optional[int] = typer.Option(None, "--synthetic-events", help="size of the synthetic sample"),

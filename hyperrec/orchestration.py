@@ -75,3 +75,13 @@ def dag_runs(dag_id: str) -> list[dict]:
     with create_session() as session:
         runs = session.query(DagRun).filter(DagRun.dag_id == dag_id).order_by(DagRun.id).all()
         return [{"run_id": r.run_id, "state": str(r.state), "run_type": str(r.run_type), "conf": dict(r.conf or {})} for r in runs]
+
+
+def task_states(dag_id: str, run_id: str) -> dict[str, str]:
+    """task_id → state of one DAG run's task instances."""
+    from airflow.models.taskinstance import TaskInstance
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        tis = session.query(TaskInstance).filter(TaskInstance.dag_id == dag_id, TaskInstance.run_id == run_id).all()
+        return {ti.task_id: str(ti.state) for ti in tis}

@@ -49,14 +49,42 @@ class ObjectStoreSettings(_Section):
     s3_endpoint_url: str | None = None
 
 
+ImputeStrategy = Literal["mean", "median", "mode", "knn", "none"]
+NUMERIC_IMPUTABLE = {"dwell_time_s", "scroll_depth", "age"}
+IMPUTABLE = NUMERIC_IMPUTABLE | {"device", "gender", "occupation", "region"}
+
+
 class PreprocessSettings(_Section):
     hash_algorithm: Literal["md5", "sha256"] = "md5"
     future_tolerance_s: int = 86400
+    max_dwell_time_s: float = Field(86400.0, gt=0)
     test_fraction: float = Field(0.2, gt=0, lt=1)
+    # Strategy per column: mean/median (numeric), mode (any), knn (users.age, from the
+    # other demographics), none. Interaction columns are imputed for implicit events only.
+    impute: dict[str, ImputeStrategy] = Field(default_factory=lambda: {
+        "dwell_time_s": "median", "scroll_depth": "median", "device": "mode",
+        "age": "knn", "gender": "mode", "occupation": "mode", "region": "mode",
+    })
+    knn_neighbours: int = Field(5, ge=1)
+
+    @model_validator(mode="after")
+    def _strategies_fit_columns(self) -> "PreprocessSettings":
+        for column, strategy in self.impute.items():
+            if column not in IMPUTABLE:
+                raise ValueError(f"preprocess.impute: unknown column {column!r} (imputable: {sorted(IMPUTABLE)})")
+            if strategy in ("mean", "median") and column not in NUMERIC_IMPUTABLE:
+                raise ValueError(f"preprocess.impute.{column}: {strategy} needs a numeric column")
+            if strategy == "knn" and column != "age":
+                raise ValueError(f"preprocess.impute.{column}: knn is supported for users.age only")
+        return self
 
 
 class ValidationSettings(_Section):
     max_quarantine_fraction: float = Field(0.05, ge=0, le=1)
+    # Clean row count may move at most this share from the previous successful run's.
+    row_count_tolerance: float = Field(0.5, ge=0)
+    dwell_mean_between: tuple[float, float] = (1.0, 3600.0)
+    scroll_mean_between: tuple[float, float] = (0.05, 0.95)
 
 
 class FeatureSettings(_Section):

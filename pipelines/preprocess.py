@@ -1,7 +1,9 @@
-"""Spark preprocessing: cast, quarantine malformed rows, hash-dedup, impute,
-sessionize, confidence weights, and the temporal per-user split.
+"""Spark preprocessing (article §2b): parse and normalize, quarantine malformed rows,
+hash-dedup, impute, sessionize, confidence and time-decay weights, temporal split.
 
-Row accounting always satisfies ``in = clean + quarantined + duplicates``.
+Row accounting for interactions always satisfies ``in = clean + quarantined + duplicates``;
+users and items keep their own ``in = clean + quarantined``. Every quarantined row keeps
+its raw record and the reason it was set aside.
 """
 
 from __future__ import annotations
@@ -11,17 +13,66 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+import numpy as np
 from pyspark.ml.feature import Imputer
 from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
-from hyperrec.datasets import RawDataset
 from hyperrec.schemas import DEVICES, EVENT_TYPES, INTERACTIONS, ITEMS, RATING_MAX, RATING_MIN, USERS
 from hyperrec.settings import PreprocessSettings
+from pipelines.read import read_raw_table
+from pipelines.split import temporal_split
 
 SESSION_GAP_S = 30 * 60
+MAX_ID_LENGTH = 128
+EARLIEST = datetime(1970, 1, 1, tzinfo=timezone.utc)
 # Implicit signal strength per event type; explicit ratings use rating / RATING_MAX instead.
 EVENT_CONFIDENCE = {"view": 0.2, "click": 0.35, "like": 0.7, "share": 0.8, "complete": 0.85}
+DEVICE_ALIASES = {
+    "mobile": ("mobile", "phone", "smartphone", "iphone", "android", "ios", "cell", "mobile phone"),
+    "desktop": ("desktop", "pc", "web", "laptop", "mac", "windows", "linux", "computer"),
+    "tablet": ("tablet", "ipad", "android tablet"),
+    "tv": ("tv", "smart tv", "smarttv", "ctv", "roku", "firetv", "fire tv", "apple tv", "television"),
+}
+
+# Interaction quarantine reasons, in the order they are checked (a row gets the first).
+QUARANTINE_REASONS: dict[str, str] = {
+    "unparseable_record": "the line is not valid CSV/JSON for the table",
+    "missing_user_id": "user_id is null or blank",
+    "missing_item_id": "item_id is null or blank",
+    "invalid_id": f"an id is longer than {MAX_ID_LENGTH} characters or holds control characters",
+    "missing_event_type": "event_type is null or blank",
+    "unknown_event_type": f"event_type is not one of {', '.join(EVENT_TYPES)}",
+    "missing_timestamp": "timestamp is null or blank",
+    "unparseable_timestamp": "timestamp is neither ISO-8601, a common date-time format, nor epoch seconds/milliseconds",
+    "timestamp_out_of_range": "timestamp is before 1970-01-01",
+    "future_timestamp": "timestamp is later than now plus the configured tolerance",
+    "unparseable_rating": "rating is not a number",
+    "unparseable_dwell_time": "dwell_time_s is not a number",
+    "unparseable_scroll_depth": "scroll_depth is not a number",
+    "non_finite_value": "a numeric field is NaN or infinite",
+    "rating_out_of_range": f"rating is outside {RATING_MIN:g}-{RATING_MAX:g}",
+    "rate_without_rating": "a rate event carries no rating",
+    "rating_on_non_rate_event": "a rating on an event that is not a rate event",
+    "scroll_depth_out_of_range": "scroll_depth is outside 0-1",
+    "negative_dwell_time": "dwell_time_s is negative",
+    "dwell_time_too_long": "dwell_time_s exceeds preprocess.max_dwell_time_s",
+    "unknown_device": f"device is not a known name or alias of {', '.join(DEVICES)}",
+    "unknown_user": "user_id is not in the users table",
+    "unknown_item": "item_id is not in the items table",
+}
+
+
+@dataclass
+class TableCounts:
+    """Accounting of a dimension table: ``in_ = clean + sum(quarantined)``."""
+
+    in_: int = 0
+    clean: int = 0
+    quarantined: dict[str, int] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {"in": self.in_, "clean": self.clean, "quarantined": self.quarantined}
 
 
 @dataclass
@@ -33,10 +84,11 @@ class PreprocessReport:
     duplicates: int
     quarantined: dict[str, int] = field(default_factory=dict)
     imputed: dict[str, int] = field(default_factory=dict)
-    users: int = 0
-    items: int = 0
+    users: TableCounts = field(default_factory=TableCounts)
+    items: TableCounts = field(default_factory=TableCounts)
     train: int = 0
     test: int = 0
+    hash_algorithm: str = "md5"
 
     @property
     def quarantined_total(self) -> int:
@@ -46,6 +98,7 @@ class PreprocessReport:
         payload = asdict(self)
         payload["in"] = payload.pop("in_")
         payload["quarantined_total"] = self.quarantined_total
+        payload["users"], payload["items"] = self.users.to_json(), self.items.to_json()
         return payload
 
     def check(self) -> None:
@@ -54,92 +107,129 @@ class PreprocessReport:
                 f"row accounting broken: in={self.in_} != clean={self.clean} + "
                 f"quarantined={self.quarantined_total} + duplicates={self.duplicates}"
             )
+        for name, table in (("users", self.users), ("items", self.items)):
+            if table.in_ != table.clean + sum(table.quarantined.values()):
+                raise AssertionError(f"{name} accounting broken: {table.to_json()}")
 
 
-def _norm(col: str) -> Column:
-    """Trim and lower-case a string column; empty strings become null."""
-    trimmed = F.lower(F.trim(F.col(col)))
+# --------------------------------------------------------------------------- parsing
+
+
+def _blank_to_null(col: Column) -> Column:
+    trimmed = F.trim(col)
     return F.when(trimmed == "", None).otherwise(trimmed)
 
 
-def read_raw(spark: SparkSession, raw: RawDataset) -> tuple[DataFrame, DataFrame, DataFrame]:
-    raw.check()
-    return (
-        spark.read.parquet(str(raw.interactions)),
-        spark.read.parquet(str(raw.users)),
-        spark.read.parquet(str(raw.items)),
+def _lower(name: str) -> Column:
+    """Trim, collapse inner whitespace and lower-case; blank becomes null."""
+    return F.lower(F.regexp_replace(_blank_to_null(F.col(name)), r"\s+", " "))
+
+
+def parse_number(name: str) -> Column:
+    """The trimmed string as a double, or null when blank or not a number."""
+    return F.expr(f"try_cast(trim(`{name}`) as double)")
+
+
+def parse_timestamp(name: str) -> Column:
+    """A UTC timestamp from ISO-8601 (with or without offset), ``yyyy-MM-dd HH:mm:ss[XXX]``,
+    ``yyyy/MM/dd HH:mm:ss``, ``dd/MM/yyyy HH:mm:ss`` (no offset means UTC), or epoch
+    seconds (milliseconds when above 1e11). Null when none applies."""
+    s = _blank_to_null(F.col(name))
+    epoch = F.expr(f"try_cast(trim(`{name}`) as double)")
+    from_epoch = (
+        F.when(F.abs(epoch) >= 1e14, None)
+        .when(F.abs(epoch) >= 1e11, F.timestamp_millis(epoch.cast("long")))
+        .otherwise(F.timestamp_seconds(epoch.cast("long")))
+    )
+    formats = ["yyyy-MM-dd HH:mm:ssXXX", "yyyy-MM-dd HH:mm:ss", "yyyy/MM/dd HH:mm:ss", "dd/MM/yyyy HH:mm:ss"]
+    from_text = F.coalesce(F.try_to_timestamp(s), *[F.try_to_timestamp(s, F.lit(f)) for f in formats])
+    return F.when(s.rlike(r"^-?\d+(\.\d+)?$"), from_epoch).otherwise(from_text)
+
+
+def normalize_device(name: str = "device") -> Column:
+    """Canonical device name for known aliases; the lower-cased input otherwise."""
+    raw = _lower(name)
+    result = raw
+    for canonical, aliases in DEVICE_ALIASES.items():
+        result = F.when(raw.isin(*aliases), F.lit(canonical)).otherwise(result)
+    return result
+
+
+def _valid_id(col: Column) -> Column:
+    return (F.length(col) <= MAX_ID_LENGTH) & ~col.rlike(r"[\x00-\x1f\x7f]")
+
+
+def parse_interactions(raw: DataFrame) -> DataFrame:
+    """String columns from :func:`read_raw_table` → typed, normalized columns, plus
+    ``_unparseable`` naming the first field that was present but could not be parsed."""
+    present = {c: _blank_to_null(F.col(c)).isNotNull() for c in ("timestamp", "rating", "dwell_time_s", "scroll_depth")}
+    parsed = {
+        "timestamp": parse_timestamp("timestamp"),
+        "rating": parse_number("rating"),
+        "dwell_time_s": parse_number("dwell_time_s"),
+        "scroll_depth": parse_number("scroll_depth"),
+    }
+    unparseable = F.lit(None).cast("string")
+    for column, reason in reversed([("timestamp", "unparseable_timestamp"), ("rating", "unparseable_rating"),
+                                    ("dwell_time_s", "unparseable_dwell_time"), ("scroll_depth", "unparseable_scroll_depth")]):
+        unparseable = F.when(present[column] & parsed[column].isNull(), F.lit(reason)).otherwise(unparseable)
+    return raw.select(
+        _blank_to_null(F.col("user_id")).alias("user_id"),
+        _blank_to_null(F.col("item_id")).alias("item_id"),
+        _lower("event_type").alias("event_type"),
+        parsed["rating"].alias("rating"),
+        parsed["dwell_time_s"].alias("dwell_time_s"),
+        parsed["scroll_depth"].alias("scroll_depth"),
+        normalize_device().alias("device"),
+        _blank_to_null(F.col("session_id")).alias("session_id"),
+        parsed["timestamp"].alias("timestamp"),
+        unparseable.alias("_unparseable"),
+        F.col("_raw"),
+        F.col("_corrupt"),
     )
 
 
-def clean_users(users: DataFrame) -> DataFrame:
-    """Trim ids, normalize categoricals, null out impossible ages, keep one row per user."""
-    return (
-        users.withColumn("user_id", F.trim("user_id"))
-        .where(F.col("user_id").isNotNull() & (F.col("user_id") != ""))
-        .withColumn("gender", F.upper(F.trim("gender")))
-        .withColumn("occupation", _norm("occupation"))
-        .withColumn("region", _norm("region"))
-        .withColumn("age", F.when(F.col("age").between(0, 120), F.col("age")).cast("int"))
-        .dropDuplicates(["user_id"])
-        .select(*USERS.names)
-    )
+def quarantine_reason(now: datetime, settings: PreprocessSettings) -> Column:
+    """The first :data:`QUARANTINE_REASONS` entry a parsed interaction row meets, or null.
 
-
-def clean_items(items: DataFrame) -> DataFrame:
-    """Trim ids, normalize category labels, keep one row per item."""
-    return (
-        items.withColumn("item_id", F.trim("item_id"))
-        .where(F.col("item_id").isNotNull() & (F.col("item_id") != ""))
-        .withColumn("categories", F.transform(F.coalesce("categories", F.array().cast("array<string>")), lambda c: F.trim(c)))
-        .dropDuplicates(["item_id"])
-        .select(*ITEMS.names)
-    )
-
-
-def quarantine_reason(now: datetime, tolerance_s: int) -> Column:
-    """The first reason a normalized interaction row is malformed, or null when it is good.
-
-    Expects the columns ``_user_known`` / ``_item_known`` from the referential join.
+    Expects ``_unparseable``/``_corrupt`` from parsing and ``_user_known``/``_item_known``
+    from the referential join.
     """
-    horizon = F.lit(now + timedelta(seconds=tolerance_s)).cast("timestamp")
-    checks = [
-        (F.col("user_id").isNull(), "missing_user_id"),
-        (F.col("item_id").isNull(), "missing_item_id"),
-        (F.col("timestamp").isNull(), "missing_timestamp"),
-        (F.col("event_type").isNull() | ~F.col("event_type").isin(*EVENT_TYPES), "unknown_event_type"),
-        (F.col("rating").isNotNull() & ~F.col("rating").between(RATING_MIN, RATING_MAX), "rating_out_of_range"),
-        ((F.col("event_type") == "rate") & F.col("rating").isNull(), "rate_without_rating"),
-        (F.col("scroll_depth").isNotNull() & ~F.col("scroll_depth").between(0.0, 1.0), "scroll_depth_out_of_range"),
-        (F.col("dwell_time_s").isNotNull() & (F.col("dwell_time_s") < 0), "negative_dwell_time"),
-        (F.isnan("dwell_time_s") | F.isnan("scroll_depth") | F.isnan("rating"), "nan_value"),
-        (F.col("timestamp") > horizon, "future_timestamp"),
-        (~F.col("_user_known"), "unknown_user"),
-        (~F.col("_item_known"), "unknown_item"),
-    ]
+    horizon = F.lit(now + timedelta(seconds=settings.future_tolerance_s)).cast("timestamp")
+    rating, dwell, scroll = F.col("rating"), F.col("dwell_time_s"), F.col("scroll_depth")
+    non_finite = F.lit(False)
+    for c in (rating, dwell, scroll):
+        non_finite = non_finite | (c.isNotNull() & (F.isnan(c) | (F.abs(c) == float("inf"))))
+    checks = {
+        "unparseable_record": F.col("_corrupt"),
+        "missing_user_id": F.col("user_id").isNull(),
+        "missing_item_id": F.col("item_id").isNull(),
+        "invalid_id": ~(_valid_id(F.col("user_id")) & _valid_id(F.col("item_id"))),
+        "missing_event_type": F.col("event_type").isNull(),
+        "unknown_event_type": ~F.col("event_type").isin(*EVENT_TYPES),
+        "missing_timestamp": F.col("timestamp").isNull() & F.col("_unparseable").isNull(),
+        "unparseable_timestamp": F.col("_unparseable") == "unparseable_timestamp",
+        "timestamp_out_of_range": F.col("timestamp") < F.lit(EARLIEST).cast("timestamp"),
+        "future_timestamp": F.col("timestamp") > horizon,
+        "unparseable_rating": F.col("_unparseable") == "unparseable_rating",
+        "unparseable_dwell_time": F.col("_unparseable") == "unparseable_dwell_time",
+        "unparseable_scroll_depth": F.col("_unparseable") == "unparseable_scroll_depth",
+        "non_finite_value": non_finite,
+        "rating_out_of_range": rating.isNotNull() & ~rating.between(RATING_MIN, RATING_MAX),
+        "rate_without_rating": (F.col("event_type") == "rate") & rating.isNull(),
+        "rating_on_non_rate_event": (F.col("event_type") != "rate") & rating.isNotNull(),
+        "scroll_depth_out_of_range": scroll.isNotNull() & ~scroll.between(0.0, 1.0),
+        "negative_dwell_time": dwell.isNotNull() & (dwell < 0),
+        "dwell_time_too_long": dwell.isNotNull() & (dwell > settings.max_dwell_time_s),
+        "unknown_device": F.col("device").isNotNull() & ~F.col("device").isin(*DEVICES),
+        "unknown_user": ~F.col("_user_known"),
+        "unknown_item": ~F.col("_item_known"),
+    }
+    assert list(checks) == list(QUARANTINE_REASONS)
     reason = F.lit(None).cast("string")
-    for condition, name in reversed(checks):
-        reason = F.when(condition, F.lit(name)).otherwise(reason)
+    for name, condition in reversed(list(checks.items())):
+        reason = F.when(F.coalesce(condition, F.lit(False)), F.lit(name)).otherwise(reason)
     return reason
-
-
-def normalize_interactions(interactions: DataFrame) -> DataFrame:
-    """Cast to the schema and normalize ids, event types and device names; keep the raw record."""
-    raw_json = F.to_json(F.struct(*[F.col(c) for c in interactions.columns]))
-    df = interactions.withColumn("_raw", raw_json)
-    for c in INTERACTIONS.columns:
-        target = INTERACTIONS.spark()[c.name].dataType
-        df = df.withColumn(c.name, F.col(c.name).cast(target) if c.name in interactions.columns else F.lit(None).cast(target))
-    device = _norm("device")
-    device = F.when(device.isin("phone", "smartphone", "android", "ios"), "mobile").when(device.isin("pc", "web", "laptop"), "desktop").otherwise(device)
-    return (
-        df.withColumn("user_id", F.trim("user_id"))
-        .withColumn("item_id", F.trim("item_id"))
-        .withColumn("user_id", F.when(F.col("user_id") == "", None).otherwise(F.col("user_id")))
-        .withColumn("item_id", F.when(F.col("item_id") == "", None).otherwise(F.col("item_id")))
-        .withColumn("event_type", _norm("event_type"))
-        .withColumn("device", F.when(device.isin(*DEVICES), device))
-        .withColumn("session_id", F.trim("session_id"))
-    )
 
 
 def content_hash(algorithm: str) -> Column:
@@ -151,16 +241,88 @@ def content_hash(algorithm: str) -> Column:
     return F.md5(key) if algorithm == "md5" else F.sha2(key, 256)
 
 
-def impute(df: DataFrame) -> tuple[DataFrame, dict[str, int]]:
-    """Fill the implicit-signal columns of implicit events (every type but ``rate``):
-    median dwell time and scroll depth (Spark ML Imputer), mode for device.
+# --------------------------------------------------------------------------- dimension tables
 
-    Explicit ratings carry no dwell, scroll or device by nature and are left as they are,
-    as is a column with no observed value to learn from. Returns the frame and the
-    number of imputed values per column.
-    """
+
+def _dedup_by_key(df: DataFrame, key: str, reasons: Column) -> tuple[DataFrame, DataFrame]:
+    """Split rows into (clean, quarantined): rows meeting ``reasons`` and every repeat of a
+    key after its first occurrence (in raw-record order) are quarantined."""
+    flagged = df.withColumn("reason", reasons)
+    first = Window.partitionBy(key).orderBy("_raw")
+    ranked = flagged.withColumn("_rank", F.when(F.col("reason").isNull(), F.row_number().over(first)))
+    ranked = ranked.withColumn("reason", F.when(F.col("_rank") > 1, F.lit(f"duplicate_{key}")).otherwise(F.col("reason"))).drop("_rank")
+    return ranked.where(F.col("reason").isNull()).drop("reason"), ranked.where(F.col("reason").isNotNull())
+
+
+def clean_users(raw: DataFrame) -> tuple[DataFrame, DataFrame]:
+    """Users: normalized categoricals; unparseable or impossible ages become null (imputed
+    later). Missing, invalid and repeated ids are quarantined."""
+    age = F.expr("try_cast(trim(age) as double)")
+    gender = F.upper(F.substring(_blank_to_null(F.col("gender")), 1, 1))
+    df = raw.select(
+        _blank_to_null(F.col("user_id")).alias("user_id"),
+        F.when(age.between(0, 120), age).cast("int").alias("age"),
+        F.when(gender.isin("M", "F"), gender).when(gender.isNotNull(), F.lit("O")).alias("gender"),
+        _lower("occupation").alias("occupation"),
+        _lower("region").alias("region"),
+        "_raw",
+        "_corrupt",
+    )
+    reasons = (
+        F.when(F.col("_corrupt"), "unparseable_record")
+        .when(F.col("user_id").isNull(), "missing_user_id")
+        .when(~_valid_id(F.col("user_id")), "invalid_id")
+    )
+    return _dedup_by_key(df, "user_id", reasons)
+
+
+def clean_items(raw: DataFrame) -> tuple[DataFrame, DataFrame]:
+    """Items: category labels trimmed, lower-cased and de-duplicated; missing, invalid and
+    repeated ids and missing titles are quarantined."""
+    categories = F.array_distinct(F.filter(F.transform(F.coalesce("categories", F.array().cast("array<string>")),
+                                                       lambda c: F.lower(F.regexp_replace(F.trim(c), r"\s+", " "))),
+                                           lambda c: c != ""))
+    df = raw.select(
+        _blank_to_null(F.col("item_id")).alias("item_id"),
+        _blank_to_null(F.col("title")).alias("title"),
+        _blank_to_null(F.col("text")).alias("text"),
+        categories.alias("categories"),
+        parse_timestamp("published_at").alias("published_at"),
+        "_raw",
+        "_corrupt",
+    )
+    reasons = (
+        F.when(F.col("_corrupt"), "unparseable_record")
+        .when(F.col("item_id").isNull(), "missing_item_id")
+        .when(~_valid_id(F.col("item_id")), "invalid_id")
+        .when(F.col("title").isNull(), "missing_title")
+    )
+    return _dedup_by_key(df, "item_id", reasons)
+
+
+# --------------------------------------------------------------------------- imputation
+
+
+def _mode(df: DataFrame, column: str):
+    row = df.where(F.col(column).isNotNull()).groupBy(column).count().orderBy(F.desc("count"), column).first()
+    return row[column] if row else None
+
+
+def _impute_simple(df: DataFrame, column: str, strategy: str) -> DataFrame:
+    if strategy in ("mean", "median"):
+        return Imputer(strategy=strategy, inputCols=[column], outputCols=[column]).fit(df).transform(df)
+    return df.fillna({column: _mode(df, column)})
+
+
+def impute_interactions(df: DataFrame, strategies: dict[str, str]) -> tuple[DataFrame, dict[str, int]]:
+    """Fill implicit-signal columns of implicit events (every type but ``rate``) per
+    ``strategies``. Explicit ratings carry no dwell, scroll or device by nature and are
+    left as they are, as is a column with no observed value to learn from. Returns the
+    frame and the number of imputed values per column."""
+    columns = [c for c in ("dwell_time_s", "scroll_depth", "device") if strategies.get(c, "none") != "none"]
     implicit = F.col("event_type") != "rate"
-    columns = ("dwell_time_s", "scroll_depth", "device")
+    if not columns:
+        return df, {}
     counts = df.where(implicit).agg(
         *[F.sum(F.col(c).isNull().cast("int")).alias(f"{c}_null") for c in columns],
         *[F.count(c).alias(f"{c}_present") for c in columns],
@@ -168,15 +330,48 @@ def impute(df: DataFrame) -> tuple[DataFrame, dict[str, int]]:
     todo = [c for c in columns if (counts[f"{c}_present"] or 0) > 0 and (counts[f"{c}_null"] or 0) > 0]
     if not todo:
         return df, {}
-    imputed = {c: int(counts[f"{c}_null"]) for c in todo}
     events, explicit = df.where(implicit), df.where(~implicit)
-    numeric = [c for c in todo if c != "device"]
-    if numeric:
-        events = Imputer(strategy="median", inputCols=numeric, outputCols=numeric).fit(events).transform(events)
-    if "device" in todo:
-        mode = events.where(F.col("device").isNotNull()).groupBy("device").count().orderBy(F.desc("count"), "device").first()["device"]
-        events = events.fillna({"device": mode})
-    return events.unionByName(explicit), imputed
+    for column in todo:
+        events = _impute_simple(events, column, strategies[column])
+    return events.unionByName(explicit), {c: int(counts[f"{c}_null"]) for c in todo}
+
+
+def knn_impute_age(users: DataFrame, neighbours: int) -> DataFrame:
+    """Impute missing ages with scikit-learn's KNNImputer on one-hot demographics
+    (gender, occupation, region): each missing age is the mean age of the ``neighbours``
+    most similar users with a known age."""
+    from sklearn.impute import KNNImputer
+
+    spark = users.sparkSession
+    frame = users.toPandas()
+    import pandas as pd
+
+    features = pd.get_dummies(frame[["gender", "occupation", "region"]].fillna("?"), dtype=float)
+    matrix = np.column_stack([frame["age"].astype(float).to_numpy(), features.to_numpy()])
+    filled = KNNImputer(n_neighbors=neighbours).fit_transform(matrix)[:, 0]
+    frame["age"] = np.rint(filled).astype("int32")
+    return spark.createDataFrame(frame, schema=users.schema)
+
+
+def impute_users(users: DataFrame, strategies: dict[str, str], neighbours: int) -> tuple[DataFrame, dict[str, int]]:
+    """Fill demographics per ``strategies`` (``knn`` for age; mean/median/mode otherwise)."""
+    columns = [c for c in ("age", "gender", "occupation", "region") if strategies.get(c, "none") != "none"]
+    if not columns:
+        return users, {}
+    counts = users.agg(*[F.sum(F.col(c).isNull().cast("int")).alias(f"{c}_null") for c in columns],
+                       *[F.count(c).alias(f"{c}_present") for c in columns]).first()
+    todo = [c for c in columns if (counts[f"{c}_present"] or 0) > 0 and (counts[f"{c}_null"] or 0) > 0]
+    for column in todo:
+        if strategies[column] == "knn":
+            users = knn_impute_age(users, neighbours)
+        else:
+            users = _impute_simple(users, column, strategies[column])
+            if column == "age":
+                users = users.withColumn("age", F.round("age").cast("int"))
+    return users, {c: int(counts[f"{c}_null"]) for c in todo}
+
+
+# --------------------------------------------------------------------------- weights
 
 
 def sessionize(df: DataFrame, gap_s: int = SESSION_GAP_S) -> DataFrame:
@@ -206,79 +401,103 @@ def confidence() -> Column:
     return F.when(F.col("event_type") == "rate", F.col("rating") / RATING_MAX).otherwise(F.least(implicit, F.lit(0.95)))
 
 
-def temporal_split(df: DataFrame, test_fraction: float) -> DataFrame:
-    """Mark each user's latest ``round(test_fraction · n)`` distinct items as test.
+def decay_weight(as_of: datetime, half_life_days: float) -> Column:
+    """Time-decay weight ``0.5 ** (age_days / half_life_days)`` relative to ``as_of``
+    (the newest clean event): 1 for the newest event, 0.5 one half-life earlier."""
+    age_days = (F.lit(as_of).cast("timestamp").cast("double") - F.col("timestamp").cast("double")) / 86400.0
+    return F.pow(F.lit(0.5), F.greatest(age_days, F.lit(0.0)) / half_life_days)
 
-    Users keep at least one training interaction; items seen in train are never in the
-    user's test set (no leakage: every test event is later than every train event of
-    that user).
-    """
-    by_user = Window.partitionBy("user_id")
-    first_seen = df.groupBy("user_id", "item_id").agg(F.min("timestamp").alias("_first"))
-    ranked = first_seen.withColumn("_rank", F.row_number().over(by_user.orderBy(F.desc("_first"), F.desc("item_id")))).withColumn(
-        "_n", F.count("*").over(by_user)
-    )
-    n_test = F.least(F.round(F.col("_n") * test_fraction), F.col("_n") - 1)
-    cut = ranked.withColumn("_is_test", F.col("_rank") <= n_test).where("_is_test").groupBy("user_id").agg(F.min("_first").alias("_cutoff"))
-    return (
-        df.join(cut, "user_id", "left")
-        .withColumn("split", F.when(F.col("_cutoff").isNotNull() & (F.col("timestamp") >= F.col("_cutoff")), "test").otherwise("train"))
-        .drop("_cutoff")
-    )
+
+# --------------------------------------------------------------------------- the stage
+
+
+def _write(df: DataFrame, path: Path) -> None:
+    df.write.mode("overwrite").parquet(str(path))
+
+
+def _reason_counts(df: DataFrame) -> dict[str, int]:
+    return {r["reason"]: int(r["count"]) for r in df.groupBy("reason").count().collect()}
 
 
 def preprocess(
     spark: SparkSession,
-    raw: RawDataset,
+    interactions: str | Path,
     out_dir: Path,
     settings: PreprocessSettings,
+    *,
+    users: str | Path | None = None,
+    items: str | Path | None = None,
+    half_life_days: float = 14.0,
     now: datetime | None = None,
+    s3_endpoint_url: str | None = None,
 ) -> PreprocessReport:
-    """Run the whole preprocessing stage from ``raw`` into ``out_dir``.
+    """Run the whole preprocessing stage into ``out_dir``.
 
-    Writes ``clean/{interactions,users,items}``, ``quarantine/interactions`` (with
-    ``reason`` and ``raw_record``), ``split/{train,test}`` (Parquet) and ``report.json``.
+    Inputs are CSV, JSON lines or Parquet files or directories, local or ``s3://``.
+    Without ``users``/``items`` there is no referential check on that side. Writes
+    ``clean/{interactions,users,items}``, ``quarantine/{interactions,users,items}``
+    (``reason`` + ``raw_record``), ``split/{train,test}`` and ``report.json``.
     """
     now = now or datetime.now(timezone.utc)
-    interactions, users, items = read_raw(spark, raw)
-    users, items = clean_users(users).cache(), clean_items(items).cache()
-    known_users = users.select("user_id", F.lit(True).alias("_user_known"))
-    known_items = items.select("item_id", F.lit(True).alias("_item_known"))
+    staging = out_dir / "staging"
+    read = lambda path, schema: read_raw_table(spark, path, schema, staging, s3_endpoint_url)  # noqa: E731
+    user_table, item_table = TableCounts(), TableCounts()
 
-    df = (
-        normalize_interactions(interactions)
-        .join(F.broadcast(known_users), "user_id", "left")
-        .join(F.broadcast(known_items), "item_id", "left")
-        .fillna({"_user_known": False, "_item_known": False})
-        .withColumn("reason", quarantine_reason(now, settings.future_tolerance_s))
-        .cache()
-    )
+    if users is not None:
+        raw_users = read(users, USERS).cache()
+        users_clean, users_bad = clean_users(raw_users)
+        users_clean, users_imputed = impute_users(users_clean.drop("_raw", "_corrupt").cache(), settings.impute, settings.knn_neighbours)
+        users_clean = users_clean.cache()
+        _write(users_bad.select(*USERS.names, "reason", F.col("_raw").alias("raw_record")), out_dir / "quarantine" / "users")
+        user_table = TableCounts(raw_users.count(), users_clean.count(), _reason_counts(users_bad))
+    if items is not None:
+        raw_items = read(items, ITEMS).cache()
+        items_clean, items_bad = clean_items(raw_items)
+        items_clean = items_clean.drop("_raw", "_corrupt").cache()
+        _write(items_bad.select(*ITEMS.names, "reason", F.col("_raw").alias("raw_record")), out_dir / "quarantine" / "items")
+        item_table = TableCounts(raw_items.count(), items_clean.count(), _reason_counts(items_bad))
+
+    df = parse_interactions(read(interactions, INTERACTIONS))
+    for key, flag, known in (("user_id", "_user_known", users_clean if users is not None else None),
+                             ("item_id", "_item_known", items_clean if items is not None else None)):
+        if known is None:  # no table given: nothing to check against
+            df = df.withColumn(flag, F.lit(True))
+        else:
+            df = df.join(F.broadcast(known.select(key, F.lit(True).alias(flag))), key, "left")
+    df = df.fillna({"_user_known": False, "_item_known": False})
+    df = df.withColumn("reason", quarantine_reason(now, settings)).cache()
+
     n_in = df.count()
     bad = df.where(F.col("reason").isNotNull())
-    bad.select(*INTERACTIONS.names, "reason", F.col("_raw").alias("raw_record")).write.mode("overwrite").parquet(str(out_dir / "quarantine" / "interactions"))
-    quarantined = {r["reason"]: int(r["count"]) for r in bad.groupBy("reason").count().collect()}
+    _write(bad.select(*INTERACTIONS.names, "reason", F.col("_raw").alias("raw_record")), out_dir / "quarantine" / "interactions")
+    quarantined = _reason_counts(bad)
 
-    good = df.where(F.col("reason").isNull()).withColumn("_hash", content_hash(settings.hash_algorithm))
+    good = df.where(F.col("reason").isNull()).select(*INTERACTIONS.names).withColumn("_hash", content_hash(settings.hash_algorithm))
     n_good = good.count()
-    deduped = good.dropDuplicates(["_hash"]).drop("_hash", "_raw", "reason", "_user_known", "_item_known")
-    deduped, imputed = impute(deduped.cache())
-    clean = sessionize(deduped).withColumn("confidence", confidence())
-    clean = temporal_split(clean, settings.test_fraction).select(*INTERACTIONS.names, "confidence", "split").cache()
+    deduped = good.dropDuplicates(["_hash"]).drop("_hash")
+    deduped, imputed = impute_interactions(deduped.cache(), settings.impute)
+    clean = sessionize(deduped).withColumn("confidence", confidence()).cache()
     n_clean = clean.count()
+    as_of = clean.agg(F.max("timestamp")).first()[0] if n_clean else now
+    clean = clean.withColumn("decay_weight", decay_weight(as_of, half_life_days))
+    split = temporal_split(clean, settings.test_fraction).cache()
 
-    clean.drop("split").write.mode("overwrite").parquet(str(out_dir / "clean" / "interactions"))
-    users.write.mode("overwrite").parquet(str(out_dir / "clean" / "users"))
-    items.write.mode("overwrite").parquet(str(out_dir / "clean" / "items"))
+    _write(split.drop("split"), out_dir / "clean" / "interactions")
     for part in ("train", "test"):
-        clean.where(F.col("split") == part).drop("split").write.mode("overwrite").parquet(str(out_dir / "split" / part))
-    split_counts = {r["split"]: int(r["count"]) for r in clean.groupBy("split").count().collect()}
+        _write(split.where(F.col("split") == part).drop("split"), out_dir / "split" / part)
+    split_counts = {r["split"]: int(r["count"]) for r in split.groupBy("split").count().collect()}
+    if users is not None:
+        _write(users_clean, out_dir / "clean" / "users")
+        imputed.update(users_imputed)
+    if items is not None:
+        _write(items_clean, out_dir / "clean" / "items")
 
     report = PreprocessReport(
-        in_=n_in, clean=n_clean, duplicates=n_good - n_clean, quarantined=quarantined, imputed=imputed,
-        users=users.count(), items=items.count(), train=split_counts.get("train", 0), test=split_counts.get("test", 0),
+        in_=n_in, clean=n_clean, duplicates=n_good - n_clean,
+        quarantined=quarantined, imputed=imputed, users=user_table, items=item_table,
+        train=split_counts.get("train", 0), test=split_counts.get("test", 0), hash_algorithm=settings.hash_algorithm,
     )
     report.check()
     (out_dir / "report.json").write_text(json.dumps(report.to_json(), indent=2, sort_keys=True))
-    for frame in (df, clean, users, items, deduped):
-        frame.unpersist()
+    spark.catalog.clearCache()
     return report

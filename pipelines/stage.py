@@ -2,46 +2,93 @@
 
 from __future__ import annotations
 
+import json
+
+from pyspark.sql import functions as F
+
 from hyperrec.datasets import RawDataset
 from hyperrec.run_context import RunContext
 from hyperrec.schemas import INTERACTIONS
 from hyperrec.settings import Settings
 from pipelines.preprocess import preprocess as run_preprocess
 from pipelines.spark import get_spark
-from pipelines.validate import check_quarantine_share, validate_interactions, validate_items, validate_users
+from pipelines.validate import (
+    ValidationFailed,
+    failure_message,
+    row_count_bounds,
+    validate_interactions,
+    validate_items,
+    validate_quarantine,
+    validate_users,
+)
 
 
 def preprocess(settings: Settings, run: RunContext) -> dict:
     """Clean, quarantine, dedup, impute and split ``run.raw_dir`` into the run directory."""
-    report = run_preprocess(get_spark(settings), RawDataset(run.raw_dir), run.root, settings.preprocess)
+    raw = RawDataset(run.raw_dir).check()
+    report = run_preprocess(
+        get_spark(settings), raw.interactions, run.root, settings.preprocess, users=raw.users, items=raw.items,
+        half_life_days=settings.features.half_life_days, s3_endpoint_url=settings.object_store.s3_endpoint_url,
+    )
     return report.to_json()
 
 
-def validate(settings: Settings, run: RunContext) -> dict:
-    """Gate the run: GX suites on the clean tables, then the quarantined share.
+def previous_clean_rows(settings: Settings, run: RunContext) -> int | None:
+    """Clean interaction rows of the latest earlier run whose gates passed, if any."""
+    earlier = [
+        d for d in settings.runs_dir.iterdir()
+        if d.is_dir() and d != run.root and (d / "validation.json").exists() and (d / "report.json").exists()
+    ] if settings.runs_dir.exists() else []
+    if not earlier:
+        return None
+    latest = max(earlier, key=lambda d: (d / "validation.json").stat().st_mtime)
+    return int(json.loads((latest / "report.json").read_text())["clean"])
 
-    Data Docs are rendered into ``run.gx_dir`` whether the gates pass or fail.
+
+def validate(settings: Settings, run: RunContext) -> dict:
+    """The GX checkpoints of the run, Data Docs in ``run.gx_dir`` pass or fail:
+
+    - ``quarantine_raw``: the share of malformed raw rows stays within
+      ``validation.max_quarantine_fraction``;
+    - ``users_clean``, ``items_clean``: schema, ids, ranges;
+    - ``interactions_clean``: schema, ids, allowed sets, ranges, uniqueness after dedup,
+      referential integrity, row count against the previous run, dwell and scroll means.
+
+    Every gate runs; then one :class:`ValidationFailed` names all failed expectations.
     """
-    report = run.read_json("report.json")
+    cfg = settings.validation
     spark = get_spark(settings)
     users = spark.read.parquet(str(run.clean_dir / "users"))
     items = spark.read.parquet(str(run.clean_dir / "items"))
     interactions = spark.read.parquet(str(run.clean_dir / "interactions")).select(*INTERACTIONS.names)
+    reasons = interactions.select(F.lit(None).cast("string").alias("reason")).unionByName(
+        spark.read.parquet(str(run.quarantine_dir / "interactions")).select("reason"))
+    previous = previous_clean_rows(settings, run)
+    gate = dict(docs_dir=run.gx_dir, raise_on_failure=False)
     results = [
-        validate_users(users, stage="clean", docs_dir=run.gx_dir),
-        validate_items(items, stage="clean", docs_dir=run.gx_dir),
+        validate_quarantine(reasons, stage="raw", max_fraction=cfg.max_quarantine_fraction, **gate),
+        validate_users(users, stage="clean", **gate),
+        validate_items(items, stage="clean", **gate),
         validate_interactions(
-            interactions, stage="clean", docs_dir=run.gx_dir,
+            interactions, stage="clean",
             known_users=[r.user_id for r in users.select("user_id").collect()],
             known_items=[r.item_id for r in items.select("item_id").collect()],
             unique_key=list(INTERACTIONS.key),
+            row_count_between=row_count_bounds(previous, cfg.row_count_tolerance),
+            dwell_mean_between=cfg.dwell_mean_between,
+            scroll_mean_between=cfg.scroll_mean_between,
+            **gate,
         ),
     ]
-    check_quarantine_share({"in": report["in"], "quarantined": report["quarantined_total"]}, settings.validation.max_quarantine_fraction)
     summary = {
-        "quarantine_share": report["quarantined_total"] / report["in"] if report["in"] else 0.0,
-        "gates": {f"{r.stage}:{i}": {"success": r.success, "evaluated": r.evaluated, "rows": r.row_count} for i, r in enumerate(results)},
-        "data_docs": str(results[-1].docs_index) if results[-1].docs_index else None,
+        "gates": {r.suite: {"success": r.success, "evaluated": r.evaluated, "rows": r.row_count, "failed": len(r.failed)} for r in results},
+        "previous_clean_rows": previous,
+        "data_docs": str(run.gx_dir / "index.html"),
     }
+    run.write_json("validation-attempt.json", summary)
+    failed = [r for r in results if not r.success]
+    if failed:
+        raise ValidationFailed("\n".join(failure_message(r.table, r.stage, r.failed, r.evaluated) for r in failed),
+                               [f for r in failed for f in r.failed])
     run.write_json("validation.json", summary)
     return summary

@@ -12,6 +12,7 @@ the Data Docs index of one run lists every gate that wrote into the same ``docs_
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
@@ -47,6 +48,11 @@ _SITE = "local_site"
 _DATASOURCE = "hyperrec_spark"
 _MAX_SHOWN_VALUES = 10  # a value_set longer than this is summarised in messages
 _MAX_SAMPLES = 5  # unexpected values kept per failed expectation
+_MAX_REASONS = 10  # quarantine reasons listed in a failed quarantine gate
+_SHARE_TOLERANCE = 1e-9  # float slack on the upper bound of share/affinity features
+
+QUARANTINE_TABLE = "quarantine"
+FEATURES_TABLE = "user_features"
 
 logging.getLogger("great_expectations").setLevel(logging.WARNING)
 
@@ -70,12 +76,17 @@ class GateResult:
     """Outcome of one gate: ``evaluated`` expectations ran, ``failed`` lists the failures
     (same dicts as :attr:`ValidationFailed.results`), ``docs_index`` is the Data Docs index."""
 
+    table: str
     stage: str
     success: bool
     evaluated: int
     failed: list[dict]
     docs_index: Path | None
     row_count: int
+
+    @property
+    def suite(self) -> str:
+        return f"{self.table}_{self.stage}"
 
 
 # ---------------------------------------------------------------- suites
@@ -97,9 +108,16 @@ def interactions_expectations(
     known_users: Sequence[str] | None = None,
     known_items: Sequence[str] | None = None,
     unique_key: Sequence[str] | None = None,
+    *,
+    row_count_between: tuple[int, int] | None = None,
+    dwell_mean_between: tuple[float, float] | None = None,
+    scroll_mean_between: tuple[float, float] | None = None,
 ) -> list[Expectation]:
     """The interactions suite. Nullable columns (rating, device, ...) are checked on their
-    non-null values only (GX ignores nulls in value expectations)."""
+    non-null values only (GX ignores nulls in value expectations and means).
+
+    ``row_count_between`` bounds the row count (inclusive), ``dwell_mean_between`` and
+    ``scroll_mean_between`` the means of ``dwell_time_s`` and ``scroll_depth``."""
     expectations: list[Expectation] = [
         _row_count_positive(),
         _schema(INTERACTIONS),
@@ -116,6 +134,12 @@ def interactions_expectations(
         expectations.append(gxe.ExpectColumnValuesToBeInSet(column="item_id", value_set=sorted(set(known_items))))
     if unique_key:
         expectations.append(gxe.ExpectCompoundColumnsToBeUnique(column_list=list(unique_key)))
+    if row_count_between is not None:
+        low, high = row_count_between
+        expectations.append(gxe.ExpectTableRowCountToBeBetween(min_value=low, max_value=high))
+    for column, bounds in (("dwell_time_s", dwell_mean_between), ("scroll_depth", scroll_mean_between)):
+        if bounds is not None:
+            expectations.append(gxe.ExpectColumnMeanToBeBetween(column=column, min_value=bounds[0], max_value=bounds[1]))
     return expectations
 
 
@@ -135,6 +159,58 @@ def items_expectations() -> list[Expectation]:
         *_key_unique_not_null("item_id"),
         gxe.ExpectColumnValuesToNotBeNull(column="title"),
     ]
+
+
+def quarantine_expectations(max_fraction: float) -> list[Expectation]:
+    """The quarantine suite over one ``reason`` column (null for a kept row): at least one
+    row, and at most ``max_fraction`` of the rows carry a reason."""
+    if not 0.0 <= max_fraction <= 1.0:
+        raise ValueError(f"max_fraction must lie in [0, 1], got {max_fraction}")
+    return [
+        _row_count_positive(),
+        gxe.ExpectColumnValuesToBeNull(column="reason", mostly=1.0 - max_fraction),
+    ]
+
+
+def is_share_feature(column: str) -> bool:
+    """A share/affinity feature: name starts with ``cat_`` or ``share_``; values in [0, 1]."""
+    return column.startswith(("cat_", "share_"))
+
+
+def is_count_feature(column: str) -> bool:
+    """A windowed count or decayed activity: name ends with ``_7d``/``_30d`` or is
+    ``decayed_activity``; values >= 0."""
+    return column.endswith(("_7d", "_30d")) or column == "decayed_activity"
+
+
+def features_expectations(columns: Sequence[str]) -> list[Expectation]:
+    """The user-profile suite, built from the table's ``columns``: ``user_id`` present and
+    unique, at least one row, share features within [0, 1 + 1e-9], count features >= 0."""
+    if "user_id" not in columns:
+        raise ValueError(f"user feature table has no user_id column (columns: {list(columns)})")
+    expectations: list[Expectation] = [_row_count_positive(), *_key_unique_not_null("user_id")]
+    for column in columns:
+        if is_share_feature(column):
+            expectations.append(
+                gxe.ExpectColumnValuesToBeBetween(column=column, min_value=0.0, max_value=1.0 + _SHARE_TOLERANCE)
+            )
+        elif is_count_feature(column):
+            expectations.append(gxe.ExpectColumnValuesToBeBetween(column=column, min_value=0.0))
+    return expectations
+
+
+def row_count_bounds(previous: int | None, tolerance: float) -> tuple[int, int] | None:
+    """Row-count bounds for a run given the ``previous`` run's count: ``None`` without a
+    previous count, else ``(floor(previous * (1 - tolerance)), ceil(previous * (1 + tolerance)))``
+    (the lower bound clipped at 0). The products are rounded to 9 decimals first so float
+    noise (``100 * 1.1 == 110.00000000000001``) does not widen the bounds."""
+    if previous is None:
+        return None
+    if previous < 0 or tolerance < 0:
+        raise ValueError(f"row_count_bounds needs previous >= 0 and tolerance >= 0, got {previous}, {tolerance}")
+    low = math.floor(round(previous * (1 - tolerance), 9))
+    high = math.ceil(round(previous * (1 + tolerance), 9))
+    return max(0, low), high
 
 
 # ---------------------------------------------------------------- running
@@ -268,6 +344,7 @@ def run_suite(
     failed = [_failure(r) for r in results if not r.success]
     index = docs_dir / "index.html"
     gate = GateResult(
+        table=table,
         stage=stage,
         success=bool(outcome.success),
         evaluated=len(results),
@@ -291,11 +368,21 @@ def validate_interactions(
     known_users: list[str] | None = None,
     known_items: list[str] | None = None,
     unique_key: list[str] | None = None,
+    row_count_between: tuple[int, int] | None = None,
+    dwell_mean_between: tuple[float, float] | None = None,
+    scroll_mean_between: tuple[float, float] | None = None,
     raise_on_failure: bool = True,
 ) -> GateResult:
     """Gate cleaned interactions (schema ``INTERACTIONS``); ``known_users``/``known_items``
-    add referential integrity checks, ``unique_key`` a compound uniqueness check."""
-    expectations = interactions_expectations(known_users, known_items, unique_key)
+    add referential integrity checks, ``unique_key`` a compound uniqueness check,
+    ``row_count_between`` and ``dwell_mean_between``/``scroll_mean_between`` inclusive
+    bounds on the row count and on the column means (nulls ignored)."""
+    expectations = interactions_expectations(
+        known_users, known_items, unique_key,
+        row_count_between=row_count_between,
+        dwell_mean_between=dwell_mean_between,
+        scroll_mean_between=scroll_mean_between,
+    )
     return run_suite(
         df, table=INTERACTIONS.name, stage=stage, expectations=expectations,
         docs_dir=docs_dir, raise_on_failure=raise_on_failure,
@@ -314,6 +401,62 @@ def validate_items(df: DataFrame, *, stage: str, docs_dir: Path, raise_on_failur
     """Gate the items table (schema ``ITEMS``)."""
     return run_suite(
         df, table=ITEMS.name, stage=stage, expectations=items_expectations(),
+        docs_dir=docs_dir, raise_on_failure=raise_on_failure,
+    )
+
+
+def _reason_counts(df: DataFrame, limit: int = _MAX_REASONS) -> dict[str, int]:
+    """The ``limit`` most frequent non-null ``reason`` values with their row counts,
+    most frequent first (ties by reason)."""
+    from pyspark.sql import functions as F
+
+    rows = (
+        df.where(F.col("reason").isNotNull())
+        .groupBy("reason").count()
+        .orderBy(F.col("count").desc(), F.col("reason"))
+        .limit(limit)
+        .collect()
+    )
+    return {row["reason"]: int(row["count"]) for row in rows}
+
+
+def validate_quarantine(
+    df: DataFrame,
+    *,
+    stage: str,
+    docs_dir: Path,
+    max_fraction: float,
+    raise_on_failure: bool = True,
+) -> GateResult:
+    """Gate the quarantine share as suite ``quarantine_<stage>``. ``df`` has one string
+    column ``reason``: null for a kept row, the quarantine reason for a quarantined one.
+    Fails when more than ``max_fraction`` of the rows carry a reason (or ``df`` is empty);
+    the failure's ``details["reason_counts"]`` and the message list the top reasons with
+    their row counts."""
+    gate = run_suite(
+        df, table=QUARANTINE_TABLE, stage=stage, expectations=quarantine_expectations(max_fraction),
+        docs_dir=docs_dir, raise_on_failure=False,
+    )
+    if gate.success:
+        return gate
+    for failure in gate.failed:
+        if failure["expectation"] == "expect_column_values_to_be_null" and "exception" not in failure["details"]:
+            failure["details"]["reason_counts"] = _reason_counts(df)
+    if raise_on_failure:
+        message = failure_message(QUARANTINE_TABLE, stage, gate.failed, gate.evaluated)
+        for failure in gate.failed:
+            counts = failure["details"].get("reason_counts")
+            if counts:
+                message += "\n  reasons: " + ", ".join(f"{reason}={n}" for reason, n in counts.items())
+        raise ValidationFailed(message, gate.failed)
+    return gate
+
+
+def validate_features(df: DataFrame, *, stage: str, docs_dir: Path, raise_on_failure: bool = True) -> GateResult:
+    """Gate the user profile table as suite ``user_features_<stage>``; the expectations
+    follow the table's columns (see :func:`features_expectations`)."""
+    return run_suite(
+        df, table=FEATURES_TABLE, stage=stage, expectations=features_expectations(df.columns),
         docs_dir=docs_dir, raise_on_failure=raise_on_failure,
     )
 

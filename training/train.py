@@ -3,7 +3,6 @@ held-out test split. Nothing here looks at test data before evaluation."""
 
 from __future__ import annotations
 
-import hashlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from hyperrec.settings import TrainingSettings
+from pipelines.split import split_fingerprint
 from training.metrics import catalog_coverage, evaluate
 from training.models import InteractionMatrix, ItemItemModel, fit_ease, fit_item_knn, fit_popularity
 
@@ -38,12 +38,6 @@ class TrainingResult:
     @property
     def best_model(self) -> ItemItemModel:
         return self.candidates[self.best].model
-
-
-def split_fingerprint(test: pd.DataFrame) -> str:
-    """First 16 hex chars of sha256 over the sorted ``"{user}\\t{item}\\n"`` test pairs."""
-    lines = sorted(f"{u}\t{i}\n" for u, i in set(zip(test["user_id"], test["item_id"])))
-    return hashlib.sha256("".join(lines).encode()).hexdigest()[:16]
 
 
 def relevant_items(train: InteractionMatrix, test: pd.DataFrame) -> dict[str, set]:

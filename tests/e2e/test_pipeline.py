@@ -6,7 +6,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from hyperrec.datasets.synthetic import generate
-from hyperrec.orchestration import dag_runs, run_dag
+from hyperrec.orchestration import dag_runs, run_dag, task_states
 from hyperrec.run_context import RunContext
 
 pytestmark = [pytest.mark.slow, pytest.mark.spark]
@@ -94,3 +94,19 @@ def test_drift_monitor_retrains_on_drift_only(trained, settings):
     report = RunContext.of_airflow_run(settings, run_id).read_json("drift.json")
     assert report["retrain"] and report["share_drifted"] >= settings.drift.drift_share
     assert report["html_path"].endswith(".html")
+
+
+def test_poisoned_feed_stops_at_the_gx_gate(settings, tmp_path, capfd):
+    raw = generate(tmp_path / "poisoned", events=3000, seed=21, malformed_fraction=0.3 / 0.7, progress=False)
+    state, run_id = run_dag(settings, "recsys_training", {"dataset": str(raw.root), "synthetic_events": 0})
+    log = capfd.readouterr()
+    assert state == "failed"
+    states = task_states("recsys_training", run_id)
+    assert states["preprocess"] == "success" and states["validate"] == "failed"
+    assert states["build_features"] == "upstream_failed"
+    report = RunContext.of_airflow_run(settings, run_id).read_json("report.json")
+    assert report["quarantined_total"] / report["in"] == pytest.approx(0.3, abs=0.01)
+    text = log.out + log.err
+    assert "expect_column_values_to_be_null on column 'reason'" in text
+    assert "quarantine_raw" in text
+    assert (RunContext.of_airflow_run(settings, run_id).gx_dir / "index.html").exists()

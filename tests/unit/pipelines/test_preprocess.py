@@ -18,7 +18,7 @@ NOW = datetime(2026, 6, 1, tzinfo=timezone.utc)
 def processed(spark, settings, tmp_path_factory):
     root = tmp_path_factory.mktemp("pre")
     raw = generate(root / "raw", events=6000, seed=3, malformed_fraction=0.03, duplicate_fraction=0.02, progress=False)
-    report = preprocess(spark, raw, root / "out", settings.preprocess, now=NOW)
+    report = preprocess(spark, raw.interactions, root / "out", settings.preprocess, users=raw.users, items=raw.items, now=NOW)
     manifest = json.loads((raw.ground_truth / "manifest.json").read_text())
     return report, manifest, root / "out"
 
@@ -83,7 +83,7 @@ def test_normalization_and_sha256(spark, settings, tmp_path):
     pq.write_table(USERS.conform(pa.Table.from_pandas(pd.DataFrame({"user_id": ["u1"], "age": [30], "gender": ["f"], "occupation": [" Writer"], "region": ["north"]}), preserve_index=False)), raw.users)
     pq.write_table(ITEMS.conform(pa.Table.from_pandas(pd.DataFrame({"item_id": ["i1", "i2"], "title": ["a", "b"], "text": [None, None], "categories": [["x "], ["y"]], "published_at": [None, None]}), preserve_index=False)), raw.items)
     cfg = settings.preprocess.model_copy(update={"hash_algorithm": "sha256"})
-    report = preprocess(spark, raw, tmp_path / "out", cfg, now=NOW)
+    report = preprocess(spark, raw.interactions, tmp_path / "out", cfg, users=raw.users, items=raw.items, now=NOW)
     assert (report.in_, report.duplicates, report.clean) == (3, 1, 2)  # " Click"/"click" and " u1 "/"u1" normalize equal
     assert report.imputed == {"dwell_time_s": 1}
     clean = pd.read_parquet(tmp_path / "out" / "clean" / "interactions").sort_values("event_type")

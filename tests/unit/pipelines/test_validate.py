@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
+import pandas as pd
 import pytest
 from pyspark.sql import functions as F
 
@@ -12,8 +13,12 @@ from pipelines.validate import (
     GateResult,
     ValidationFailed,
     check_quarantine_share,
+    features_expectations,
+    row_count_bounds,
+    validate_features,
     validate_interactions,
     validate_items,
+    validate_quarantine,
     validate_users,
 )
 
@@ -151,3 +156,124 @@ def test_quarantine_share():
     check_quarantine_share({"in": 0, "quarantined": 0}, 0.05)
     with pytest.raises(ValueError):
         check_quarantine_share({"in": 1, "quarantined": 2}, 0.05)
+
+
+def _reasons(spark, good: int, bad: dict[str, int]):
+    rows = [(None,)] * good + [(reason,) for reason, n in bad.items() for _ in range(n)]
+    return spark.createDataFrame(rows, "reason string")
+
+
+@pytest.mark.spark
+def test_quarantine_gate_fails_above_threshold_with_reason_counts(spark, tmp_path):
+    df = _reasons(spark, 7, {"bad_timestamp": 2, "unknown_event": 1})
+    with pytest.raises(ValidationFailed) as info:
+        validate_quarantine(df, stage="clean", docs_dir=tmp_path / "docs", max_fraction=0.05)
+    message = str(info.value)
+    assert message.startswith("quarantine_clean:")
+    assert "expect_column_values_to_be_null" in message and "'reason'" in message
+    assert "3 of 10 rows failed" in message
+    assert "bad_timestamp=2" in message and "unknown_event=1" in message
+    (failure,) = info.value.results
+    assert failure["kwargs"]["mostly"] == pytest.approx(0.95)
+    assert failure["details"]["reason_counts"] == {"bad_timestamp": 2, "unknown_event": 1}
+    assert list(failure["details"]["reason_counts"]) == ["bad_timestamp", "unknown_event"]  # most frequent first
+
+
+@pytest.mark.spark
+def test_quarantine_gate_passes_below_threshold(spark, tmp_path):
+    docs = tmp_path / "docs"
+    gate = validate_quarantine(_reasons(spark, 999, {"bad_timestamp": 1}), stage="clean", docs_dir=docs, max_fraction=0.05)
+    assert gate.success and gate.row_count == 1000 and gate.evaluated == 2
+    assert "quarantine_clean" in (docs / "index.html").read_text()
+    # the same frame at a zero tolerance fails, returned rather than raised
+    strict = validate_quarantine(
+        _reasons(spark, 999, {"bad_timestamp": 1}), stage="strict", docs_dir=docs, max_fraction=0.0, raise_on_failure=False
+    )
+    assert not strict.success
+    assert strict.failed[0]["details"]["reason_counts"] == {"bad_timestamp": 1}
+
+
+@pytest.mark.spark
+def test_quarantine_gate_rejects_empty_input(spark, tmp_path):
+    with pytest.raises(ValidationFailed) as info:
+        validate_quarantine(_reasons(spark, 0, {}), stage="clean", docs_dir=tmp_path / "docs", max_fraction=0.05)
+    assert "expect_table_row_count_to_be_between" in str(info.value)
+
+
+@pytest.mark.spark
+def test_interactions_row_count_and_mean_bounds(spark, tmp_path):
+    df = _interactions(spark, _clean_rows())  # 5 rows; dwell mean (12.5*4 + 0)/5 = 10.0; scroll mean of 0.4,0.4,1.0,0.4 = 0.55
+    docs = tmp_path / "docs"
+    gate = validate_interactions(
+        df, stage="processed", docs_dir=docs,
+        row_count_between=(4, 6), dwell_mean_between=(9.0, 11.0), scroll_mean_between=(0.5, 0.6),
+    )
+    assert gate.success and gate.evaluated == 14  # 11 base + 3 optional
+
+    with pytest.raises(ValidationFailed) as info:
+        validate_interactions(df, stage="processed", docs_dir=docs, row_count_between=(10, 20))
+    (failure,) = info.value.results
+    assert failure["expectation"] == "expect_table_row_count_to_be_between"
+    assert failure["kwargs"]["min_value"] == 10 and failure["details"]["observed_value"] == 5
+    assert "expect_table_row_count_to_be_between" in str(info.value) and "min_value=10" in str(info.value)
+
+    with pytest.raises(ValidationFailed) as info:
+        validate_interactions(df, stage="processed", docs_dir=docs, dwell_mean_between=(20.0, 30.0))
+    (failure,) = info.value.results
+    assert (failure["expectation"], failure["column"]) == ("expect_column_mean_to_be_between", "dwell_time_s")
+    assert failure["details"]["observed_value"] == pytest.approx(10.0)
+    assert "dwell_time_s" in str(info.value) and "observed 10.0" in str(info.value)
+
+
+def _profiles(**overrides):
+    frame = pd.DataFrame(
+        {
+            "user_id": ["u1", "u2", "u3"],
+            "events_7d": [3, 0, 1],
+            "events_30d": [10, 2, 1],
+            "decayed_activity": [2.5, 0.1, 0.0],
+            "cat_Comedy": [0.6, 0.0, 1.0],
+            "cat_Drama": [0.4, 1.0, 0.0],
+            "share_mobile": [1.0 + 1e-12, 0.5, 0.0],  # float noise above 1 is tolerated
+            "age": [30.0, None, 150.0],  # not a share/count feature: unchecked
+        }
+    )
+    for column, values in overrides.items():
+        frame[column] = values
+    return frame
+
+
+def test_features_expectations_follow_columns():
+    kinds = [(e.expectation_type, getattr(e, "column", None)) for e in features_expectations(list(_profiles().columns))]
+    between = sorted(c for t, c in kinds if t == "expect_column_values_to_be_between")
+    assert between == ["cat_Comedy", "cat_Drama", "decayed_activity", "events_30d", "events_7d", "share_mobile"]
+    assert ("expect_column_values_to_be_unique", "user_id") in kinds
+    with pytest.raises(ValueError, match="user_id"):
+        features_expectations(["cat_x"])
+
+
+@pytest.mark.spark
+def test_features_gate(spark, tmp_path):
+    docs = tmp_path / "docs"
+    gate = validate_features(spark.createDataFrame(_profiles()), stage="offline", docs_dir=docs)
+    assert gate.success and gate.row_count == 3 and gate.evaluated == 9  # rows + 2 key + 6 ranges
+
+    bad = _profiles(share_mobile=[1.5, 0.5, 0.0], user_id=["u1", "u1", "u3"], events_7d=[3, -1, 1])
+    with pytest.raises(ValidationFailed) as info:
+        validate_features(spark.createDataFrame(bad), stage="offline", docs_dir=docs)
+    assert {(f["expectation"], f["column"]) for f in info.value.results} == {
+        ("expect_column_values_to_be_between", "share_mobile"),
+        ("expect_column_values_to_be_unique", "user_id"),
+        ("expect_column_values_to_be_between", "events_7d"),
+    }
+    assert "user_features_offline" in str(info.value) and "1 of 3 rows failed" in str(info.value)
+
+
+def test_row_count_bounds():
+    assert row_count_bounds(None, 0.2) is None
+    assert row_count_bounds(100, 0.1) == (90, 110)
+    assert row_count_bounds(1001, 0.1) == (900, 1102)  # floor(900.9), ceil(1101.1)
+    assert row_count_bounds(7, 0.0) == (7, 7)
+    assert row_count_bounds(10, 1.5) == (0, 25)
+    with pytest.raises(ValueError):
+        row_count_bounds(10, -0.1)

@@ -1,0 +1,128 @@
+"""Train/test splits: the temporal per-user split of the nightly pipeline, the u75
+benchmark split and the split fingerprint (DESIGN.md, "Contracts the checks rely on").
+
+u75: every rating, in file order, draws one number from numpy's legacy global RNG
+seeded 42 (``np.random.seed(42); np.random.rand(n)``). Within each user with n
+ratings, the ``round(0.75 * n)`` ratings with the lowest draws are train, the rest test.
+``round`` is round-half-to-even (Python ``round`` / ``np.round``): a user with 2, 6, 10,
+... ratings keeps 2, 4, 8, ... in train. Half-up rounding (``floor(x + 0.5)``) gives a
+different split, whose fingerprint on ml-100k is 47d88459bad347b2, not the published
+a29e96aa82063170.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Hashable, Sequence
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+
+if TYPE_CHECKING:  # pragma: no cover
+    from pyspark.sql import DataFrame
+
+U75_SEED = 42
+U75_TRAIN_SHARE = 0.75
+REQUIRED_COLUMNS = ("user_id", "item_id", "rating", "timestamp")
+
+
+def u75_train_size(n: int) -> int:
+    """Train ratings for a user with n ratings: round-half-to-even of 0.75 * n."""
+    return round(U75_TRAIN_SHARE * n)
+
+
+def _check_ratings(ratings: pd.DataFrame) -> None:
+    missing = [c for c in REQUIRED_COLUMNS if c not in ratings.columns]
+    if missing:
+        raise ValueError(f"u75_split: ratings lack column(s) {missing}; need {list(REQUIRED_COLUMNS)}")
+    if ratings["user_id"].isna().any():
+        row = ratings.index[ratings["user_id"].isna()][0]
+        raise ValueError(f"u75_split: row {row!r} has no user_id; every rating needs a user")
+
+
+def _u75_draws(n: int) -> np.ndarray:
+    """``np.random.seed(42); np.random.rand(n)``, leaving numpy's global RNG state as it was."""
+    state = np.random.get_state()
+    try:
+        np.random.seed(U75_SEED)
+        return np.random.rand(n)
+    finally:
+        np.random.set_state(state)
+
+
+def u75_split(ratings: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Split ratings (in u.data file order) into (train, test) by protocol u75.
+
+    Both frames keep every input column, the input's index and its row order. Ties in the
+    draws (practically impossible) go to the earlier row. numpy's global RNG state is
+    restored afterwards.
+    """
+    _check_ratings(ratings)
+    draws = pd.Series(_u75_draws(len(ratings)), index=ratings.index)
+    users = ratings["user_id"]
+    rank = draws.groupby(users, sort=False).rank(method="first")
+    sizes = users.map(users.value_counts())
+    train_sizes = sizes.map(u75_train_size)
+    is_train = (rank <= train_sizes).to_numpy()
+    return ratings[is_train], ratings[~is_train]
+
+
+def _is_integer_id(value: object) -> bool:
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        return True
+    return isinstance(value, str) and value.lstrip("-").isdigit() and str(int(value)) == value
+
+
+def _sort_keys(ids: Sequence[Hashable]) -> list:
+    """Integer order when every id is an integer (or its canonical decimal text), else text order."""
+    if all(_is_integer_id(v) for v in ids):
+        return [int(v) for v in ids]
+    return [str(v) for v in ids]
+
+
+def split_fingerprint(test: pd.DataFrame) -> str:
+    """First 16 hex chars of the sha256 of the distinct ``"{user}\\t{item}\\n"`` test lines,
+    joined in (user, item) order.
+
+    Ids compare as integers when every user id (resp. item id) is an integer or its
+    canonical decimal text, so ml-100k's fingerprint is the same whether ids were read as
+    ints or strings; other ids compare as text. This integer order is what yields the
+    published ml-100k u75 fingerprint a29e96aa82063170 (plain text order gives
+    90d1bd3f74110055).
+    """
+    for column in ("user_id", "item_id"):
+        if column not in test.columns:
+            raise ValueError(f"split_fingerprint: test split lacks column {column!r}")
+    pairs = list(dict.fromkeys(zip(test["user_id"].tolist(), test["item_id"].tolist())))
+    user_keys = _sort_keys([u for u, _ in pairs])
+    item_keys = _sort_keys([i for _, i in pairs])
+    order = sorted(range(len(pairs)), key=lambda j: (user_keys[j], item_keys[j]))
+    lines = "".join(f"{pairs[j][0]}\t{pairs[j][1]}\n" for j in order)
+    return hashlib.sha256(lines.encode()).hexdigest()[:16]
+
+
+def temporal_split(df: "DataFrame", test_fraction: float) -> "DataFrame":
+    """Add a ``split`` column (``train``/``test``) to a Spark frame of interactions: each
+    user's latest ``round(test_fraction · n)`` distinct items are test.
+
+    Users keep at least one training item; every test event of a user is later than
+    every train event of that user (no leakage), and an item in a user's train set is
+    never in their test set.
+    """
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    by_user = Window.partitionBy("user_id")
+    first_seen = df.groupBy("user_id", "item_id").agg(F.min("timestamp").alias("_first"))
+    ranked = first_seen.withColumn("_rank", F.row_number().over(by_user.orderBy(F.desc("_first"), F.desc("item_id")))).withColumn(
+        "_n", F.count("*").over(by_user)
+    )
+    n_test = F.least(F.round(F.col("_n") * test_fraction), F.col("_n") - 1)
+    cut = ranked.where(F.col("_rank") <= n_test).groupBy("user_id").agg(F.min("_first").alias("_cutoff"))
+    return (
+        df.join(cut, "user_id", "left")
+        .withColumn("split", F.when(F.col("_cutoff").isNotNull() & (F.col("timestamp") >= F.col("_cutoff")), "test").otherwise("train"))
+        .drop("_cutoff")
+    )
