@@ -38,6 +38,7 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/generate.py
+	$(BIN)/python bench/preprocess.py
 
 # Re-resolve the lock after editing pyproject.toml dependencies.
 lock:

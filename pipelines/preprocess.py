@@ -132,13 +132,17 @@ def parse_number(name: str) -> Column:
 
 def parse_timestamp(name: str) -> Column:
     """A UTC timestamp from ISO-8601 (with or without offset), ``yyyy-MM-dd HH:mm:ss[XXX]``,
-    ``yyyy/MM/dd HH:mm:ss``, ``dd/MM/yyyy HH:mm:ss`` (no offset means UTC), or epoch
-    seconds (milliseconds when above 1e11). Null when none applies."""
+    ``yyyy/MM/dd HH:mm:ss``, ``dd/MM/yyyy HH:mm:ss`` (no offset means UTC), or an epoch
+    number whose magnitude gives its unit: seconds (< 1e11), milliseconds (< 1e14),
+    microseconds (< 1e17) or nanoseconds. Null when none applies."""
     s = _blank_to_null(F.col(name))
     epoch = F.expr(f"try_cast(trim(`{name}`) as double)")
+    magnitude = F.abs(epoch)
     from_epoch = (
-        F.when(F.abs(epoch) >= 1e14, None)
-        .when(F.abs(epoch) >= 1e11, F.timestamp_millis(epoch.cast("long")))
+        F.when(magnitude >= 1e20, None)
+        .when(magnitude >= 1e17, F.timestamp_micros((epoch / 1000).cast("long")))
+        .when(magnitude >= 1e14, F.timestamp_micros(epoch.cast("long")))
+        .when(magnitude >= 1e11, F.timestamp_millis(epoch.cast("long")))
         .otherwise(F.timestamp_seconds(epoch.cast("long")))
     )
     formats = ["yyyy-MM-dd HH:mm:ssXXX", "yyyy-MM-dd HH:mm:ss", "yyyy/MM/dd HH:mm:ss", "dd/MM/yyyy HH:mm:ss"]
@@ -246,9 +250,9 @@ def content_hash(algorithm: str) -> Column:
 
 def _dedup_by_key(df: DataFrame, key: str, reasons: Column) -> tuple[DataFrame, DataFrame]:
     """Split rows into (clean, quarantined): rows meeting ``reasons`` and every repeat of a
-    key after its first occurrence (in raw-record order) are quarantined."""
+    key after its first occurrence in the input are quarantined."""
     flagged = df.withColumn("reason", reasons)
-    first = Window.partitionBy(key).orderBy("_raw")
+    first = Window.partitionBy(key).orderBy("_row")
     ranked = flagged.withColumn("_rank", F.when(F.col("reason").isNull(), F.row_number().over(first)))
     ranked = ranked.withColumn("reason", F.when(F.col("_rank") > 1, F.lit(f"duplicate_{key}")).otherwise(F.col("reason"))).drop("_rank")
     return ranked.where(F.col("reason").isNull()).drop("reason"), ranked.where(F.col("reason").isNotNull())
@@ -267,6 +271,7 @@ def clean_users(raw: DataFrame) -> tuple[DataFrame, DataFrame]:
         _lower("region").alias("region"),
         "_raw",
         "_corrupt",
+        "_row",
     )
     reasons = (
         F.when(F.col("_corrupt"), "unparseable_record")
@@ -290,6 +295,7 @@ def clean_items(raw: DataFrame) -> tuple[DataFrame, DataFrame]:
         parse_timestamp("published_at").alias("published_at"),
         "_raw",
         "_corrupt",
+        "_row",
     )
     reasons = (
         F.when(F.col("_corrupt"), "unparseable_record")
@@ -446,14 +452,14 @@ def preprocess(
     if users is not None:
         raw_users = read(users, USERS).cache()
         users_clean, users_bad = clean_users(raw_users)
-        users_clean, users_imputed = impute_users(users_clean.drop("_raw", "_corrupt").cache(), settings.impute, settings.knn_neighbours)
+        users_clean, users_imputed = impute_users(users_clean.drop("_raw", "_corrupt", "_row").cache(), settings.impute, settings.knn_neighbours)
         users_clean = users_clean.cache()
         _write(users_bad.select(*USERS.names, "reason", F.col("_raw").alias("raw_record")), out_dir / "quarantine" / "users")
         user_table = TableCounts(raw_users.count(), users_clean.count(), _reason_counts(users_bad))
     if items is not None:
         raw_items = read(items, ITEMS).cache()
         items_clean, items_bad = clean_items(raw_items)
-        items_clean = items_clean.drop("_raw", "_corrupt").cache()
+        items_clean = items_clean.drop("_raw", "_corrupt", "_row").cache()
         _write(items_bad.select(*ITEMS.names, "reason", F.col("_raw").alias("raw_record")), out_dir / "quarantine" / "items")
         item_table = TableCounts(raw_items.count(), items_clean.count(), _reason_counts(items_bad))
 
@@ -464,23 +470,30 @@ def preprocess(
             df = df.withColumn(flag, F.lit(True))
         else:
             df = df.join(F.broadcast(known.select(key, F.lit(True).alias(flag))), key, "left")
-    df = df.fillna({"_user_known": False, "_item_known": False})
-    df = df.withColumn("reason", quarantine_reason(now, settings)).cache()
-
+    df = df.fillna({"_user_known": False, "_item_known": False}).withColumn("reason", quarantine_reason(now, settings))
+    # Only quarantined rows need their raw record: write them straight from the source,
+    # then keep a narrow frame (no raw JSON) in memory for the rest of the stage.
+    bad = df.where(F.col("reason").isNotNull()).select(*INTERACTIONS.names, "reason", F.col("_raw").alias("raw_record"))
+    _write(bad, out_dir / "quarantine" / "interactions")
+    quarantined = _reason_counts(spark.read.parquet(str(out_dir / "quarantine" / "interactions")))
+    df = df.select(*INTERACTIONS.names, "reason").cache()
     n_in = df.count()
-    bad = df.where(F.col("reason").isNotNull())
-    _write(bad.select(*INTERACTIONS.names, "reason", F.col("_raw").alias("raw_record")), out_dir / "quarantine" / "interactions")
-    quarantined = _reason_counts(bad)
 
-    good = df.where(F.col("reason").isNull()).select(*INTERACTIONS.names).withColumn("_hash", content_hash(settings.hash_algorithm))
+    good = df.where(F.col("reason").isNull()).select(*INTERACTIONS.names)
     n_good = good.count()
-    deduped = good.dropDuplicates(["_hash"]).drop("_hash")
-    deduped, imputed = impute_interactions(deduped.cache(), settings.impute)
-    clean = sessionize(deduped).withColumn("confidence", confidence()).cache()
-    n_clean = clean.count()
-    as_of = clean.agg(F.max("timestamp")).first()[0] if n_clean else now
-    clean = clean.withColumn("decay_weight", decay_weight(as_of, half_life_days))
+    deduped = good.withColumn("_hash", content_hash(settings.hash_algorithm)).dropDuplicates(["_hash"]).drop("_hash").cache()
+    deduped.count()
+    df.unpersist()
+    as_of = deduped.agg(F.max("timestamp")).first()[0] or now
+    imputed_frame, imputed = impute_interactions(deduped, settings.impute)
+    clean = (
+        sessionize(imputed_frame)
+        .withColumn("confidence", confidence())
+        .withColumn("decay_weight", decay_weight(as_of, half_life_days))
+    )
     split = temporal_split(clean, settings.test_fraction).cache()
+    n_clean = split.count()
+    deduped.unpersist()
 
     _write(split.drop("split"), out_dir / "clean" / "interactions")
     for part in ("train", "test"):

@@ -6,7 +6,8 @@ and the quarantine of what does not parse, happens in one place
 
 - ``_raw``: the record as it arrived (JSON of its fields, or the unparseable line);
 - ``_corrupt``: true when the line itself could not be parsed (bad JSON, wrong
-  number of CSV fields).
+  number of CSV fields);
+- ``_row``: increasing in file order (files in name order), for "first occurrence" rules.
 
 S3 objects are staged to a local directory through boto3: Spark's s3a connector
 needs Maven, which this project does not rely on.
@@ -84,7 +85,7 @@ def _string_schema(names: list[str], list_columns: set[str]) -> T.StructType:
 def _csv_header(files: list[Path]) -> list[str]:
     headers = set()
     for f in files:
-        with open(f, newline="", encoding="utf-8") as fh:
+        with open(f, newline="", encoding="utf-8-sig") as fh:  # tolerate a BOM (Excel)
             headers.add(tuple(h.strip() for h in next(csv.reader(fh), [])))
     if len(headers) != 1:
         raise ValueError(f"CSV files disagree on their header: {sorted(headers)}")
@@ -124,6 +125,7 @@ def read_raw_table(
         df = (
             spark.read.schema(_string_schema(names, set()))
             .option("header", True).option("mode", "PERMISSIVE").option("enforceSchema", True)
+            .option("multiLine", True)  # RFC 4180: quoted fields may hold line breaks
             .option("columnNameOfCorruptRecord", CORRUPT).csv(files)
         )
         raw = F.coalesce(F.col(CORRUPT), F.to_json(F.struct(*[F.col(n) for n in names])))
@@ -136,4 +138,9 @@ def read_raw_table(
         )
         raw = F.coalesce(F.col(CORRUPT), F.to_json(F.struct(*[F.col(n) for n in names])))
         corrupt = F.col(CORRUPT).isNotNull()
-    return df.select(*[_as_string(df, n, schema).alias(n) for n in schema.names], raw.alias("_raw"), corrupt.alias("_corrupt"))
+    return df.select(
+        *[_as_string(df, n, schema).alias(n) for n in schema.names],
+        raw.alias("_raw"),
+        corrupt.alias("_corrupt"),
+        F.monotonically_increasing_id().alias("_row"),
+    )

@@ -29,6 +29,8 @@ def get_spark(settings: Settings) -> SparkSession:
             .config("spark.ui.enabled", "false")
             .config("spark.ui.showConsoleProgress", "false")
             .config("spark.sql.execution.arrow.pyspark.enabled", "true")
+            # pandas writes nanosecond timestamps; read them as epoch numbers and parse.
+            .config("spark.sql.legacy.parquet.nanosAsLong", "true")
             .config("spark.driver.extraJavaOptions", "-Duser.timezone=UTC")
             .config("spark.executor.extraJavaOptions", "-Duser.timezone=UTC")
             .config("spark.sql.warehouse.dir", str(settings.home / "spark-warehouse"))

@@ -4,6 +4,7 @@ before anything imports airflow, and one Spark session for every Spark test."""
 from __future__ import annotations
 
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 
@@ -37,3 +38,36 @@ def spark(settings):
     from pipelines.spark import get_spark
 
     return get_spark(settings)
+
+
+S3_BUCKETS = ("bundles", "models", "raw")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def s3_endpoint(monkeypatch: pytest.MonkeyPatch):
+    """moto's S3 server (server mode, real HTTP) on a free local port, with buckets
+    :data:`S3_BUCKETS` and dummy credentials; yields the endpoint URL."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                       "AWS_SESSION_TOKEN": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(key, value)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        endpoint = f"http://{host}:{port}"
+        s3 = boto3.client("s3", endpoint_url=endpoint)
+        for bucket in S3_BUCKETS:
+            s3.create_bucket(Bucket=bucket)
+        yield endpoint
+    finally:
+        server.stop()

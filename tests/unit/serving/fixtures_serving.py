@@ -6,7 +6,6 @@ directory on ``sys.path``). The moto S3 fixture lives in ``conftest.py`` next to
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pandas as pd
@@ -58,8 +57,3 @@ def tiny_bundle(
     )
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
