@@ -1,5 +1,7 @@
-"""User profiles built by interpreting :data:`feature_store.definitions.USER_FEATURES`,
-and their offline Parquet snapshots.
+"""User profiles built by interpreting :data:`feature_store.definitions.USER_FEATURES`.
+
+Their offline Parquet snapshots live in :mod:`feature_store.offline`; the snapshot
+functions are re-exported here for existing callers.
 
 All aggregations are vectorized: events are mapped to integer user codes and
 every feature is one ``numpy.bincount`` over them, so 100k events take well
@@ -8,24 +10,32 @@ under a second.
 
 from __future__ import annotations
 
-import os
-import re
-from pathlib import Path
+from collections.abc import Callable
 
 import numpy as np
 import pandas as pd
 
-from feature_store.definitions import CONFIDENCE_COLUMN, TIME_OF_DAY, USER_FEATURES, FeatureDef, feature_columns
+from feature_store.definitions import (
+    CONFIDENCE_COLUMN,
+    TIME_OF_DAY,
+    USER_FEATURES,
+    FeatureDef,
+    feature_columns,
+)
+from feature_store.offline import (  # re-exported: the snapshot API lives in offline
+    SNAPSHOT_FILE,
+    list_snapshots,
+    read_offline_snapshot,
+    to_utc,
+    write_offline_snapshot,
+)
 
-SNAPSHOT_FILE = "profiles.parquet"
-_PARTITION = re.compile(r"^date=(\d{4}-\d{2}-\d{2})$")
+__all__ = [
+    "SNAPSHOT_FILE", "build_user_profiles", "day_type", "decay_weights", "list_snapshots",
+    "read_offline_snapshot", "time_of_day", "to_utc", "write_offline_snapshot",
+]
+
 _DAY = pd.Timedelta(days=1)
-
-
-def to_utc(ts: pd.Timestamp | str) -> pd.Timestamp:
-    """``ts`` as a UTC timestamp; a naive one is taken to be UTC already."""
-    ts = pd.Timestamp(ts)
-    return ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")
 
 
 def decay_weights(age_days: np.ndarray, half_life_days: float) -> np.ndarray:
@@ -41,6 +51,29 @@ def time_of_day(timestamps: pd.Series) -> pd.Series:
     conditions = [(hours >= start) & (hours < end) for _, start, end in TIME_OF_DAY]
     labels = np.select(conditions, [name for name, _, _ in TIME_OF_DAY], default="")
     return pd.Series(labels, index=timestamps.index, dtype=object)
+
+
+def day_type(timestamps: pd.Series) -> pd.Series:
+    """``'weekend'`` for events on a UTC Saturday or Sunday, ``'weekday'`` otherwise."""
+    weekend = pd.to_datetime(timestamps, utc=True).dt.dayofweek.to_numpy() >= 5
+    return pd.Series(np.where(weekend, "weekend", "weekday"), index=timestamps.index, dtype=object)
+
+
+def _event_type(events: pd.DataFrame) -> pd.Series:
+    if "event_type" not in events.columns:
+        raise ValueError("interactions: missing column 'event_type' (needed by derived columns)")
+    return events["event_type"]
+
+
+# How each derived column of :data:`feature_store.definitions.DERIVED_COLUMNS` (but the
+# item join) is computed from the event frame.
+_DERIVERS: dict[str, Callable[[pd.DataFrame], pd.Series]] = {
+    "time_of_day": lambda e: time_of_day(e["timestamp"]),
+    "day_type": lambda e: day_type(e["timestamp"]),
+    "signal": lambda e: pd.Series(np.where(_event_type(e).eq("rate").to_numpy(), "explicit", "implicit"),
+                                  index=e.index, dtype=object),
+    "is_click": lambda e: _event_type(e).eq("click").astype(float),
+}
 
 
 def _needed_columns(defs: tuple[FeatureDef, ...]) -> set[str]:
@@ -70,9 +103,9 @@ def _event_frame(interactions: pd.DataFrame, items: pd.DataFrame, defs: tuple[Fe
         events[CONFIDENCE_COLUMN] = 1.0
 
     needed = _needed_columns(defs) - set(events.columns)
-    if "time_of_day" in needed:
-        events["time_of_day"] = time_of_day(events["timestamp"])
-        needed.discard("time_of_day")
+    for column in sorted(needed & set(_DERIVERS)):
+        events[column] = _DERIVERS[column](events)
+        needed.discard(column)
     item_cols = sorted(needed & (set(items.columns) - {"item_id"}))
     if item_cols:
         if items["item_id"].duplicated().any():
@@ -89,9 +122,18 @@ def _event_frame(interactions: pd.DataFrame, items: pd.DataFrame, defs: tuple[Fe
     return events.reset_index(drop=True)
 
 
-def _observed_values(column: str, events: pd.DataFrame, items: pd.DataFrame) -> tuple[str, ...]:
-    """Sorted distinct values of ``column`` (list cells exploded); taken from items when it is an item column."""
-    source = items[column] if column in items.columns and column != "item_id" else events[column]
+def _observed_values(fdef: FeatureDef, events: pd.DataFrame, items: pd.DataFrame,
+                     users: pd.DataFrame) -> tuple[str, ...]:
+    """Sorted distinct values of a family's column (list cells exploded): from the users table for
+    users features (none when it lacks the column), from items when it is an item column, else
+    from the events."""
+    column = fdef.column or ""
+    if fdef.source == "users":
+        if column not in users.columns:
+            return ()
+        source = users[column]
+    else:
+        source = items[column] if column in items.columns and column != "item_id" else events[column]
     values = source.explode().dropna()
     return tuple(sorted(values.astype(str).unique()))
 
@@ -152,14 +194,30 @@ def _aggregate(fdef: FeatureDef, events: pd.DataFrame, codes: np.ndarray, n_user
         return np.where(denom > 0, numer / denom, 0.0)
 
 
-def _passthrough(fdef: FeatureDef, users: pd.DataFrame, user_index: pd.Index) -> np.ndarray:
+def _users_column(fdef: FeatureDef, users: pd.DataFrame, user_index: pd.Index) -> pd.Series:
+    """The users table's column of ``fdef`` aligned to ``user_index`` (null for unknown users)."""
     if fdef.column not in users.columns:
         raise ValueError(f"feature {fdef.name!r}: users table lacks column {fdef.column!r}")
     ids = users["user_id"].astype(str)
     if ids.duplicated().any():
         raise ValueError(f"users: user_id {ids[ids.duplicated()].iloc[0]!r} is not unique")
-    by_user = users.set_index(ids)
-    x = pd.to_numeric(by_user[fdef.column].reindex(user_index), errors="raise").to_numpy(dtype=float)
+    return users.set_index(ids)[fdef.column].reindex(user_index)
+
+
+def _onehot(fdef: FeatureDef, users: pd.DataFrame, user_index: pd.Index, values: tuple[str, ...]) -> np.ndarray:
+    """(n_users, len(values)) indicators of the users column; all zeros when null or unknown."""
+    if not values:
+        return np.zeros((len(user_index), 0))
+    cells = _users_column(fdef, users, user_index)
+    codes = pd.Index(values).get_indexer(cells.astype(str).where(cells.notna(), None))
+    out = np.zeros((len(user_index), len(values)))
+    known = codes >= 0
+    out[np.flatnonzero(known), codes[known]] = 1.0
+    return out
+
+
+def _passthrough(fdef: FeatureDef, users: pd.DataFrame, user_index: pd.Index) -> np.ndarray:
+    x = pd.to_numeric(_users_column(fdef, users, user_index), errors="raise").to_numpy(dtype=float)
     fill = 0.0
     if fdef.impute == "median" and not np.isnan(x).all():
         fill = float(np.nanmedian(x))
@@ -173,7 +231,9 @@ def build_user_profiles(interactions: pd.DataFrame, items: pd.DataFrame, users: 
 
     Users are those of ``users`` plus any with an event at or before ``as_of``. Only
     events with ``timestamp <= as_of`` count. Users without events get 0 for counts,
-    sums, shares and means. Category families span every category seen in ``items``.
+    sums, shares and means. Category families span every category seen in ``items``;
+    demographic one-hot families every value seen in ``users`` (no columns when ``users``
+    lacks the column). Integer features are ``int64``, the rest ``float64``.
     """
     as_of = to_utc(as_of)
     events = _event_frame(interactions, items, defs, as_of)
@@ -181,64 +241,26 @@ def build_user_profiles(interactions: pd.DataFrame, items: pd.DataFrame, users: 
     codes = user_index.get_indexer(events["user_id"])
     n_users = len(user_index)
 
-    family_values = {d.column: _observed_values(d.column, events, items)
+    family_values = {d.column: _observed_values(d, events, items, users)
                      for d in defs if d.is_family and d.values is None and d.column}
     columns = feature_columns(defs, family_values)
     out: dict[str, np.ndarray] = {"user_id": user_index.to_numpy()}
     for fdef in defs:
         values = tuple(v for _, d, v in columns if d is fdef) if fdef.is_family else None
-        if fdef.source == "users":
+        if fdef.aggregation == "onehot":
+            result = _onehot(fdef, users, user_index, values or ())
+        elif fdef.aggregation == "passthrough":
             result = _passthrough(fdef, users, user_index)
         else:
             result = _aggregate(fdef, events, codes, n_users, half_life_days, values)
         if fdef.is_family:
             for j, value in enumerate(values or ()):
-                out[fdef.column_name(value)] = result[:, j]
+                out[fdef.column_name(value)] = _typed(fdef, result[:, j])
         else:
-            out[fdef.name] = np.rint(result).astype(np.int64) if fdef.dtype == "int" else result.astype(float)
+            out[fdef.name] = _typed(fdef, result)
     return pd.DataFrame(out)
 
 
-def _partition_date(as_of: pd.Timestamp) -> str:
-    return to_utc(as_of).strftime("%Y-%m-%d")
+def _typed(fdef: FeatureDef, x: np.ndarray) -> np.ndarray:
+    return np.rint(x).astype(np.int64) if fdef.dtype == "int" else x.astype(float)
 
-
-def write_offline_snapshot(profiles: pd.DataFrame, root: Path, as_of: pd.Timestamp) -> Path:
-    """Write ``root/date=YYYY-MM-DD/profiles.parquet`` (UTC date of ``as_of``), replacing any earlier
-    file of that date atomically. Returns the file path."""
-    if "user_id" not in profiles.columns:
-        raise ValueError("profiles: missing column 'user_id'")
-    if profiles["user_id"].duplicated().any():
-        dup = profiles.loc[profiles["user_id"].duplicated(), "user_id"].iloc[0]
-        raise ValueError(f"profiles: user_id {dup!r} appears more than once")
-    target = Path(root) / f"date={_partition_date(as_of)}" / SNAPSHOT_FILE
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{SNAPSHOT_FILE}.{os.getpid()}.tmp")
-    profiles.to_parquet(tmp, index=False)
-    os.replace(tmp, target)
-    return target
-
-
-def list_snapshots(root: Path) -> list[tuple[str, Path]]:
-    """``(date, file)`` of every snapshot under ``root``, oldest first."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    found = []
-    for part in root.iterdir():
-        match = _PARTITION.match(part.name)
-        if match and (part / SNAPSHOT_FILE).is_file():
-            found.append((match.group(1), part / SNAPSHOT_FILE))
-    return sorted(found)
-
-
-def read_offline_snapshot(root: Path, as_of: pd.Timestamp | None = None) -> pd.DataFrame:
-    """The latest snapshot whose date is <= the UTC date of ``as_of`` (the latest of all when None)."""
-    snapshots = list_snapshots(root)
-    if as_of is not None:
-        cutoff = _partition_date(as_of)
-        snapshots = [(d, p) for d, p in snapshots if d <= cutoff]
-    if not snapshots:
-        when = f" on or before {_partition_date(as_of)}" if as_of is not None else ""
-        raise FileNotFoundError(f"no profile snapshot under {root}{when}")
-    return pd.read_parquet(snapshots[-1][1])

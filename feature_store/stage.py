@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import pandas as pd
 
+from feature_store.items import build_item_features, content_embeddings, write_item_snapshot
 from feature_store.online import OnlineStore
 from feature_store.profiles import build_user_profiles, read_offline_snapshot, write_offline_snapshot
-from feature_store.segments import segment_summary, segment_users
+from feature_store.segments import plot_segments, segment_summary, segment_users, summary_markdown
 from hyperrec.run_context import RunContext
 from hyperrec.settings import Settings
 from pipelines.spark import get_spark
@@ -22,7 +23,8 @@ def online_store(settings: Settings) -> OnlineStore:
 def build_features(settings: Settings, run: RunContext) -> dict:
     """Profiles from the train split only, as of its last event (no test leakage),
     gated by the ``user_features_features`` GX suite, written as an offline snapshot and
-    materialized to the online store."""
+    materialized to the online store; item features (same split and as_of) and content
+    embeddings of the clean items written as an item snapshot under ``features/items``."""
     train = pd.read_parquet(run.split_dir / "train")
     items = pd.read_parquet(run.clean_dir / "items")
     users = pd.read_parquet(run.clean_dir / "users")
@@ -30,18 +32,27 @@ def build_features(settings: Settings, run: RunContext) -> dict:
     profiles = build_user_profiles(train, items, users, as_of=as_of, half_life_days=settings.features.half_life_days)
     validate_features(get_spark(settings).createDataFrame(profiles), stage="features", docs_dir=run.gx_dir)
     snapshot = write_offline_snapshot(profiles, run.features_dir / "offline", as_of)
+    # Item features from the same train split and as_of; content embeddings of the clean items.
+    item_features = build_item_features(train, items, as_of=as_of, half_life_days=settings.features.half_life_days)
+    embeddings, embedding_method = content_embeddings(items, method="auto")
+    item_snapshot = write_item_snapshot(item_features, embeddings, run.features_dir / "items", as_of)
     store = online_store(settings)
     try:
         written = store.materialize(profiles, version=run.run_id)
     finally:
         store.close()
-    result = {"users": len(profiles), "features": profiles.shape[1] - 1, "as_of": str(as_of), "snapshot": str(snapshot), "online_written": written}
+    result = {"users": len(profiles), "features": profiles.shape[1] - 1, "as_of": str(as_of), "snapshot": str(snapshot), "online_written": written,
+              "items": len(item_features), "embedding_method": embedding_method, "embedding_dim": int(embeddings.shape[1]),
+              "item_snapshot": str(item_snapshot)}
     run.write_json("features.json", result)
     return result
 
 
 def segment(settings: Settings, run: RunContext) -> dict:
-    """Cluster users on behavioural profile features; store segments offline and online."""
+    """Cluster users on behavioural profile features (K-Means, GMM, Ward, DBSCAN; see
+    :mod:`feature_store.segments`); write ``segments/`` (labels, summary.csv/.md, t-SNE and UMAP
+    pictures), store segments online and record method, k and every candidate's scores in
+    ``segments.json``."""
     profiles = read_offline_snapshot(run.features_dir / "offline")
     cfg = settings.segmentation
     seg = segment_users(profiles, k_min=cfg.k_min, k_max=min(cfg.k_max, max(cfg.k_min, len(profiles) - 1)), seed=0)
@@ -51,12 +62,14 @@ def segment(settings: Settings, run: RunContext) -> dict:
     labels.to_parquet(out / "segments.parquet", index=False)
     summary = segment_summary(profiles, seg)
     summary.to_csv(out / "summary.csv", index=False)
+    (out / "summary.md").write_text(summary_markdown(summary, seg))
+    plots = plot_segments(profiles, seg, out)
     store = online_store(settings)
     try:
         # A user's online hash is replaced whole, so the profile is re-written with its segment.
         store.materialize(profiles.merge(labels, on="user_id", how="left"), version=run.run_id)
     finally:
         store.close()
-    result = {"method": seg.method, "k": seg.k, "silhouette": round(seg.score, 4), "sizes": labels["segment"].value_counts().sort_index().tolist()}
+    result = {**seg.to_dict(), "plots": [p.name for p in plots], "dir": str(out)}
     run.write_json("segments.json", result)
     return result

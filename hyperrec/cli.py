@@ -119,5 +119,85 @@ def serve(
     uvicorn.run(create_app(settings), host=host or settings.serving.host, port=port or settings.serving.port)
 
 
+features_app = typer.Typer(help="User features: build the offline snapshot and online store, inspect profiles.",
+                           no_args_is_help=True)
+app.add_typer(features_app, name="features")
+
+
+def latest_run_dir(runs_dir: Path) -> Path:
+    """The run directory under ``runs_dir`` whose ``split/train`` was written last."""
+    candidates = [d for d in runs_dir.iterdir() if (d / "split" / "train").exists()] if runs_dir.is_dir() else []
+    if not candidates:
+        raise FileNotFoundError(f"no run directory with split/train under {runs_dir}; run `hyperrec train` "
+                                "or pass --run-dir")
+    return max(candidates, key=lambda d: ((d / "split" / "train").stat().st_mtime, d.name))
+
+
+@features_app.command("build")
+def features_build(
+    run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="run directory holding split/ and clean/ "
+                                           "(default: the newest under <home>/runs with split/train)"),
+    config: Optional[Path] = ConfigOpt,
+) -> None:
+    """Build user profiles (offline snapshot + online store) and segments for one run."""
+    from hyperrec.run_context import RunContext
+    from hyperrec.settings import load_settings
+
+    settings = load_settings(config)
+    try:
+        run = RunContext.open(run_dir) if run_dir is not None else RunContext.open(latest_run_dir(settings.runs_dir))
+        if not (run.split_dir / "train").exists():
+            raise FileNotFoundError(f"{run.split_dir / 'train'} not found: preprocess the run first")
+    except FileNotFoundError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    from feature_store.stage import build_features, segment
+
+    built = build_features(settings, run)
+    seg = segment(settings, run)
+    typer.echo(f"run {run.run_id}: {built['users']} users x {built['features']} features as of {built['as_of']}")
+    typer.echo(f"offline snapshot: {built['snapshot']}")
+    typer.echo(f"online store: {built['online_written']} users written")
+    typer.echo(f"segments: {seg.get('method')} k={seg.get('k')} silhouette={seg.get('silhouette')} "
+               f"sizes={seg.get('sizes')}")
+
+
+def _format_value(value: float | str) -> str:
+    if isinstance(value, float):
+        return str(int(value)) if value.is_integer() and abs(value) < 2**53 else f"{value:.6g}"
+    return str(value)
+
+
+@features_app.command("get")
+def features_get(
+    user_id: str = typer.Argument(..., help="the user whose online profile to show"),
+    config: Optional[Path] = ConfigOpt,
+) -> None:
+    """Print a user's profile from the online store."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from feature_store.stage import online_store
+    from hyperrec.settings import load_settings
+
+    settings = load_settings(config)
+    store = online_store(settings)
+    try:
+        profile = store.get_user(user_id)
+        where = store.url
+    finally:
+        store.close()
+    if profile is None:
+        typer.echo(f"error: user {user_id!r} not found in the online store ({where})", err=True)
+        raise typer.Exit(1)
+    version = profile.pop("_version", "?")
+    table = Table(title=f"user {user_id} (version {version})")
+    table.add_column("feature")
+    table.add_column("value", justify="right")
+    for name in sorted(profile):
+        table.add_row(name, _format_value(profile[name]))
+    Console(width=100).print(table)
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()

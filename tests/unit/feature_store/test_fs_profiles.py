@@ -179,3 +179,42 @@ def test_snapshot_reads_latest_partition_on_or_before_as_of(tmp_path):
     assert read_offline_snapshot(tmp_path, pd.Timestamp("2024-03-10"))["mean_rating"].iloc[0] == 10.0
     with pytest.raises(FileNotFoundError, match="on or before 2024-02-28"):
         read_offline_snapshot(tmp_path, pd.Timestamp("2024-02-28"))
+
+
+def test_one_day_window_activity_stats_and_day_type():
+    p = _build(_interactions())
+    a, b = p.loc["a"], p.loc["b"]
+    # The event exactly one day before as_of is outside the (as_of - 1d, as_of] window.
+    assert (a.events_1d, a.clicks_1d, a.clicks_7d, a.events_total) == (0, 0, 1, 3)
+    assert (b.events_1d, b.events_total) == (1, 1)
+    assert a.click_rate == pytest.approx(1 / 3)
+    assert a.mean_dwell == pytest.approx((10 + 30 + 100) / 3)
+    assert a.mean_scroll == pytest.approx((0.2 + 0.5) / 2)
+    assert a.mean_dwell_7d == pytest.approx(10.0)
+    assert a.decayed_clicks == pytest.approx(0.5 ** (1 / HL), abs=1e-12)
+    # AS_OF is Sunday 2024-03-31: a's events fall on Sat (1 day ago), Thu and Tue; b's on Sunday.
+    assert (a.share_weekend, a.share_weekday) == pytest.approx((1 / 3, 2 / 3))
+    assert (b.share_weekend, b.share_weekday) == pytest.approx((1.0, 0.0))
+
+
+def test_explicit_and_implicit_signals():
+    p = _build(_interactions().assign(confidence=[0.4, 0.2, 0.8, 0.4]))
+    a, b = p.loc["a"], p.loc["b"]
+    assert (a.ratings_total, b.ratings_total) == (1, 1)
+    assert a.mean_rating == pytest.approx(4.0)
+    assert a.mean_implicit_confidence == pytest.approx((0.4 + 0.2) / 2)  # the rate event is explicit
+    assert b.mean_implicit_confidence == 0.0  # b has no implicit events
+    assert a.decayed_implicit_strength == pytest.approx(0.4 * 0.5 ** (1 / HL) + 0.2 * 0.5 ** (10 / HL), abs=1e-12)
+
+
+def test_demographics_pass_through_and_one_hot():
+    users = pd.DataFrame({"user_id": ["a", "b", "c"], "age": [20.0, None, 40.0],
+                          "gender": ["F", None, "M"], "region": ["north", "south", "north"]})
+    events = pd.concat([_interactions(), pd.DataFrame([_event("z", "i1", 2, "rate", rating=3.0)])], ignore_index=True)
+    p = _build(events, users=users)
+    assert p.loc["a", ["gender_F", "gender_M", "region_north", "region_south"]].tolist() == [1, 0, 1, 0]
+    assert p.loc["b", ["gender_F", "gender_M", "region_south"]].tolist() == [0, 0, 1]  # null gender: no indicator
+    assert p.loc["z", ["gender_F", "gender_M", "region_north", "region_south"]].tolist() == [0, 0, 0, 0]
+    assert p.loc["z"].age == pytest.approx(30.0)  # not in the users table: the median
+    assert p["gender_F"].dtype == np.int64
+    assert not any(c.startswith("gender_") for c in _build(_interactions()).columns)  # no gender column in users
