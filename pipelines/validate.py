@@ -178,9 +178,9 @@ def is_share_feature(column: str) -> bool:
 
 
 def is_count_feature(column: str) -> bool:
-    """A windowed count or decayed activity: name ends with ``_7d``/``_30d`` or is
-    ``decayed_activity``; values >= 0."""
-    return column.endswith(("_7d", "_30d")) or column == "decayed_activity"
+    """A count, windowed aggregate or decayed sum: name ends with ``_1d``/``_7d``/``_30d``/
+    ``_total`` or starts with ``decayed_``; values >= 0."""
+    return column.endswith(("_1d", "_7d", "_30d", "_total")) or column.startswith("decayed_")
 
 
 def features_expectations(columns: Sequence[str]) -> list[Expectation]:

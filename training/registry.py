@@ -4,7 +4,6 @@ pyfunc with the alias ``challenger``, and the champion/challenger promotion gate
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -14,29 +13,13 @@ from mlflow import MlflowClient
 from mlflow.models import infer_signature
 
 from hyperrec.settings import Settings
+from hyperrec.tracking import configure
 from training.bundle import load_bundle
 from training.models import InteractionMatrix
 from training.pyfunc import RecommenderPyfunc
 from training.train import relevant_items, score_model
 
 CHAMPION, CHALLENGER = "champion", "challenger"
-
-
-def configure(settings: Settings) -> MlflowClient:
-    """Point MLflow at the configured backend and make sure the experiment exists."""
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    if settings.mlflow.tracking_uri is None:
-        (settings.home / "mlflow").mkdir(parents=True, exist_ok=True)
-    mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
-    client = MlflowClient()
-    if client.get_experiment_by_name(settings.mlflow.experiment) is None:
-        location = settings.mlflow_artifact_root
-        if "://" not in location:
-            Path(location).mkdir(parents=True, exist_ok=True)
-            location = Path(location).as_uri()
-        client.create_experiment(settings.mlflow.experiment, artifact_location=location)
-    mlflow.set_experiment(settings.mlflow.experiment)
-    return client
 
 
 @dataclass

@@ -109,4 +109,15 @@ def test_poisoned_feed_stops_at_the_gx_gate(settings, tmp_path, capfd):
     text = log.out + log.err
     assert "expect_column_values_to_be_null on column 'reason'" in text
     assert "quarantine_raw" in text
-    assert (RunContext.of_airflow_run(settings, run_id).gx_dir / "index.html").exists()
+    run = RunContext.of_airflow_run(settings, run_id)
+    assert (run.gx_dir / "index.html").exists()
+    # The failed run's Data Docs still reach MLflow.
+    from mlflow import MlflowClient
+
+    from hyperrec.tracking import configure
+
+    configure(settings)
+    attempt = run.read_json("validation-attempt.json")
+    artifacts = [a.path for a in MlflowClient().list_artifacts(attempt["mlflow_run_id"], "gx_data_docs")]
+    assert "gx_data_docs/index.html" in artifacts
+    assert MlflowClient().get_run(attempt["mlflow_run_id"]).data.tags["hyperrec.gates_passed"] == "false"
