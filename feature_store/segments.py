@@ -1,13 +1,19 @@
 """User segmentation on behavioural profile features (article §1b step 1, §3c).
 
 Features (:func:`segmentation_features`): the category affinities (``cat_*``), the
-context shares (``share_*``: device, time of day) and activity
+context shares (``share_*``: device, time of day, ...) and activity
 (``log1p(decayed_activity)``) of every user, each column standardized to zero mean
 and unit variance (constant columns dropped).
 
+Noise reduction (:func:`principal_components`): the standardized features are projected on
+their principal components whose eigenvalue (of the correlation matrix) exceeds the
+Marchenko-Pastur edge ``(1 + sqrt(d / n))**2``, the largest eigenvalue that d independent
+noise columns over n users reach; at least two components are kept. Clustering and the
+pictures use these component scores, so sparse users' noisy shares weigh less.
+
 Sample: a deterministic sample of at most :data:`SILHOUETTE_SAMPLE` users
 (``numpy.random.default_rng(seed)``; all users when there are fewer). Every
-silhouette (Euclidean, on the standardized features) is computed on that sample.
+silhouette (Euclidean, on the component scores) is computed on that sample.
 
 Methods, each fitted with fixed seeds:
 
@@ -15,14 +21,18 @@ Methods, each fitted with fixed seeds:
 * ``gmm``: Gaussian mixture (diagonal covariances) for every k, fitted on all users; k minimizes
   the BIC; the silhouette of every k is reported too.
 * ``agglomerative``: Ward linkage on the sample, cut at every k; k maximizes the silhouette.
-* ``dbscan``: on the sample with ``min_samples = 2 * dimension`` (clipped to [3, n / 10]) and
+* ``dbscan``: on the sample with ``min_samples = 2 * dimension`` of the component space (clipped
+  to [3, n / 10]) and
   ``eps`` at the knee of the sorted ``min_samples``-distance curve (the point farthest below the
   chord of the normalized curve), or its 90% quantile when the curve has no clear knee.
   Noise points are assigned to the nearest cluster centroid; the noise share is reported.
 
-Users outside the sample (agglomerative, dbscan) take the label of the nearest centroid of the
-sample clusters. The kept method is the one with the highest silhouette (ties: the order of
-:data:`METHODS`). Labels are renumbered by size: 0 is the largest segment.
+A labeling is *eligible* when its smallest segment holds at least :data:`MIN_SEGMENT_SHARE` of
+the users (at least 2): a handful of outlying users must not become a segment of their own.
+k is chosen among eligible labelings (among all when none is). Users outside the sample
+(agglomerative, dbscan) take the label of the nearest centroid of the sample clusters. The kept
+method is the eligible one with the highest silhouette (ties: the order of :data:`METHODS`).
+Labels are renumbered by size: 0 is the largest segment.
 """
 
 from __future__ import annotations
@@ -47,6 +57,7 @@ PLOT_SAMPLE = 3000
 CATEGORY_PREFIX = "cat_"
 METHODS: tuple[str, ...] = ("kmeans", "gmm", "agglomerative", "dbscan")
 DBSCAN_QUANTILE = 0.9
+MIN_SEGMENT_SHARE = 0.01
 KNEE_MIN_GAP = 0.05
 """A knee counts only when the normalized curve lies at least this far below its chord."""
 
@@ -63,10 +74,12 @@ class MethodResult:
     bic_by_k: dict[int, float] = field(default_factory=dict)
     params: dict[str, Any] = field(default_factory=dict)
     noise_share: float | None = None
+    eligible: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (k keys become strings)."""
-        out: dict[str, Any] = {"k": self.k, "silhouette": round(self.silhouette, 4), "params": self.params}
+        out: dict[str, Any] = {"k": self.k, "silhouette": round(self.silhouette, 4), "params": self.params,
+                               "eligible": self.eligible}
         if self.silhouette_by_k:
             out["silhouette_by_k"] = {str(k): round(v, 4) for k, v in self.silhouette_by_k.items()}
         if self.bic_by_k:
@@ -81,7 +94,7 @@ class Segmentation:
     """The chosen segmentation: ``labels`` is indexed by user_id; ``candidates`` maps each
     tried k to its K-Means silhouette; ``score`` is the silhouette of the kept ``method``;
     ``methods`` holds every method's result and ``method_labels`` its labels (same indexing);
-    ``features`` are the standardized columns used."""
+    ``features`` are the standardized columns used, ``components`` the principal components kept."""
 
     method: str
     k: int
@@ -92,6 +105,7 @@ class Segmentation:
     features: list[str] = field(default_factory=list)
     sample_size: int = 0
     method_labels: dict[str, pd.Series] = field(default_factory=dict)
+    components: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready summary: method, k, silhouette, sizes, sample size, features, every method's scores."""
@@ -102,6 +116,7 @@ class Segmentation:
             "sizes": self.labels.value_counts().sort_index().astype(int).tolist(),
             "sample_size": self.sample_size,
             "features": list(self.features),
+            "components": self.components,
             "methods": {name: result.to_dict() for name, result in self.methods.items()},
         }
 
@@ -138,6 +153,25 @@ def segmentation_features(profiles: pd.DataFrame) -> tuple[np.ndarray, list[str]
     return x, [n for n, keep in zip(names, varying) if keep]
 
 
+def principal_components(x: np.ndarray) -> np.ndarray:
+    """Scores of standardized ``x`` on its principal components with eigenvalue above the
+    Marchenko-Pastur edge ``(1 + sqrt(d / n))**2`` (at least ``min(2, d)``), largest first."""
+    n, d = x.shape
+    eigenvalues, vectors = np.linalg.eigh(x.T @ x / n)
+    order = np.argsort(eigenvalues)[::-1]
+    eigenvalues, vectors = eigenvalues[order], vectors[:, order]
+    edge = (1.0 + np.sqrt(d / n)) ** 2
+    keep = max(min(2, d), int((eigenvalues > edge).sum()))
+    return x @ vectors[:, :keep]
+
+
+def feature_space(profiles: pd.DataFrame) -> tuple[np.ndarray, list[str]]:
+    """The matrix clustering and the pictures use: :func:`principal_components` of
+    :func:`segmentation_features`; returns it and the standardized column names."""
+    x, names = segmentation_features(profiles)
+    return principal_components(x), names
+
+
 def deterministic_sample(n: int, size: int, seed: int) -> np.ndarray:
     """Sorted row indices of ``min(n, size)`` rows drawn without replacement by ``default_rng(seed)``;
     every row when ``n <= size``."""
@@ -161,6 +195,21 @@ def _by_size(labels: np.ndarray) -> np.ndarray:
     remap = np.empty(int(values.max()) + 1, dtype=np.int64)
     remap[order] = np.arange(len(order))
     return remap[labels]
+
+
+def min_segment_size(n: int) -> int:
+    """Smallest eligible segment among ``n`` users: ``max(2, ceil(MIN_SEGMENT_SHARE * n))``."""
+    return max(2, int(np.ceil(MIN_SEGMENT_SHARE * n)))
+
+
+def _eligible(labels: np.ndarray, min_size: int) -> bool:
+    return int(np.unique(labels, return_counts=True)[1].min()) >= min_size
+
+
+def _pick(ks: list[int], ok: dict[int, bool], key) -> int:
+    """The k minimizing ``key`` among eligible ks (all ks when none is)."""
+    pool = [k for k in ks if ok[k]] or ks
+    return min(pool, key=key)
 
 
 def nearest_centroid(x: np.ndarray, x_fit: np.ndarray, labels_fit: np.ndarray) -> np.ndarray:
@@ -200,15 +249,16 @@ def dbscan_params(x: np.ndarray) -> dict[str, Any]:
     return {"eps": max(eps, 1e-9), "min_samples": min_samples, "eps_rule": rule}
 
 
-def _fit_kmeans(x: np.ndarray, ks: list[int], dist: np.ndarray, sample: np.ndarray, seed: int
+def _fit_kmeans(x: np.ndarray, ks: list[int], dist: np.ndarray, sample: np.ndarray, seed: int, min_size: int
                 ) -> tuple[MethodResult, np.ndarray]:
     fitted = {k: KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(x) for k in ks}
     scores = {k: _silhouette(dist, fitted[k][sample]) for k in ks}
-    best = max(ks, key=lambda k: (scores[k], -k))
-    return MethodResult("kmeans", best, scores[best], scores, params={"n_init": 10}), fitted[best]
+    ok = {k: _eligible(fitted[k], min_size) for k in ks}
+    best = _pick(ks, ok, lambda k: (-scores[k], k))
+    return MethodResult("kmeans", best, scores[best], scores, params={"n_init": 10}, eligible=ok[best]), fitted[best]
 
 
-def _fit_gmm(x: np.ndarray, ks: list[int], dist: np.ndarray, sample: np.ndarray, seed: int
+def _fit_gmm(x: np.ndarray, ks: list[int], dist: np.ndarray, sample: np.ndarray, seed: int, min_size: int
              ) -> tuple[MethodResult, np.ndarray]:
     fitted, bic, scores = {}, {}, {}
     for k in ks:
@@ -216,24 +266,31 @@ def _fit_gmm(x: np.ndarray, ks: list[int], dist: np.ndarray, sample: np.ndarray,
         fitted[k] = gmm.predict(x)
         bic[k] = float(gmm.bic(x))
         scores[k] = _silhouette(dist, fitted[k][sample])
-    best = min(ks, key=lambda k: (bic[k], k))
-    result = MethodResult("gmm", best, scores[best], scores, bic, params={"covariance_type": "diag", "n_init": 2})
+    ok = {k: _eligible(fitted[k], min_size) for k in ks}
+    best = _pick(ks, ok, lambda k: (bic[k], k))
+    k = int(len(np.unique(fitted[best])))  # a component may end up empty
+    result = MethodResult("gmm", k, scores[best], scores, bic, params={"covariance_type": "diag", "n_init": 2,
+                          "n_components": best}, eligible=ok[best])
     return result, fitted[best]
 
 
-def _fit_agglomerative(x: np.ndarray, ks: list[int], dist: np.ndarray, sample: np.ndarray
+def _fit_agglomerative(x: np.ndarray, ks: list[int], dist: np.ndarray, sample: np.ndarray, min_size: int
                        ) -> tuple[MethodResult, np.ndarray]:
     tree = linkage(x[sample], method="ward")
     cuts = {k: fcluster(tree, t=k, criterion="maxclust") - 1 for k in ks}
     scores = {k: _silhouette(dist, cuts[k]) for k in ks}
-    best = max(ks, key=lambda k: (scores[k], -k))
-    labels = nearest_centroid(x, x[sample], cuts[best])
-    labels[sample] = cuts[best]
+    extended = {}
+    for k in ks:
+        extended[k] = nearest_centroid(x, x[sample], cuts[k])
+        extended[k][sample] = cuts[k]
+    ok = {k: _eligible(extended[k], min_size) for k in ks}
+    best = _pick(ks, ok, lambda k: (-scores[k], k))
     k = int(len(np.unique(cuts[best])))
-    return MethodResult("agglomerative", k, scores[best], scores, params={"linkage": "ward"}), labels
+    return MethodResult("agglomerative", k, scores[best], scores, params={"linkage": "ward"}, eligible=ok[best]), extended[best]
 
 
-def _fit_dbscan(x: np.ndarray, dist: np.ndarray, sample: np.ndarray) -> tuple[MethodResult, np.ndarray | None]:
+def _fit_dbscan(x: np.ndarray, dist: np.ndarray, sample: np.ndarray, min_size: int
+                ) -> tuple[MethodResult, np.ndarray | None]:
     x_fit = x[sample]
     params = dbscan_params(x_fit)
     raw = DBSCAN(eps=params["eps"], min_samples=params["min_samples"]).fit_predict(x_fit)
@@ -241,14 +298,15 @@ def _fit_dbscan(x: np.ndarray, dist: np.ndarray, sample: np.ndarray) -> tuple[Me
     clusters = int(len(np.unique(raw[~noise])))
     params = {**params, "eps": round(params["eps"], 6)}
     if clusters == 0:
-        return MethodResult("dbscan", 0, -1.0, params=params, noise_share=float(noise.mean())), None
+        return MethodResult("dbscan", 0, -1.0, params=params, noise_share=float(noise.mean()), eligible=False), None
     fit_labels = raw.copy()
     if noise.any():
         fit_labels[noise] = nearest_centroid(x_fit[noise], x_fit, raw)
     labels = nearest_centroid(x, x_fit, fit_labels)
     labels[sample] = fit_labels
     score = _silhouette(dist, fit_labels)
-    return MethodResult("dbscan", clusters, score, params=params, noise_share=float(noise.mean())), labels
+    ok = clusters >= 2 and _eligible(labels, min_size)
+    return MethodResult("dbscan", clusters, score, params=params, noise_share=float(noise.mean()), eligible=ok), labels
 
 
 def segment_users(profiles: pd.DataFrame, *, k_min: int = 2, k_max: int = 8, seed: int = 0,
@@ -263,27 +321,28 @@ def segment_users(profiles: pd.DataFrame, *, k_min: int = 2, k_max: int = 8, see
         raise ValueError(f"sample_size must exceed k_min, got {sample_size}")
     if profiles["user_id"].duplicated().any():
         raise ValueError("profiles: user_id values are not unique")
-    x, features = segmentation_features(profiles)
+    x, features = feature_space(profiles)
     sample = deterministic_sample(n, sample_size, seed)
     dist = pairwise_distances(x[sample]).astype(np.float32)
     ks = list(range(k_min, min(k_max, len(sample) - 1) + 1))
+    min_size = min_segment_size(n)
 
     results: dict[str, MethodResult] = {}
     labels_of: dict[str, np.ndarray] = {}
-    results["kmeans"], labels_of["kmeans"] = _fit_kmeans(x, ks, dist, sample, seed)
-    results["gmm"], labels_of["gmm"] = _fit_gmm(x, ks, dist, sample, seed)
-    results["agglomerative"], labels_of["agglomerative"] = _fit_agglomerative(x, ks, dist, sample)
-    results["dbscan"], dbscan_labels = _fit_dbscan(x, dist, sample)
+    results["kmeans"], labels_of["kmeans"] = _fit_kmeans(x, ks, dist, sample, seed, min_size)
+    results["gmm"], labels_of["gmm"] = _fit_gmm(x, ks, dist, sample, seed, min_size)
+    results["agglomerative"], labels_of["agglomerative"] = _fit_agglomerative(x, ks, dist, sample, min_size)
+    results["dbscan"], dbscan_labels = _fit_dbscan(x, dist, sample, min_size)
     if dbscan_labels is not None:
         labels_of["dbscan"] = dbscan_labels
 
     index = pd.Index(profiles["user_id"].astype(str), name="user_id")
     series = {m: pd.Series(_by_size(labels), index=index, name="segment") for m, labels in labels_of.items()}
-    method = max(series, key=lambda m: (results[m].silhouette, -METHODS.index(m)))
+    method = max(series, key=lambda m: (results[m].eligible, results[m].silhouette, -METHODS.index(m)))
     return Segmentation(
         method=method, k=int(series[method].nunique()), labels=series[method], score=results[method].silhouette,
         candidates=dict(results["kmeans"].silhouette_by_k), methods=results, features=features,
-        sample_size=len(sample), method_labels=series,
+        sample_size=len(sample), method_labels=series, components=int(x.shape[1]),
     )
 
 
@@ -314,16 +373,17 @@ def segment_summary(profiles: pd.DataFrame, seg: Segmentation, *, top: int = 3) 
 def summary_markdown(summary: pd.DataFrame, seg: Segmentation) -> str:
     """Markdown report: the kept method, k and silhouette, every method's scores, and the summary table."""
     lines = [f"# User segments: {seg.method}, k={seg.k}", "",
-             f"Silhouette {seg.score:.4f} on a sample of {seg.sample_size} users; features: "
-             f"{', '.join(seg.features)}.", "",
-             "| method | k | silhouette | silhouette by k | BIC by k | params |", "|---|---|---|---|---|---|"]
+             f"Silhouette {seg.score:.4f} on a sample of {seg.sample_size} users; {seg.components} principal "
+             f"components of the standardized features {', '.join(seg.features)}.", "",
+             "| method | k | silhouette | eligible | silhouette by k | BIC by k | params |",
+             "|---|---|---|---|---|---|---|"]
     for name, r in seg.methods.items():
         by_k = ", ".join(f"{k}: {v:.3f}" for k, v in r.silhouette_by_k.items())
         bic = ", ".join(f"{k}: {v:.0f}" for k, v in r.bic_by_k.items())
         params = ", ".join(f"{k}={v}" for k, v in r.params.items())
         if r.noise_share is not None:
             params += f", noise_share={r.noise_share:.3f}"
-        lines.append(f"| {name} | {r.k} | {r.silhouette:.4f} | {by_k} | {bic} | {params} |")
+        lines.append(f"| {name} | {r.k} | {r.silhouette:.4f} | {'yes' if r.eligible else 'no'} | {by_k} | {bic} | {params} |")
     lines += ["", "| segment | size | top categories | mean events (30d) |", "|---|---|---|---|"]
     for row in summary.itertuples(index=False):
         lines.append(f"| {row.segment} | {row.size} | {', '.join(row.top_categories)} | {row.mean_events_30d:.2f} |")
@@ -341,14 +401,14 @@ def _embeddings(x: np.ndarray, seed: int) -> dict[str, np.ndarray]:
     n = len(x)
     tsne = TSNE(n_components=2, perplexity=float(min(30.0, max(2.0, (n - 1) / 3))), init="pca",
                 random_state=seed).fit_transform(x)
-    reducer = umap.UMAP(n_components=2, n_neighbors=int(min(15, max(2, n - 1))), random_state=seed)
+    reducer = umap.UMAP(n_components=2, n_neighbors=int(min(15, max(2, n - 1))), random_state=seed, n_jobs=1)
     return {"tsne": tsne, "umap": reducer.fit_transform(x)}
 
 
 def plot_segments(profiles: pd.DataFrame, seg: Segmentation, out_dir: Path, *, seed: int = 0,
                   sample_size: int = PLOT_SAMPLE) -> list[Path]:
     """Write ``segments_tsne.png`` and ``segments_umap.png`` to ``out_dir``: 2-D t-SNE / UMAP embeddings
-    of the standardized segmentation features of a deterministic sample of at most ``sample_size``
+    of the :func:`feature_space` rows of a deterministic sample of at most ``sample_size``
     users, coloured by segment, titled with method and k. Returns the two paths."""
     from matplotlib import colormaps
     from matplotlib.figure import Figure  # Agg canvas, no pyplot state
@@ -358,7 +418,7 @@ def plot_segments(profiles: pd.DataFrame, seg: Segmentation, out_dir: Path, *, s
         raise ValueError(f"plot_segments: user {ids[~ids.isin(seg.labels.index)].iloc[0]!r} has no segment")
     if len(profiles) < 5:
         raise ValueError(f"plot_segments: {len(profiles)} users are too few to embed")
-    x, _ = segmentation_features(profiles)
+    x, _ = feature_space(profiles)
     rows = deterministic_sample(len(profiles), sample_size, seed)
     labels = seg.labels.reindex(ids.iloc[rows]).to_numpy()
     out_dir = Path(out_dir)

@@ -2,6 +2,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from sklearn.metrics import adjusted_rand_score
+from threadpoolctl import threadpool_limits
 
 from feature_store.segments import (
     METHODS,
@@ -14,6 +15,13 @@ from feature_store.segments import (
 )
 
 CATEGORIES = ["Action", "Comedy", "Drama", "Horror", "Romance", "Sci-Fi"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One OpenMP/BLAS thread: on a shared 2-core box, busy-waiting threads slow t-SNE and K-Means 30x."""
+    with threadpool_limits(1):
+        yield
 
 
 def _blobs(per_group=60, seed=0):
@@ -118,7 +126,8 @@ def test_dbscan_and_ward_recover_well_separated_blobs():
     dbscan, ward = seg.methods["dbscan"], seg.methods["agglomerative"]
     assert dbscan.k == 3 and ward.k == 3
     assert max(ward.silhouette_by_k, key=ward.silhouette_by_k.get) == 3
-    assert dbscan.params["min_samples"] == 12  # 2 * dimension
+    assert seg.components == 2  # three centres span a plane
+    assert dbscan.params["min_samples"] == 4  # 2 * dimension
     assert dbscan.noise_share < 0.1
     for name in ("dbscan", "agglomerative", "kmeans"):
         assert adjusted_rand_score(truth, seg.method_labels[name].to_numpy()) == pytest.approx(1.0), name
@@ -153,3 +162,29 @@ def test_dbscan_eps_falls_back_to_a_quantile_without_knee():
     params = dbscan_params(np.column_stack([np.cos(angle), np.sin(angle)]))
     assert params["eps_rule"].startswith("quantile") and params["min_samples"] == 4
     assert params["eps"] == pytest.approx(2 * np.sin(2 * np.pi / 50))  # two steps round the polygon
+
+
+def test_a_tiny_outlying_cluster_is_not_kept_as_a_segment():
+    profiles, truth = _gaussian_blobs(CENTRES)
+    # Three users close together, off the first blob: 3 < 1% of 303 users (rounded up, 4).
+    trio = CENTRES[0] + np.array([0, 0, 0, 3.0, 3.0, 0]) + np.random.default_rng(1).normal(0.0, 0.1, (3, 6))
+    trio = pd.DataFrame(trio, columns=profiles.columns[:-1]).assign(user_id=["t0", "t1", "t2"])
+    seg = segment_users(pd.concat([profiles, trio], ignore_index=True), k_min=2, k_max=5)
+    kmeans = seg.methods["kmeans"]
+    assert max(kmeans.silhouette_by_k, key=kmeans.silhouette_by_k.get) == 4  # the trio split off scores best
+    assert kmeans.k == 3 and kmeans.eligible and seg.k == 3
+    assert all(r.k == 3 for r in seg.methods.values())
+    assert adjusted_rand_score(truth, seg.labels.to_numpy()[:-3]) == pytest.approx(1.0)
+
+
+def test_principal_components_keep_the_signal_dimensions_only():
+    from feature_store.segments import principal_components
+
+    rng = np.random.default_rng(0)
+    n = 1000
+    signal = rng.choice([-2.0, 2.0], size=(n, 2)) + rng.normal(0.0, 0.3, (n, 2))  # four corners of a square
+    x = np.hstack([signal, signal @ rng.normal(size=(2, 3)), rng.normal(size=(n, 8))])  # 3 mixed, 8 noise columns
+    x = (x - x.mean(axis=0)) / x.std(axis=0)
+    scores = principal_components(x)
+    assert scores.shape == (n, 2)
+    assert principal_components(rng.normal(size=(n, 5))).shape == (n, 2)  # pure noise: the minimum of two

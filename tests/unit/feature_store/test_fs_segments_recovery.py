@@ -7,12 +7,20 @@ import numpy as np
 import pandas as pd
 import pytest
 from sklearn.metrics import adjusted_rand_score
+from threadpoolctl import threadpool_limits
 
 from feature_store.profiles import build_user_profiles
 from feature_store.segments import METHODS, plot_segments, segment_users
 from hyperrec.datasets.synthetic import generate
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One OpenMP/BLAS thread: on a shared 2-core box, busy-waiting threads slow t-SNE and K-Means 30x."""
+    with threadpool_limits(1):
+        yield
 
 
 @pytest.fixture(scope="module")
