@@ -82,8 +82,10 @@ def register(settings: Settings, run: RunContext) -> dict:
     best, k = evaluation["best"], evaluation["k"]
     metrics = {f"{name}.{metric}": value for name, res in evaluation["models"].items() for metric, value in res.items()}
     metrics.update({m: v for m, v in evaluation["models"][best].items()})
+    segments = run.read_json("segments.json")
     params = {"best_model": best, "k": k, "ease_lambda": settings.training.ease_lambda,
-              "knn_neighbours": settings.training.knn_neighbours, "split_fingerprint": evaluation["split_fingerprint"]}
+              "knn_neighbours": settings.training.knn_neighbours, "split_fingerprint": evaluation["split_fingerprint"],
+              "segmentation_method": segments["method"], "segmentation_k": segments["k"]}
     reg = registry.log_and_register(
         settings,
         run_name=run.run_id,
