@@ -18,7 +18,7 @@ help:
 $(STAMP): pyproject.toml requirements.lock
 	@$(PYTHON) hyperrec/prereqs.py
 	@test -d $(VENV) || $(PYTHON) -m venv $(VENV)
-	@echo "installing pinned dependencies into $(VENV) (first time: about 4 minutes)..."
+	@echo "installing pinned dependencies into $(VENV) (first time: about 3 minutes)..."
 	@$(BIN)/pip install --quiet --disable-pip-version-check --upgrade "pip==26.3"
 	@$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -r requirements.lock 2>&1 | { grep -v "is ignored: it is neither" || true; }
 	@$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -e .
@@ -45,7 +45,7 @@ lock:
 	rm -rf /tmp/hyperrec-lock && $(PYTHON) -m venv /tmp/hyperrec-lock
 	/tmp/hyperrec-lock/bin/pip install --quiet "pip==26.3"
 	/tmp/hyperrec-lock/bin/pip install --quiet ".[test]"
-	/tmp/hyperrec-lock/bin/pip freeze --exclude hyperrec | sort > requirements.lock
+	/tmp/hyperrec-lock/bin/pip freeze --all --exclude hyperrec --exclude pip | sort > requirements.lock
 
 stack-up:
 	docker compose -f docker/compose.yaml up -d --build

