@@ -39,6 +39,7 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/generate.py
 	$(BIN)/python bench/preprocess.py
+	$(BIN)/python bench/feature_store.py
 
 # Re-resolve the lock after editing pyproject.toml dependencies.
 lock:
