@@ -248,9 +248,17 @@ def content_hash(algorithm: str) -> Column:
 # --------------------------------------------------------------------------- dimension tables
 
 
-def _dedup_by_key(df: DataFrame, key: str, reasons: Column) -> tuple[DataFrame, DataFrame]:
-    """Split rows into (clean, quarantined): rows meeting ``reasons`` and every repeat of a
-    key after its first occurrence in the input are quarantined."""
+def _split_dimension(df: DataFrame, key: str, extra: tuple[tuple[Column, str], ...] = ()) -> tuple[DataFrame, DataFrame]:
+    """Split a dimension table into (clean, quarantined). Quarantined: unparseable lines,
+    missing or invalid ``key`` values, rows meeting an ``extra`` (condition, reason), and
+    every repeat of a key after its first occurrence in the input."""
+    reasons = (
+        F.when(F.col("_corrupt"), "unparseable_record")
+        .when(F.col(key).isNull(), f"missing_{key}")
+        .when(~_valid_id(F.col(key)), "invalid_id")
+    )
+    for condition, reason in extra:
+        reasons = reasons.when(condition, reason)
     flagged = df.withColumn("reason", reasons)
     first = Window.partitionBy(key).orderBy("_row")
     ranked = flagged.withColumn("_rank", F.when(F.col("reason").isNull(), F.row_number().over(first)))
@@ -273,12 +281,7 @@ def clean_users(raw: DataFrame) -> tuple[DataFrame, DataFrame]:
         "_corrupt",
         "_row",
     )
-    reasons = (
-        F.when(F.col("_corrupt"), "unparseable_record")
-        .when(F.col("user_id").isNull(), "missing_user_id")
-        .when(~_valid_id(F.col("user_id")), "invalid_id")
-    )
-    return _dedup_by_key(df, "user_id", reasons)
+    return _split_dimension(df, "user_id")
 
 
 def clean_items(raw: DataFrame) -> tuple[DataFrame, DataFrame]:
@@ -297,13 +300,7 @@ def clean_items(raw: DataFrame) -> tuple[DataFrame, DataFrame]:
         "_corrupt",
         "_row",
     )
-    reasons = (
-        F.when(F.col("_corrupt"), "unparseable_record")
-        .when(F.col("item_id").isNull(), "missing_item_id")
-        .when(~_valid_id(F.col("item_id")), "invalid_id")
-        .when(F.col("title").isNull(), "missing_title")
-    )
-    return _dedup_by_key(df, "item_id", reasons)
+    return _split_dimension(df, "item_id", ((F.col("title").isNull(), "missing_title"),))
 
 
 # --------------------------------------------------------------------------- imputation
