@@ -17,7 +17,7 @@ from hyperrec.tracking import configure
 from training.bundle import load_bundle
 from training.models import InteractionMatrix
 from training.pyfunc import RecommenderPyfunc
-from training.train import relevant_items, score_model
+from training.evaluation import relevant_items, score_model
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 

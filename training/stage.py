@@ -15,7 +15,8 @@ from hyperrec.settings import Settings
 from training import registry
 from training.bundle import load_bundle, write_bundle
 from training.models import InteractionMatrix, fit_ease, fit_item_knn, fit_popularity, popularity
-from training.train import history_of, load_split, relevant_items, score_model, split_fingerprint
+from pipelines.split import split_fingerprint
+from training.evaluation import history_of, load_split, relevant_items, score_model
 
 CANDIDATES = ("popularity", "item_knn", "ease")
 
