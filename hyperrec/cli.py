@@ -59,6 +59,25 @@ def preprocess(
 
 
 @app.command()
+def benchmark(
+    dataset: str = typer.Option("ml-100k", "--dataset", help="'ml-100k' or a directory with interactions.csv"),
+    protocol: str = typer.Option("u75", "--protocol", help="split protocol (DESIGN.md): u75"),
+    k: int = typer.Option(10, "--k", min=1, help="list length"),
+    out: Path = typer.Option(..., "--out", help="output directory"),
+    config: Optional[Path] = ConfigOpt,
+) -> None:
+    """Offline benchmark: metrics.json, train/test CSVs and one recommendations CSV per model."""
+    from hyperrec.settings import load_settings
+    from training.benchmark import run_benchmark
+
+    metrics = run_benchmark(load_settings(config), dataset=dataset, protocol=protocol, k=k, out=out)
+    for name, res in metrics["models"].items():
+        typer.echo(f"{name:>12}  P@{k} {res['precision']:.4f}  R@{k} {res['recall']:.4f}  NDCG@{k} {res['ndcg']:.4f}  "
+                   f"MAP@{k} {res['map']:.4f}  HR@{k} {res['hit']:.4f}")
+    typer.echo(f"best: {metrics['best']}  split {metrics['split_fingerprint']}  -> {out}")
+
+
+@app.command()
 def demo(
     config: Optional[Path] = ConfigOpt,
     synthetic_events: Optional[int] = typer.Option(None, "--synthetic-events", help="size of the synthetic sample"),

@@ -10,12 +10,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from hyperrec.datasets import RawDataset
+from hyperrec.datasets.movielens import ML100K_NAME as ML100K
 from hyperrec.datasets.movielens import to_raw_dataset
 from hyperrec.datasets.synthetic import generate
 from hyperrec.run_context import RunContext
 from hyperrec.settings import Settings
-
-ML100K = "ml-100k"
 
 
 def _merge(sources: dict[str, RawDataset], target: RawDataset) -> None:

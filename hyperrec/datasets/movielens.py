@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 from hyperrec.datasets import RawDataset
 from hyperrec.schemas import INTERACTIONS, ITEMS, USERS
 
+ML100K_NAME = "ml-100k"  # the bundled copy: <data_dir>/ml-100k
 U_DATA_MD5 = "6e47046882bad158b0efbb84cd5cb987"
 GENRES = (
     "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime",

@@ -1,0 +1,69 @@
+"""The `hyperrec benchmark` contract (DESIGN.md): files, fingerprint, metrics that match the files."""
+
+import json
+import math
+
+import pandas as pd
+import pytest
+
+from training.benchmark import run_benchmark
+
+
+@pytest.fixture(scope="module")
+def ml100k(settings, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    return run_benchmark(settings, dataset="ml-100k", protocol="u75", k=10, out=out), out
+
+
+def test_u75_files_and_fingerprint(ml100k):
+    metrics, out = ml100k
+    assert metrics["protocol"] == "u75" and metrics["split_fingerprint"] == "a29e96aa82063170"
+    train, test = pd.read_csv(out / "train.csv"), pd.read_csv(out / "test.csv")
+    assert list(train.columns) == ["user_id", "item_id", "rating", "timestamp"] and len(train) + len(test) == 100_000
+    for name in ("popularity", "item_knn", "ease"):
+        recs = pd.read_csv(out / f"recommendations-{name}.csv")
+        assert list(recs.columns) == ["user_id", "item_id", "rank"]
+        assert (recs.groupby("user_id").size() == 10).all() and recs["user_id"].nunique() == test["user_id"].nunique()
+        seen = set(zip(train["user_id"], train["item_id"]))
+        assert not any(pair in seen for pair in zip(recs["user_id"], recs["item_id"])), name
+
+
+def test_metrics_json_matches_the_recommendation_files(ml100k):
+    metrics, out = ml100k
+    assert json.loads((out / "metrics.json").read_text()) == metrics
+    test = pd.read_csv(out / "test.csv")
+    relevant = test.groupby("user_id")["item_id"].apply(set)
+    for name, reported in metrics["models"].items():
+        recs = pd.read_csv(out / f"recommendations-{name}.csv").sort_values(["user_id", "rank"])
+        ndcgs, precisions = [], []
+        for user, items in recs.groupby("user_id")["item_id"]:
+            rel, items = relevant[user], list(items)
+            dcg = sum(1 / math.log2(r + 2) for r, i in enumerate(items) if i in rel)
+            ideal = sum(1 / math.log2(r + 2) for r in range(min(10, len(rel))))
+            ndcgs.append(dcg / ideal)
+            precisions.append(sum(i in rel for i in items) / 10)
+        assert reported["ndcg"] == pytest.approx(sum(ndcgs) / len(ndcgs), abs=1e-12), name
+        assert reported["precision"] == pytest.approx(sum(precisions) / len(precisions), abs=1e-12), name
+
+
+def test_ease_reaches_the_known_level_and_beats_popularity(ml100k):
+    metrics, _ = ml100k
+    assert metrics["best"] == "ease"
+    assert 0.47 <= metrics["models"]["ease"]["ndcg"] <= 0.49  # EASE alone on u75 is about 0.480
+    assert metrics["models"]["ease"]["ndcg"] > metrics["models"]["popularity"]["ndcg"]
+
+
+def test_generic_dataset_directory(settings, tmp_path):
+    from hyperrec.datasets.synthetic import generate
+
+    raw = generate(tmp_path / "raw", events=6000, seed=9, progress=False)
+    events = pd.read_parquet(raw.interactions)
+    events = events.assign(rating=events["rating"].fillna(1.0), timestamp=events["timestamp"].astype("int64") // 10**9)
+    (tmp_path / "ds").mkdir()
+    events[["user_id", "item_id", "rating", "timestamp"]].to_csv(tmp_path / "ds" / "interactions.csv", index=False)
+    metrics = run_benchmark(settings, dataset=str(tmp_path / "ds"), protocol="u75", k=5, out=tmp_path / "out")
+    assert metrics["models"]["ease"]["ndcg"] > metrics["models"]["popularity"]["ndcg"]
+    with pytest.raises(ValueError, match="unknown protocol"):
+        run_benchmark(settings, dataset="ml-100k", protocol="u80", k=5, out=tmp_path / "x")
+    with pytest.raises(FileNotFoundError, match="interactions.csv"):
+        run_benchmark(settings, dataset=str(tmp_path / "nope"), protocol="u75", k=5, out=tmp_path / "y")
