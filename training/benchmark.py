@@ -3,7 +3,8 @@
 Writes ``train.csv`` and ``test.csv`` (user_id,item_id,rating,timestamp), one
 ``recommendations-<model>.csv`` (user_id,item_id,rank; k rows per test user) per model,
 and ``metrics.json`` with ``protocol``, ``split_fingerprint``, per-model
-precision/recall/ndcg/map/hit at k and ``best``. The metrics are computed from the
+precision/recall/ndcg/map/hit at k plus the beyond-accuracy metrics of
+:func:`training.metrics.beyond_accuracy` and the training time, and ``best``. The metrics are computed from the
 recommendation files as written, so the two always agree. Every held-out rating is
 relevant and items seen in train are never recommended.
 """
@@ -17,10 +18,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from hyperrec.datasets.movielens import ML100K_NAME, read_ratings, verify
+from hyperrec.datasets.movielens import ML100K_NAME, read_items, read_ratings, verify
 from hyperrec.settings import Settings
 from pipelines.split import split_fingerprint, u75_split
-from training.metrics import METRICS, evaluate
+from training.metrics import METRICS, beyond_accuracy, evaluate
 from training.models import InteractionMatrix, fit_ease, fit_item_knn, fit_popularity
 
 PROTOCOLS = ("u75",)
@@ -42,6 +43,27 @@ def load_ratings(dataset: str, settings: Settings) -> pd.DataFrame:
     if missing:
         raise ValueError(f"{path}: missing columns {missing}")
     return frame[COLUMNS]
+
+
+def item_vectors(dataset: str, settings: Settings, item_dtype) -> dict | None:
+    """Category one-hot vectors per item (for intra-list diversity): ml-100k genres, or
+    ``items.csv`` (item_id,title,genres with ``|``-separated genres) when the directory has one."""
+    if dataset == ML100K_NAME:
+        items = read_items(settings.data_dir / ML100K_NAME)[["item_id", "categories"]]
+    else:
+        path = Path(dataset) / "items.csv"
+        if not path.exists():
+            return None
+        raw = pd.read_csv(path)
+        items = pd.DataFrame({"item_id": raw["item_id"], "categories": raw["genres"].fillna("").str.split("|")})
+    labels = sorted({c for cats in items["categories"] for c in cats if c})
+    index = {c: j for j, c in enumerate(labels)}
+    vectors = {}
+    for item, cats in zip(items["item_id"].astype(item_dtype), items["categories"]):
+        v = np.zeros(len(labels))
+        v[[index[c] for c in cats if c]] = 1.0
+        vectors[item] = v
+    return vectors
 
 
 def recommend_for_test_users(name: str, train: pd.DataFrame, test_users: list, k: int, settings: Settings) -> pd.DataFrame:
@@ -73,6 +95,9 @@ def run_benchmark(settings: Settings, *, dataset: str, protocol: str, k: int, ou
     train.to_csv(out / "train.csv", index=False)
     test.to_csv(out / "test.csv", index=False)
     relevant = test.groupby("user_id")["item_id"].apply(set).to_dict()
+    n_items = ratings["item_id"].nunique()
+    popularity = (train.groupby("item_id")["user_id"].nunique() / train["user_id"].nunique()).to_dict()
+    vectors = item_vectors(dataset, settings, ratings["item_id"].dtype)
     results: dict[str, dict] = {}
     for name in models:
         start = time.perf_counter()
@@ -83,7 +108,9 @@ def run_benchmark(settings: Settings, *, dataset: str, protocol: str, k: int, ou
         written = pd.read_csv(path, dtype={"user_id": ratings["user_id"].dtype, "item_id": ratings["item_id"].dtype})
         lists = written.sort_values(["user_id", "rank"]).groupby("user_id")["item_id"].apply(list).to_dict()
         scores = evaluate(lists, relevant, k)
-        results[name] = {m: scores[f"{m}@{k}"] for m in METRICS} | {"users": scores["users"], "train_seconds": round(seconds, 3)}
+        extra = beyond_accuracy(lists, n_items=n_items, popularity=popularity, item_vectors=vectors, k=k)
+        results[name] = ({m: scores[f"{m}@{k}"] for m in METRICS} | {m.split("@")[0]: v for m, v in extra.items()}
+                         | {"users": scores["users"], "train_seconds": round(seconds, 3)})
     best = max(results, key=lambda n: results[n]["ndcg"])
     metrics = {"protocol": protocol, "dataset": dataset, "k": k, "split_fingerprint": split_fingerprint(test),
                "models": results, "best": best}

@@ -90,3 +90,100 @@ def catalog_coverage(recommendations: Mapping[object, Sequence], n_items: int, k
         return 0.0
     shown = {i for recs in recommendations.values() for i in list(recs)[:k]}
     return len(shown) / n_items
+
+
+# --------------------------------------------------------------------------- beyond accuracy
+# Shared conventions: ``recommendations`` maps user → ranked items (only the first ``k``
+# count); ``popularity`` maps item → the share of training users who interacted with it.
+
+
+def _exposure(recommendations: Mapping[object, Sequence], k: int) -> dict:
+    counts: dict = {}
+    for recs in recommendations.values():
+        for item in list(recs)[:k]:
+            counts[item] = counts.get(item, 0) + 1
+    return counts
+
+
+def intra_list_diversity(recommendations: Mapping[object, Sequence], item_vectors: Mapping[object, np.ndarray], k: int) -> float:
+    """Mean over users of the mean pairwise cosine distance (1 − cos) between the top-``k``
+    items' vectors. Items without a vector (or a zero vector) are skipped; lists with
+    fewer than two usable items are left out. 0 when no list qualifies."""
+    per_user = []
+    for recs in recommendations.values():
+        vectors = [np.asarray(item_vectors[i], dtype=float) for i in list(recs)[:k] if i in item_vectors]
+        vectors = [v / np.linalg.norm(v) for v in vectors if np.linalg.norm(v) > 0]
+        if len(vectors) < 2:
+            continue
+        m = np.vstack(vectors)
+        sim = m @ m.T
+        n = len(vectors)
+        per_user.append(float((n * n - sim.sum()) / (n * (n - 1))))  # mean of 1 − cos over ordered pairs i ≠ j
+    return float(np.mean(per_user)) if per_user else 0.0
+
+
+def novelty(recommendations: Mapping[object, Sequence], popularity: Mapping[object, float], k: int) -> float:
+    """Mean self-information −log2 p(i) of recommended items, p(i) the item's share of
+    training users (higher means less obvious). Items with p = 0 are left out."""
+    values = [-math.log2(popularity[i]) for recs in recommendations.values() for i in list(recs)[:k] if popularity.get(i, 0) > 0]
+    return float(np.mean(values)) if values else 0.0
+
+
+def exposure_entropy(recommendations: Mapping[object, Sequence], n_items: int, k: int) -> float:
+    """Shannon entropy of how exposures (list slots) spread over items, divided by
+    log2(n_items): 1 when every catalogue item is shown equally often, 0 when one item
+    takes every slot."""
+    counts = np.array(list(_exposure(recommendations, k).values()), dtype=float)
+    if counts.sum() == 0 or n_items <= 1:
+        return 0.0
+    p = counts / counts.sum()
+    return float(-(p * np.log2(p)).sum() / math.log2(n_items))
+
+
+def mean_popularity_percentile(recommendations: Mapping[object, Sequence], popularity: Mapping[object, float], k: int) -> float:
+    """Mean popularity percentile of recommended items: an item's percentile is the share
+    of catalogue items (keys of ``popularity``) strictly less popular than it; 1 means
+    only the most popular items are recommended (popularity bias)."""
+    ordered = np.sort(np.array(list(popularity.values()), dtype=float))
+    if not len(ordered):
+        return 0.0
+    values = [np.searchsorted(ordered, popularity.get(i, 0.0), side="left") / len(ordered)
+              for recs in recommendations.values() for i in list(recs)[:k]]
+    return float(np.mean(values)) if values else 0.0
+
+
+def exposure_gini(recommendations: Mapping[object, Sequence], n_items: int, k: int) -> float:
+    """Gini coefficient of exposure counts over the whole catalogue (unshown items count
+    0): 0 when exposure is spread evenly, towards 1 when a few items take all slots."""
+    counts = np.zeros(max(n_items, 1))
+    exposure = list(_exposure(recommendations, k).values())
+    counts[: len(exposure)] = sorted(exposure)
+    counts = np.sort(counts)
+    total = counts.sum()
+    if total == 0:
+        return 0.0
+    n = len(counts)
+    ranks = np.arange(1, n + 1)
+    return float((2 * (ranks * counts).sum()) / (n * total) - (n + 1) / n)
+
+
+def beyond_accuracy(
+    recommendations: Mapping[object, Sequence],
+    *,
+    n_items: int,
+    popularity: Mapping[object, float],
+    item_vectors: Mapping[object, np.ndarray] | None,
+    k: int,
+) -> dict[str, float]:
+    """Coverage, intra-list diversity (when item vectors are given), novelty, exposure
+    entropy, mean popularity percentile and exposure Gini, keyed ``"<name>@<k>"``."""
+    result = {
+        f"coverage@{k}": catalog_coverage(recommendations, n_items, k),
+        f"novelty@{k}": novelty(recommendations, popularity, k),
+        f"entropy@{k}": exposure_entropy(recommendations, n_items, k),
+        f"popularity_percentile@{k}": mean_popularity_percentile(recommendations, popularity, k),
+        f"gini@{k}": exposure_gini(recommendations, n_items, k),
+    }
+    if item_vectors is not None:
+        result[f"diversity@{k}"] = intra_list_diversity(recommendations, item_vectors, k)
+    return result

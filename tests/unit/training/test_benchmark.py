@@ -67,3 +67,15 @@ def test_generic_dataset_directory(settings, tmp_path):
         run_benchmark(settings, dataset="ml-100k", protocol="u80", k=5, out=tmp_path / "x")
     with pytest.raises(FileNotFoundError, match="interactions.csv"):
         run_benchmark(settings, dataset=str(tmp_path / "nope"), protocol="u75", k=5, out=tmp_path / "y")
+
+
+def test_beyond_accuracy_shows_popularity_bias(ml100k):
+    metrics, _ = ml100k
+    models = metrics["models"]
+    for name, res in models.items():
+        for key in ("coverage", "diversity", "novelty", "entropy", "popularity_percentile", "gini", "train_seconds"):
+            assert key in res, (name, key)
+        assert 0 <= res["coverage"] <= 1 and 0 <= res["gini"] <= 1 and 0 <= res["entropy"] <= 1
+    pop, ease = models["popularity"], models["ease"]
+    assert pop["coverage"] < ease["coverage"] and pop["novelty"] < ease["novelty"]
+    assert pop["popularity_percentile"] > ease["popularity_percentile"] and pop["gini"] > ease["gini"]

@@ -39,3 +39,23 @@ def test_hit_rate_and_evaluate_skip_users_without_relevant_items():
 
 def test_catalog_coverage():
     assert catalog_coverage({"u1": ["a", "b"], "u2": ["b", "c"]}, 10, 2) == pytest.approx(0.3)
+
+
+def test_beyond_accuracy_by_hand():
+    import numpy as np
+
+    from training.metrics import exposure_entropy, exposure_gini, intra_list_diversity, mean_popularity_percentile, novelty
+
+    vectors = {"a": np.array([1.0, 0.0]), "b": np.array([0.0, 1.0]), "c": np.array([1.0, 0.0])}
+    assert intra_list_diversity({"u": ["a", "b"]}, vectors, 2) == pytest.approx(1.0)
+    assert intra_list_diversity({"u": ["a", "c"]}, vectors, 2) == pytest.approx(0.0)
+    pop = {"a": 0.5, "b": 0.25, "c": 0.125, "d": 0.0625}
+    assert novelty({"u": ["a", "b"]}, pop, 2) == pytest.approx((1 + 2) / 2)
+    assert mean_popularity_percentile({"u": ["a"]}, pop, 1) == pytest.approx(0.75)  # 3 of 4 items less popular
+    assert mean_popularity_percentile({"u": ["d"]}, pop, 1) == pytest.approx(0.0)
+    even = {"u1": ["a", "b"], "u2": ["c", "d"]}
+    assert exposure_entropy(even, 4, 2) == pytest.approx(1.0)
+    assert exposure_gini(even, 4, 2) == pytest.approx(0.0)
+    same = {"u1": ["a"], "u2": ["a"]}
+    assert exposure_entropy(same, 4, 1) == pytest.approx(0.0)
+    assert exposure_gini(same, 4, 1) == pytest.approx(0.75)  # one of four items takes all: (n-1)/n
