@@ -459,25 +459,3 @@ def validate_features(df: DataFrame, *, stage: str, docs_dir: Path, raise_on_fai
         df, table=FEATURES_TABLE, stage=stage, expectations=features_expectations(df.columns),
         docs_dir=docs_dir, raise_on_failure=raise_on_failure,
     )
-
-
-def check_quarantine_share(counts: dict, max_fraction: float) -> None:
-    """Fail when the quarantined share ``counts["quarantined"] / counts["in"]`` exceeds
-    ``max_fraction``. An empty input (``in == 0``) has share 0."""
-    total, quarantined = int(counts["in"]), int(counts["quarantined"])
-    if total < 0 or quarantined < 0 or quarantined > total:
-        raise ValueError(f"invalid quarantine counts: in={total}, quarantined={quarantined}")
-    share = quarantined / total if total else 0.0
-    if share > max_fraction:
-        failure = {
-            "expectation": "quarantine_share_at_most",
-            "column": None,
-            "kwargs": {"max_fraction": max_fraction},
-            "unexpected_count": quarantined,
-            "element_count": total,
-            "details": {"share": share},
-        }
-        raise ValidationFailed(
-            f"quarantine share {share:.2%} ({quarantined} of {total} rows) exceeds the threshold {max_fraction:.2%}",
-            [failure],
-        )

@@ -12,7 +12,6 @@ from hyperrec.schemas import INTERACTIONS, ITEMS, USERS
 from pipelines.validate import (
     GateResult,
     ValidationFailed,
-    check_quarantine_share,
     features_expectations,
     row_count_bounds,
     validate_features,
@@ -146,16 +145,6 @@ def test_users_and_items_gates(spark, tmp_path):
     assert [(f["expectation"], f["column"]) for f in gate.failed] == [("expect_column_values_to_not_be_null", "title")]
     index = (docs / "index.html").read_text()
     assert "users_raw" in index and "items_processed" in index  # one site lists every gate of the run
-
-
-def test_quarantine_share():
-    with pytest.raises(ValidationFailed) as info:
-        check_quarantine_share({"in": 1000, "quarantined": 300}, 0.05)
-    assert "30.00%" in str(info.value) and "5.00%" in str(info.value)
-    check_quarantine_share({"in": 1000, "quarantined": 1}, 0.05)
-    check_quarantine_share({"in": 0, "quarantined": 0}, 0.05)
-    with pytest.raises(ValueError):
-        check_quarantine_share({"in": 1, "quarantined": 2}, 0.05)
 
 
 def _reasons(spark, good: int, bad: dict[str, int]):
