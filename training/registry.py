@@ -1,11 +1,22 @@
 """MLflow tracking and registry: log a training run, register the best model as a
-pyfunc with the alias ``challenger``, and the champion/challenger promotion gate."""
+pyfunc with the alias ``challenger``, the champion/challenger promotion gate, manual
+promotion, rollback and a listing of versions.
+
+Champion history: the registered model's tag ``promotion.champion_stack`` holds the JSON
+list of champion versions, oldest first; a promotion pushes, a rollback pops. Each
+promoted version records ``promotion.previous_champion``, ``promotion.by`` (gate, manual),
+``promotion.user``, ``promotion.reason`` and ``promotion.at``.
+"""
 
 from __future__ import annotations
 
+import getpass
 import json
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import pandas as pd
@@ -17,9 +28,17 @@ from hyperrec.tracking import configure
 from training.bundle import load_bundle
 from training.models import InteractionMatrix
 from training.pyfunc import RecommenderPyfunc
-from training.evaluation import relevant_items, score_model
+from training.evaluation import recommend_ids, relevant_items
+from training.metrics import catalog_coverage, evaluate
 
 CHAMPION, CHALLENGER = "champion", "challenger"
+WEIGHT_COLUMN = "confidence"
+STACK_TAG = "promotion.champion_stack"
+STACK_LIMIT = 200  # champion versions kept in the history tag (a registered-model tag holds 5000 chars)
+
+
+class RegistryError(RuntimeError):
+    """A registry operation that cannot be done as asked (unknown version, nothing to roll back to)."""
 
 
 @dataclass
@@ -75,11 +94,74 @@ def bundle_dir_of(settings: Settings, version: int | str, dest: Path) -> Path:
 
 
 def champion_version(settings: Settings) -> int | None:
+    """The version holding the ``champion`` alias, or None when there is none."""
     configure(settings)
     try:
         return int(MlflowClient().get_model_version_by_alias(settings.mlflow.registered_model, CHAMPION).version)
     except mlflow.exceptions.MlflowException:
         return None
+
+
+# --------------------------------------------------------------------------- holdout scoring
+
+
+def segment_ndcg(
+    recommendations: Mapping[Any, list], relevant: Mapping[Any, set], segments: Mapping[str, str], k: int
+) -> dict[str, float]:
+    """Mean NDCG@k per segment over the users with ≥1 relevant item; ``segments`` maps
+    ``str(user_id)`` → segment, and users it does not assign are left out."""
+    groups: dict[str, dict[Any, set]] = {}
+    for user, rel in relevant.items():
+        segment = segments.get(str(user))
+        if segment is not None:
+            groups.setdefault(str(segment), {})[user] = rel
+    return {segment: evaluate(recommendations, rel, k)[f"ndcg@{k}"] for segment, rel in sorted(groups.items())}
+
+
+def segment_gap(per_segment: Mapping[str, float]) -> float:
+    """Fairness gap: best minus worst per-segment NDCG@k; 0.0 with fewer than two segments."""
+    values = list(per_segment.values())
+    return float(max(values) - min(values)) if len(values) >= 2 else 0.0
+
+
+def evaluate_bundle_on(
+    bundle_dir: Path,
+    train_df: pd.DataFrame,
+    test_df: pd.DataFrame,
+    k: int,
+    segments: Mapping[Any, Any] | None = None,
+) -> dict[str, Any]:
+    """Score a bundle on a holdout (e.g. the champion on the challenger's split): the
+    :func:`training.metrics.evaluate` metrics, ``coverage@k`` and, with ``segments``
+    (user_id → segment), ``segment_ndcg`` (segment → NDCG@k) and ``segment_gap``."""
+    bundle = load_bundle(bundle_dir)
+    # The same weighted history the pipeline trains and serves with.
+    weight_col = WEIGHT_COLUMN if WEIGHT_COLUMN in train_df.columns else None
+    train = InteractionMatrix.from_frame(train_df, item_ids=bundle.item_ids, weight_col=weight_col)
+    relevant = relevant_items(train, test_df)
+    recs = recommend_ids(bundle.model, train, list(relevant), k) if relevant else {}
+    metrics: dict[str, Any] = evaluate(recs, relevant, k)
+    metrics[f"coverage@{k}"] = catalog_coverage(recs, len(train.item_ids), k)
+    if segments is not None:
+        per = segment_ndcg(recs, relevant, {str(u): str(s) for u, s in segments.items()}, k)
+        metrics["segment_ndcg"], metrics["segment_gap"] = per, segment_gap(per)
+    return metrics
+
+
+# --------------------------------------------------------------------------- promotion gate
+
+
+@dataclass
+class GateCheck:
+    """One gate comparison; ``passed`` is None when the check was skipped."""
+
+    name: str
+    metric: str
+    challenger: float | None
+    champion: float | None
+    limit: float
+    passed: bool | None
+    detail: str
 
 
 @dataclass
@@ -90,13 +172,46 @@ class GateDecision:
     champion_version: int | None
     challenger_ndcg: float
     champion_ndcg: float | None
+    checks: list[GateCheck] = field(default_factory=list)
 
 
-def evaluate_bundle_on(bundle_dir: Path, train_df: pd.DataFrame, test_df: pd.DataFrame, k: int) -> dict[str, float]:
-    """Score a registered model's bundle on another run's split (same holdout as the challenger)."""
-    bundle = load_bundle(bundle_dir)
-    train = InteractionMatrix.from_frame(train_df, item_ids=bundle.item_ids)
-    return score_model(bundle.model, train, relevant_items(train, test_df), k)
+def _verdict(passed: bool | None) -> str:
+    return "skipped" if passed is None else ("pass" if passed else "FAIL")
+
+
+def gate_checks(
+    settings: Settings, challenger: Mapping[str, Any], champion: Mapping[str, Any], *, fairness: bool
+) -> list[GateCheck]:
+    """The three gate checks of a challenger against the champion, both scored on the same holdout.
+
+    - ndcg: challenger NDCG@k ≥ champion NDCG@k + ``promotion.min_ndcg_gain``;
+    - coverage: champion coverage@k − challenger coverage@k ≤ ``promotion.max_coverage_drop``;
+    - fairness: challenger segment gap − champion segment gap ≤ ``promotion.max_fairness_gap_increase``
+      (skipped unless ``fairness``).
+    """
+    k, cfg = settings.training.k, settings.promotion
+    eps = 1e-12  # float noise must not flip an exact tie at the limit
+    c, h = float(challenger[f"ndcg@{k}"]), float(champion[f"ndcg@{k}"])
+    ok = c - h >= cfg.min_ndcg_gain - eps
+    checks = [GateCheck("ndcg", f"ndcg@{k}", c, h, cfg.min_ndcg_gain, ok,
+                        f"ndcg@{k} {c:.4f} vs champion {h:.4f}: gain {c - h:+.4f} "
+                        f"{'>=' if ok else '<'} required {cfg.min_ndcg_gain:+.4f} -> {_verdict(ok)}")]
+    c, h = float(challenger[f"coverage@{k}"]), float(champion[f"coverage@{k}"])
+    ok = h - c <= cfg.max_coverage_drop + eps
+    checks.append(GateCheck("coverage", f"coverage@{k}", c, h, cfg.max_coverage_drop, ok,
+                            f"coverage@{k} {c:.4f} vs champion {h:.4f}: drop {h - c:+.4f} "
+                            f"{'<=' if ok else '>'} allowed {cfg.max_coverage_drop:.4f} -> {_verdict(ok)}"))
+    metric = f"segment_gap(ndcg@{k})"
+    if fairness:
+        c, h = float(challenger["segment_gap"]), float(champion["segment_gap"])
+        ok = c - h <= cfg.max_fairness_gap_increase + eps
+        checks.append(GateCheck("fairness", metric, c, h, cfg.max_fairness_gap_increase, ok,
+                                f"segment ndcg@{k} gap (best-worst) {c:.4f} vs champion {h:.4f}: increase {c - h:+.4f} "
+                                f"{'<=' if ok else '>'} allowed {cfg.max_fairness_gap_increase:.4f} -> {_verdict(ok)}"))
+    else:
+        checks.append(GateCheck("fairness", metric, None, None, cfg.max_fairness_gap_increase, None,
+                                "segment ndcg gap: no user segments given -> skipped"))
+    return checks
 
 
 def promotion_gate(
@@ -107,31 +222,214 @@ def promotion_gate(
     train_df: pd.DataFrame,
     test_df: pd.DataFrame,
     workdir: Path,
+    challenger_metrics: Mapping[str, Any] | None = None,
+    segments: Mapping[Any, Any] | None = None,
 ) -> GateDecision:
-    """Promote the challenger when no champion exists, or when its NDCG@k on this run's
-    holdout is at least the champion's NDCG@k on the same holdout plus ``promotion.min_ndcg_gain``.
+    """Promote the challenger to ``champion`` when no champion exists, or when every
+    :func:`gate_checks` check passes against the champion scored on this run's holdout.
 
-    The decision and its reason are written as tags on the challenger version.
+    ``challenger_metrics`` must hold ``coverage@k`` and may hold ``segment_gap``; what it
+    lacks is scored from the challenger's registered bundle on the same holdout.
+    ``segments`` (user_id → segment) enables the fairness check. The decision, the reason
+    (every check with its numbers) and ``gate.checks`` (JSON) are written as tags on the
+    challenger version, the reason also as its description, and ``workdir/gate.json``.
+    Re-running the gate on a version that is already champion changes nothing.
     """
     k = settings.training.k
+    if challenger_metrics is not None and f"coverage@{k}" not in challenger_metrics:
+        raise ValueError(f"challenger_metrics of v{challenger_version} must include 'coverage@{k}' "
+                         f"(got {sorted(challenger_metrics)})")
     workdir.mkdir(parents=True, exist_ok=True)
+    client, name = configure(settings), settings.mlflow.registered_model
     current = champion_version(settings)
+    if current == challenger_version:
+        previous = client.get_model_version(name, str(challenger_version)).tags.get("gate.reason", "set outside the gate")
+        decision = GateDecision(True, f"v{current} is already the champion ({previous})", challenger_version,
+                                current, challenger_ndcg, challenger_ndcg)
+        (workdir / "gate.json").write_text(json.dumps(asdict(decision), indent=2))
+        return decision
     if current is None:
-        decision = GateDecision(True, "no champion yet", challenger_version, None, challenger_ndcg, None)
-    elif current == challenger_version:
-        decision = GateDecision(False, "challenger is already champion", challenger_version, current, challenger_ndcg, challenger_ndcg)
+        decision = GateDecision(True, f"no champion yet: v{challenger_version} becomes the first champion",
+                                challenger_version, None, challenger_ndcg, None)
     else:
-        champ = evaluate_bundle_on(bundle_dir_of(settings, current, workdir / f"champion-v{current}"), train_df, test_df, k)[f"ndcg@{k}"]
-        margin = settings.promotion.min_ndcg_gain
-        promote = challenger_ndcg >= champ + margin
-        verb = "reaches" if promote else "falls short of"
-        reason = f"challenger ndcg@{k}={challenger_ndcg:.4f} {verb} champion v{current} ndcg@{k}={champ:.4f} + margin {margin}"
-        decision = GateDecision(promote, reason, challenger_version, current, challenger_ndcg, champ)
-    client = MlflowClient()
-    name = settings.mlflow.registered_model
-    client.set_model_version_tag(name, str(challenger_version), "gate.decision", "promoted" if decision.promote else "rejected")
-    client.set_model_version_tag(name, str(challenger_version), "gate.reason", decision.reason)
+        need_scoring = challenger_metrics is None or (segments is not None and "segment_gap" not in challenger_metrics)
+        challenger: dict[str, Any] = {}
+        if need_scoring:
+            own = bundle_dir_of(settings, challenger_version, workdir / f"challenger-v{challenger_version}")
+            challenger = evaluate_bundle_on(own, train_df, test_df, k, segments)
+        challenger.update(challenger_metrics or {})
+        challenger[f"ndcg@{k}"] = challenger_ndcg
+        champ_dir = bundle_dir_of(settings, current, workdir / f"champion-v{current}")
+        champion = evaluate_bundle_on(champ_dir, train_df, test_df, k, segments)
+        checks = gate_checks(settings, challenger, champion, fairness=segments is not None)
+        failed = [c.name for c in checks if c.passed is False]
+        details = "; ".join(c.detail for c in checks)
+        head = (f"promoted over champion v{current}" if not failed
+                else f"rejected against champion v{current} (failed: {', '.join(failed)})")
+        decision = GateDecision(not failed, f"{head}: {details}", challenger_version, current, challenger_ndcg,
+                                float(champion[f"ndcg@{k}"]), checks)
+    version = str(challenger_version)
+    client.set_model_version_tag(name, version, "gate.decision", "promoted" if decision.promote else "rejected")
+    client.set_model_version_tag(name, version, "gate.reason", decision.reason)
+    client.set_model_version_tag(name, version, "gate.checks", json.dumps([asdict(c) for c in decision.checks]))
+    client.update_model_version(name, version, description=f"promotion gate: {decision.reason}")
     if decision.promote:
-        client.set_registered_model_alias(name, CHAMPION, str(challenger_version))
+        _move_champion(client, name, challenger_version, by="gate", reason=decision.reason, user=_user(None))
     (workdir / "gate.json").write_text(json.dumps(asdict(decision), indent=2))
     return decision
+
+
+# --------------------------------------------------------------------------- manual promotion and rollback
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _user(user: str | None) -> str:
+    if user:
+        return user
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "unknown"
+
+
+def _registered_model(client: MlflowClient, name: str):
+    try:
+        return client.get_registered_model(name)
+    except mlflow.exceptions.MlflowException as exc:
+        raise RegistryError(f"registered model {name!r} not found at {mlflow.get_tracking_uri()}: "
+                            "nothing has been registered yet") from exc
+
+
+def _model_version(client: MlflowClient, name: str, version: int):
+    try:
+        mv = client.get_model_version(name, str(version))
+    except mlflow.exceptions.MlflowException as exc:
+        raise RegistryError(f"registered model {name!r} has no version {version}") from exc
+    if mv.status != "READY":
+        raise RegistryError(f"version {version} of {name!r} is {mv.status}, not READY")
+    return mv
+
+
+def champion_history(client: MlflowClient, name: str) -> list[int]:
+    """Champion versions, oldest first, the current champion last (from :data:`STACK_TAG`).
+
+    A champion alias moved outside hyperrec (e.g. in the MLflow UI) is appended."""
+    model = _registered_model(client, name)
+    raw = model.tags.get(STACK_TAG)
+    stack = [int(v) for v in json.loads(raw)] if raw else []
+    current = model.aliases.get(CHAMPION)
+    if current is not None and (not stack or stack[-1] != int(current)):
+        stack.append(int(current))
+    return stack
+
+
+def _move_champion(client: MlflowClient, name: str, version: int, *, by: str, reason: str, user: str) -> dict:
+    """Point ``champion`` at ``version``, push it on the history and tag who, why and what it replaced."""
+    stack = champion_history(client, name)
+    previous = stack[-1] if stack else None
+    client.set_registered_model_alias(name, CHAMPION, str(version))
+    stack.append(int(version))
+    client.set_registered_model_tag(name, STACK_TAG, json.dumps(stack[-STACK_LIMIT:]))
+    record = {"version": int(version), "previous_champion": previous, "by": by, "user": user, "reason": reason,
+              "at": _now()}
+    tags = {"promotion.previous_champion": "none" if previous is None else str(previous), "promotion.by": by,
+            "promotion.user": user, "promotion.reason": reason, "promotion.at": record["at"]}
+    for key, value in tags.items():
+        client.set_model_version_tag(name, str(version), key, value)
+    return record
+
+
+def promote_version(settings: Settings, version: int, reason: str = "", *, user: str | None = None) -> dict:
+    """Make ``version`` the champion by hand (after review in the MLflow UI).
+
+    Tags the version ``gate.decision=manual``, ``gate.reason`` (who and why; an earlier
+    automatic decision is kept in ``gate.auto_decision``) and the ``promotion.*`` record.
+    Returns that record: version, previous_champion, by, user, reason, at.
+    """
+    client, name = configure(settings), settings.mlflow.registered_model
+    _registered_model(client, name)
+    mv = _model_version(client, name, version)
+    current = champion_version(settings)
+    if current == int(version):
+        raise RegistryError(f"version {version} of {name!r} is already the champion")
+    user, reason = _user(user), reason.strip() or "no reason given"
+    automatic = mv.tags.get("gate.decision")
+    if automatic and automatic != "manual":
+        client.set_model_version_tag(name, str(version), "gate.auto_decision", automatic)
+    client.set_model_version_tag(name, str(version), "gate.decision", "manual")
+    client.set_model_version_tag(name, str(version), "gate.reason", f"manual promotion by {user}: {reason}")
+    return _move_champion(client, name, int(version), by="manual", reason=reason, user=user)
+
+
+def rollback(settings: Settings, to: int | None = None, *, reason: str = "", user: str | None = None) -> dict:
+    """Move ``champion`` back to the previous champion, or to ``to``, an earlier champion.
+
+    The versions after the target are popped from the history, so repeated rollbacks walk
+    further back. Tags the replaced version ``rollback.*`` and the restored one
+    ``rollback.restored_from``. Returns version, rolled_back_from, user, reason, at, history.
+    """
+    client, name = configure(settings), settings.mlflow.registered_model
+    stack = champion_history(client, name)
+    if not stack:
+        raise RegistryError(f"registered model {name!r} has no champion: nothing to roll back")
+    current, earlier = stack[-1], stack[:-1]
+    if to is None:
+        if not earlier:
+            raise RegistryError(f"nothing to roll back to: v{current} is the first champion of {name!r} "
+                                f"(no earlier champion in its promotion history)")
+        target = earlier[-1]
+    elif int(to) == current:
+        raise RegistryError(f"version {to} of {name!r} is already the champion")
+    elif int(to) not in earlier:
+        raise RegistryError(f"version {to} of {name!r} was never champion before v{current} (earlier champions: "
+                            f"{earlier or 'none'}); use `hyperrec model promote {to}` to promote it")
+    else:
+        target = int(to)
+    _model_version(client, name, target)
+    while stack[-1] != target:
+        stack.pop()
+    client.set_registered_model_alias(name, CHAMPION, str(target))
+    client.set_registered_model_tag(name, STACK_TAG, json.dumps(stack))
+    user, reason, at = _user(user), reason.strip() or "no reason given", _now()
+    for key, value in {"rollback.replaced_by": str(target), "rollback.user": user, "rollback.reason": reason,
+                       "rollback.at": at}.items():
+        client.set_model_version_tag(name, str(current), key, value)
+    client.set_model_version_tag(name, str(target), "rollback.restored_from", str(current))
+    client.set_model_version_tag(name, str(target), "rollback.restored_at", at)
+    return {"version": target, "rolled_back_from": current, "user": user, "reason": reason, "at": at,
+            "history": stack}
+
+
+def list_versions(settings: Settings) -> list[dict]:
+    """Every version of the registered model, newest first: version, aliases, gate_decision,
+    gate_reason, ndcg (the run's logged ``ndcg_at_<k>``, None if absent), created (UTC ISO),
+    run_id and previous_champion. Empty when nothing is registered."""
+    client, name = configure(settings), settings.mlflow.registered_model
+    try:
+        model = client.get_registered_model(name)
+    except mlflow.exceptions.MlflowException:
+        return []
+    aliases: dict[int, list[str]] = {}
+    for alias, version in model.aliases.items():
+        aliases.setdefault(int(version), []).append(alias)
+    metric = f"ndcg_at_{settings.training.k}"
+    rows = []
+    for mv in sorted(client.search_model_versions(f"name = '{name}'"), key=lambda m: int(m.version), reverse=True):
+        try:
+            metrics = client.get_run(mv.run_id).data.metrics if mv.run_id else {}
+        except mlflow.exceptions.MlflowException:
+            metrics = {}
+        rows.append({
+            "version": int(mv.version),
+            "aliases": sorted(aliases.get(int(mv.version), [])),
+            "gate_decision": mv.tags.get("gate.decision"),
+            "gate_reason": mv.tags.get("gate.reason"),
+            "ndcg": metrics.get(metric),
+            "created": datetime.fromtimestamp(mv.creation_timestamp / 1000, timezone.utc).isoformat(timespec="seconds"),
+            "run_id": mv.run_id,
+            "previous_champion": mv.tags.get("promotion.previous_champion"),
+        })
+    return rows
