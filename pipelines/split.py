@@ -126,3 +126,21 @@ def temporal_split(df: "DataFrame", test_fraction: float) -> "DataFrame":
         .withColumn("split", F.when(F.col("_cutoff").isNotNull() & (F.col("timestamp") >= F.col("_cutoff")), "test").otherwise("train"))
         .drop("_cutoff")
     )
+
+
+def user_kfold(frame: pd.DataFrame, k: int, seed: int = 0) -> list[tuple[pd.DataFrame, pd.DataFrame]]:
+    """Per-user stratified k-fold over ``frame``: ``[(fit, held_out), ...]``, one pair per fold.
+
+    Each user's rows are shuffled with ``numpy.random.default_rng(seed)`` and dealt
+    round-robin into k parts; fold f holds out part f. Every user with at least k rows
+    appears in every fold's held-out part, so segments (sets of users) are represented in
+    proportion in every fold; a user with fewer rows is held out in only some folds and
+    keeps the rest for fitting. Each row is held out exactly once across the k folds.
+    """
+    if k < 2:
+        raise ValueError(f"user_kfold: k must be at least 2, got {k}")
+    if "user_id" not in frame.columns:
+        raise ValueError("user_kfold: frame lacks column 'user_id'")
+    draws = pd.Series(np.random.default_rng(seed).random(len(frame)), index=frame.index)
+    part = (draws.groupby(frame["user_id"], sort=False).rank(method="first").to_numpy().astype(np.int64) - 1) % k
+    return [(frame[part != f], frame[part == f]) for f in range(k)]

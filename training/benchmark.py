@@ -18,14 +18,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from hyperrec.datasets.movielens import ML100K_NAME, read_items, read_ratings, verify
+from hyperrec.datasets.movielens import ML100K_NAME, read_items, read_ratings, read_users, verify
+from hyperrec.datasets import RawDataset
 from hyperrec.settings import Settings
 from pipelines.split import split_fingerprint, u75_split
 from training.metrics import METRICS, beyond_accuracy, evaluate
-from training.models import InteractionMatrix, fit_ease, fit_item_knn, fit_popularity
+from training.candidates import BASELINES, COMPONENTS, NEEDS, available, fit_candidate, tune_choice
+from training.hybrid import FitContext
+from training.models import InteractionMatrix, top_k
 
 PROTOCOLS = ("u75",)
 COLUMNS = ["user_id", "item_id", "rating", "timestamp"]
+MODELS = (*BASELINES, *COMPONENTS, "hybrid")
 
 
 def load_ratings(dataset: str, settings: Settings) -> pd.DataFrame:
@@ -43,6 +47,33 @@ def load_ratings(dataset: str, settings: Settings) -> pd.DataFrame:
     if missing:
         raise ValueError(f"{path}: missing columns {missing}")
     return frame[COLUMNS]
+
+
+def export_raw_dataset(raw: "RawDataset", out: Path) -> Path:
+    """Write a raw dataset (``hyperrec generate`` layout) in the generic benchmark format.
+
+    ``interactions.csv``: one row per (user, item), in first-event order, with ``rating`` the
+    explicit rating when one was given, else 5 × the event type's base confidence
+    (:data:`pipelines.preprocess.EVENT_CONFIDENCE`, the strongest event counts), and
+    ``timestamp`` the first event's Unix seconds. Also ``items.csv`` (item_id,title,genres)
+    and ``users.csv`` (user_id and the demographic columns).
+    """
+    from pipelines.preprocess import EVENT_CONFIDENCE
+
+    events = pd.read_parquet(raw.interactions, columns=["user_id", "item_id", "event_type", "rating", "timestamp"])
+    events = events.dropna(subset=["user_id", "item_id", "timestamp"])
+    implicit = events["event_type"].map(EVENT_CONFIDENCE).astype(float) * 5.0
+    events = events.assign(rating=events["rating"].where(events["event_type"] == "rate", implicit).fillna(1.0),
+                           timestamp=(pd.to_datetime(events["timestamp"], utc=True) - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(seconds=1))
+    events = events.sort_values("timestamp", kind="stable")
+    pairs = events.groupby(["user_id", "item_id"], sort=False).agg(rating=("rating", "max"), timestamp=("timestamp", "min")).reset_index()
+    out.mkdir(parents=True, exist_ok=True)
+    pairs.sort_values(["timestamp", "user_id", "item_id"], kind="stable")[COLUMNS].to_csv(out / "interactions.csv", index=False)
+    items = pd.read_parquet(raw.items)
+    pd.DataFrame({"item_id": items["item_id"], "title": items["title"],
+                  "genres": ["|".join(c) if c is not None else "" for c in items["categories"]]}).to_csv(out / "items.csv", index=False)
+    pd.read_parquet(raw.users).to_csv(out / "users.csv", index=False)
+    return out
 
 
 def item_vectors(dataset: str, settings: Settings, item_dtype) -> dict | None:
@@ -66,29 +97,49 @@ def item_vectors(dataset: str, settings: Settings, item_dtype) -> dict | None:
     return vectors
 
 
-def recommend_for_test_users(name: str, train: pd.DataFrame, test_users: list, k: int, settings: Settings) -> pd.DataFrame:
-    """Fit ``name`` on ``train`` and return k (user_id, item_id, rank) rows per test user."""
-    matrix = InteractionMatrix.from_frame(train)
-    fitters = {
-        "popularity": lambda x: fit_popularity(x),
-        "item_knn": lambda x: fit_item_knn(x, settings.training.knn_neighbours),
-        "ease": lambda x: fit_ease(x, settings.training.ease_lambda),
-    }
-    model = fitters[name](matrix.matrix)
-    users = [u for u in test_users if u in matrix.user_index]
-    rows = np.array([matrix.user_index[u] for u in users], dtype=np.int64)
-    top = model.recommend(matrix.matrix[rows], k) if len(rows) else np.empty((0, k), dtype=np.int64)
-    return pd.DataFrame({
-        "user_id": np.repeat(np.array(users, dtype=object), top.shape[1]),
-        "item_id": matrix.item_ids[top.ravel()],
-        "rank": np.tile(np.arange(1, top.shape[1] + 1), len(users)),
-    })
+def side_data(dataset: str, settings: Settings, item_ids: np.ndarray, ratings: pd.DataFrame, *, spark: bool = True) -> dict:
+    """Side data for the content, neural and ALS components (see :mod:`training.candidates`):
+    item category multi-hot and content embeddings aligned with ``item_ids``, user features
+    (ml-100k ``u.user`` or ``users.csv``) and the Spark session. Missing files leave keys out."""
+    from feature_store.items import content_embeddings
+    from training.content import item_embeddings_for
+
+    side: dict = {}
+    item_dtype, user_dtype = ratings["item_id"].dtype, ratings["user_id"].dtype
+    vectors = item_vectors(dataset, settings, item_dtype)
+    if vectors:
+        width = len(next(iter(vectors.values())))
+        side["item_categories"] = np.array([vectors.get(i, np.zeros(width)) for i in item_ids], dtype=np.float32)
+    if dataset == ML100K_NAME:
+        items = read_items(settings.data_dir / ML100K_NAME)
+        users = read_users(settings.data_dir / ML100K_NAME)
+    else:
+        items_path, users_path = Path(dataset) / "items.csv", Path(dataset) / "users.csv"
+        items = pd.read_csv(items_path) if items_path.exists() else None
+        if items is not None and "genres" in items.columns:
+            items["text"] = items["title"].fillna("").astype(str) + ". " + items["genres"].fillna("").str.replace("|", ", ")
+        users = pd.read_csv(users_path) if users_path.exists() else None
+    if items is not None:
+        embeddings, _ = content_embeddings(items)
+        side["item_embeddings"] = item_embeddings_for(item_ids, items, embeddings)
+    if users is not None:
+        users = users.copy()
+        users["user_id"] = users["user_id"].astype(user_dtype)
+        side["user_features"] = users.drop(columns=[c for c in ("zip",) if c in users.columns])
+    if spark:
+        from pipelines.spark import get_spark
+
+        side["spark"] = get_spark(settings)
+    return side
 
 
 def run_benchmark(settings: Settings, *, dataset: str, protocol: str, k: int, out: Path,
-                  models: tuple[str, ...] = ("popularity", "item_knn", "ease")) -> dict:
+                  models: tuple[str, ...] = MODELS, log=print) -> dict:
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; known: {', '.join(PROTOCOLS)}")
+    unknown = [m for m in models if m not in MODELS]
+    if unknown:
+        raise ValueError(f"unknown model(s) {unknown}; known: {', '.join(MODELS)}")
     out.mkdir(parents=True, exist_ok=True)
     ratings = load_ratings(dataset, settings)
     train, test = u75_split(ratings)
@@ -98,11 +149,33 @@ def run_benchmark(settings: Settings, *, dataset: str, protocol: str, k: int, ou
     n_items = ratings["item_id"].nunique()
     popularity = (train.groupby("item_id")["user_id"].nunique() / train["user_id"].nunique()).to_dict()
     vectors = item_vectors(dataset, settings, ratings["item_id"].dtype)
+    item_ids = np.array(sorted(train["item_id"].unique()), dtype=object)
+    matrix = InteractionMatrix.from_frame(train, item_ids=item_ids, weight_col="rating")
+    side = side_data(dataset, settings, item_ids, ratings, spark="als" in models)
+    context = FitContext(train, matrix, item_ids, side)
+    users = [u for u in relevant if u in matrix.user_index]
+    rows = np.array([matrix.user_index[u] for u in users], dtype=np.int64)
+    choice = None
+    if "ease" in models or "hybrid" in models:
+        log("validation: tuning EASE λ, temporal β, input α and the blend weights on a per-user k-fold of train")
+        choice = tune_choice(context, settings, weight_col="rating", blend="hybrid" in models, log=log)
     results: dict[str, dict] = {}
     for name in models:
+        if name in COMPONENTS and name not in available(side):
+            log(f"{name}: skipped, its side data ({', '.join(NEEDS[name])}) is missing")
+            continue
+        log(f"{name}: fitting")
         start = time.perf_counter()
-        recs = recommend_for_test_users(name, train, list(relevant), k, settings)
-        seconds = time.perf_counter() - start
+        scorer, _ = fit_candidate(name, context, settings, choice=choice, weight_col="rating", log=log)
+        x = matrix.matrix[rows]
+        top = top_k(scorer.score(x, users), x, k)
+        # The hybrid's training time includes its validation search.
+        seconds = time.perf_counter() - start + (choice.seconds if name == "hybrid" else 0.0)
+        recs = pd.DataFrame({
+            "user_id": np.repeat(np.array(users, dtype=object), top.shape[1]),
+            "item_id": item_ids[top.ravel()],
+            "rank": np.tile(np.arange(1, top.shape[1] + 1), len(users)),
+        })
         path = out / f"recommendations-{name}.csv"
         recs.to_csv(path, index=False)
         written = pd.read_csv(path, dtype={"user_id": ratings["user_id"].dtype, "item_id": ratings["item_id"].dtype})
@@ -111,8 +184,11 @@ def run_benchmark(settings: Settings, *, dataset: str, protocol: str, k: int, ou
         extra = beyond_accuracy(lists, n_items=n_items, popularity=popularity, item_vectors=vectors, k=k)
         results[name] = ({m: scores[f"{m}@{k}"] for m in METRICS} | {m.split("@")[0]: v for m, v in extra.items()}
                          | {"users": scores["users"], "train_seconds": round(seconds, 3)})
+        log(f"{name}: ndcg@{k}={results[name]['ndcg']:.4f} ({seconds:.1f} s)")
     best = max(results, key=lambda n: results[n]["ndcg"])
     metrics = {"protocol": protocol, "dataset": dataset, "k": k, "split_fingerprint": split_fingerprint(test),
                "models": results, "best": best}
+    if choice is not None:
+        metrics["validation"] = choice.to_dict()
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
     return metrics

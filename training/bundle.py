@@ -8,7 +8,12 @@ A bundle is one directory holding :data:`BUNDLE_FILES`:
   the :class:`training.models.ItemItemModel` ``score = x·W + b``;
 - ``popularity.npy`` (float32, n_items): the cold-start ranking;
 - ``items.parquet``: ``item_id``, ``title``, ``categories`` in item-index order;
-- ``user_history.parquet``: ``user_id``, ``item_idx`` (list of int32 item indices seen in training).
+- ``user_history.parquet``: ``user_id``, ``item_idx`` (list of int32 item indices seen in
+  training) and ``weight`` (list of float32 interaction weights, same order; 1.0 when absent);
+- ``blend/`` (a :class:`training.hybrid.WeightedHybrid` only): ``blend.json`` (input weighting,
+  blend weights and scales) and one directory per component
+  (:func:`training.candidates.save_scorer`). The anchor's blend weight and scale are folded into
+  ``weights.npy``/``bias.npy``.
 """
 from __future__ import annotations
 
@@ -17,7 +22,7 @@ import os
 import re
 import uuid
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
@@ -27,9 +32,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import scipy.sparse as sp
 
+from training.hybrid import InputWeighting, WeightedHybrid
 from training.models import ItemItemModel
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 BUNDLE_FILES: tuple[str, ...] = (
     "metadata.json",
     "bias.npy",
@@ -51,8 +57,10 @@ _ITEMS_SCHEMA = pa.schema(
     ]
 )
 _HISTORY_SCHEMA = pa.schema(
-    [pa.field("user_id", pa.string(), nullable=False), pa.field("item_idx", pa.list_(pa.int32()))]
+    [pa.field("user_id", pa.string(), nullable=False), pa.field("item_idx", pa.list_(pa.int32())),
+     pa.field("weight", pa.list_(pa.float32()))]
 )
+BLEND_DIR = "blend"
 
 
 def validate_version(version: str) -> str:
@@ -75,12 +83,13 @@ class Bundle:
 
     version: str
     metadata: dict
-    model: ItemItemModel
+    model: ItemItemModel | WeightedHybrid
     popularity: np.ndarray
     item_ids: np.ndarray
     titles: np.ndarray
     categories: list[list[str]]
     history: dict[str, np.ndarray]
+    history_weights: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
     item_index: dict[str, int] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -115,16 +124,26 @@ class Bundle:
         extra = np.array([self.item_index[i] for i in extra_items if i in self.item_index], dtype=np.int32)
         seen = np.unique(np.concatenate([self.history[user_id], extra])) if known else np.unique(extra)
         if known or len(seen):
-            scores = self.model.score(self._row(seen))[0]
+            scores = self.model.score(self._row(user_id if known else None, extra), [user_id if known else None])[0]
         else:
             scores = self.popularity.astype(np.float32, copy=True)
         if exclude_seen and len(seen):
             scores[seen] = -np.inf
         return self._top(scores, k), not known
 
-    def _row(self, indices: np.ndarray) -> sp.csr_matrix:
-        """One user's binary interaction row over this bundle's items."""
-        data = np.ones(len(indices), dtype=np.float32)
+    def _row(self, user_id: str | None, extra: np.ndarray) -> sp.csr_matrix:
+        """One user's interaction row: training history with its stored weights, plus live
+        events at the neutral weight (the mean training weight for a blend, else 1)."""
+        neutral = self.model.weighting.mean if isinstance(self.model, WeightedHybrid) else 1.0
+        weights: dict[int, float] = {}
+        if user_id is not None:
+            stored = self.history_weights.get(user_id)
+            for j, i in enumerate(self.history[user_id]):
+                weights[int(i)] = float(stored[j]) if stored is not None else 1.0
+        for i in extra:
+            weights.setdefault(int(i), neutral)
+        indices = np.array(sorted(weights), dtype=np.int32)
+        data = np.array([weights[i] for i in indices], dtype=np.float32)
         return sp.csr_matrix((data, indices, [0, len(indices)]), shape=(1, self.n_items))
 
     def _top(self, scores: np.ndarray, k: int) -> list[dict]:
@@ -177,13 +196,14 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
 def write_bundle(
     out_dir: Path,
     *,
-    model: ItemItemModel,
+    model: ItemItemModel | WeightedHybrid,
     item_ids: Sequence[Any],
     titles: Sequence[Any],
     categories: Sequence[Sequence[str] | None],
     history: dict[str, Sequence[int]],
     popularity: np.ndarray,
     metadata: dict,
+    history_weights: dict[str, Sequence[float]] | None = None,
 ) -> Path:
     """Write a bundle to ``out_dir`` (created; a re-run overwrites it) and return ``out_dir``.
 
@@ -203,6 +223,11 @@ def write_bundle(
     if len(set(ids)) != n:
         dupes = sorted(i for i, c in Counter(ids).items() if c > 1)[:5]
         raise ValueError(f"item_ids must be unique; duplicated: {dupes}")
+    hybrid = model if isinstance(model, WeightedHybrid) else None
+    if hybrid is not None:
+        factor = hybrid.weights.get("ease", 1.0) / hybrid.scales["ease"]
+        model = ItemItemModel(hybrid.name, bias=hybrid.anchor.bias * factor,
+                              weights=None if hybrid.anchor.weights is None else hybrid.anchor.weights * factor)
     _check_model(model, n)
     _check_1d("titles", np.asarray(list(titles), dtype=object), n)
     _check_1d("popularity", np.asarray(popularity), n)
@@ -210,14 +235,21 @@ def write_bundle(
         raise ValueError(f"categories: expected {n} entries to match item_ids, got {len(categories)}")
     cats = [[str(c) for c in (row if row is not None else [])] for row in categories]
 
-    users, rows = [], []
+    users, rows, row_weights = [], [], []
     for user, indices in history.items():
         idx = np.asarray(indices, dtype=np.int64)
         if len(idx) and (idx.min() < 0 or idx.max() >= n):
             bad = idx[(idx < 0) | (idx >= n)][:5].tolist()
             raise ValueError(f"history of user {user!r}: item index out of range [0, {n}): {bad}")
+        w = np.ones(len(idx), dtype=np.float32)
+        if history_weights is not None and user in history_weights:
+            w = np.asarray(history_weights[user], dtype=np.float32)
+            if w.shape != idx.shape:
+                raise ValueError(f"history weights of user {user!r}: {w.shape[0]} weights for {len(idx)} items")
+        idx, first = np.unique(idx, return_index=True)
         users.append(str(user))
-        rows.append(np.unique(idx).astype(np.int32).tolist())
+        rows.append(idx.astype(np.int32).tolist())
+        row_weights.append(w[first].tolist())
 
     meta = {
         "format_version": FORMAT_VERSION,
@@ -229,6 +261,7 @@ def write_bundle(
         "n_items": n,
         "n_users": len(users),
         "has_weights": model.weights is not None,
+        "has_blend": hybrid is not None,
     }
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -240,12 +273,46 @@ def write_bundle(
     _save_npy(out_dir / "popularity.npy", popularity)
     items = pa.table({"item_id": list(ids), "title": list(_as_str(titles)), "categories": cats}, schema=_ITEMS_SCHEMA)
     _write_atomic(out_dir / "items.parquet", lambda tmp: pq.write_table(items, tmp))
-    hist = pa.table({"user_id": users, "item_idx": rows}, schema=_HISTORY_SCHEMA)
+    hist = pa.table({"user_id": users, "item_idx": rows, "weight": row_weights}, schema=_HISTORY_SCHEMA)
     _write_atomic(out_dir / "user_history.parquet", lambda tmp: pq.write_table(hist, tmp))
+    _write_blend(out_dir / BLEND_DIR, hybrid)
     # metadata.json last: its presence marks a complete bundle directory.
     text = json.dumps(meta, indent=2, sort_keys=True, default=str)
     _write_atomic(out_dir / "metadata.json", lambda tmp: tmp.write_text(text))
     return out_dir
+
+
+def _write_blend(directory: Path, hybrid: WeightedHybrid | None) -> None:
+    """The blend's components and ``blend.json``; removes a stale ``blend/`` when not a hybrid."""
+    import shutil
+
+    from training.candidates import save_scorer
+
+    if directory.exists():
+        shutil.rmtree(directory)
+    if hybrid is None:
+        return
+    directory.mkdir(parents=True)
+    for name, scorer in hybrid.components.items():
+        save_scorer(scorer, directory / name)
+    spec = {"weighting": asdict(hybrid.weighting), "weights": hybrid.weights, "scales": hybrid.scales,
+            "components": sorted(hybrid.components)}
+    (directory / "blend.json").write_text(json.dumps(spec, indent=2, sort_keys=True))
+
+
+def _load_blend(directory: Path, anchor: ItemItemModel) -> WeightedHybrid:
+    from training.candidates import load_scorer
+
+    path = directory / "blend.json"
+    try:
+        spec = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: unreadable blend spec ({exc})") from exc
+    components = {name: load_scorer(directory / name) for name in spec["components"]}
+    # The anchor's weight and scale are folded into weights.npy/bias.npy at write time.
+    weights = dict(spec["weights"]) | {"ease": 1.0}
+    scales = dict(spec["scales"]) | {"ease": 1.0}
+    return WeightedHybrid(anchor, InputWeighting(**spec["weighting"]), components, weights, scales, name=anchor.name)
 
 
 def _load_npy(path: Path) -> np.ndarray:
@@ -255,14 +322,18 @@ def _load_npy(path: Path) -> np.ndarray:
         raise ValueError(f"{path}: not a valid .npy array ({exc})") from exc
 
 
-def _load_parquet(path: Path, schema: pa.Schema) -> pa.Table:
+def _load_parquet(path: Path, schema: pa.Schema, optional: tuple[str, ...] = ()) -> pa.Table:
+    """``path`` with the columns of ``schema``; absent ``optional`` columns come back all null."""
     try:
         table = pq.read_table(path)
     except (pa.ArrowException, OSError) as exc:
         raise ValueError(f"{path}: not a valid Parquet file ({exc})") from exc
-    missing = [name for name in schema.names if name not in table.column_names]
+    missing = [name for name in schema.names if name not in table.column_names and name not in optional]
     if missing:
         raise ValueError(f"{path}: missing columns {missing}")
+    for name in optional:
+        if name not in table.column_names:
+            table = table.append_column(schema.field(name), pa.nulls(table.num_rows, schema.field(name).type))
     return table.select(schema.names)
 
 
@@ -307,13 +378,23 @@ def load_bundle(path: Path) -> Bundle:
             f"{path / 'weights.npy'}: expected shape ({n}, {n}) to match items.parquet, got {weights.shape}"
         )
 
-    hist = _load_parquet(path / "user_history.parquet", _HISTORY_SCHEMA)
+    if metadata.get("has_blend"):
+        if not (path / BLEND_DIR).is_dir():
+            raise FileNotFoundError(f"bundle {path} is missing {BLEND_DIR}/ (metadata.json says has_blend)")
+        model = _load_blend(path / BLEND_DIR, model)
+    hist = _load_parquet(path / "user_history.parquet", _HISTORY_SCHEMA, optional=("weight",))
     history: dict[str, np.ndarray] = {}
-    for user, indices in zip(hist.column("user_id").to_pylist(), hist.column("item_idx").to_pylist()):
+    history_weights: dict[str, np.ndarray] = {}
+    for user, indices, weights in zip(hist.column("user_id").to_pylist(), hist.column("item_idx").to_pylist(),
+                                      hist.column("weight").to_pylist()):
         idx = np.asarray(indices or [], dtype=np.int32)
         if len(idx) and (idx.min() < 0 or idx.max() >= n):
             raise ValueError(f"{path / 'user_history.parquet'}: user {user!r} has item indices outside [0, {n})")
         history[str(user)] = idx
+        w = np.asarray(weights if weights is not None else np.ones(len(idx)), dtype=np.float32)
+        if w.shape != idx.shape:
+            raise ValueError(f"{path / 'user_history.parquet'}: user {user!r} has {len(w)} weights for {len(idx)} items")
+        history_weights[str(user)] = w
     return Bundle(
         version=str(metadata["version"]),
         metadata=metadata,
@@ -323,5 +404,6 @@ def load_bundle(path: Path) -> Bundle:
         titles=titles,
         categories=categories,
         history=history,
+        history_weights=history_weights,
     )
 

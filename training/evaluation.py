@@ -6,12 +6,16 @@ Test data is only read here, after training, and never feeds a fitted parameter.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from training.metrics import catalog_coverage, evaluate
-from training.models import InteractionMatrix, ItemItemModel
+from training.models import InteractionMatrix, ItemItemModel, top_k
+
+if TYPE_CHECKING:  # pragma: no cover
+    from training.hybrid import WeightedHybrid
 
 
 def relevant_items(train: InteractionMatrix, test: pd.DataFrame) -> dict[str, set]:
@@ -29,19 +33,22 @@ def relevant_items(train: InteractionMatrix, test: pd.DataFrame) -> dict[str, se
     return relevant
 
 
-def recommend_ids(model: ItemItemModel, train: InteractionMatrix, users: list[str], k: int, batch: int = 2048) -> dict[str, list[str]]:
-    """Top-``k`` item ids for each known user in ``users``, seen items excluded."""
+def recommend_ids(model: ItemItemModel | WeightedHybrid, train: InteractionMatrix, users: list[str], k: int,
+                  batch: int = 2048) -> dict[str, list[str]]:
+    """Top-``k`` item ids for each known user in ``users`` from their rows of ``train``
+    (the same weighted history the model is served with), seen items excluded."""
     rows = np.array([train.user_index[u] for u in users], dtype=np.int64)
     result: dict[str, list[str]] = {}
     for start in range(0, len(rows), batch):
         chunk = rows[start:start + batch]
-        top = model.recommend(train.matrix[chunk], k)
+        x = train.matrix[chunk]
+        top = top_k(model.score(x, [train.user_ids[u] for u in chunk]), x, k)
         for u, idx in zip(chunk, top):
             result[train.user_ids[u]] = list(train.item_ids[idx])
     return result
 
 
-def score_model(model: ItemItemModel, train: InteractionMatrix, relevant: dict[str, set], k: int) -> dict[str, float]:
+def score_model(model: ItemItemModel | WeightedHybrid, train: InteractionMatrix, relevant: dict[str, set], k: int) -> dict[str, float]:
     recs = recommend_ids(model, train, list(relevant), k)
     metrics = evaluate(recs, relevant, k)
     metrics[f"coverage@{k}"] = catalog_coverage(recs, len(train.item_ids), k)

@@ -187,3 +187,34 @@ def beyond_accuracy(
     if item_vectors is not None:
         result[f"diversity@{k}"] = intra_list_diversity(recommendations, item_vectors, k)
     return result
+
+
+def evaluate_by_segment(
+    recommendations: Mapping[object, Sequence],
+    relevant: Mapping[object, Iterable],
+    segment_of: Mapping[object, object],
+    k: int,
+    *,
+    n_items: int | None = None,
+) -> dict:
+    """:func:`evaluate` within each segment, plus fairness gaps.
+
+    ``segment_of`` maps user → segment; users without one fall in segment ``"unassigned"``.
+    Returns ``{"segments": {seg: metrics}, "gap": {metric: best − worst over segments}}``;
+    with ``n_items`` each segment also gets ``coverage@k`` (:func:`catalog_coverage` of that
+    segment's lists). The gap of a single segment is 0.
+    """
+    groups: dict[object, list] = {}
+    for user in relevant:
+        groups.setdefault(segment_of.get(user, "unassigned"), []).append(user)
+    per_segment = {}
+    for segment, users in sorted(groups.items(), key=lambda kv: str(kv[0])):
+        rel = {u: relevant[u] for u in users}
+        result = evaluate(recommendations, rel, k)
+        if n_items is not None:
+            result[f"coverage@{k}"] = catalog_coverage({u: recommendations.get(u, ()) for u in users}, n_items, k)
+        per_segment[str(segment)] = result
+    names = [f"{m}@{k}" for m in METRICS] + ([f"coverage@{k}"] if n_items is not None else [])
+    gap = {name: (max(r[name] for r in per_segment.values()) - min(r[name] for r in per_segment.values())) if per_segment else 0.0
+           for name in names}
+    return {"segments": per_segment, "gap": gap}

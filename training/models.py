@@ -60,7 +60,8 @@ class ItemItemModel:
     bias: np.ndarray
     weights: np.ndarray | None = None
 
-    def score(self, x: sp.csr_matrix | np.ndarray) -> np.ndarray:
+    def score(self, x: sp.csr_matrix | np.ndarray, user_ids=None) -> np.ndarray:
+        """Scores of the history rows ``x``; ``user_ids`` is accepted for interface parity and unused."""
         x = sp.csr_matrix(x, dtype=np.float32)
         scores = np.tile(self.bias.astype(np.float32), (x.shape[0], 1))
         if self.weights is not None:
@@ -69,15 +70,28 @@ class ItemItemModel:
 
     def recommend(self, x: sp.csr_matrix, k: int, exclude_seen: bool = True) -> np.ndarray:
         """Top-``k`` item indices per row of ``x``, best first; seen items excluded."""
-        scores = self.score(x)
-        if exclude_seen:
-            x = sp.csr_matrix(x)
-            rows = np.repeat(np.arange(x.shape[0]), np.diff(x.indptr))
-            scores[rows, x.indices] = -np.inf
-        k = min(k, scores.shape[1])
-        top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-        order = np.argsort(-np.take_along_axis(scores, top, axis=1), axis=1, kind="stable")
-        return np.take_along_axis(top, order, axis=1)
+        return top_k(self.score(x), x if exclude_seen else None, k)
+
+
+def top_k(scores: np.ndarray, seen: sp.csr_matrix | None, k: int) -> np.ndarray:
+    """Top-``k`` column indices per row of ``scores`` (users×items), best first.
+
+    Items stored in ``seen`` (same shape) are excluded; ties keep the lower index first.
+    ``scores`` is modified in place when ``seen`` is given.
+    """
+    if seen is not None:
+        seen = sp.csr_matrix(seen)
+        if seen.shape != scores.shape:
+            raise ValueError(f"top_k: history shape {seen.shape} does not match scores shape {scores.shape}")
+        rows = np.repeat(np.arange(seen.shape[0]), np.diff(seen.indptr))
+        scores[rows, seen.indices] = -np.inf
+    k = min(k, scores.shape[1])
+    if k <= 0:
+        return np.empty((scores.shape[0], 0), dtype=np.int64)
+    top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    top.sort(axis=1)
+    order = np.argsort(-np.take_along_axis(scores, top, axis=1), axis=1, kind="stable")
+    return np.take_along_axis(top, order, axis=1)
 
 
 def popularity(x: sp.csr_matrix) -> np.ndarray:
@@ -108,12 +122,77 @@ def fit_item_knn(x: sp.csr_matrix, neighbours: int = 50) -> ItemItemModel:
     return ItemItemModel("item_knn", bias=popularity(x) * 1e-6, weights=sim)
 
 
-def fit_ease(x: sp.csr_matrix, lam: float = 500.0) -> ItemItemModel:
-    """EASE (Steck 2019): B = I − P·diag(1/diag(P)), P = (XᵀX + λI)⁻¹, diag(B) = 0."""
+def temporal_gram(frame: pd.DataFrame, item_ids: np.ndarray, window: int = 3) -> np.ndarray:
+    """Item×item temporal co-occurrence: for every user's interactions ordered by
+    (timestamp, item_id), items ``d`` positions apart (1 ≤ d ≤ ``window``) add ``1/d`` to
+    both symmetric cells. Items outside ``item_ids`` are ignored; the diagonal is zero.
+    Needs columns user_id, item_id, timestamp.
+    """
+    if window < 1:
+        raise ValueError(f"temporal_gram: window must be >= 1, got {window}")
+    missing = [c for c in ("user_id", "item_id", "timestamp") if c not in frame.columns]
+    if missing:
+        raise ValueError(f"temporal_gram: frame lacks column(s) {missing}")
+    index = {item: i for i, item in enumerate(item_ids)}
+    ordered = frame.sort_values(["user_id", "timestamp", "item_id"], kind="stable")
+    items = ordered["item_id"].map(index)
+    keep = items.notna().to_numpy()
+    users = ordered["user_id"].to_numpy()[keep]
+    items = items.to_numpy()[keep].astype(np.int64)
+    n = len(item_ids)
+    rows, cols, vals = [], [], []
+    for d in range(1, window + 1):
+        same = users[:-d] == users[d:]
+        a, b = items[:-d][same], items[d:][same]
+        rows += [a, b]
+        cols += [b, a]
+        vals += [np.full(2 * len(a), 1.0 / d)]
+    gram = sp.coo_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(n, n)).toarray()
+    np.fill_diagonal(gram, 0.0)
+    return gram
+
+
+def fit_ease(x: sp.csr_matrix, lam: float = 500.0, temporal: np.ndarray | None = None, beta: float = 0.0) -> ItemItemModel:
+    """EASE (Steck 2019): B = I − P·diag(1/diag(P)), P = (G + λI)⁻¹, diag(B) = 0, with
+    G = XᵀX on the binary interactions.
+
+    With ``temporal`` (a :func:`temporal_gram`) and ``beta`` > 0, G = XᵀX + β·T: items
+    consumed close together in time by the same users count as extra co-occurrence
+    (the ``temporal_ease`` variant). ``beta`` = 0 is plain EASE.
+    """
     binary = (x > 0).astype(np.float64)
     gram = np.asarray((binary.T @ binary).todense())
+    name = "ease"
+    if temporal is not None and beta > 0:
+        if temporal.shape != gram.shape:
+            raise ValueError(f"fit_ease: temporal gram has shape {temporal.shape}, expected {gram.shape}")
+        gram = gram + beta * temporal
+        name = "temporal_ease"
     gram[np.diag_indices_from(gram)] += lam
     p = np.linalg.inv(gram)
     b = -p / np.diag(p)[None, :]
     np.fill_diagonal(b, 0.0)
-    return ItemItemModel("ease", bias=popularity(x) * 1e-6, weights=b.astype(np.float32))
+    return ItemItemModel(name, bias=popularity(x) * 1e-6, weights=b.astype(np.float32))
+
+
+def fit_segment_popularity(x: sp.csr_matrix, segment_of_row: np.ndarray) -> dict[int, np.ndarray]:
+    """Per-segment :func:`popularity`: for each segment in ``segment_of_row`` (one label per
+    row of ``x``), the per-item count of its users who interacted, scaled to [0, 1] by the
+    segment's maximum. A segment whose rows hold no interaction gets the global popularity."""
+    x = sp.csr_matrix(x)
+    segments = np.asarray(segment_of_row)
+    if segments.shape != (x.shape[0],):
+        raise ValueError(f"segment_of_row has shape {segments.shape}; expected one label per row ({x.shape[0]},)")
+    global_pop = popularity(x)
+    out: dict[int, np.ndarray] = {}
+    for segment in np.unique(segments):
+        rows = x[segments == segment]
+        out[int(segment)] = popularity(rows) if rows.nnz else global_pop.copy()
+    return out
+
+
+def segment_popularity_model(per_segment: dict[int, np.ndarray], segment: int, fallback: np.ndarray) -> ItemItemModel:
+    """The most-popular list of ``segment`` as an :class:`ItemItemModel` (bias only);
+    ``fallback`` (e.g. the global :func:`popularity`) when the segment is unknown."""
+    bias = per_segment.get(int(segment), fallback)
+    return ItemItemModel(f"popularity_segment_{int(segment)}", bias=np.asarray(bias, dtype=np.float32))

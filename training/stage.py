@@ -6,19 +6,26 @@ directory and overwrites its own outputs, so a re-run is safe.
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from hyperrec.run_context import RunContext
 from hyperrec.settings import Settings
 from training import registry
 from training.bundle import load_bundle, write_bundle
-from training.models import InteractionMatrix, fit_ease, fit_item_knn, fit_popularity, popularity
+from training.candidates import BASELINES, COMPONENTS, available, as_blend, fit_candidate, item_side_features, tune_choice
+from training.hybrid import FitContext
+from training.metrics import evaluate_by_segment
+from training.models import InteractionMatrix, popularity
 from pipelines.split import split_fingerprint
-from training.evaluation import history_of, load_split, relevant_items, score_model
+from training.evaluation import load_split, recommend_ids, relevant_items, score_model
 
-CANDIDATES = ("popularity", "item_knn", "ease")
+CANDIDATES = (*BASELINES, *COMPONENTS, "hybrid")
+WEIGHT_COLUMN = registry.WEIGHT_COLUMN
 
 
 def _catalogue(run: RunContext) -> pd.DataFrame:
@@ -26,55 +33,164 @@ def _catalogue(run: RunContext) -> pd.DataFrame:
     return items.sort_values("item_id").reset_index(drop=True)
 
 
+def segment_of(run: RunContext) -> dict:
+    """user_id → segment label from the run's segmentation (empty when there is none)."""
+    path = run.features_dir / "segments" / "segments.parquet"
+    if not path.exists():
+        return {}
+    labels = pd.read_parquet(path)
+    return dict(zip(labels["user_id"].astype(str), labels["segment"].astype(str)))
+
+
+def side_data(settings: Settings, run: RunContext, items: pd.DataFrame) -> dict:
+    """Side data of the components (:mod:`training.candidates`) from this run: category
+    multi-hot and content embeddings (the feature store's item snapshot), user demographics
+    plus segment, and the Spark session."""
+    from feature_store.items import read_item_snapshot
+    from pipelines.spark import get_spark
+    from training.content import item_embeddings_for
+
+    item_ids = items["item_id"].to_numpy(dtype=object)
+    labels = sorted({c for cats in items["categories"] if cats is not None for c in cats})
+    index = {c: j for j, c in enumerate(labels)}
+    categories = np.zeros((len(items), len(labels)), dtype=np.float32)
+    for row, cats in enumerate(items["categories"]):
+        for c in (cats if cats is not None else []):
+            categories[row, index[c]] = 1.0
+    side: dict = {"item_categories": categories, "spark": get_spark(settings)}
+    try:
+        features, embeddings = read_item_snapshot(run.features_dir / "items")
+        side["item_embeddings"] = item_embeddings_for(item_ids, features, embeddings)
+    except FileNotFoundError:
+        pass
+    users_path = run.clean_dir / "users"
+    if users_path.exists():
+        users = pd.read_parquet(users_path)
+        keep = [c for c in ("user_id", "age", "gender", "occupation", "region") if c in users.columns]
+        users = users[keep].copy()
+        segments = segment_of(run)
+        if segments:
+            users["segment"] = users["user_id"].astype(str).map(segments)
+        side["user_features"] = users
+    return side
+
+
 def train(settings: Settings, run: RunContext) -> dict:
-    """Fit every candidate on the train split; write one bundle per candidate."""
+    """Fit every candidate on the train split and write one bundle per candidate.
+
+    EASE λ, the temporal β, the input α and the hybrid's blend weights are chosen on a
+    per-user k-fold of the train split (``validation.json``); the test split is not read.
+    """
     cfg = settings.training
     train_df, _ = load_split(run.split_dir)
     items = _catalogue(run)
-    matrix = InteractionMatrix.from_frame(train_df, item_ids=items["item_id"].to_numpy(dtype=object))
-    fitters = {
-        "popularity": lambda x: fit_popularity(x),
-        "item_knn": lambda x: fit_item_knn(x, cfg.knn_neighbours),
-        "ease": lambda x: fit_ease(x, cfg.ease_lambda),
-    }
-    summary = {}
+    item_ids = items["item_id"].to_numpy(dtype=object)
+    matrix = InteractionMatrix.from_frame(train_df, item_ids=item_ids, weight_col=WEIGHT_COLUMN)
+    side = side_data(settings, run, items)
+    context = FitContext(train_df, matrix, item_ids, side)
+    choice = tune_choice(context, settings, weight_col=WEIGHT_COLUMN)
+    run.write_json("model_selection.json", choice.to_dict())
+    history = {u: matrix.matrix.indices[matrix.matrix.indptr[r]:matrix.matrix.indptr[r + 1]] for u, r in matrix.user_index.items()}
+    weights = {u: matrix.matrix.data[matrix.matrix.indptr[r]:matrix.matrix.indptr[r + 1]] for u, r in matrix.user_index.items()}
+    summary: dict = {}
     for name in CANDIDATES:
+        if name in COMPONENTS and name not in available(side):
+            continue
         start = time.perf_counter()
-        model = fitters[name](matrix.matrix)
-        seconds = time.perf_counter() - start
+        scorer, _ = fit_candidate(name, context, settings, choice=choice, weight_col=WEIGHT_COLUMN)
+        seconds = time.perf_counter() - start + (choice.seconds if name == "hybrid" else 0.0)
         write_bundle(
             run.models_dir / name,
-            model=model,
-            item_ids=matrix.item_ids,
+            model=as_blend(name, scorer, len(item_ids)),
+            item_ids=item_ids,
             titles=items["title"].to_numpy(dtype=object),
             categories=[list(c) if c is not None else [] for c in items["categories"]],
-            history=history_of(matrix),
+            history=history,
+            history_weights=weights,
             popularity=popularity(matrix.matrix),
-            metadata={"version": run.run_id, "k": cfg.k, "metrics": {}, "model_name": name, "fit_seconds": seconds},
+            metadata={"version": run.run_id, "k": cfg.k, "metrics": {}, "model_name": name, "fit_seconds": seconds,
+                      "validation": choice.to_dict() if name in ("ease", "hybrid") else {}},
         )
         summary[name] = {"fit_seconds": round(seconds, 3)}
     summary["train_users"], summary["items"] = len(matrix.user_ids), len(matrix.item_ids)
+    summary["validation"] = choice.to_dict()
+    summary["segment_tuning"] = tune_neural_segments(settings, run, train_df, item_ids, side)
     run.write_json("train.json", summary)
     return summary
 
 
+def tune_neural_segments(settings: Settings, run: RunContext, train_df: pd.DataFrame, item_ids: np.ndarray, side: dict) -> dict:
+    """Per-segment Optuna search and fine-tuning of the neural model (article §1b) on a
+    validation fold of the train split; kept segment models go to ``models/neural_segments/``
+    and every segment's gain to ``segment_tuning.json`` (each study is an MLflow run)."""
+    from training.segment_tuning import train_global_models, tune_segments, validation_split
+
+    segments = segment_of(run)
+    if "neural" not in available(side) or len(set(segments.values())) < 2:
+        result = {"skipped": "needs the neural component and at least two segments"}
+        run.write_json("segment_tuning.json", result)
+        return result
+    fit_df, val_df = validation_split(train_df, settings)
+    features = {"user_features": side.get("user_features"), "item_features": item_side_features(side)}
+    dim = settings.neural.embedding_dim
+    global_rec = train_global_models(fit_df, item_ids, settings, [dim], weight_col=WEIGHT_COLUMN, **features)[dim]
+    tuning = tune_segments(global_rec, fit_df, val_df, segments, item_ids, settings, weight_col=WEIGHT_COLUMN,
+                           progress=False, **features)
+    if tuning.models:
+        tuning.recommender().save(run.models_dir / "neural_segments")
+    result = tuning.to_dict()
+    run.write_json("segment_tuning.json", result)
+    return {"kept": result["kept"], "segments": len(result["results"])}
+
+
 def evaluate(settings: Settings, run: RunContext) -> dict:
-    """Score every candidate on the held-out split; the best by NDCG@k wins."""
+    """Score every candidate on the held-out split: accuracy and coverage for all known
+    users, the same per segment with the best−worst gap, and cold-start users (test users
+    absent from train, who get the popularity fallback) separately. The best by NDCG@k wins."""
     k = settings.training.k
     train_df, test_df = load_split(run.split_dir)
-    results = {}
-    for name in CANDIDATES:
+    segments = segment_of(run)
+    results, by_segment = {}, {}
+    trained = [name for name in CANDIDATES if (run.models_dir / name / "metadata.json").exists()]
+    for name in trained:
         bundle = load_bundle(run.models_dir / name)
-        matrix = InteractionMatrix.from_frame(train_df, item_ids=bundle.item_ids)
-        results[name] = score_model(bundle.model, matrix, relevant_items(matrix, test_df), k)
+        matrix = InteractionMatrix.from_frame(train_df, item_ids=bundle.item_ids, weight_col=WEIGHT_COLUMN)
+        relevant = relevant_items(matrix, test_df)
+        recs = recommend_ids(bundle.model, matrix, list(relevant), k)
+        results[name] = score_model(bundle.model, matrix, relevant, k)
+        per = evaluate_by_segment(recs, relevant, segments, k, n_items=len(bundle.item_ids))
+        by_segment[name] = per
+        results[name]["segment_gap"] = per["gap"][f"ndcg@{k}"]
     best = max(results, key=lambda n: results[n][f"ndcg@{k}"])
     baseline = results["popularity"][f"ndcg@{k}"]
     evaluation = {
         "k": k, "best": best, "models": results, "split_fingerprint": split_fingerprint(test_df),
         "lift_over_popularity": {n: (r[f"ndcg@{k}"] / baseline - 1.0) if baseline else None for n, r in results.items()},
+        "segments": by_segment, "cold_start": cold_start_metrics(run, train_df, test_df, k),
     }
     run.write_json("evaluation.json", evaluation)
     return evaluation
+
+
+def cold_start_metrics(run: RunContext, train_df: pd.DataFrame, test_df: pd.DataFrame, k: int) -> dict:
+    """Test users with no train history, served the popularity fallback of the popularity bundle."""
+    known = set(train_df["user_id"])
+    cold = test_df[~test_df["user_id"].isin(known)]
+    if cold.empty:
+        return {"users": 0}
+    bundle = load_bundle(run.models_dir / "popularity")
+    relevant = cold.groupby("user_id")["item_id"].apply(set).to_dict()
+    top = [str(bundle.item_ids[i]) for i in np.lexsort((np.arange(bundle.n_items), -bundle.popularity))[:k]]
+    return evaluate({u: top for u in relevant}, relevant, k)
+
+
+def write_evaluation_tables(evaluation: dict, out: Path) -> Path:
+    """``models.csv`` (one row per candidate) and ``segments.csv`` (candidate × segment) under ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame.from_dict(evaluation["models"], orient="index").rename_axis("model").to_csv(out / "models.csv")
+    rows = [{"model": name, "segment": seg, **m} for name, per in evaluation["segments"].items() for seg, m in per["segments"].items()]
+    pd.DataFrame(rows).to_csv(out / "segments.csv", index=False)
+    return out
 
 
 def register(settings: Settings, run: RunContext) -> dict:
@@ -83,17 +199,32 @@ def register(settings: Settings, run: RunContext) -> dict:
     best, k = evaluation["best"], evaluation["k"]
     metrics = {f"{name}.{metric}": value for name, res in evaluation["models"].items() for metric, value in res.items()}
     metrics.update({m: v for m, v in evaluation["models"][best].items()})
+    for segment, seg_metrics in evaluation["segments"][best]["segments"].items():
+        metrics.update({f"segment.{segment}.{m}": v for m, v in seg_metrics.items()})
+    metrics.update({f"cold_start.{m}": v for m, v in evaluation["cold_start"].items()})
     segments = run.read_json("segments.json")
-    params = {"best_model": best, "k": k, "ease_lambda": settings.training.ease_lambda,
+    validation = run.read_json("model_selection.json")
+    params = {"best_model": best, "k": k, "ease_lambda": validation["ease_lambda"], "plain_ease_lambda": validation["plain_ease_lambda"],
+              "temporal_beta": validation["temporal_beta"], "input_alpha": validation["input_alpha"],
+              **{f"blend_weight.{n}": w for n, w in validation["weights"].items()}, "validation_folds": validation["folds"],
               "knn_neighbours": settings.training.knn_neighbours, "split_fingerprint": evaluation["split_fingerprint"],
               "segmentation_method": segments["method"], "segmentation_k": segments["k"]}
+    metrics.update({f"validation.{n}": v for n, v in validation["validation"].items()})
+    tuning = run.read_json("segment_tuning.json")
+    for row in tuning.get("results", []):
+        if row.get("gain") is not None:
+            metrics[f"segment_tuning.{row['segment']}.gain"] = row["gain"]
+            metrics[f"segment_tuning.{row['segment']}.kept"] = float(row["kept"])
+    tables = write_evaluation_tables(evaluation, run.path("evaluation"))
+    (tables / "segment_tuning.json").write_text(json.dumps(tuning, indent=2, default=str))
     reg = registry.log_and_register(
         settings,
         run_name=run.run_id,
         params=params,
         metrics=metrics,
         bundle_dir=run.models_dir / best,
-        artifact_dirs={"gx_data_docs": run.gx_dir, "reports": run.path("reports"), "segments": run.features_dir / "segments"},
+        artifact_dirs={"gx_data_docs": run.gx_dir, "reports": run.path("reports"), "segments": run.features_dir / "segments",
+                       "evaluation": tables},
         tags={"hyperrec.run_dir": str(run.root), "hyperrec.model": best},
     )
     result = {"run_id": reg.run_id, "version": reg.version, "model_uri": reg.model_uri, "model": best}
@@ -113,6 +244,8 @@ def promote(settings: Settings, run: RunContext) -> dict:
         train_df=train_df,
         test_df=test_df,
         workdir=run.path("gate"),
+        challenger_metrics=evaluation["models"][evaluation["best"]],
+        segments=segment_of(run) or None,
     )
     result = {"promoted": decision.promote, "reason": decision.reason, "version": decision.challenger_version,
               "champion": registry.champion_version(settings)}

@@ -55,8 +55,18 @@ def test_models_are_evaluated_on_the_holdout_and_beat_popularity(trained):
     _, run, _, _ = trained
     evaluation = run.read_json("evaluation.json")
     k = evaluation["k"]
-    assert evaluation["best"] in {"ease", "item_knn"}
-    assert evaluation["models"][evaluation["best"]][f"ndcg@{k}"] > evaluation["models"]["popularity"][f"ndcg@{k}"]
+    models = evaluation["models"]
+    assert {"popularity", "item_knn", "ease", "als", "content", "neural", "hybrid"} <= set(models)
+    assert evaluation["best"] in {"ease", "item_knn", "hybrid"}
+    assert models[evaluation["best"]][f"ndcg@{k}"] > models["popularity"][f"ndcg@{k}"]
+    # Per segment, with the best-worst gap, and cold-start users apart.
+    per = evaluation["segments"][evaluation["best"]]
+    assert len(per["segments"]) >= 2 and per["gap"][f"ndcg@{k}"] == models[evaluation["best"]]["segment_gap"]
+    assert "users" in evaluation["cold_start"]
+    # Choices came from validation folds of train; per-segment tuning ran and logged its gains.
+    selection, tuning = run.read_json("model_selection.json"), run.read_json("segment_tuning.json")
+    assert selection["folds"] == 2 and selection["weights"]["ease"] == 1.0
+    assert "skipped" in tuning or all({"segment", "gain", "kept"} <= set(r) for r in tuning["results"])
 
 
 def test_registered_promoted_published_and_served(trained, settings):

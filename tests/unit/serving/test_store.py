@@ -163,7 +163,7 @@ def test_recommend_known_unknown_and_live_items(tmp_path: Path) -> None:
     assert not {"i1", "i3"} & {r["item_id"] for r in items}
     scores = [r["score"] for r in items]
     assert scores == sorted(scores, reverse=True) and [r["rank"] for r in items] == [1, 2, 3]
-    expected = bundle.model.recommend(bundle._row(bundle.history["u4"]), k=3)[0]
+    expected = bundle.model.recommend(bundle._row("u4", np.array([], dtype=np.int32)), k=3)[0]
     assert [r["item_id"] for r in items] == [ids[i] for i in expected]
     assert items[0]["title"] == f"Title {items[0]['item_id']}"
 
@@ -185,6 +185,6 @@ def test_recommend_known_unknown_and_live_items(tmp_path: Path) -> None:
     # Unknown user with live items: scored from those items alone, still a cold start.
     warm, cold = bundle.recommend("stranger", k=6, extra_items=["i5"])
     assert cold is True and "i5" not in {r["item_id"] for r in warm}
-    model_scores = bundle.model.score(bundle._row(np.array([4])))[0]
+    model_scores = bundle.model.score(bundle._row(None, np.array([4])))[0]
     expected_scores = {ids[i]: float(model_scores[i]) for i in range(6) if i != 4}
     assert {r["item_id"]: r["score"] for r in warm} == pytest.approx(expected_scores)

@@ -1,0 +1,229 @@
+"""The candidate recommenders, fitted the same way by the benchmark and the nightly DAG.
+
+Each fitter takes a :class:`training.hybrid.FitContext` and returns a
+:class:`training.hybrid.Scorer`. Side data in ``FitContext.side``:
+
+- ``item_embeddings``: content embeddings, one row per item id (content model, neural item tower);
+- ``item_categories``: category multi-hot, one row per item id (neural item tower);
+- ``user_features``: a frame with ``user_id`` and demographic/context/segment columns (neural user tower);
+- ``spark``: the Spark session (ALS).
+
+A component whose side data is missing is not offered (:func:`available`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+
+from hyperrec.settings import Settings
+from training.hybrid import (ComponentFitter, FitContext, HybridChoice, InputWeighting, PopularityScorer, Scorer, WeightedHybrid,
+                             fit_hybrid, tune_hybrid)
+from training.models import ItemItemModel, fit_ease, fit_item_knn
+
+BASELINES = ("popularity", "item_knn", "ease")
+COMPONENTS = ("als", "content", "neural")
+NEEDS = {"als": ("spark",), "content": ("item_embeddings",), "neural": ()}
+
+
+def binary(x: sp.csr_matrix) -> sp.csr_matrix:
+    out = sp.csr_matrix(x, dtype=np.float32, copy=True)
+    out.data[:] = 1.0
+    return out
+
+
+class ItemItemScorer(Scorer):
+    """An :class:`ItemItemModel` fed the binary history."""
+
+    def __init__(self, model: ItemItemModel) -> None:
+        self.model = model
+
+    def score(self, x: sp.csr_matrix, user_ids: Sequence) -> np.ndarray:
+        return self.model.score(binary(x))
+
+
+class ALSScorer(Scorer):
+    """Implicit ALS: a known user's learned factors, an unknown user folded in from history."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+        self.row_of = {u: r for r, u in enumerate(model.user_ids)}
+
+    def score(self, x: sp.csr_matrix, user_ids: Sequence) -> np.ndarray:
+        rows = np.array([self.row_of.get(u, -1) for u in user_ids], dtype=np.int64)
+        out = np.empty((x.shape[0], self.model.item_factors.shape[0]), dtype=np.float32)
+        known = rows >= 0
+        if known.any():
+            out[known] = self.model.score(rows[known])
+        if (~known).any():
+            out[~known] = self.model.score_history(binary(x)[~known])
+        return out
+
+
+class ContentScorer(Scorer):
+    def __init__(self, model) -> None:
+        self.model = model
+
+    def score(self, x: sp.csr_matrix, user_ids: Sequence) -> np.ndarray:
+        return self.model.score(x)
+
+
+class NeuralScorer(Scorer):
+    def __init__(self, model) -> None:
+        self.model = model
+
+    def score(self, x: sp.csr_matrix, user_ids: Sequence) -> np.ndarray:
+        return self.model.score(binary(x), list(user_ids))
+
+
+def item_side_features(side: dict) -> np.ndarray | None:
+    """The neural item tower's dense input: category multi-hot next to content embeddings."""
+    parts = [np.asarray(side[key], dtype=np.float32) for key in ("item_categories", "item_embeddings") if side.get(key) is not None]
+    return np.hstack(parts) if parts else None
+
+
+def component_fitters(settings: Settings, progress: bool = False) -> dict[str, ComponentFitter]:
+    """Fitters for the blendable components (ALS, content, neural) and popularity."""
+    cfg = settings.training
+
+    def als(ctx: FitContext) -> Scorer:
+        from training.als import fit_als
+
+        return ALSScorer(fit_als(ctx.side["spark"], ctx.frame, ctx.item_ids, rank=cfg.als_rank, reg=cfg.als_reg,
+                                 alpha=cfg.als_alpha, max_iter=cfg.als_iterations))
+
+    def content(ctx: FitContext) -> Scorer:
+        from training.content import fit_content
+
+        return ContentScorer(fit_content(binary(ctx.matrix.matrix), np.asarray(ctx.side["item_embeddings"])))
+
+    def neural(ctx: FitContext) -> Scorer:
+        from training.neural import NeuralData, fit_neural
+
+        data = NeuralData.build(ctx.frame, ctx.item_ids, user_features=ctx.side.get("user_features"), item_features=item_side_features(dict(ctx.side)))
+        return NeuralScorer(fit_neural(data, settings.neural, progress=progress))
+
+    return {
+        "popularity": lambda ctx: PopularityScorer(ctx.matrix.matrix),
+        "als": als,
+        "content": content,
+        "neural": neural,
+    }
+
+
+def available(side: dict) -> list[str]:
+    """Components whose side data is present."""
+    return [name for name in COMPONENTS if all(side.get(key) is not None for key in NEEDS[name])]
+
+
+def tune_choice(ctx: FitContext, settings: Settings, *, weight_col: str | None = "rating", progress: bool = False,
+                blend: bool = True, log: Callable[[str], None] = print) -> HybridChoice:
+    """:func:`training.hybrid.tune_hybrid` over popularity and every available component
+    (``blend=False``: only the EASE λ/β/α search, no component is fitted)."""
+    fitters = component_fitters(settings, progress)
+    offered = {n: f for n, f in fitters.items() if blend and (n == "popularity" or n in available(dict(ctx.side)))}
+    return tune_hybrid(ctx.frame, ctx.item_ids, settings.training, offered, k=settings.training.k,
+                       weight_col=weight_col, side=ctx.side, log=log)
+
+
+def fit_candidate(name: str, ctx: FitContext, settings: Settings, *, choice: HybridChoice | None = None,
+                  weight_col: str | None = None, progress: bool = False, log: Callable[[str], None] = print) -> tuple[Scorer, HybridChoice | None]:
+    """Fit candidate ``name`` on ``ctx``; ``hybrid`` (and ``ease``, for its λ) use ``choice``,
+    running :func:`tune_hybrid` first when it is None. Returns the scorer and the choice."""
+    cfg = settings.training
+    fitters = component_fitters(settings, progress)
+    if name in ("ease", "hybrid") and choice is None:
+        choice = tune_choice(ctx, settings, weight_col=weight_col, progress=progress, log=log)
+    x = ctx.matrix.matrix
+    if name == "popularity":
+        return PopularityScorer(x), choice
+    if name == "item_knn":
+        return ItemItemScorer(fit_item_knn(binary(x), cfg.knn_neighbours)), choice
+    if name == "ease":
+        return ItemItemScorer(fit_ease(binary(x), choice.plain_ease_lambda)), choice
+    if name == "hybrid":
+        return fit_hybrid(ctx.frame, ctx.item_ids, choice, fitters, weight_col=weight_col,
+                          temporal_window=cfg.temporal_window, side=ctx.side), choice
+    if name in fitters:
+        return fitters[name](ctx), choice
+    raise ValueError(f"unknown candidate {name!r}; known: {', '.join(BASELINES + COMPONENTS + ('hybrid',))}")
+
+
+# --------------------------------------------------------------------------- persistence
+SCORER_FILE = "scorer.json"
+
+
+def save_scorer(scorer: Scorer, directory: Path) -> Path:
+    """Write a blend component to ``directory`` (``scorer.json`` names its kind last)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    if isinstance(scorer, PopularityScorer):
+        kind = "popularity"
+        np.save(directory / "popularity.npy", scorer.values.astype(np.float32))
+    elif isinstance(scorer, ALSScorer):
+        kind, m = "als", scorer.model
+        np.save(directory / "user_factors.npy", m.user_factors.astype(np.float32))
+        np.save(directory / "item_factors.npy", m.item_factors.astype(np.float32))
+        (directory / "users.json").write_text(json.dumps([str(u) for u in m.user_ids]))
+        extra = {"reg": m.reg, "alpha": m.alpha}
+    elif isinstance(scorer, ContentScorer):
+        kind, m = "content", scorer.model
+        np.save(directory / "item_embeddings.npy", m.item_embeddings.astype(np.float32))
+        np.save(directory / "item_weights.npy", np.asarray(m.item_weights, dtype=np.float32))
+    elif isinstance(scorer, NeuralScorer):
+        kind = "neural"
+        scorer.model.save(directory / "neural")
+    else:
+        raise TypeError(f"cannot save a {type(scorer).__name__} blend component")
+    meta = {"kind": kind} | (extra if kind == "als" else {})
+    (directory / SCORER_FILE).write_text(json.dumps(meta))
+    return directory
+
+
+def load_scorer(directory: Path) -> Scorer:
+    """Read a component written by :func:`save_scorer`; user ids are strings after loading."""
+    directory = Path(directory)
+    path = directory / SCORER_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"blend component {directory} is missing {SCORER_FILE}")
+    meta = json.loads(path.read_text())
+    kind = meta.get("kind")
+    if kind == "popularity":
+        scorer = PopularityScorer.__new__(PopularityScorer)
+        scorer.values = np.load(directory / "popularity.npy")
+        return scorer
+    if kind == "als":
+        from training.als import FactorModel
+
+        users = np.array(json.loads((directory / "users.json").read_text()), dtype=object)
+        return ALSScorer(FactorModel(users, np.load(directory / "user_factors.npy"), np.load(directory / "item_factors.npy"),
+                                     float(meta["reg"]), float(meta["alpha"])))
+    if kind == "content":
+        from training.content import ContentModel
+
+        return ContentScorer(ContentModel(np.load(directory / "item_embeddings.npy"), np.load(directory / "item_weights.npy")))
+    if kind == "neural":
+        from training.neural import NeuralRecommender
+
+        return NeuralScorer(NeuralRecommender.load(directory / "neural"))
+    raise ValueError(f"{path}: unknown blend component kind {kind!r}")
+
+
+def as_blend(name: str, scorer: Scorer | ItemItemModel, n_items: int) -> WeightedHybrid:
+    """Any candidate as a :class:`WeightedHybrid`, the one form bundles and evaluation use:
+    an item-item model becomes the anchor (binary input), a component gets a zero anchor."""
+    if isinstance(scorer, WeightedHybrid):
+        return scorer
+    if isinstance(scorer, ItemItemScorer):
+        scorer = scorer.model
+    if isinstance(scorer, ItemItemModel):
+        return WeightedHybrid(scorer, InputWeighting(), {}, {"ease": 1.0}, {"ease": 1.0}, name=name)
+    if isinstance(scorer, PopularityScorer):
+        return WeightedHybrid(ItemItemModel(name, bias=scorer.values.astype(np.float32)), InputWeighting(), {}, {"ease": 1.0},
+                              {"ease": 1.0}, name=name)
+    zero = ItemItemModel(name, bias=np.zeros(n_items, dtype=np.float32))
+    return WeightedHybrid(zero, InputWeighting(), {name: scorer}, {"ease": 0.0, name: 1.0}, {"ease": 1.0, name: 1.0}, name=name)

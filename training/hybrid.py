@@ -1,0 +1,278 @@
+"""Weighted hybrid (article §1a): a blend of component recommenders' scores.
+
+``score(u) = Σ_c w_c · s_c(u) / σ_c`` where ``s_c`` is component c's score row, ``σ_c``
+the standard deviation of c's scores over the users it was fitted on (a label-free
+scale) and ``w_c`` the blend weight. The anchor component is (temporal) EASE with
+weight 1, fed the user's interactions weighted by ``1 + α·(w − μ)/σ`` (``w`` the rating
+or confidence, ``μ``/``σ`` its mean and spread in train, floored at 0.05).
+
+Every choice (EASE λ, temporal β, input α, the blend weights) is made by
+:func:`tune_hybrid` on a per-user k-fold carved from the train split
+(:func:`pipelines.split.user_kfold`); test data is never seen.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from hyperrec.settings import TrainingSettings
+from pipelines.split import user_kfold
+from training.evaluation import relevant_items
+from training.metrics import evaluate
+from training.models import InteractionMatrix, ItemItemModel, fit_ease, popularity, temporal_gram, top_k
+
+INPUT_FLOOR = 0.05
+
+
+class Scorer:
+    """A fitted component: ``score(x, user_ids)`` → users×items scores for the history rows
+    ``x`` (weighted interactions over the hybrid's items) of ``user_ids`` (None = unknown)."""
+
+    def score(self, x: sp.csr_matrix, user_ids: Sequence) -> np.ndarray:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+@dataclass
+class FitContext:
+    """What a component fitter gets: the fitting interactions, their matrix and side data."""
+
+    frame: pd.DataFrame
+    matrix: InteractionMatrix
+    item_ids: np.ndarray
+    side: Mapping[str, object] = field(default_factory=dict)
+
+
+ComponentFitter = Callable[[FitContext], Scorer]
+
+
+class PopularityScorer(Scorer):
+    """Item popularity (share of users), the same row for everyone."""
+
+    def __init__(self, x: sp.csr_matrix) -> None:
+        self.values = popularity(x)
+
+    def score(self, x: sp.csr_matrix, user_ids: Sequence) -> np.ndarray:
+        return np.tile(self.values, (x.shape[0], 1))
+
+
+@dataclass
+class InputWeighting:
+    """Maps stored interaction weights ``w`` to EASE inputs ``max(1 + α(w − μ)/σ, 0.05)``."""
+
+    alpha: float = 0.0
+    mean: float = 1.0
+    std: float = 1.0
+
+    @classmethod
+    def of(cls, x: sp.csr_matrix, alpha: float) -> "InputWeighting":
+        data = x.data if x.nnz else np.ones(1)
+        return cls(alpha, float(data.mean()), float(data.std()) or 1.0)
+
+    def apply(self, x: sp.csr_matrix) -> sp.csr_matrix:
+        out = sp.csr_matrix(x, dtype=np.float32, copy=True)
+        if self.alpha:
+            out.data = np.maximum(1.0 + self.alpha * (out.data - self.mean) / self.std, INPUT_FLOOR).astype(np.float32)
+        else:
+            out.data[:] = 1.0
+        return out
+
+
+@dataclass
+class WeightedHybrid:
+    """The blended recommender; ``anchor`` is the (temporal) EASE item-item model."""
+
+    anchor: ItemItemModel
+    weighting: InputWeighting
+    components: dict[str, Scorer]
+    weights: dict[str, float]
+    scales: dict[str, float]
+    name: str = "hybrid"
+
+    def score(self, x: sp.csr_matrix, user_ids: Sequence | None = None) -> np.ndarray:
+        if user_ids is None:
+            user_ids = [None] * x.shape[0]
+        total = self.anchor.score(self.weighting.apply(x)) * (self.weights.get("ease", 1.0) / self.scales["ease"])
+        for name, scorer in self.components.items():
+            w = self.weights.get(name, 0.0)
+            if w:
+                total += scorer.score(x, user_ids) * (w / self.scales[name])
+        return total
+
+    def recommend(self, x: sp.csr_matrix, k: int, user_ids: Sequence | None = None) -> np.ndarray:
+        """Top-``k`` item indices per row of ``x``, best first; seen items excluded."""
+        return top_k(self.score(x, user_ids), x, k)
+
+
+def score_scale(scores: np.ndarray) -> float:
+    """Standard deviation of a component's scores (finite entries); 1.0 when degenerate."""
+    finite = scores[np.isfinite(scores)]
+    s = float(finite.std()) if finite.size else 0.0
+    return s if s > 0 else 1.0
+
+
+@dataclass
+class _Fold:
+    frame: pd.DataFrame
+    matrix: InteractionMatrix
+    rows: np.ndarray
+    users: list
+    relevant: dict
+    gram_t: np.ndarray | None = None
+
+
+@dataclass
+class HybridChoice:
+    """The validated choices and the mean validation NDCG@k behind each."""
+
+    ease_lambda: float
+    plain_ease_lambda: float
+    temporal_beta: float
+    input_alpha: float
+    weights: dict[str, float]
+    validation: dict[str, float]
+    folds: int
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _ndcg(scores: np.ndarray, fold: _Fold, k: int) -> float:
+    top = top_k(scores, fold.matrix.matrix[fold.rows], k)
+    item_ids = fold.matrix.item_ids
+    recs = {u: list(item_ids[t]) for u, t in zip(fold.users, top)}
+    return evaluate(recs, fold.relevant, k)[f"ndcg@{k}"]
+
+
+def _folds(frame: pd.DataFrame, item_ids: np.ndarray, cfg: TrainingSettings, weight_col: str | None) -> list[_Fold]:
+    folds = []
+    for fit_df, held in user_kfold(frame, cfg.validation_folds, cfg.validation_seed):
+        matrix = InteractionMatrix.from_frame(fit_df, item_ids=item_ids, weight_col=weight_col)
+        relevant = relevant_items(matrix, held)
+        users = list(relevant)
+        rows = np.array([matrix.user_index[u] for u in users], dtype=np.int64)
+        gram_t = temporal_gram(fit_df, item_ids, cfg.temporal_window) if "timestamp" in fit_df.columns else None
+        folds.append(_Fold(fit_df, matrix, rows, users, relevant, gram_t))
+    return folds
+
+
+def tune_hybrid(
+    frame: pd.DataFrame,
+    item_ids: np.ndarray,
+    cfg: TrainingSettings,
+    fitters: Mapping[str, ComponentFitter],
+    *,
+    k: int = 10,
+    weight_col: str | None = None,
+    side: Mapping[str, object] | None = None,
+    log: Callable[[str], None] = print,
+) -> HybridChoice:
+    """Choose λ, β, α and the blend weights by mean NDCG@k over a per-user k-fold of ``frame``.
+
+    1. EASE λ × temporal β on a grid (β = 0 is plain EASE; the best λ at β = 0 is also
+       reported as ``plain_ease_lambda``, the tuned plain-EASE baseline);
+    2. input weighting α;
+    3. blend weights by coordinate ascent over ``cfg.blend_weight_grid`` (two passes),
+       each component fitted per fold by ``fitters[name]``.
+    """
+    start = time.perf_counter()
+    side = side or {}
+    folds = _folds(frame, item_ids, cfg, weight_col)
+    validation: dict[str, float] = {}
+
+    def mean_ndcg(score_fn: Callable[[_Fold, int], np.ndarray]) -> float:
+        return float(np.mean([_ndcg(score_fn(f, i), f, k) for i, f in enumerate(folds)]))
+
+    # β = 0 (plain EASE) is always searched: it is the tuned baseline the hybrid must beat.
+    betas = sorted({0.0, *cfg.temporal_betas}) if all(f.gram_t is not None for f in folds) else [0.0]
+    anchors: dict[tuple[float, float], list[ItemItemModel]] = {}
+    grid_scores: dict[tuple[float, float], float] = {}
+    for lam, beta in itertools.product(cfg.ease_lambdas, betas):
+        models = [fit_ease(f.matrix.matrix, lam, f.gram_t, beta) for f in folds]
+        binary = [InputWeighting.of(f.matrix.matrix, 0.0).apply(f.matrix.matrix[f.rows]) for f in folds]
+        grid_scores[(lam, beta)] = mean_ndcg(lambda f, i: models[i].score(binary[i]))
+        anchors[(lam, beta)] = models
+        log(f"  validation: ease λ={lam:g} β={beta:g} ndcg@{k}={grid_scores[(lam, beta)]:.4f}")
+    plain_lambda = max((key for key in grid_scores if key[1] == 0.0), key=grid_scores.get)[0]
+    validation["plain_ease"] = grid_scores[(plain_lambda, 0.0)]
+    lam, beta = max(grid_scores, key=grid_scores.get)
+    validation["temporal_ease"] = grid_scores[(lam, beta)]
+    anchor_models = anchors[(lam, beta)]
+    anchors.clear()
+
+    best_alpha, best = 0.0, -1.0
+    for alpha in cfg.input_alphas:
+        value = mean_ndcg(lambda f, i: anchor_models[i].score(InputWeighting.of(f.matrix.matrix, alpha).apply(f.matrix.matrix[f.rows])))
+        log(f"  validation: input α={alpha:g} ndcg@{k}={value:.4f}")
+        if value > best + 1e-9:
+            best_alpha, best = alpha, value
+    validation["weighted_input"] = best
+
+    # Per-fold component scores, each divided by its label-free scale.
+    anchor_scores = []
+    for i, f in enumerate(folds):
+        s = anchor_models[i].score(InputWeighting.of(f.matrix.matrix, best_alpha).apply(f.matrix.matrix[f.rows]))
+        anchor_scores.append(s / score_scale(s))
+    component_scores: dict[str, list[np.ndarray]] = {}
+    for name in cfg.blend_components:
+        if name not in fitters:
+            continue
+        per_fold = []
+        for f in folds:
+            scorer = fitters[name](FitContext(f.frame, f.matrix, item_ids, side))
+            s = scorer.score(f.matrix.matrix[f.rows], f.users)
+            per_fold.append(s / score_scale(s))
+        component_scores[name] = per_fold
+        validation[f"{name}_alone"] = mean_ndcg(lambda f, i: per_fold[i].copy())
+        log(f"  validation: {name} alone ndcg@{k}={validation[f'{name}_alone']:.4f}")
+
+    weights = {"ease": 1.0} | {name: 0.0 for name in component_scores}
+
+    def blend_value(w: dict[str, float]) -> float:
+        return mean_ndcg(lambda f, i: anchor_scores[i] + sum(w[n] * component_scores[n][i] for n in component_scores if w[n]))
+
+    current = blend_value(weights)
+    for _ in range(2):
+        for name in component_scores:
+            for value in cfg.blend_weight_grid:
+                trial = weights | {name: value}
+                score = blend_value(trial)
+                if score > current + 1e-9:
+                    weights, current = trial, score
+        log(f"  validation: blend {weights} ndcg@{k}={current:.4f}")
+    validation["hybrid"] = current
+    return HybridChoice(lam, plain_lambda, beta, best_alpha, weights, validation, len(folds), time.perf_counter() - start)
+
+
+def fit_hybrid(
+    frame: pd.DataFrame,
+    item_ids: np.ndarray,
+    choice: HybridChoice,
+    fitters: Mapping[str, ComponentFitter],
+    *,
+    weight_col: str | None = None,
+    temporal_window: int = 3,
+    side: Mapping[str, object] | None = None,
+) -> WeightedHybrid:
+    """Refit the anchor and every component with a non-zero weight on all of ``frame``."""
+    matrix = InteractionMatrix.from_frame(frame, item_ids=item_ids, weight_col=weight_col)
+    x = matrix.matrix
+    gram_t = temporal_gram(frame, item_ids, temporal_window) if choice.temporal_beta > 0 else None
+    anchor = fit_ease(x, choice.ease_lambda, gram_t, choice.temporal_beta)
+    weighting = InputWeighting.of(x, choice.input_alpha)
+    scales = {"ease": score_scale(anchor.score(weighting.apply(x)))}
+    components: dict[str, Scorer] = {}
+    for name, w in choice.weights.items():
+        if name == "ease" or not w:
+            continue
+        scorer = fitters[name](FitContext(frame, matrix, item_ids, side or {}))
+        scales[name] = score_scale(scorer.score(x, list(matrix.user_ids)))
+        components[name] = scorer
+    return WeightedHybrid(anchor, weighting, components, dict(choice.weights), scales)

@@ -1,0 +1,609 @@
+"""The neural hybrid recommender: a user tower and an item tower scored by a dot product.
+
+* **User tower**: ``concat(user-ID embedding, mean of the user's history item embeddings,
+  dense user features, category profile)`` → MLP → ``embedding_dim``. The history bag is
+  the weighted mean ``Σ_j x_uj e_j / Σ_j x_uj`` over the (input-dropped) history; the
+  category profile is the same weighted mean of the items' content features (the user's
+  category affinity). Unknown users get the all-zero ID embedding and zero features, so a
+  user is scored from their events alone; ``id_dropout`` trains that path by treating a
+  random share of each batch's users as unknown.
+* **Item tower**: ``concat(item-ID embedding, item content features)`` → MLP →
+  ``embedding_dim`` (no output bias: it would add a per-user constant the softmax
+  ignores), plus a per-item bias. Hidden layers of both towers: ReLU, then dropout.
+* **Score**: ``s_ui = u_u · v_i + b_i``.
+* **Loss** (multinomial likelihood, as in Mult-DAE): per user, a random ``input_dropout``
+  share of the history is masked out of the input; the target is the whole train history
+  ``x_u``: ``L_u = −Σ_i x_ui log softmax(s_u)_i`` over the full catalogue. The batch loss
+  is ``Σ_u L_u / B`` with ``B`` the global batch size. Hidden layers use dropout; AdamW
+  applies decoupled weight decay.
+
+Every random number of a step comes from numpy generators seeded by position, never by
+rank: batch order from ``default_rng([seed, epoch])``; input, ID and user-tower dropout
+from ``default_rng([seed, epoch, step])`` drawn over the *global* batch; item-tower
+dropout from per-item-block generators (:func:`_item_keep`). A DDP rank takes its
+contiguous shard of the batch's users (and of the catalogue for the item tower) and
+scales its loss by ``world_size / B`` so that DDP's gradient average equals the
+single-process gradient of the global batch (:func:`train`). Any world size therefore
+follows the same loss curve up to floating-point rounding.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+from torch import nn
+
+from hyperrec.settings import NeuralSettings as NeuralConfig
+from training.models import InteractionMatrix
+
+__all__ = [
+    "ItemShard", "NeuralConfig", "NeuralData", "NeuralNet", "NeuralRecommender", "StepResult",
+    "build_net", "fit_neural", "is_quantized", "quantize_int8", "shard_bounds", "train",
+]
+
+MODEL_FILE = "model.pt"
+META_FILE = "neural.json"
+FORMAT_VERSION = 1
+INIT_STD = 0.1
+"""Standard deviation of the normal init of the ID and history embeddings."""
+MASK_BLOCK = 256
+"""Items per independently seeded block of item-tower dropout masks."""
+
+
+# --------------------------------------------------------------------------- data
+@dataclass
+class NeuralData:
+    """Training input: the interaction matrix plus dense per-user / per-item features.
+
+    ``user_dense`` (n_users × f_u, float32) encodes ``user_features``: numeric columns
+    standardized (mean 0, sd 1, missing → 0), other columns one-hot (missing → all 0).
+    ``item_dense`` (n_items × f_i) is ``item_features`` as given (e.g. category multi-hot
+    and/or a content embedding), rows aligned with ``interactions.item_ids``.
+    """
+
+    interactions: InteractionMatrix
+    user_dense: np.ndarray
+    item_dense: np.ndarray
+    user_feature_names: list[str] = field(default_factory=list)
+
+    @property
+    def n_users(self) -> int:
+        return self.interactions.matrix.shape[0]
+
+    @property
+    def n_items(self) -> int:
+        return self.interactions.matrix.shape[1]
+
+    @classmethod
+    def build(
+        cls,
+        train: pd.DataFrame,
+        item_ids: np.ndarray,
+        user_features: pd.DataFrame | None = None,
+        item_features: np.ndarray | None = None,
+        weight_col: str | None = None,
+    ) -> "NeuralData":
+        """Index ``train`` (user_id, item_id[, weight_col]) like
+        :meth:`InteractionMatrix.from_frame` and encode the optional features.
+
+        ``user_features`` has a ``user_id`` column (or index) and one row per user; users
+        without a row get zeros. ``item_features`` has one row per entry of ``item_ids``.
+        """
+        for column in ("user_id", "item_id", *([weight_col] if weight_col else [])):
+            if column not in train.columns:
+                raise ValueError(f"NeuralData.build: train lacks column {column!r}")
+        if weight_col is not None and (train[weight_col].isna().any() or (train[weight_col] < 0).any()):
+            raise ValueError(f"NeuralData.build: column {weight_col!r} needs non-negative, non-missing weights")
+        interactions = InteractionMatrix.from_frame(train, item_ids=np.asarray(item_ids, dtype=object),
+                                                    weight_col=weight_col)
+        if interactions.matrix.nnz == 0:
+            raise ValueError("NeuralData.build: no interaction of train matches item_ids")
+        user_dense, names = _encode_user_features(user_features, interactions.user_ids)
+        if item_features is None:
+            item_dense = np.zeros((len(interactions.item_ids), 0), dtype=np.float32)
+        else:
+            item_dense = np.asarray(item_features, dtype=np.float32)
+            if item_dense.ndim != 2 or item_dense.shape[0] != len(interactions.item_ids):
+                raise ValueError(f"NeuralData.build: item_features has shape {item_dense.shape}; "
+                                 f"need ({len(interactions.item_ids)}, f), one row per item id")
+            if not np.isfinite(item_dense).all():
+                raise ValueError("NeuralData.build: item_features holds NaN or infinite values")
+        return cls(interactions, user_dense, item_dense, names)
+
+
+def _encode_user_features(frame: pd.DataFrame | None, user_ids: np.ndarray) -> tuple[np.ndarray, list[str]]:
+    if frame is None:
+        return np.zeros((len(user_ids), 0), dtype=np.float32), []
+    if "user_id" in frame.columns:
+        frame = frame.set_index("user_id")
+    if frame.index.has_duplicates:
+        dup = frame.index[frame.index.duplicated()][0]
+        raise ValueError(f"user_features: user {dup!r} has more than one row")
+    if frame.empty or not frame.index.isin(list(user_ids)).any():
+        raise ValueError(f"user_features: none of its {len(frame)} user ids occurs in train "
+                         f"(e.g. {frame.index[:1].tolist()} vs {user_ids[:1].tolist()}; check the id types)")
+    frame = frame.reindex(list(user_ids))
+    blocks: list[np.ndarray] = []
+    names: list[str] = []
+    for column in frame.columns:
+        values = frame[column]
+        if pd.api.types.is_bool_dtype(values) or not pd.api.types.is_numeric_dtype(values):
+            levels = sorted(values.dropna().astype(str).unique())
+            text = values.astype(str).where(values.notna(), None)
+            blocks.append(np.stack([(text == level).to_numpy(dtype=np.float32) for level in levels], axis=1)
+                          if levels else np.zeros((len(frame), 0), np.float32))
+            names += [f"{column}={level}" for level in levels]
+        else:
+            v = values.to_numpy(dtype=np.float64)
+            mean, sd = np.nanmean(v) if np.isfinite(v).any() else 0.0, np.nanstd(v) if np.isfinite(v).any() else 0.0
+            z = (v - mean) / (sd if sd > 0 else 1.0)
+            blocks.append(np.nan_to_num(z, nan=0.0, posinf=0.0, neginf=0.0).astype(np.float32)[:, None])
+            names.append(str(column))
+    dense = np.concatenate(blocks, axis=1) if blocks else np.zeros((len(frame), 0), np.float32)
+    return dense.astype(np.float32), names
+
+
+# --------------------------------------------------------------------------- network
+class _Tower(nn.Module):
+    """``Linear → ReLU → dropout`` per hidden width, then a linear output layer.
+
+    Dropout takes explicit keep-masks (one per hidden layer) so that the caller owns the
+    randomness; without masks (evaluation) it is the identity.
+    """
+
+    def __init__(self, n_in: int, hidden: Sequence[int], n_out: int, keep: float, out_bias: bool = True):
+        super().__init__()
+        widths = [n_in, *hidden]
+        self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:]))
+        self.out = nn.Linear(widths[-1], n_out, bias=out_bias)
+        self.keep = keep
+
+    def forward(self, h: torch.Tensor, masks: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+        for i, layer in enumerate(self.hidden):
+            h = torch.relu(layer(h))
+            if masks is not None:
+                h = h * masks[i] / self.keep
+        return self.out(h)
+
+
+class NeuralNet(nn.Module):
+    """The two towers; :meth:`forward` returns users×catalogue scores."""
+
+    def __init__(self, n_users: int, n_items: int, user_dense: np.ndarray, item_dense: np.ndarray,
+                 cfg: NeuralConfig):
+        super().__init__()
+        d = cfg.embedding_dim
+        self.n_users, self.n_items = n_users, n_items
+        # Row n_users is the unknown user: fixed at zero (padding_idx gets no gradient).
+        self.user_id = nn.Embedding(n_users + 1, d, padding_idx=n_users)
+        self.history = nn.Parameter(torch.empty(n_items, d))
+        self.item_id = nn.Embedding(n_items, d)
+        self.item_bias = nn.Parameter(torch.zeros(n_items))
+        user_rows = np.vstack([user_dense, np.zeros((1, user_dense.shape[1]), np.float32)])
+        self.register_buffer("user_dense", torch.as_tensor(user_rows, dtype=torch.float32))
+        self.register_buffer("item_dense", torch.as_tensor(item_dense, dtype=torch.float32))
+        keep = 1.0 - cfg.dropout
+        n_user_in = 2 * d + user_dense.shape[1] + item_dense.shape[1]
+        self.user_tower = _Tower(n_user_in, cfg.hidden, d, keep)
+        # No output bias: u · b would add the same number to every item of a user, which the
+        # softmax ignores (zero gradient, so Adam would only amplify rounding noise).
+        self.item_tower = _Tower(d + item_dense.shape[1], cfg.hidden, d, keep, out_bias=False)
+        nn.init.normal_(self.user_id.weight, std=INIT_STD)
+        with torch.no_grad():
+            self.user_id.weight[n_users].zero_()
+        nn.init.normal_(self.history, std=INIT_STD)
+        nn.init.normal_(self.item_id.weight, std=INIT_STD)
+
+    def user_vectors(self, bag_index: torch.Tensor, bag_offsets: torch.Tensor, bag_weight: torch.Tensor,
+                     user_rows: torch.Tensor, masks: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+        """User-tower output for a batch of bags. ``bag_weight`` sums to 1 per non-empty bag."""
+        bag = nn.functional.embedding_bag(bag_index, self.history, bag_offsets, mode="sum",
+                                          per_sample_weights=bag_weight)
+        parts = [self.user_id(user_rows), bag, self.user_dense[user_rows]]
+        if self.item_dense.shape[1]:
+            parts.append(nn.functional.embedding_bag(bag_index, self.item_dense, bag_offsets, mode="sum",
+                                                     per_sample_weights=bag_weight))
+        return self.user_tower(torch.cat(parts, dim=1), masks)
+
+    def item_vectors(self, masks: Sequence[torch.Tensor] | None = None, lo: int = 0,
+                     hi: int | None = None) -> torch.Tensor:
+        """Item-tower outputs of items ``lo..hi-1`` (all items by default)."""
+        return self.item_tower(torch.cat([self.item_id.weight[lo:hi], self.item_dense[lo:hi]], dim=1), masks)
+
+    def forward(self, bag_index: torch.Tensor, bag_offsets: torch.Tensor, bag_weight: torch.Tensor,
+                user_rows: torch.Tensor, user_masks: Sequence[torch.Tensor] | None = None,
+                item_masks: Sequence[torch.Tensor] | None = None,
+                item_shard: "ItemShard | None" = None) -> torch.Tensor:
+        """Scores of the batch's users over the whole catalogue. With ``item_shard`` this rank
+        runs the item tower on its own item rows only and ``item_shard.gather`` assembles
+        the catalogue (``item_masks`` then cover those rows only)."""
+        users = self.user_vectors(bag_index, bag_offsets, bag_weight, user_rows, user_masks)
+        if item_shard is None:
+            items = self.item_vectors(item_masks)
+        else:
+            items = item_shard.gather(self.item_vectors(item_masks, item_shard.lo, item_shard.hi))
+        return users @ items.T + self.item_bias
+
+
+def build_net(data: NeuralData, cfg: NeuralConfig) -> NeuralNet:
+    """A freshly initialised :class:`NeuralNet`; the init depends only on ``cfg.seed``."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        return NeuralNet(data.n_users, data.n_items, data.user_dense, data.item_dense, cfg)
+
+
+# --------------------------------------------------------------------------- batches
+def _bags(x: sp.csr_matrix, keep: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``embedding_bag`` inputs (indices, offsets, weights normalised per row) for the rows
+    of ``x``, keeping only the entries where ``keep`` is true."""
+    counts = np.diff(x.indptr)
+    index, weight = x.indices, x.data.astype(np.float32)
+    if keep is not None:
+        index, weight = index[keep], weight[keep]
+        rows = np.repeat(np.arange(x.shape[0]), counts)[keep]
+        counts = np.bincount(rows, minlength=x.shape[0])
+    else:
+        rows = np.repeat(np.arange(x.shape[0]), counts)
+    totals = np.bincount(rows, weights=weight, minlength=x.shape[0])
+    weight = (weight / np.where(totals > 0, totals, 1.0)[rows]).astype(np.float32)
+    offsets = (np.cumsum(counts) - counts).astype(np.int64)
+    return index.astype(np.int64), offsets, weight
+
+
+@dataclass
+class _Step:
+    """One global batch's tensors for one rank's shard."""
+
+    bag_index: torch.Tensor
+    bag_offsets: torch.Tensor
+    bag_weight: torch.Tensor
+    user_rows: torch.Tensor
+    user_masks: list[torch.Tensor] | None
+    item_masks: list[torch.Tensor] | None
+    target_flat: torch.Tensor
+    target_weight: torch.Tensor
+
+
+@dataclass(frozen=True)
+class ItemShard:
+    """This rank's item rows ``lo..hi-1`` and the collective that assembles all rows."""
+
+    lo: int
+    hi: int
+    gather: Callable[[torch.Tensor], torch.Tensor]
+
+
+def shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
+    """Contiguous shard ``[lo, hi)`` of ``n`` rows for ``rank``: sizes differ by at most one."""
+    base, extra = divmod(n, world)
+    lo = rank * base + min(rank, extra)
+    return lo, lo + base + (1 if rank < extra else 0)
+
+
+def _item_keep(cfg: NeuralConfig, epoch: int, step: int, n_items: int, lo: int, hi: int) -> list[np.ndarray]:
+    """Item-tower dropout keep-masks (one per hidden layer) of item rows ``lo..hi-1``.
+
+    Rows come in blocks of :data:`MASK_BLOCK` items; block ``b`` is drawn from
+    ``default_rng([seed, epoch, step, 1, b])``, so a rank draws only the blocks of its own
+    item shard and still gets exactly the rows a single process would."""
+    masks = [np.empty((hi - lo, h), dtype=bool) for h in cfg.hidden]
+    for block in range(lo // MASK_BLOCK, -(-hi // MASK_BLOCK)):
+        b_lo, b_hi = block * MASK_BLOCK, min((block + 1) * MASK_BLOCK, n_items)
+        a, b = max(lo, b_lo), min(hi, b_hi)
+        rng = np.random.default_rng([cfg.seed, epoch, step, 1, block])
+        for mask, width in zip(masks, cfg.hidden):
+            drawn = rng.random((b_hi - b_lo, width), dtype=np.float32) >= cfg.dropout
+            mask[a - lo:b - lo] = drawn[a - b_lo:b - b_lo]
+    return masks
+
+
+def _make_step(x: sp.csr_matrix, rows: np.ndarray, cfg: NeuralConfig, epoch: int, step: int,
+               rank: int, world: int, device: torch.device, items: tuple[int, int] | None = None) -> _Step:
+    """Draw the random numbers of the global batch ``rows`` from ``default_rng([seed,
+    epoch, step])`` (input dropout, ID dropout, user-tower dropout, in this order), then cut
+    this rank's contiguous shard; item-tower masks cover item rows ``items`` (all by default)."""
+    n_users, n_items = x.shape
+    rng = np.random.default_rng([cfg.seed, epoch, step])
+    batch = x[rows]
+    keep_input = rng.random(batch.nnz, dtype=np.float32) >= cfg.input_dropout
+    as_unknown = rng.random(len(rows), dtype=np.float32) < cfg.id_dropout
+    user_keep = ([rng.random((len(rows), h), dtype=np.float32) >= cfg.dropout for h in cfg.hidden]
+                 if cfg.dropout > 0 else None)
+    item_keep = _item_keep(cfg, epoch, step, n_items, *(items or (0, n_items))) if cfg.dropout > 0 else None
+    lo, hi = shard_bounds(len(rows), rank, world)
+    shard = batch[lo:hi]
+    a, b = batch.indptr[lo], batch.indptr[hi]
+    index, offsets, weight = _bags(shard, keep_input[a:b])
+    local = np.repeat(np.arange(hi - lo), np.diff(shard.indptr))
+
+    def t(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+        return torch.as_tensor(np.ascontiguousarray(array), dtype=dtype).to(device)
+
+    return _Step(
+        bag_index=t(index, torch.int64), bag_offsets=t(offsets, torch.int64), bag_weight=t(weight, torch.float32),
+        user_rows=t(np.where(as_unknown, n_users, rows)[lo:hi], torch.int64),
+        user_masks=[t(m[lo:hi], torch.float32) for m in user_keep] if user_keep else None,
+        item_masks=[t(m, torch.float32) for m in item_keep] if item_keep else None,
+        target_flat=t(local * n_items + shard.indices, torch.int64),
+        target_weight=t(shard.data, torch.float32),
+    )
+
+
+# --------------------------------------------------------------------------- training
+@dataclass
+class StepResult:
+    """One optimizer step: the global batch's mean loss ``Σ_u L_u / B`` and ``B``."""
+
+    epoch: int
+    step: int
+    loss: float
+    samples: int
+
+
+def steps_per_epoch(n_users: int, batch_size: int) -> int:
+    return math.ceil(n_users / batch_size)
+
+
+def train(
+    net: nn.Module,
+    data: NeuralData,
+    cfg: NeuralConfig,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    device: torch.device | str = "cpu",
+    all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    item_gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    on_step: Callable[[StepResult], None] | None = None,
+    progress: bool = True,
+) -> list[StepResult]:
+    """Train ``net`` (a :class:`NeuralNet`, or one wrapped in DDP) in place; return the
+    global loss of every step.
+
+    Each rank computes ``S_r = Σ_{u ∈ shard_r} L_u`` and back-propagates
+    ``S_r · world_size / B``; DDP averages gradients over ranks, giving ``∇ Σ_u L_u / B``,
+    the single-process gradient of the global batch. The reported loss is
+    ``all_reduce(S_r) / B`` (``all_reduce`` sums a tensor over ranks in place or not and
+    returns it; None for one process), reduced once per epoch for all its steps;
+    ``on_step`` is called at the end of each epoch for each of its steps.
+
+    With ``item_gather`` the item tower is sharded too: rank ``r`` computes the item rows
+    :func:`shard_bounds` ``(n_items, r, world_size)`` and ``item_gather`` must return the
+    rows of every rank in rank order, summing the gradients of its output over ranks in the
+    backward pass (see :class:`training.ddp.GatherRows`).
+    """
+    if world_size > 1 and all_reduce is None:
+        raise ValueError("train: world_size > 1 needs all_reduce to report the global loss")
+    device = torch.device(device)
+    module = net.module if hasattr(net, "module") else net
+    x = data.interactions.matrix
+    if x.shape != (module.n_users, module.n_items):
+        raise ValueError(f"train: data has {x.shape} users×items but the net was built for "
+                         f"{(module.n_users, module.n_items)}")
+    item_shard = (ItemShard(*shard_bounds(data.n_items, rank, world_size), item_gather)
+                  if item_gather is not None else None)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    n_steps = steps_per_epoch(data.n_users, cfg.batch_size)
+    results: list[StepResult] = []
+    bar = None
+    if progress and rank == 0:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=cfg.epochs * n_steps, desc=f"neural (world {world_size})", unit="step", leave=False)
+    shard_sums: list[torch.Tensor] = []
+    sizes: list[int] = []
+    net.train()
+    try:
+        for epoch in range(cfg.epochs):
+            order = np.random.default_rng([cfg.seed, epoch]).permutation(data.n_users)
+            for step in range(n_steps):
+                rows = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+                batch = _make_step(x, rows, cfg, epoch, step, rank, world_size, device,
+                                   (item_shard.lo, item_shard.hi) if item_shard else None)
+                logits = net(batch.bag_index, batch.bag_offsets, batch.bag_weight, batch.user_rows,
+                             batch.user_masks, batch.item_masks, item_shard)
+                log_p = torch.log_softmax(logits, dim=1).reshape(-1)
+                shard_sum = -(log_p[batch.target_flat] * batch.target_weight).sum()
+                optimizer.zero_grad(set_to_none=True)
+                (shard_sum * (world_size / len(rows))).backward()
+                optimizer.step()
+                shard_sums.append(shard_sum.detach())
+                sizes.append(len(rows))
+                if bar is not None:
+                    bar.update(1)
+            # One loss reduction per epoch, not per step: fewer synchronisation points.
+            totals = torch.stack(shard_sums)
+            if all_reduce is not None:
+                totals = all_reduce(totals)
+            for step, (total, size) in enumerate(zip(totals.tolist(), sizes)):
+                results.append(StepResult(epoch, step, total / size, size))
+                if on_step is not None:
+                    on_step(results[-1])
+            shard_sums.clear(), sizes.clear()
+            if bar is not None:
+                bar.set_postfix(epoch=epoch, loss=f"{np.mean([r.loss for r in results[-n_steps:]]):.3f}")
+    finally:
+        if bar is not None:
+            bar.close()
+    net.eval()
+    return results
+
+
+# --------------------------------------------------------------------------- recommender
+class NeuralRecommender:
+    """A trained :class:`NeuralNet` with the id maps that give its rows and columns meaning."""
+
+    def __init__(self, net: nn.Module, cfg: NeuralConfig, user_ids: Sequence, item_ids: Sequence,
+                 user_feature_names: Sequence[str] = (), losses: Sequence[float] = ()):
+        self.net = net.eval()
+        self.cfg = cfg
+        self.user_ids = np.asarray(user_ids, dtype=object)
+        self.item_ids = np.asarray(item_ids, dtype=object)
+        self.user_index = {u: i for i, u in enumerate(self.user_ids)}
+        self.item_index = {i: j for j, i in enumerate(self.item_ids)}
+        self.user_feature_names = list(user_feature_names)
+        self.losses = list(losses)
+        self._items: torch.Tensor | None = None
+        self.train_seconds: float | None = None
+
+    @property
+    def n_users(self) -> int:
+        return len(self.user_ids)
+
+    def _rows(self, n: int, user_ids: Sequence | None) -> torch.Tensor:
+        if user_ids is None:
+            return torch.full((n,), self.n_users, dtype=torch.int64)
+        if len(user_ids) != n:
+            raise ValueError(f"score: {len(user_ids)} user ids for {n} history rows")
+        return torch.tensor([self.user_index.get(u, self.n_users) for u in user_ids], dtype=torch.int64)
+
+    def item_embeddings(self) -> np.ndarray:
+        """Item-tower outputs (n_items × embedding_dim); the item bias is not included."""
+        return self._item_tensor().numpy().copy()
+
+    def item_biases(self) -> np.ndarray:
+        return self.net.item_bias.detach().cpu().numpy().copy()
+
+    def _item_tensor(self) -> torch.Tensor:
+        if self._items is None:
+            with torch.inference_mode():
+                self._items = self.net.item_vectors().cpu()
+        return self._items
+
+    def _user_tensor(self, x: sp.csr_matrix, user_ids: Sequence | None) -> torch.Tensor:
+        x = sp.csr_matrix(x, dtype=np.float32)
+        if x.shape[1] != len(self.item_ids):
+            raise ValueError(f"score: history has {x.shape[1]} item columns; the model knows {len(self.item_ids)}")
+        if x.nnz and x.data.min() < 0:
+            raise ValueError("score: history weights must be non-negative")
+        index, offsets, weight = _bags(x)
+        with torch.inference_mode():
+            return self.net.user_vectors(torch.as_tensor(index), torch.as_tensor(offsets),
+                                         torch.as_tensor(weight), self._rows(x.shape[0], user_ids)).cpu()
+
+    def user_embeddings(self, x: sp.csr_matrix, user_ids: Sequence | None = None) -> np.ndarray:
+        """User-tower outputs for history rows ``x`` (users×items); unknown or missing
+        ``user_ids`` use the zero ID embedding and zero user features."""
+        return self._user_tensor(x, user_ids).numpy()
+
+    def score(self, x: sp.csr_matrix, user_ids: Sequence | None = None) -> np.ndarray:
+        """users×items scores ``u · v_i + b_i`` for history rows ``x`` (see :meth:`user_embeddings`)."""
+        users = self._user_tensor(x, user_ids)
+        with torch.inference_mode():
+            return (users @ self._item_tensor().T + self.net.item_bias.detach().cpu()).numpy()
+
+    def recommend(self, x: sp.csr_matrix, k: int, user_ids: Sequence | None = None,
+                  exclude_seen: bool = True) -> np.ndarray:
+        """Top-``k`` item indices per history row, best first; seen items excluded."""
+        scores = self.score(x, user_ids)
+        if exclude_seen:
+            x = sp.csr_matrix(x)
+            scores[np.repeat(np.arange(x.shape[0]), np.diff(x.indptr)), x.indices] = -np.inf
+        k = min(k, scores.shape[1])
+        top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        order = np.argsort(-np.take_along_axis(scores, top, axis=1), axis=1, kind="stable")
+        return np.take_along_axis(top, order, axis=1)
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, directory: str | Path) -> Path:
+        """Write ``model.pt`` (state dict: tensors only) and ``neural.json`` (config, ids,
+        feature names, losses) to ``directory``; quantized models cannot be saved."""
+        if is_quantized(self.net):
+            raise ValueError("save: an INT8-quantized model is for serving only; save the float model "
+                             "and quantize after load")
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu() for k, v in self.net.state_dict().items()}
+        torch.save(state, directory / MODEL_FILE)
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "config": self.cfg.model_dump(mode="json"),
+            "user_ids": [_plain(u) for u in self.user_ids],
+            "item_ids": [_plain(i) for i in self.item_ids],
+            "user_feature_names": self.user_feature_names,
+            "user_dense_dim": int(self.net.user_dense.shape[1]),
+            "item_dense_dim": int(self.net.item_dense.shape[1]),
+            "losses": self.losses,
+        }
+        (directory / META_FILE).write_text(json.dumps(meta))
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "NeuralRecommender":
+        directory = Path(directory)
+        for name in (MODEL_FILE, META_FILE):
+            if not (directory / name).exists():
+                raise FileNotFoundError(f"NeuralRecommender.load: {directory / name} not found")
+        meta = json.loads((directory / META_FILE).read_text())
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"NeuralRecommender.load: {directory} has format {meta.get('format_version')!r}; "
+                             f"this code reads {FORMAT_VERSION}")
+        cfg = NeuralConfig(**meta["config"])
+        state = torch.load(directory / MODEL_FILE, map_location="cpu", weights_only=True)
+        n_users, n_items = len(meta["user_ids"]), len(meta["item_ids"])
+        net = NeuralNet(n_users, n_items, np.zeros((n_users, meta["user_dense_dim"]), np.float32),
+                        np.zeros((n_items, meta["item_dense_dim"]), np.float32), cfg)
+        net.load_state_dict(state)
+        return cls(net, cfg, meta["user_ids"], meta["item_ids"], meta["user_feature_names"], meta["losses"])
+
+
+def _plain(value: object) -> object:
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def is_quantized(net: nn.Module) -> bool:
+    """True when ``net`` holds a quantized module (see :func:`quantize_int8`)."""
+    return any(type(m).__module__.startswith("torch.ao.nn.quantized") for m in net.modules())
+
+
+_is_quantized = is_quantized
+
+
+# --------------------------------------------------------------------------- entry points
+def fit_neural(data: NeuralData, cfg: NeuralConfig | None = None, progress: bool = True,
+               threads: int | None = None) -> NeuralRecommender:
+    """Train in this process (world size 1) with :func:`train` and return the recommender.
+
+    ``threads`` sets torch's intra-op threads for the fit only (restored afterwards); on a
+    busy host one thread is often much faster than several for models of this size."""
+    cfg = cfg or NeuralConfig()
+    net = build_net(data, cfg)
+    start = time.perf_counter()
+    before = torch.get_num_threads()
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"fit_neural: threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+    try:
+        results = train(net, data, cfg, progress=progress)
+    finally:
+        torch.set_num_threads(before)
+    rec = NeuralRecommender(net, cfg, data.interactions.user_ids, data.interactions.item_ids,
+                            data.user_feature_names, [r.loss for r in results])
+    rec.train_seconds = time.perf_counter() - start
+    return rec
+
+
+def quantize_int8(rec: NeuralRecommender) -> NeuralRecommender:
+    """A copy of ``rec`` whose ``nn.Linear`` layers hold INT8 weights with dynamically
+    quantized activations (``torch.ao.quantization.quantize_dynamic``), for CPU serving.
+    Embeddings, biases and the item bias stay float32."""
+    import copy
+
+    from torch.ao.quantization import quantize_dynamic
+
+    net = copy.deepcopy(rec.net).cpu().eval()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", message=".*quantize_per_tensor.*")
+        quantized = quantize_dynamic(net, {nn.Linear}, dtype=torch.qint8)
+    return NeuralRecommender(quantized, rec.cfg, rec.user_ids, rec.item_ids, rec.user_feature_names, rec.losses)
