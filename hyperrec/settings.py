@@ -133,6 +133,12 @@ class NeuralSettings(_Section):
     epochs: int = Field(50, ge=1)
     batch_size: int = Field(64, ge=1)
     seed: int = 0
+    # torch intra-op threads of an in-process fit (1 is fastest for towers this small).
+    threads: int = Field(1, ge=1)
+    # DDP ranks per node for the pipeline's fit: 1 trains in-process, N > 1 launches
+    # `torchrun --nproc_per_node N -m training.ddp` (gloo on CPU, nccl with device cuda).
+    nproc: int = Field(1, ge=1)
+    device: Literal["cpu", "cuda"] = "cpu"
 
     @model_validator(mode="after")
     def _positive_widths(self) -> "NeuralSettings":

@@ -102,10 +102,21 @@ def component_fitters(settings: Settings, progress: bool = False) -> dict[str, C
         return ContentScorer(fit_content(binary(ctx.matrix.matrix), np.asarray(ctx.side["item_embeddings"])))
 
     def neural(ctx: FitContext) -> Scorer:
-        from training.neural import NeuralData, fit_neural
+        from training.neural import NeuralData, NeuralRecommender, fit_neural
 
         data = NeuralData.build(ctx.frame, ctx.item_ids, user_features=ctx.side.get("user_features"), item_features=item_side_features(dict(ctx.side)))
-        return NeuralScorer(fit_neural(data, settings.neural, progress=progress))
+        ncfg = settings.neural
+        if ncfg.nproc == 1 and ncfg.device == "cpu":
+            return NeuralScorer(fit_neural(data, ncfg, progress=progress, threads=ncfg.threads))
+        import tempfile
+
+        from training.ddp import launch, write_training_data
+
+        with tempfile.TemporaryDirectory(prefix="hyperrec-ddp-") as tmp:
+            write_training_data(data, Path(tmp) / "data")
+            result = launch(Path(tmp) / "data", Path(tmp) / "out", nproc=ncfg.nproc, device=ncfg.device, cfg=ncfg,
+                            threads=ncfg.threads, progress=progress)
+            return NeuralScorer(NeuralRecommender.load(result["model_dir"]))
 
     return {
         "popularity": lambda ctx: PopularityScorer(ctx.matrix.matrix),

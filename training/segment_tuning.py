@@ -152,7 +152,7 @@ def train_global_models(
         data = NeuralData.build(fit_frame, item_ids, user_features, item_features, weight_col)
         for dim in missing:
             cfg = NeuralConfig(**(settings.neural.model_dump() | {"embedding_dim": int(dim)}))
-            models[dim] = fit_neural(data, cfg, progress=progress)
+            models[dim] = fit_neural(data, cfg, progress=progress, threads=cfg.threads)
     return {d: models[d] for d in sorted(models)}
 
 

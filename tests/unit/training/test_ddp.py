@@ -87,3 +87,22 @@ def test_bad_arguments_fail_before_starting_torchrun(tmp_path):
         launch(tmp_path / "missing", tmp_path / "out", nproc=1)
     with pytest.raises(ValueError, match="nproc and nnodes"):
         launch(tmp_path, tmp_path / "out", nproc=0)
+
+
+def test_pipeline_neural_component_trains_with_ddp_when_configured(settings):
+    """`neural.nproc: 2` makes the candidate fitter launch torchrun; the result scores like
+    the in-process fit of the same config (same global batches and seed)."""
+    from training.candidates import component_fitters
+    from training.hybrid import FitContext
+    from training.models import InteractionMatrix
+
+    ratings = read_ratings(settings.data_dir / "ml-100k")
+    frame = ratings[ratings["user_id"] <= 60].assign(user_id=lambda f: f["user_id"].astype(str))
+    item_ids = np.array(sorted(frame["item_id"].unique()), dtype=object)
+    ctx = FitContext(frame, InteractionMatrix.from_frame(frame, item_ids=item_ids), item_ids, {})
+    neural = CFG.model_dump() | {"epochs": 2}
+    local = component_fitters(settings.model_copy(update={"neural": NeuralConfig(**neural)}))["neural"](ctx)
+    ddp = component_fitters(settings.model_copy(update={"neural": NeuralConfig(**neural | {"nproc": 2})}))["neural"](ctx)
+    x = ctx.matrix.matrix[:10]
+    users = list(ctx.matrix.user_ids[:10])
+    np.testing.assert_allclose(ddp.score(x, users), local.score(x, users), rtol=1e-3, atol=1e-4)
