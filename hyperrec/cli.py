@@ -134,16 +134,13 @@ def drift_check(
 def serve(
     host: Optional[str] = typer.Option(None, "--host"),
     port: Optional[int] = typer.Option(None, "--port"),
+    workers: Optional[int] = typer.Option(None, "--workers", help="uvicorn worker processes (default: serving.workers)"),
     config: Optional[Path] = ConfigOpt,
 ) -> None:
-    """Serve the champion that was published last."""
-    import uvicorn
+    """Serve the champion that was published last (hot-reloads newly published versions)."""
+    from serving.app import run_server
 
-    from hyperrec.settings import load_settings
-    from serving.app import create_app
-
-    settings = load_settings(config)
-    uvicorn.run(create_app(settings), host=host or settings.serving.host, port=port or settings.serving.port)
+    run_server(config, host=host, port=port, workers=workers)
 
 
 features_app = typer.Typer(help="User features: build the offline snapshot and online store, inspect profiles.",

@@ -11,10 +11,9 @@ import json
 import shutil
 from pathlib import Path
 
-from training.bundle import REQUIRED_FILES, BUNDLE_FILES, validate_version, _write_atomic
+from training.bundle import REQUIRED_FILES, validate_version, _write_atomic
 
 CURRENT = "CURRENT"
-
 
 
 class ObjectStore:
@@ -119,9 +118,20 @@ class ObjectStore:
             self._s3.download_file(self.bucket, self._key(key), str(dest))
 
 
+def bundle_files(bundle_dir: Path) -> list[str]:
+    """Every file under ``bundle_dir`` as a ``/``-separated relative path (the training files,
+    ``blend/`` components and serving extras), sorted; hidden and temporary files are skipped."""
+    bundle_dir = Path(bundle_dir)
+    return sorted(
+        p.relative_to(bundle_dir).as_posix()
+        for p in bundle_dir.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(bundle_dir).parts)
+    )
+
+
 def publish(bundle_dir: Path, store: ObjectStore, version: str) -> str:
-    """Upload the bundle in ``bundle_dir`` to ``<store>/<version>/`` and then point ``CURRENT``
-    at it; return ``version``.
+    """Upload every file of the bundle in ``bundle_dir`` (sub-folders included) to
+    ``<store>/<version>/`` and then point ``CURRENT`` at it; return ``version``.
 
     Everything is checked before the first upload (required files present, metadata version
     equal to ``version``), and ``CURRENT`` is written last, so a failure leaves the previous
@@ -138,7 +148,7 @@ def publish(bundle_dir: Path, store: ObjectStore, version: str) -> str:
         raise ValueError(f"cannot publish {bundle_dir}: metadata.json is not a JSON object ({exc})") from exc
     if meta_version != version:
         raise ValueError(f"cannot publish {bundle_dir} as {version!r}: metadata.json says version {meta_version!r}")
-    present = [name for name in BUNDLE_FILES if (bundle_dir / name).is_file()]
+    present = bundle_files(bundle_dir)
     # metadata.json goes last within the version too, marking the folder complete.
     for name in sorted(present, key=lambda n: n == "metadata.json"):
         store.put_file(f"{version}/{name}", bundle_dir / name)
@@ -176,10 +186,12 @@ def fetch(store: ObjectStore, version: str, dest: Path) -> Path:
         raise FileNotFoundError(f"version {version!r} not found in {store} (no {version}/metadata.json)")
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
-    for name in BUNDLE_FILES:
-        target = dest / name
-        if name in names:
-            _write_atomic(target, lambda tmp, name=name: store.download(f"{version}/{name}", tmp))
-        else:
-            target.unlink(missing_ok=True)
+    for name in bundle_files(dest):
+        if name not in names:
+            (dest / name).unlink()
+    # metadata.json last, so an interrupted fetch never looks complete.
+    for name in sorted(names, key=lambda n: n == "metadata.json"):
+        target = dest.joinpath(*name.split("/"))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _write_atomic(target, lambda tmp, name=name: store.download(f"{version}/{name}", tmp))
     return dest

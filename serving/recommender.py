@@ -1,0 +1,227 @@
+"""One served bundle with everything derived from it, and the recommendation logic.
+
+A :class:`ServedModel` is built once per loaded bundle (the served, possibly INT8, model;
+its restricted scorer; the ANN index; MMR vectors; segment profiles; the explainer) and is
+immutable afterwards, so a request holding one is unaffected by a hot swap.
+
+:meth:`ServedModel.recommend` for a request (user, k, filters, diversity, explain, cold-start
+attributes) and the user's live events (oldest first):
+
+1. history ``H`` = training history ∪ live items known to the bundle; the allowed items are
+   the catalogue minus ``H`` (``exclude_seen``), minus ``exclude_items``, restricted to items
+   in any of ``categories``;
+2. relevance, by strategy:
+
+   - ``personalized`` (known user): the hybrid score of the user's row (training history with
+     its weights, live items at the neutral weight) on the candidates of
+     :func:`serving.retrieval.candidate_items` (ANN over the item space, or all allowed items);
+   - ``session_content+<pop>`` / ``session+<pop>`` (unknown user with live events):
+     ``(1 − w)·z(s) + w·z(p)`` with ``s`` the content cosine of the session profile (the
+     hybrid score of the session row when the bundle has no content component), ``p`` the
+     popularity below, ``w = serving.cold_popularity_weight`` and ``z`` the standardization
+     over the scored items;
+   - ``segment_popularity`` (unknown user, no events, the bundle has segment popularity and
+     the request's attributes point to a segment: :mod:`serving.segments`), else
+     ``global_popularity`` (``strategy_detail`` says why);
+3. the top ``k`` by relevance (ties: lower item index), or with ``diversity > 0`` MMR over the
+   top ``max(k, serving.mmr_pool)`` (:mod:`serving.rerank`);
+4. with ``explain``, a reason per item (:mod:`serving.explain`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hyperrec.settings import ServingSettings
+from serving.explain import Explainer
+from serving.rerank import category_vectors, intra_list_diversity, mmr, normalize_rows, similarity_vectors
+from serving.retrieval import AnnIndex, HybridScorer, ItemSpace, candidate_items, is_quantized, served_model
+from serving.segments import SegmentProfiles
+from training.bundle import Bundle
+from training.candidates import ContentScorer
+
+
+class RequestError(ValueError):
+    """A request that is well-formed but names things the served bundle does not know."""
+
+    def __init__(self, loc: list[str], msg: str, kind: str) -> None:
+        super().__init__(msg)
+        self.detail = [{"loc": loc, "msg": msg, "type": kind}]
+
+
+@dataclass(frozen=True)
+class RecommendationRequest:
+    user_id: str
+    k: int
+    exclude_seen: bool = True
+    categories: tuple[str, ...] = ()
+    exclude_items: tuple[str, ...] = ()
+    diversity: float = 0.0
+    explain: bool = False
+    attributes: dict[str, Any] = field(default_factory=dict)
+
+    def cache_params(self) -> dict[str, Any]:
+        """Every parameter that shapes the answer (the cache fingerprint)."""
+        return {"k": self.k, "exclude_seen": self.exclude_seen, "categories": sorted(self.categories),
+                "exclude_items": sorted(self.exclude_items), "diversity": self.diversity, "explain": self.explain,
+                "attributes": {a: v for a, v in sorted(self.attributes.items()) if v is not None}}
+
+
+def _z(values: np.ndarray) -> np.ndarray:
+    values = np.asarray(values, dtype=np.float64)
+    std = values.std()
+    return (values - values.mean()) / std if std > 0 else np.zeros_like(values)
+
+
+class ServedModel:
+    """A loaded bundle prepared for serving (module docstring)."""
+
+    def __init__(self, bundle: Bundle, bundle_dir: Path | None, settings: ServingSettings) -> None:
+        self.bundle = bundle
+        self.settings = settings
+        self.version = bundle.version
+        n = bundle.n_items
+        self.model = served_model(bundle.model, settings.quantized)
+        self.quantized = is_quantized(self.model)
+        self.scorer = HybridScorer(self.model, n)
+        self.space = ItemSpace.of(self.scorer)
+        self.index = None
+        if self.space is not None and n > settings.candidates:
+            self.index = AnnIndex(self.space.vectors, self._sample_queries(), settings.candidates)
+        content = self.scorer.component(ContentScorer)
+        self.content = content[0] if content else None
+        content_vectors = self.scorer._item_side[self.content][0] if self.content else None
+        self.sim_vectors, self.sim_source = similarity_vectors(content_vectors, bundle.categories)
+        cats, labels = category_vectors(bundle.categories)
+        self.category_masks = {label: cats[:, j] > 0 for j, label in enumerate(labels)}
+        self.popularity = np.asarray(bundle.popularity, dtype=np.float32)
+        self.segments = SegmentProfiles.load(bundle_dir, n) if bundle_dir is not None else None
+        link_vectors = normalize_rows(self.space.vectors[:, :-1] if self.space and self.space.source == "neural"
+                                      else self.space.vectors) if self.space is not None else None
+        self.explainer = Explainer(bundle.titles, bundle.item_ids, self.popularity, self.scorer.anchor_weights,
+                                   link_vectors)
+
+    def _sample_queries(self, count: int = 32) -> np.ndarray:
+        """Query vectors of up to ``count`` training users (evenly spaced in id order) for
+        calibrating the ANN index; random vectors when the bundle has no users."""
+        users = sorted(self.bundle.history)
+        picked = [users[i] for i in np.linspace(0, len(users) - 1, min(count, len(users))).astype(int)] if users else []
+        empty = np.empty(0, dtype=np.int32)
+        queries = [self.space.query(self.scorer.prepare(self.bundle._row(u, empty), u)) for u in picked]
+        if not queries:
+            return np.random.default_rng(0).normal(size=(count, self.space.vectors.shape[1])).astype(np.float32)
+        return np.stack(queries).astype(np.float32)
+
+    @property
+    def ann_source(self) -> str:
+        return self.space.source if self.index is not None else "none"
+
+    def describe(self) -> dict[str, Any]:
+        return {"model_version": self.version, "model_name": self.bundle.model.name, "quantized": self.quantized,
+                "ann": self.ann_source, **({"ann_" + k: v for k, v in self.index.describe().items()} if self.index else {}),
+                "segments": len(self.segments.labels) if self.segments else 0, "n_items": self.bundle.n_items}
+
+    # ------------------------------------------------------------------ validation
+    def validate(self, request: RecommendationRequest) -> None:
+        unknown = sorted(set(request.categories) - set(self.category_masks))
+        if unknown:
+            known = ", ".join(sorted(self.category_masks)) or "none"
+            raise RequestError(["query", "categories"], f"unknown categories {unknown}; this model knows: {known}",
+                               "unknown_category")
+        missing = sorted(i for i in set(request.exclude_items) if not self.bundle.has_item(i))
+        if missing:
+            raise RequestError(["query", "exclude_items"], f"unknown item ids {missing[:10]}: not in model version "
+                               f"{self.version}", "unknown_item")
+
+    # ------------------------------------------------------------------ recommend
+    def _popularity(self, attributes: dict[str, Any]) -> tuple[np.ndarray, str, str | None, str]:
+        """Popularity vector, strategy, segment label and the reason for the choice."""
+        given = {a: v for a, v in attributes.items() if v is not None}
+        if self.segments is None:
+            return self.popularity, "global_popularity", None, "bundle has no segment popularity"
+        if not given:
+            return self.popularity, "global_popularity", None, "no demographics or context given"
+        found = self.segments.nearest(given)
+        if found is None:
+            return self.popularity, "global_popularity", None, f"no segment profile knows {sorted(given)}"
+        index, used = found
+        label = self.segments.labels[index]
+        return self.segments.popularity[index], "segment_popularity", label, f"nearest segment {label} by {', '.join(used)}"
+
+    def recommend(self, request: RecommendationRequest, recent: list[str]) -> dict[str, Any]:
+        """The response body for ``request`` given the user's live items ``recent``."""
+        self.validate(request)
+        bundle, settings = self.bundle, self.settings
+        user = request.user_id
+        known = user in bundle.history
+        extra = np.array([bundle.item_index[i] for i in recent if i in bundle.item_index], dtype=np.int32)
+        trained = bundle.history[user] if known else np.empty(0, dtype=np.int32)
+        history = np.unique(np.concatenate([trained, extra])).astype(np.int64)
+        allowed = np.ones(bundle.n_items, dtype=bool)
+        if request.exclude_seen:
+            allowed[history] = False
+        if request.categories:
+            allowed &= np.logical_or.reduce([self.category_masks[c] for c in request.categories])
+        for item in request.exclude_items:
+            allowed[bundle.item_index[item]] = False
+        need = max(request.k, settings.mmr_pool) if request.diversity > 0 else request.k
+        detail, segment, retrieved = "", None, False
+        popularity_only: str | None = None
+        if known or len(extra):
+            state = self.scorer.prepare(bundle._row(user if known else None, extra), user if known else None)
+            query = self.space.query(state) if self.space is not None else None
+            n_excluded = len(history) if request.exclude_seen else 0
+            items, retrieved = candidate_items(allowed, self.index, query, settings.candidates, n_excluded, need)
+            if known:
+                scores = self.scorer.score(state, items).astype(np.float64)
+                strategy = "personalized"
+            else:
+                if self.content is not None:
+                    session = self.scorer._item_side[self.content][0][items] @ state.vectors[self.content]
+                    source = "session_content"
+                else:
+                    session = self.scorer.score(state, items)
+                    source = "session"
+                pop, pop_strategy, segment, detail = self._popularity(request.attributes)
+                w = settings.cold_popularity_weight
+                scores = (1.0 - w) * _z(session) + w * _z(pop[items])
+                strategy = f"{source}+{pop_strategy}"
+        else:
+            items = np.flatnonzero(allowed)
+            pop, strategy, segment, detail = self._popularity(request.attributes)
+            scores = pop[items].astype(np.float64)
+            popularity_only = "segment" if strategy == "segment_popularity" else "global"
+        picked = self._rank(items, scores, request.k, request.diversity, need)
+        score_of = dict(zip(items.tolist(), scores.tolist()))
+        reasons = self.explainer.reasons(history, picked, popularity_only) if request.explain else None
+        out_items = []
+        for rank, i in enumerate(picked.tolist(), start=1):
+            entry = {"item_id": str(bundle.item_ids[i]), "title": str(bundle.titles[i]), "score": float(score_of[i]),
+                     "rank": rank, "categories": list(bundle.categories[i])}
+            if reasons is not None:
+                entry.update(reasons[rank - 1])
+            out_items.append(entry)
+        return {
+            "user_id": user,
+            "model_version": self.version,
+            "cold_start": not known,
+            "strategy": strategy,
+            "strategy_detail": detail or None,
+            "segment": segment,
+            "retrieval": "ann" if retrieved else "exact",
+            "diversity": request.diversity,
+            "intra_list_diversity": intra_list_diversity(picked, self.sim_vectors),
+            "items": out_items,
+        }
+
+    def _rank(self, items: np.ndarray, scores: np.ndarray, k: int, diversity: float, need: int) -> np.ndarray:
+        """Top ``k`` by score (ties: lower item index), or MMR over the top ``need``."""
+        order = np.lexsort((items, -scores))
+        if diversity > 0:
+            pool = order[:need]
+            return mmr(items[pool], scores[pool], self.sim_vectors, k, diversity)
+        return items[order[:k]].astype(np.int64)

@@ -1,0 +1,91 @@
+"""Diversity re-ranking by Maximal Marginal Relevance, and intra-list diversity.
+
+Similarity between items ``i, j`` is the cosine ``sim(i, j) = ê_i · ê_j`` of their
+L2-normalised item vectors (:func:`similarity_vectors`): the content embeddings when the
+served model has a content component, else the category multi-hot vectors. An item without
+content or categories has the zero vector (similarity 0 to everything).
+
+MMR (:func:`mmr`) with diversity ``d`` ∈ [0, 1] and ``λ = 1 − d`` picks greedily from a pool
+of candidates ranked by relevance ``r`` (min-max scaled to [0, 1] over the pool)::
+
+    next = argmax_{i ∉ S} λ · r_i − (1 − λ) · max_{j ∈ S} sim(i, j)
+
+(the first pick is the most relevant item; ties go to the more relevant item). ``d = 0``
+returns the relevance order unchanged.
+
+Intra-list diversity (:func:`intra_list_diversity`): the mean of ``1 − sim(i, j)`` over the
+unordered pairs of a list; 0 for lists shorter than two.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+
+def normalize_rows(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return np.divide(x, norms, out=np.zeros_like(x), where=norms > 0)
+
+
+def category_vectors(categories: Sequence[Sequence[str]]) -> tuple[np.ndarray, list[str]]:
+    """Multi-hot item × category matrix and its column labels (sorted)."""
+    labels = sorted({c for cats in categories for c in cats})
+    index = {c: j for j, c in enumerate(labels)}
+    out = np.zeros((len(categories), len(labels)), dtype=np.float32)
+    for row, cats in enumerate(categories):
+        for c in cats:
+            out[row, index[c]] = 1.0
+    return out, labels
+
+
+def similarity_vectors(content: np.ndarray | None, categories: Sequence[Sequence[str]]) -> tuple[np.ndarray, str]:
+    """Unit item vectors for :func:`mmr` and the name of their source (``content``/``categories``)."""
+    if content is not None:
+        return normalize_rows(content), "content"
+    return normalize_rows(category_vectors(categories)[0]), "categories"
+
+
+def mmr(pool: np.ndarray, relevance: np.ndarray, vectors: np.ndarray, k: int, diversity: float) -> np.ndarray:
+    """The ``k`` items of ``pool`` (item indices, any order) picked by MMR, in pick order.
+
+    ``relevance[i]`` belongs to ``pool[i]``; ``vectors`` are unit item vectors (all items).
+    """
+    if not 0.0 <= diversity <= 1.0:
+        raise ValueError(f"diversity must be in [0, 1], got {diversity}")
+    pool = np.asarray(pool, dtype=np.int64)
+    relevance = np.asarray(relevance, dtype=np.float64)
+    order = np.lexsort((pool, -relevance))  # best first, ties by item index
+    pool, relevance = pool[order], relevance[order]
+    k = min(k, len(pool))
+    if diversity == 0.0 or k <= 1:
+        return pool[:k]
+    span = relevance.max() - relevance.min()
+    rel = (relevance - relevance.min()) / span if span > 0 else np.ones_like(relevance)
+    lam = 1.0 - diversity
+    sims = vectors[pool] @ vectors[pool].T
+    picked = [0]
+    max_sim = sims[0].astype(np.float64).copy()
+    taken = np.zeros(len(pool), dtype=bool)
+    taken[0] = True
+    for _ in range(1, k):
+        value = lam * rel - (1.0 - lam) * max_sim
+        value[taken] = -np.inf
+        best = int(np.argmax(value))  # first maximum = the more relevant item
+        picked.append(best)
+        taken[best] = True
+        max_sim = np.maximum(max_sim, sims[best])
+    return pool[picked]
+
+
+def intra_list_diversity(items: Sequence[int], vectors: np.ndarray) -> float:
+    """Mean pairwise ``1 − cosine`` of ``items`` (module docstring)."""
+    items = np.asarray(items, dtype=np.int64)
+    n = len(items)
+    if n < 2:
+        return 0.0
+    sims = vectors[items] @ vectors[items].T
+    upper = sims[np.triu_indices(n, k=1)]
+    return float(np.mean(1.0 - upper))
