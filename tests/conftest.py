@@ -41,6 +41,12 @@ def settings() -> Settings:
 
 
 @pytest.fixture(scope="session")
+def full_settings() -> Settings:
+    """The configured (full) model search, for tests that prove accuracy targets."""
+    return FULL_SETTINGS
+
+
+@pytest.fixture(scope="session")
 def spark(settings):
     from pipelines.spark import get_spark
 

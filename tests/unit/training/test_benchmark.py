@@ -10,13 +10,11 @@ from training.benchmark import MODELS, export_raw_dataset, run_benchmark
 
 
 @pytest.fixture(scope="module")
-def ml100k(settings, tmp_path_factory):
+def ml100k(full_settings, tmp_path_factory):
     """Every model, the hybrid included (minutes: the validation search fits the neural
     model and ALS once per fold)."""
-    from conftest import FULL_SETTINGS
-
     out = tmp_path_factory.mktemp("bench")
-    return run_benchmark(FULL_SETTINGS, dataset="ml-100k", protocol="u75", k=10, out=out), out
+    return run_benchmark(full_settings, dataset="ml-100k", protocol="u75", k=10, out=out), out
 
 
 pytestmark = pytest.mark.slow
