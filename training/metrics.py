@@ -199,14 +199,15 @@ def evaluate_by_segment(
 ) -> dict:
     """:func:`evaluate` within each segment, plus fairness gaps.
 
-    ``segment_of`` maps user → segment; users without one fall in segment ``"unassigned"``.
+    ``segment_of`` maps user → segment; users without one are left out.
     Returns ``{"segments": {seg: metrics}, "gap": {metric: best − worst over segments}}``;
     with ``n_items`` each segment also gets ``coverage@k`` (:func:`catalog_coverage` of that
     segment's lists). The gap of a single segment is 0.
     """
     groups: dict[object, list] = {}
     for user in relevant:
-        groups.setdefault(segment_of.get(user, "unassigned"), []).append(user)
+        if user in segment_of:
+            groups.setdefault(segment_of[user], []).append(user)
     per_segment = {}
     for segment, users in sorted(groups.items(), key=lambda kv: str(kv[0])):
         rel = {u: relevant[u] for u in users}

@@ -29,7 +29,7 @@ from training.bundle import load_bundle
 from training.models import InteractionMatrix
 from training.pyfunc import RecommenderPyfunc
 from training.evaluation import recommend_ids, relevant_items
-from training.metrics import catalog_coverage, evaluate
+from training.metrics import catalog_coverage, evaluate, evaluate_by_segment
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 WEIGHT_COLUMN = "confidence"
@@ -110,12 +110,9 @@ def segment_ndcg(
 ) -> dict[str, float]:
     """Mean NDCG@k per segment over the users with ≥1 relevant item; ``segments`` maps
     ``str(user_id)`` → segment, and users it does not assign are left out."""
-    groups: dict[str, dict[Any, set]] = {}
-    for user, rel in relevant.items():
-        segment = segments.get(str(user))
-        if segment is not None:
-            groups.setdefault(str(segment), {})[user] = rel
-    return {segment: evaluate(recommendations, rel, k)[f"ndcg@{k}"] for segment, rel in sorted(groups.items())}
+    by_user = {user: segments[str(user)] for user in relevant if str(user) in segments}
+    per = evaluate_by_segment(recommendations, relevant, by_user, k)["segments"]
+    return {str(segment): m[f"ndcg@{k}"] for segment, m in per.items()}
 
 
 def segment_gap(per_segment: Mapping[str, float]) -> float:

@@ -59,3 +59,17 @@ def test_beyond_accuracy_by_hand():
     same = {"u1": ["a"], "u2": ["a"]}
     assert exposure_entropy(same, 4, 1) == pytest.approx(0.0)
     assert exposure_gini(same, 4, 1) == pytest.approx(0.75)  # one of four items takes all: (n-1)/n
+
+
+def test_evaluate_by_segment_reports_each_segment_and_the_gap():
+    from training.metrics import evaluate_by_segment
+
+    recs = {"a": ["x", "y"], "b": ["y", "x"], "c": ["z", "x"], "d": ["x"]}
+    relevant = {"a": {"x"}, "b": {"x"}, "c": {"z"}, "d": {"x"}}
+    result = evaluate_by_segment(recs, relevant, {"a": "s1", "b": "s1", "c": "s2"}, 2, n_items=3)
+    # s1: a hits at rank 1 (ndcg 1), b at rank 2 (1/log2(3)); s2: c at rank 1. d has no segment.
+    assert set(result["segments"]) == {"s1", "s2"}
+    assert result["segments"]["s1"]["ndcg@2"] == pytest.approx((1 + 1 / math.log2(3)) / 2)
+    assert result["segments"]["s2"]["ndcg@2"] == pytest.approx(1.0) and result["segments"]["s1"]["users"] == 2
+    assert result["gap"]["ndcg@2"] == pytest.approx(1 - (1 + 1 / math.log2(3)) / 2)
+    assert result["segments"]["s2"]["coverage@2"] == pytest.approx(2 / 3)
