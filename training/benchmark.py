@@ -23,7 +23,7 @@ from hyperrec.datasets import RawDataset
 from hyperrec.settings import Settings
 from pipelines.split import split_fingerprint, u75_split
 from training.metrics import METRICS, beyond_accuracy, evaluate
-from training.candidates import BASELINES, COMPONENTS, NEEDS, available, fit_candidate, tune_choice
+from training.candidates import BASELINES, COMPONENTS, NEEDS, available, category_multi_hot, fit_candidate, tune_choice
 from training.hybrid import FitContext
 from training.models import InteractionMatrix, top_k
 
@@ -87,17 +87,12 @@ def item_vectors(dataset: str, settings: Settings, item_dtype) -> dict | None:
             return None
         raw = pd.read_csv(path)
         items = pd.DataFrame({"item_id": raw["item_id"], "categories": raw["genres"].fillna("").str.split("|")})
-    labels = sorted({c for cats in items["categories"] for c in cats if c})
-    index = {c: j for j, c in enumerate(labels)}
-    vectors = {}
-    for item, cats in zip(items["item_id"].astype(item_dtype), items["categories"]):
-        v = np.zeros(len(labels))
-        v[[index[c] for c in cats if c]] = 1.0
-        vectors[item] = v
-    return vectors
+    matrix = category_multi_hot(list(items["categories"])).astype(np.float64)
+    return dict(zip(items["item_id"].astype(item_dtype), matrix))
 
 
-def side_data(dataset: str, settings: Settings, item_ids: np.ndarray, ratings: pd.DataFrame, *, spark: bool = True) -> dict:
+def side_data(dataset: str, settings: Settings, item_ids: np.ndarray, ratings: pd.DataFrame, vectors: dict | None, *,
+              spark: bool = True) -> dict:
     """Side data for the content, neural and ALS components (see :mod:`training.candidates`):
     item category multi-hot and content embeddings aligned with ``item_ids``, user features
     (ml-100k ``u.user`` or ``users.csv``) and the Spark session. Missing files leave keys out."""
@@ -105,8 +100,7 @@ def side_data(dataset: str, settings: Settings, item_ids: np.ndarray, ratings: p
     from training.content import item_embeddings_for
 
     side: dict = {}
-    item_dtype, user_dtype = ratings["item_id"].dtype, ratings["user_id"].dtype
-    vectors = item_vectors(dataset, settings, item_dtype)
+    user_dtype = ratings["user_id"].dtype
     if vectors:
         width = len(next(iter(vectors.values())))
         side["item_categories"] = np.array([vectors.get(i, np.zeros(width)) for i in item_ids], dtype=np.float32)
@@ -151,7 +145,7 @@ def run_benchmark(settings: Settings, *, dataset: str, protocol: str, k: int, ou
     vectors = item_vectors(dataset, settings, ratings["item_id"].dtype)
     item_ids = np.array(sorted(train["item_id"].unique()), dtype=object)
     matrix = InteractionMatrix.from_frame(train, item_ids=item_ids, weight_col="rating")
-    side = side_data(dataset, settings, item_ids, ratings, spark="als" in models)
+    side = side_data(dataset, settings, item_ids, ratings, vectors, spark="als" in models)
     context = FitContext(train, matrix, item_ids, side)
     users = [u for u in relevant if u in matrix.user_index]
     rows = np.array([matrix.user_index[u] for u in users], dtype=np.int64)

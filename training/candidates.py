@@ -80,6 +80,16 @@ class NeuralScorer(Scorer):
         return self.model.score(binary(x), list(user_ids))
 
 
+def category_multi_hot(categories: Sequence[Sequence[str] | None]) -> np.ndarray:
+    """Rows of 0/1 over the sorted distinct category labels; None or empty rows are all 0."""
+    labels = sorted({c for cats in categories if cats is not None for c in cats if c})
+    index = {c: j for j, c in enumerate(labels)}
+    out = np.zeros((len(categories), len(labels)), dtype=np.float32)
+    for row, cats in enumerate(categories):
+        out[row, [index[c] for c in (cats if cats is not None else []) if c]] = 1.0
+    return out
+
+
 def item_side_features(side: dict) -> np.ndarray | None:
     """The neural item tower's dense input: category multi-hot next to content embeddings."""
     parts = [np.asarray(side[key], dtype=np.float32) for key in ("item_categories", "item_embeddings") if side.get(key) is not None]

@@ -17,7 +17,8 @@ from hyperrec.run_context import RunContext
 from hyperrec.settings import Settings
 from training import registry
 from training.bundle import load_bundle, write_bundle
-from training.candidates import BASELINES, COMPONENTS, available, as_blend, fit_candidate, item_side_features, tune_choice
+from training.candidates import (BASELINES, COMPONENTS, as_blend, available, category_multi_hot, fit_candidate, item_side_features,
+                                 tune_choice)
 from training.hybrid import FitContext
 from training.metrics import evaluate_by_segment
 from training.models import InteractionMatrix, popularity
@@ -51,13 +52,7 @@ def side_data(settings: Settings, run: RunContext, items: pd.DataFrame) -> dict:
     from training.content import item_embeddings_for
 
     item_ids = items["item_id"].to_numpy(dtype=object)
-    labels = sorted({c for cats in items["categories"] if cats is not None for c in cats})
-    index = {c: j for j, c in enumerate(labels)}
-    categories = np.zeros((len(items), len(labels)), dtype=np.float32)
-    for row, cats in enumerate(items["categories"]):
-        for c in (cats if cats is not None else []):
-            categories[row, index[c]] = 1.0
-    side: dict = {"item_categories": categories, "spark": get_spark(settings)}
+    side: dict = {"item_categories": category_multi_hot(list(items["categories"])), "spark": get_spark(settings)}
     try:
         features, embeddings = read_item_snapshot(run.features_dir / "items")
         side["item_embeddings"] = item_embeddings_for(item_ids, features, embeddings)
