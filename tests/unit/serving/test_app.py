@@ -189,3 +189,60 @@ def test_serves_from_s3_store_named_in_settings(tmp_path: Path, s3_endpoint: str
         body = recs(client, "u4", k=2)
     assert body["model_version"] == "v7" and len(body["items"]) == 2
     assert (settings.home / "serving" / "bundles" / "v7" / "metadata.json").is_file()
+
+
+def test_two_worker_server_reports_every_worker_in_metrics(tmp_path: Path) -> None:
+    """``hyperrec serve --workers 2``: Prometheus multiprocess mode, so one scrape of
+    ``/metrics`` counts every request whichever worker answered it, and both workers' model
+    gauges appear (one ``pid`` label each)."""
+    import json
+    import os
+    import re
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    home, store_dir = tmp_path / "home", tmp_path / "store"
+    publish(build_bundle(tmp_path / "build", "v1"), ObjectStore(str(store_dir)), "v1")
+    config = tmp_path / "serve.yaml"
+    config.write_text(json.dumps({"home": str(home), "object_store": {"uri": str(store_dir)},
+                                  "serving": {"reload_interval_s": 0}}))
+    stale = home / "serving" / "prometheus" / "counter_999999.db"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"left by an earlier server")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    server = subprocess.Popen([sys.executable, "-m", "hyperrec.cli", "serve", "--port", str(port), "--workers", "2",
+                               "--config", str(config)], env=env, start_new_session=True)
+    try:
+        pids: set[str] = set()
+        deadline = time.time() + 120
+        while len(pids) < 2:  # both workers have loaded v1 (each sets its own model gauge)
+            assert server.poll() is None, "server exited"
+            assert time.time() < deadline, f"workers with a model after 120 s: {pids}"
+            try:
+                text = httpx.get(f"{url}/metrics", timeout=5).text
+                pids = set(re.findall(r'hyperrec_model_loaded\{pid="(\d+)"\} 1\.0', text))
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        assert not stale.exists()
+        n = 40
+        for i in range(n):  # a new connection each: the kernel spreads them over the workers
+            assert httpx.get(f"{url}/v1/recommendations/u{i % 5 + 1}", params={"k": 2}, timeout=10).status_code == 200
+        text = httpx.get(f"{url}/metrics", timeout=5).text
+        total = re.search(r'hyperrec_requests_total\{method="GET",route="/v1/recommendations/\{user_id\}",'
+                          r'status="200"\} ([0-9.]+)', text)
+        assert total is not None and float(total.group(1)) == n
+        versions = re.findall(r'hyperrec_model_info\{[^}]*pid="(\d+)"[^}]*version="v1"\} 1\.0', text)
+        assert set(versions) == pids
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
