@@ -124,8 +124,10 @@ class Recommendations(BaseModel):
     cold_start: bool
     strategy: str = Field(description="personalized | segment_popularity | global_popularity | "
                                       "session_content+<popularity> | session+<popularity>")
-    strategy_detail: str | None = Field(None, description="why a popularity strategy was chosen")
-    segment: str | None = None
+    strategy_detail: str | None = Field(None, description="why a popularity strategy was chosen, or which "
+                                                         "segment model scored a known user")
+    segment: str | None = Field(None, description="the segment whose popularity (cold start) or fine-tuned "
+                                                  "neural model (known user) was used")
     retrieval: Literal["ann", "exact"]
     diversity: float
     intra_list_diversity: float

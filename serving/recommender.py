@@ -15,6 +15,8 @@ attributes) and the user's live events (oldest first):
    - ``personalized`` (known user): the hybrid score of the user's row (training history with
      its weights, live items at the neutral weight) on the candidates of
      :func:`serving.retrieval.candidate_items` (ANN over the item space, or all allowed items);
+     when the user's segment has a fine-tuned neural model, its neural part comes from that
+     model (``segment`` names it);
    - ``session_content+<pop>`` / ``session+<pop>`` (unknown user with live events):
      ``(1 − w)·z(s) + w·z(p)`` with ``s`` the content cosine of the session profile (the
      hybrid score of the session row when the bundle has no content component), ``p`` the
@@ -123,7 +125,8 @@ class ServedModel:
     def describe(self) -> dict[str, Any]:
         return {"model_version": self.version, "model_name": self.bundle.model.name, "quantized": self.quantized,
                 "ann": self.ann_source, **({"ann_" + k: v for k, v in self.index.describe().items()} if self.index else {}),
-                "segments": len(self.segments.labels) if self.segments else 0, "n_items": self.bundle.n_items}
+                "segments": len(self.segments.labels) if self.segments else 0,
+                "segment_models": self.scorer.segment_models(), "n_items": self.bundle.n_items}
 
     # ------------------------------------------------------------------ validation
     def validate(self, request: RecommendationRequest) -> None:
@@ -179,6 +182,9 @@ class ServedModel:
             if known:
                 scores = self.scorer.score(state, items).astype(np.float64)
                 strategy = "personalized"
+                segment = self.scorer.segment_model_of(user)
+                if segment is not None:
+                    detail = f"neural scores from the model fine-tuned for segment {segment}"
             else:
                 if self.content is not None:
                     session = self.scorer._item_side[self.content][0][items] @ state.vectors[self.content]

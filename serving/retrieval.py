@@ -5,14 +5,16 @@ Scoring: :class:`HybridScorer` computes, for any candidate item set ``C``, exact
 (or :class:`training.models.ItemItemModel`), without scoring the other items:
 
 - anchor: ``(w(x)[h] · W[h, C] + b[C]) · ω_ease/σ_ease`` over the history items ``h``;
-- neural: ``(u · v_C + b_C) · ω/σ`` with ``u`` the user-tower output of the binary history;
+- neural: ``(u · v_C + b_C) · ω/σ`` with ``u`` the user-tower output of the binary history
+  (for a user whose segment has a fine-tuned model, ``u``, ``v`` and ``b`` are that model's);
 - ALS: ``f_u · Y_Cᵀ · ω/σ`` (learned factors for known users, fold-in for others);
 - content: ``cos(p_u, ê_C) · ω/σ``; popularity: ``pop[C] · ω/σ``;
 - any other component: its full score row, restricted to ``C``.
 
 Retrieval: :class:`ItemSpace` holds the item vectors of an inner-product index: the neural
-component's item-tower outputs with the item bias appended (the query is ``[u, 1]``, so the
-inner product *is* the neural score), else the content embeddings (query: the user's content
+component's (global model's) item-tower outputs with the item bias appended (the query is
+``[u, 1]`` with ``u`` the global user vector, so the inner product *is* the global neural
+score; segment models only re-rank the candidates), else the content embeddings (query: the user's content
 profile), else none (every item is scored). :class:`AnnIndex` is a faiss HNSW index over them,
 calibrated at load on sample users' query vectors (its docstring).
 
@@ -48,7 +50,8 @@ def served_model(model: WeightedHybrid | ItemItemModel, quantized: bool) -> Weig
         return model
     from training.neural import quantize_int8
 
-    components = {name: NeuralScorer(quantize_int8(s.model)) if isinstance(s, NeuralScorer) else s
+    components = {name: NeuralScorer(quantize_int8(s.model), {seg: quantize_int8(m) for seg, m in s.segment_models.items()},
+                                     s.user_segments) if isinstance(s, NeuralScorer) else s
                   for name, s in model.components.items()}
     return dataclasses.replace(model, components=components)
 
@@ -70,6 +73,8 @@ class UserState:
     anchor_idx: np.ndarray
     anchor_val: np.ndarray
     vectors: dict[str, np.ndarray]
+    segment_vectors: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = dataclasses.field(default_factory=dict)
+    """neural component → (user vector, item vectors, item biases) of the user's segment model."""
 
 
 class HybridScorer:
@@ -89,10 +94,11 @@ class HybridScorer:
         self.anchor_bias = np.asarray(self.anchor.bias, dtype=np.float32)
         self.anchor_weights = None if self.anchor.weights is None else np.asarray(self.anchor.weights, dtype=np.float32)
         self._item_side: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
+        self._segment_side: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
         for name, scorer, _ in self.components:
             if isinstance(scorer, NeuralScorer):
-                rec = scorer.model
-                self._item_side[name] = (rec.item_embeddings().astype(np.float32), rec.item_biases().astype(np.float32))
+                self._item_side[name] = _neural_item_side(scorer.model)
+                self._segment_side[name] = {seg: _neural_item_side(m) for seg, m in scorer.segment_models.items()}
             elif isinstance(scorer, ContentScorer):
                 self._item_side[name] = (np.asarray(scorer.model.item_embeddings, dtype=np.float32), None)
             elif isinstance(scorer, ALSScorer):
@@ -105,21 +111,37 @@ class HybridScorer:
                 return name, scorer
         return None
 
+    def segment_model_of(self, user_id: str | None) -> str | None:
+        """The segment whose fine-tuned neural model scores ``user_id`` (None: the global model)."""
+        found = self.component(NeuralScorer)
+        return found[1].segment_of(user_id) if found is not None else None
+
+    def segment_models(self) -> int:
+        found = self.component(NeuralScorer)
+        return len(found[1].segment_models) if found is not None else 0
+
     def prepare(self, x: sp.csr_matrix, user_id: str | None) -> UserState:
         """Everything about the user that does not depend on the candidate items."""
         x = sp.csr_matrix(x, dtype=np.float32)
         anchor_in = self.weighting.apply(x) if self.weighting is not None else x
         vectors: dict[str, np.ndarray] = {}
+        segment_vectors: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         for name, scorer, _ in self.components:
             if isinstance(scorer, NeuralScorer):
+                # The global model's user vector queries the ANN index even when a segment model ranks.
                 vectors[name] = scorer.model.user_embeddings(binary(x), [user_id])[0].astype(np.float32)
+                segment = scorer.segment_of(user_id)
+                if segment is not None:
+                    own = scorer.segment_models[segment].user_embeddings(binary(x), [user_id])[0].astype(np.float32)
+                    segment_vectors[name] = (own, *self._segment_side[name][segment])
             elif isinstance(scorer, ContentScorer):
                 vectors[name] = _content_profile(scorer.model, x).astype(np.float32)
             elif isinstance(scorer, ALSScorer):
                 row = scorer.row_of.get(user_id, -1)
                 vectors[name] = (scorer.model.user_factors[row] if row >= 0
                                  else scorer.model.fold_in(binary(x))[0]).astype(np.float32)
-        return UserState(x, user_id, anchor_in.indices.astype(np.int64), anchor_in.data.astype(np.float32), vectors)
+        return UserState(x, user_id, anchor_in.indices.astype(np.int64), anchor_in.data.astype(np.float32), vectors,
+                         segment_vectors)
 
     def score(self, state: UserState, items: np.ndarray) -> np.ndarray:
         """``model.score(x, [user])[0][items]`` (float32)."""
@@ -132,7 +154,10 @@ class HybridScorer:
                 out += state.anchor_val @ self.anchor_weights[np.ix_(state.anchor_idx, items)]
         out *= self.anchor_factor
         for name, scorer, factor in self.components:
-            if name in state.vectors:
+            if name in state.segment_vectors:
+                user, emb, bias = state.segment_vectors[name]
+                part = emb[items] @ user + bias[items]
+            elif name in state.vectors:
                 emb, bias = self._item_side[name]
                 part = emb[items] @ state.vectors[name]
                 if bias is not None:
@@ -143,6 +168,11 @@ class HybridScorer:
                 part = scorer.score(state.x, [state.user_id])[0][items]
             out += np.asarray(part, dtype=np.float32) * np.float32(factor)
         return out.astype(np.float32, copy=False)
+
+
+def _neural_item_side(rec: Any) -> tuple[np.ndarray, np.ndarray]:
+    """A neural recommender's item-tower outputs and item biases."""
+    return rec.item_embeddings().astype(np.float32), rec.item_biases().astype(np.float32)
 
 
 def _content_profile(model: Any, x: sp.csr_matrix) -> np.ndarray:

@@ -14,10 +14,12 @@ A component whose side data is missing is not offered (:func:`available`).
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 
 from hyperrec.settings import Settings
@@ -73,11 +75,37 @@ class ContentScorer(Scorer):
 
 
 class NeuralScorer(Scorer):
-    def __init__(self, model) -> None:
+    """The neural recommender ``model``. With ``segment_models`` (segment → a model fine-tuned
+    for it, :func:`training.segment_tuning.refit_segment_models`), a user whose segment in
+    ``user_segments`` (user id → segment) has a model is scored by that model; every other
+    user, and an unknown one, by ``model``."""
+
+    def __init__(self, model, segment_models: Mapping[str, Any] | None = None,
+                 user_segments: Mapping[str, str] | None = None) -> None:
         self.model = model
+        self.segment_models = {str(s): m for s, m in (segment_models or {}).items()}
+        self.user_segments = {str(u): str(s) for u, s in (user_segments or {}).items()
+                              if str(s) in self.segment_models}
+
+    def segment_of(self, user_id: Any) -> str | None:
+        """The segment whose model scores ``user_id``; None when that is the global model."""
+        return None if user_id is None else self.user_segments.get(str(user_id))
+
+    def model_for(self, user_id: Any):
+        segment = self.segment_of(user_id)
+        return self.model if segment is None else self.segment_models[segment]
+
+    def without_segments(self) -> "NeuralScorer":
+        return NeuralScorer(self.model)
 
     def score(self, x: sp.csr_matrix, user_ids: Sequence) -> np.ndarray:
-        return self.model.score(binary(x), list(user_ids))
+        user_ids = list(user_ids)
+        if not self.user_segments:
+            return self.model.score(binary(x), user_ids)
+        from training.segment_tuning import SegmentedRecommender
+
+        return SegmentedRecommender(self.model, self.segment_models).score(
+            binary(x), user_ids, [self.segment_of(u) for u in user_ids])
 
 
 def category_multi_hot(categories: Sequence[Sequence[str] | None]) -> np.ndarray:
@@ -198,6 +226,7 @@ def save_scorer(scorer: Scorer, directory: Path) -> Path:
     elif isinstance(scorer, NeuralScorer):
         kind = "neural"
         scorer.model.save(directory / "neural")
+        _save_segment_models(scorer, directory / SEGMENT_MODELS_DIR)
     else:
         raise TypeError(f"cannot save a {type(scorer).__name__} blend component")
     meta = {"kind": kind} | (extra if kind == "als" else {})
@@ -230,8 +259,49 @@ def load_scorer(directory: Path) -> Scorer:
     if kind == "neural":
         from training.neural import NeuralRecommender
 
-        return NeuralScorer(NeuralRecommender.load(directory / "neural"))
+        segment_models, user_segments = _load_segment_models(directory / SEGMENT_MODELS_DIR)
+        return NeuralScorer(NeuralRecommender.load(directory / "neural"), segment_models, user_segments)
     raise ValueError(f"{path}: unknown blend component kind {kind!r}")
+
+
+SEGMENT_MODELS_DIR = "segments"
+
+
+def _save_segment_models(scorer: NeuralScorer, directory: Path) -> None:
+    """``segment-<n>/`` per segment model, ``segments.json`` (segment → directory) and
+    ``users.parquet`` (user_id, segment) of the users they score; nothing without segment models."""
+    import shutil
+
+    if directory.exists():
+        shutil.rmtree(directory)
+    if not scorer.segment_models:
+        return
+    directory.mkdir(parents=True)
+    entries = []
+    for n, segment in enumerate(sorted(scorer.segment_models)):
+        scorer.segment_models[segment].save(directory / f"segment-{n}")
+        entries.append({"segment": segment, "path": f"segment-{n}"})
+    users = pd.DataFrame({"user_id": list(scorer.user_segments), "segment": list(scorer.user_segments.values())},
+                         dtype=str)
+    users.to_parquet(directory / "users.parquet", index=False)
+    (directory / "segments.json").write_text(json.dumps({"segments": entries}, indent=2))
+
+
+def _load_segment_models(directory: Path) -> tuple[dict[str, Any], dict[str, str]]:
+    if not directory.is_dir():
+        return {}, {}
+    from training.neural import NeuralRecommender
+
+    try:
+        entries = json.loads((directory / "segments.json").read_text())["segments"]
+        users = pd.read_parquet(directory / "users.parquet")
+    except (OSError, ValueError, KeyError) as exc:
+        raise ValueError(f"{directory}: unreadable segment models ({type(exc).__name__}: {exc})") from exc
+    models = {str(e["segment"]): NeuralRecommender.load(directory / e["path"]) for e in entries}
+    unknown = sorted(set(users["segment"].astype(str)) - set(models))
+    if unknown:
+        raise ValueError(f"{directory / 'users.parquet'}: segments {unknown[:5]} have no model in segments.json")
+    return models, dict(zip(users["user_id"].astype(str), users["segment"].astype(str)))
 
 
 def as_blend(name: str, scorer: Scorer | ItemItemModel, n_items: int) -> WeightedHybrid:

@@ -55,7 +55,8 @@ from training.neural import NeuralConfig, NeuralData, NeuralNet, NeuralRecommend
 
 __all__ = [
     "PARAM_NAMES", "SegmentSearch", "SegmentTuning", "SegmentedRecommender", "fine_tune", "finetune_config",
-    "fine_tune_segments", "search_segment", "train_global_models", "tune_segments", "validation_split",
+    "fine_tune_segments", "kept_params", "refit_segment_models", "search_segment", "train_global_models",
+    "tune_segments", "validation_split",
 ]
 
 PARAM_NAMES = ("lr", "weight_decay", "dropout", "embedding_dim")
@@ -526,6 +527,53 @@ def tune_segments(
                                     ("finetuned_ndcg", row["finetuned_ndcg"]), ("gain", row["gain"]),
                                     ("kept", float(row["kept"])), ("decision_users", len(decide_users)))])
     return SegmentTuning(global_rec, results, models, ctx.k, searches)
+
+
+def kept_params(tuning: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """segment → the fine-tuning parameters of each kept segment in a :meth:`SegmentTuning.to_dict`."""
+    return {str(r["segment"]): dict(r["params"]) for r in tuning.get("results", []) if r.get("kept")}
+
+
+def refit_segment_models(
+    start: NeuralRecommender,
+    fit_frame: pd.DataFrame,
+    item_ids: np.ndarray,
+    params_by_segment: Mapping[Hashable, Mapping[str, Any]],
+    segment_of: Mapping[Hashable, Hashable],
+    settings: Settings,
+    *,
+    user_features: pd.DataFrame | None = None,
+    item_features: np.ndarray | None = None,
+    weight_col: str | None = None,
+    log: Log = print,
+) -> dict[Hashable, NeuralRecommender]:
+    """The served segment models: for each segment of ``params_by_segment`` (those validation
+    kept, with the parameters it chose), :func:`fine_tune` of ``start`` (trained on all of
+    ``fit_frame``, e.g. the whole train split) on the segment's users in ``fit_frame``.
+
+    No keep/discard decision is made here. A segment whose chosen ``embedding_dim`` differs
+    from ``start``'s starts from a global model of that dimension trained on ``fit_frame``
+    (:func:`train_global_models`); a segment without users in ``fit_frame`` gets no model.
+    """
+    fit = InteractionMatrix.from_frame(fit_frame, item_ids=np.asarray(item_ids, dtype=object), weight_col=weight_col)
+    _check_global(start, fit)
+    own = start.cfg.embedding_dim
+    dims = sorted({int(p.get("embedding_dim", own)) for p in params_by_segment.values()} | {own})
+    starts = train_global_models(fit_frame, item_ids, settings, dims, user_features=user_features,
+                                 item_features=item_features, weight_col=weight_col, known={own: start})
+    groups = _segment_users(segment_of, fit)
+    models: dict[Hashable, NeuralRecommender] = {}
+    for segment, params in params_by_segment.items():
+        users = groups.get(segment, [])
+        if not users:
+            log(f"  segment {segment!r}: no user in the fit frame, no served model")
+            continue
+        begin = starts[int(params.get("embedding_dim", own))]
+        started = time.perf_counter()
+        models[segment] = fine_tune(begin, fit, users, finetune_config(begin.cfg, settings.tuning, params))
+        log(f"  segment {segment!r}: served model fine-tuned on {len(users)} users "
+            f"in {time.perf_counter() - started:.1f}s")
+    return models
 
 
 # --------------------------------------------------------------------------- serving

@@ -6,6 +6,7 @@ directory and overwrites its own outputs, so a re-run is safe.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -17,9 +18,9 @@ from hyperrec.run_context import RunContext
 from hyperrec.settings import Settings
 from training import registry
 from training.bundle import load_bundle, write_bundle
-from training.candidates import (BASELINES, COMPONENTS, as_blend, available, category_multi_hot, fit_candidate, item_side_features,
-                                 tune_choice)
-from training.hybrid import FitContext
+from training.candidates import (BASELINES, COMPONENTS, NeuralScorer, as_blend, available, category_multi_hot, fit_candidate,
+                                 item_side_features, tune_choice)
+from training.hybrid import FitContext, WeightedHybrid
 from training.metrics import evaluate_by_segment
 from training.models import InteractionMatrix, popularity
 from pipelines.split import split_fingerprint
@@ -83,6 +84,7 @@ def train(settings: Settings, run: RunContext) -> dict:
     matrix = InteractionMatrix.from_frame(train_df, item_ids=item_ids, weight_col=WEIGHT_COLUMN)
     side = side_data(settings, run, items)
     context = FitContext(train_df, matrix, item_ids, side)
+    tuning = tune_neural_segments(settings, run, train_df, item_ids, side)
     choice = tune_choice(context, settings, weight_col=WEIGHT_COLUMN)
     run.write_json("model_selection.json", choice.to_dict())
     history = {u: matrix.matrix.indices[matrix.matrix.indptr[r]:matrix.matrix.indptr[r + 1]] for u, r in matrix.user_index.items()}
@@ -93,10 +95,12 @@ def train(settings: Settings, run: RunContext) -> dict:
             continue
         start = time.perf_counter()
         scorer, _ = fit_candidate(name, context, settings, choice=choice, weight_col=WEIGHT_COLUMN)
+        model = as_blend(name, scorer, len(item_ids))
+        served_segments = attach_segment_models(model, tuning, context, segment_of(run), settings)
         seconds = time.perf_counter() - start + (choice.seconds if name == "hybrid" else 0.0)
         write_bundle(
             run.models_dir / name,
-            model=as_blend(name, scorer, len(item_ids)),
+            model=model,
             item_ids=item_ids,
             titles=items["title"].to_numpy(dtype=object),
             categories=[list(c) if c is not None else [] for c in items["categories"]],
@@ -104,20 +108,46 @@ def train(settings: Settings, run: RunContext) -> dict:
             history_weights=weights,
             popularity=popularity(matrix.matrix),
             metadata={"version": run.run_id, "k": cfg.k, "metrics": {}, "model_name": name, "fit_seconds": seconds,
-                      "validation": choice.to_dict() if name in ("ease", "hybrid") else {}},
+                      "validation": choice.to_dict() if name in ("ease", "hybrid") else {},
+                      "segment_models": served_segments},
         )
-        summary[name] = {"fit_seconds": round(seconds, 3)}
+        summary[name] = {"fit_seconds": round(seconds, 3), "segment_models": served_segments}
     summary["train_users"], summary["items"] = len(matrix.user_ids), len(matrix.item_ids)
     summary["validation"] = choice.to_dict()
-    summary["segment_tuning"] = tune_neural_segments(settings, run, train_df, item_ids, side)
+    summary["segment_tuning"] = {"kept": tuning.get("kept", []), "segments": len(tuning.get("results", []))} \
+        if "results" in tuning else tuning
     run.write_json("train.json", summary)
     return summary
 
 
+def attach_segment_models(model: WeightedHybrid, tuning: dict, context: FitContext, segments: dict,
+                          settings: Settings) -> dict:
+    """Give every neural component of ``model`` the segment models validation kept
+    (``tuning``, :func:`tune_neural_segments`), refitted from that component's own model on the
+    whole train split (:func:`training.segment_tuning.refit_segment_models`), with the user →
+    segment routing. Returns ``{"segments": [...], "users": n}`` (empty when none is kept)."""
+    from training.segment_tuning import kept_params, refit_segment_models
+
+    params = kept_params(tuning)
+    neural = {name: s for name, s in model.components.items() if isinstance(s, NeuralScorer)}
+    if not params or not neural:
+        return {}
+    for name, scorer in neural.items():
+        # The component fitter trains on the unweighted train split; its fine-tuning does too.
+        models = refit_segment_models(scorer.model, context.frame, context.item_ids, params, segments, settings,
+                                      user_features=context.side.get("user_features"),
+                                      item_features=item_side_features(dict(context.side)), weight_col=None)
+        model.components[name] = NeuralScorer(scorer.model, models, segments)
+    routed = next(iter(model.components[n] for n in neural))
+    return {"segments": sorted(routed.segment_models), "users": len(routed.user_segments)}
+
+
 def tune_neural_segments(settings: Settings, run: RunContext, train_df: pd.DataFrame, item_ids: np.ndarray, side: dict) -> dict:
     """Per-segment Optuna search and fine-tuning of the neural model (article §1b) on a
-    validation fold of the train split; kept segment models go to ``models/neural_segments/``
-    and every segment's gain to ``segment_tuning.json`` (each study is an MLflow run)."""
+    validation fold of the train split; every segment's gain, keep decision and chosen
+    parameters go to ``segment_tuning.json`` (each study is an MLflow run) and are returned.
+    The served segment models are refitted on the whole train split
+    (:func:`attach_segment_models`)."""
     from training.segment_tuning import train_global_models, tune_segments, validation_split
 
     segments = segment_of(run)
@@ -131,21 +161,21 @@ def tune_neural_segments(settings: Settings, run: RunContext, train_df: pd.DataF
     global_rec = train_global_models(fit_df, item_ids, settings, [dim], weight_col=WEIGHT_COLUMN, **features)[dim]
     tuning = tune_segments(global_rec, fit_df, val_df, segments, item_ids, settings, weight_col=WEIGHT_COLUMN,
                            progress=False, **features)
-    if tuning.models:
-        tuning.recommender().save(run.models_dir / "neural_segments")
     result = tuning.to_dict()
     run.write_json("segment_tuning.json", result)
-    return {"kept": result["kept"], "segments": len(result["results"])}
+    return result
 
 
 def evaluate(settings: Settings, run: RunContext) -> dict:
     """Score every candidate on the held-out split: accuracy and coverage for all known
     users, the same per segment with the best−worst gap, and cold-start users (test users
-    absent from train, who get the popularity fallback) separately. The best by NDCG@k wins."""
+    absent from train, who get the popularity fallback) separately. The best by NDCG@k wins.
+    For a candidate with served segment models, ``segment_models`` reports its NDCG@k without
+    them as well (a report; nothing is chosen on it)."""
     k = settings.training.k
     train_df, test_df = load_split(run.split_dir)
     segments = segment_of(run)
-    results, by_segment = {}, {}
+    results, by_segment, segment_models = {}, {}, {}
     trained = [name for name in CANDIDATES if (run.models_dir / name / "metadata.json").exists()]
     for name in trained:
         bundle = load_bundle(run.models_dir / name)
@@ -156,15 +186,31 @@ def evaluate(settings: Settings, run: RunContext) -> dict:
         per = evaluate_by_segment(recs, relevant, segments, k, n_items=len(bundle.item_ids))
         by_segment[name] = per
         results[name]["segment_gap"] = per["gap"][f"ndcg@{k}"]
+        plain = without_segment_models(bundle.model)
+        if plain is not bundle.model:  # what the served segment models add, reported only
+            without = score_model(plain, matrix, relevant, k)[f"ndcg@{k}"]
+            segment_models[name] = {f"ndcg@{k}": results[name][f"ndcg@{k}"], f"ndcg@{k}_global_neural_only": without,
+                                    "gain": results[name][f"ndcg@{k}"] - without,
+                                    **bundle.metadata.get("segment_models", {})}
     best = max(results, key=lambda n: results[n][f"ndcg@{k}"])
     baseline = results["popularity"][f"ndcg@{k}"]
     evaluation = {
         "k": k, "best": best, "models": results, "split_fingerprint": split_fingerprint(test_df),
         "lift_over_popularity": {n: (r[f"ndcg@{k}"] / baseline - 1.0) if baseline else None for n, r in results.items()},
         "segments": by_segment, "cold_start": cold_start_metrics(run, train_df, test_df, k),
+        "segment_models": segment_models,
     }
     run.write_json("evaluation.json", evaluation)
     return evaluation
+
+
+def without_segment_models(model):
+    """``model`` with its neural components' segment models removed (``model`` itself when it has none)."""
+    if not isinstance(model, WeightedHybrid) or not any(
+            isinstance(c, NeuralScorer) and c.user_segments for c in model.components.values()):
+        return model
+    return dataclasses.replace(model, components={
+        n: c.without_segments() if isinstance(c, NeuralScorer) else c for n, c in model.components.items()})
 
 
 def cold_start_metrics(run: RunContext, train_df: pd.DataFrame, test_df: pd.DataFrame, k: int) -> dict:
@@ -197,6 +243,10 @@ def register(settings: Settings, run: RunContext) -> dict:
     for segment, seg_metrics in evaluation["segments"][best]["segments"].items():
         metrics.update({f"segment.{segment}.{m}": v for m, v in seg_metrics.items()})
     metrics.update({f"cold_start.{m}": v for m, v in evaluation["cold_start"].items()})
+    served = evaluation.get("segment_models", {}).get(best)
+    if served:
+        metrics[f"segment_models.ndcg@{k}_global_neural_only"] = served[f"ndcg@{k}_global_neural_only"]
+        metrics["segment_models.gain"] = served["gain"]
     segments = run.read_json("segments.json")
     validation = run.read_json("model_selection.json")
     params = {"best_model": best, "k": k, "ease_lambda": validation["ease_lambda"], "plain_ease_lambda": validation["plain_ease_lambda"],

@@ -94,10 +94,12 @@ def hybrid_frames(seed: int = 0, n_users: int = 60, n_items: int = 40):
 
 
 def hybrid_bundle(out_dir: Path, version: str = "v1", seed: int = 0, segments: bool = True,
-                  als: bool = False) -> Path:
+                  als: bool = False, segment_models: bool = False) -> Path:
     """A bundle of a real :class:`training.hybrid.WeightedHybrid` (EASE anchor + neural +
     content + popularity, optionally a hand-made ALS component) fitted on :func:`hybrid_frames`;
-    with ``segments``, the serving segment files (young/old segments) are added."""
+    with ``segments``, the serving segment files (young/old segments) are added; with
+    ``segment_models``, the neural component gets a model fine-tuned for the ``young``
+    segment (``old`` users stay on the global model)."""
     import numpy as np
 
     from hyperrec.settings import load_settings
@@ -123,6 +125,15 @@ def hybrid_bundle(out_dir: Path, version: str = "v1", seed: int = 0, segments: b
                               rng.normal(0, 1, (len(item_ids), 3)).astype(np.float32), 0.1, 1.0)
         model.components["als"] = ALSScorer(factors)
         model.weights["als"], model.scales["als"] = 0.2, 2.0
+    seg = {row.user_id: "young" if row.age < 30 else "old" for row in users.itertuples()}
+    if segment_models:
+        from training.candidates import NeuralScorer, item_side_features
+        from training.segment_tuning import refit_segment_models
+
+        start = model.components["neural"].model
+        young = refit_segment_models(start, frame, item_ids, {"young": {"lr": 0.02}}, seg, settings,
+                                     item_features=item_side_features(side), log=lambda _: None)
+        model.components["neural"] = NeuralScorer(start, young, seg)
     x = matrix.matrix
     write_bundle(
         out_dir, model=model, item_ids=item_ids, titles=items["title"].tolist(), categories=items["categories"].tolist(),
@@ -131,7 +142,6 @@ def hybrid_bundle(out_dir: Path, version: str = "v1", seed: int = 0, segments: b
         popularity=popularity(x), metadata={"version": version, "k": 10, "metrics": {}, "model_name": "hybrid"},
     )
     if segments:
-        seg = {row.user_id: "young" if row.age < 30 else "old" for row in users.itertuples()}
         write_segment_profiles(out_dir, item_ids, frame, seg, users=users)
     return out_dir
 

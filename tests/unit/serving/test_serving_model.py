@@ -3,6 +3,7 @@ retrieval, filters, MMR, explanations, cold start and INT8."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -242,3 +243,37 @@ def test_nearest_segment_is_the_naive_bayes_map(bundle_dir: Path, bundle: Bundle
     assert profiles.nearest({"age": 55, "gender": "F"})[0] == profiles.labels.index("old")
     assert profiles.nearest({"gender": "nobody"}) is None
     assert profiles.nearest({}) is None
+
+
+@pytest.fixture(scope="module")
+def segmented_dir(tmp_path_factory) -> Path:
+    return hybrid_bundle(tmp_path_factory.mktemp("segmented") / "b", segment_models=True)
+
+
+def test_segment_models_travel_in_the_bundle_and_rank_their_users(segmented_dir: Path) -> None:
+    """A known user of a segment with a fine-tuned model gets its neural scores (restricted
+    scoring included, float and INT8); other users and unknown ones get the global model's."""
+    from training.candidates import NeuralScorer
+
+    bundle = load_bundle(segmented_dir)
+    neural = bundle.model.components["neural"]
+    assert isinstance(neural, NeuralScorer) and set(neural.segment_models) == {"young"}
+    young = sorted(u for u, s in neural.user_segments.items())
+    old = sorted(u for u in bundle.history if u not in neural.user_segments)
+    assert young and old and all(int(u[1:]) % 2 == 0 for u in young)
+    for model in (bundle.model, served_model(bundle.model, quantized=True)):
+        scorer = HybridScorer(model, bundle.n_items)
+        for user, extra in (("u0", []), ("u1", []), ("u0", [3]), (None, [1, 2])):
+            row = bundle._row(user, np.array(extra, dtype=np.int32))
+            state = scorer.prepare(row, user)
+            assert ("neural" in state.segment_vectors) == (user == "u0")
+            np.testing.assert_allclose(scorer.score(state, np.arange(bundle.n_items)), model.score(row, [user])[0],
+                                       rtol=1e-5, atol=1e-5)
+    global_only = dataclasses.replace(bundle.model, components=bundle.model.components | {"neural": neural.without_segments()})
+    row = bundle._row("u0", np.array([], dtype=np.int32))
+    assert not np.allclose(bundle.model.score(row, ["u0"])[0], global_only.score(row, ["u0"])[0], atol=1e-4)
+    model = served(bundle, segmented_dir)
+    assert model.describe()["segment_models"] == 1
+    body = model.recommend(req("u0", 5), [])
+    assert body["segment"] == "young" and "fine-tuned for segment young" in body["strategy_detail"]
+    assert model.recommend(req("u1", 5), [])["segment"] is None

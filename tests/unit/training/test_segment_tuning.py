@@ -314,3 +314,51 @@ def test_segment_fine_tuning_beats_the_same_recipe_on_all_users(tmp_path, settin
         lift[row["segment"]] = (round(row["global_ndcg"], 4), round(control, 4), round(row["finetuned_ndcg"], 4))
     print("segment: (global, all-users fine-tune, segment fine-tune)", lift)
     assert np.mean([seg - ctl for _, ctl, seg in lift.values()]) > 0
+
+
+def test_refit_segment_models_fine_tunes_each_kept_segment_with_its_parameters(world):
+    """The served models: no keep/discard decision, the chosen parameters, a global model of
+    another dimension trained when a segment chose it; the start model is not modified."""
+    from training.segment_tuning import kept_params, refit_segment_models
+
+    tuning = {"results": [{"segment": 0, "kept": True, "params": {"lr": 3e-3, "embedding_dim": 16}},
+                          {"segment": 1, "kept": True, "params": {"embedding_dim": 8, "dropout": 0.2}},
+                          {"segment": 2, "kept": False, "params": {"lr": 1e-2}},
+                          {"segment": "nobody", "kept": True, "params": {}}]}
+    params = kept_params(tuning)
+    assert set(params) == {"0", "1", "nobody"}
+    segment_of = {u: str(s) for u, s in world["segment_of"].items()}
+    messages: list[str] = []
+    models = refit_segment_models(world["global"], world["fit"], world["item_ids"], params, segment_of,
+                                  world["settings"], log=messages.append)
+    assert set(models) == {"0", "1"} and any("'nobody': no user" in m for m in messages)
+    state = world["global"].net.state_dict()
+    assert all(torch.equal(state[name], world["snapshot"][name]) for name in state)
+    assert models["0"].cfg.embedding_dim == 16 and models["0"].cfg.lr == pytest.approx(3e-3)
+    assert not torch.equal(models["0"].net.state_dict()["item_bias"], state["item_bias"])
+    assert models["1"].cfg.embedding_dim == 8 and models["1"].cfg.dropout == pytest.approx(0.2)
+    assert models["1"].net.state_dict()["user_id.weight"].shape[1] == 8
+
+
+def test_neural_scorer_routes_users_to_their_segment_model_and_round_trips(world, tuned, tmp_path):
+    from training.candidates import NeuralScorer, load_scorer, save_scorer
+
+    result, _ = tuned
+    kept = next(iter(result.models))
+    models = {str(kept): result.models[kept]}
+    routing = {u: str(s) for u, s in world["segment_of"].items()}
+    scorer = NeuralScorer(world["global"], models, routing)
+    assert set(scorer.user_segments.values()) == {str(kept)}  # users of segments without a model are not routed
+    inside = next(u for u in world["global"].user_ids if world["segment_of"].get(u) == kept)
+    outside = next(u for u in world["global"].user_ids if world["segment_of"].get(u) not in (kept, None))
+    users = [inside, outside, None]
+    x = sp.csr_matrix(np.eye(3, len(world["item_ids"]), dtype=np.float32))
+    scores = scorer.score(x, users)
+    np.testing.assert_allclose(scores[0], result.models[kept].score(x[[0]], [inside])[0], rtol=1e-6)
+    np.testing.assert_allclose(scores[1:], world["global"].score(x[[1, 2]], [outside, None]), rtol=1e-6)
+    assert not np.allclose(scores[0], scorer.without_segments().score(x[[0]], [inside])[0])
+    loaded = load_scorer(save_scorer(scorer, tmp_path / "neural"))
+    assert loaded.user_segments == {str(u): s for u, s in scorer.user_segments.items()}
+    np.testing.assert_allclose(loaded.score(x, [str(inside), str(outside), None]), scores, rtol=1e-6)
+    plain = load_scorer(save_scorer(scorer.without_segments(), tmp_path / "neural"))  # a re-save drops them
+    assert plain.segment_models == {} and not (tmp_path / "neural" / "segments").exists()
