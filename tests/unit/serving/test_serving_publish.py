@@ -54,3 +54,39 @@ def test_segment_files_match_the_run(tmp_path: Path) -> None:
     assert device["values"] == ["mobile", "tv"]
     assert device["shares"] == [[(7 + 1) / (8 + 2), (1 + 1) / (8 + 2)], [(3 + 1) / (6 + 2), (3 + 1) / (6 + 2)]]
     assert profiles.nearest({"device": "tv"})[0] == 1 and profiles.nearest({"age": 21, "gender": "F"})[0] == 0
+
+
+def test_publish_stores_the_ann_indexes_serving_then_reads(tmp_path: Path, caplog) -> None:
+    """The float and INT8 indexes are written at publish; serving reads the one whose key
+    (vectors + candidate count) matches, answers as with a freshly built index, and rebuilds
+    when the key differs or the stored file is damaged."""
+    from hyperrec.settings import ServingSettings
+    from serving.recommender import RecommendationRequest, ServedModel
+
+    from fixtures_serving import hybrid_bundle
+
+    bundle_dir = hybrid_bundle(tmp_path / "bundle", segments=False)
+    serving = ServingSettings(candidates=10)
+    written = add_serving_extras(bundle_dir, RunContext(run_id="empty", root=tmp_path / "empty"), serving)
+    stored = sorted({Path(f).parent for f in written})
+    assert len(stored) == 2 and all(d.parts[0] == "ann" for d in stored)  # float and INT8 vectors differ
+    assert sorted(Path(f).name for f in written) == ["index.faiss", "index.faiss", "index.json", "index.json"]
+    bundle = load_bundle(bundle_dir)
+    fresh = ServedModel(bundle, None, serving)
+    assert fresh.ann_origin == "built"
+    for quantized in (False, True):
+        model = ServedModel(bundle, bundle_dir, serving.model_copy(update={"quantized": quantized}))
+        assert model.ann_origin == "stored" and model.describe()["ann_origin"] == "stored"
+    model = ServedModel(bundle, bundle_dir, serving)
+    assert model.index.describe() == fresh.index.describe()
+    for user in ("u0", "u1", "u7"):
+        query = model.space.query(model.scorer.prepare(bundle._row(user, np.empty(0, np.int32)), user))
+        assert model.index.search(query, 10).tolist() == fresh.index.search(query, 10).tolist()
+        request = RecommendationRequest(user, 5)
+        assert model.recommend(request, []) == fresh.recommend(request, [])
+    assert ServedModel(bundle, bundle_dir, ServingSettings(candidates=12)).ann_origin == "built"
+    for directory in stored:
+        (bundle_dir / directory / "index.faiss").write_bytes(b"not an index")
+    with caplog.at_level("WARNING", logger="serving.recommender"):
+        assert ServedModel(bundle, bundle_dir, serving).ann_origin == "built"
+    assert "unreadable ANN index" in caplog.text
