@@ -192,8 +192,10 @@ class ServingMetrics:
         labels = (served.version, str(meta.get("model_name", "")), str(meta.get("registered_model_version", "")),
                   str(served.quantized).lower(), served.ann_source)
         if self._model_labels is not None and self._model_labels != labels:
-            self.model.labels(*self._model_labels).set(0)  # the value a multiprocess file keeps
-            self.model.remove(*self._model_labels)
+            if self.multiprocess:  # series cannot be removed from the shared files: mark it swapped out
+                self.model.labels(*self._model_labels).set(0)
+            else:
+                self.model.remove(*self._model_labels)
         self.model.labels(*labels).set(1)
         self._model_labels = labels
 
