@@ -133,7 +133,6 @@ def attach_segment_models(model: WeightedHybrid, tuning: dict, context: FitConte
     if not params or not neural:
         return {}
     for name, scorer in neural.items():
-        # The component fitter trains on the unweighted train split; its fine-tuning does too.
         models = refit_segment_models(scorer.model, context.frame, context.item_ids, params, segments, settings,
                                       user_features=context.side.get("user_features"),
                                       item_features=item_side_features(dict(context.side)), weight_col=None)
@@ -158,8 +157,10 @@ def tune_neural_segments(settings: Settings, run: RunContext, train_df: pd.DataF
     fit_df, val_df = validation_split(train_df, settings)
     features = {"user_features": side.get("user_features"), "item_features": item_side_features(side)}
     dim = settings.neural.embedding_dim
-    global_rec = train_global_models(fit_df, item_ids, settings, [dim], weight_col=WEIGHT_COLUMN, **features)[dim]
-    tuning = tune_segments(global_rec, fit_df, val_df, segments, item_ids, settings, weight_col=WEIGHT_COLUMN,
+    # Unweighted, as the neural component is trained and served (NeuralScorer scores binary
+    # histories), so the keep decision judges the recipe that is served.
+    global_rec = train_global_models(fit_df, item_ids, settings, [dim], weight_col=None, **features)[dim]
+    tuning = tune_segments(global_rec, fit_df, val_df, segments, item_ids, settings, weight_col=None,
                            progress=False, **features)
     result = tuning.to_dict()
     run.write_json("segment_tuning.json", result)
