@@ -86,26 +86,24 @@ class NeuralScorer(Scorer):
         self.segment_models = {str(s): m for s, m in (segment_models or {}).items()}
         self.user_segments = {str(u): str(s) for u, s in (user_segments or {}).items()
                               if str(s) in self.segment_models}
+        self._routed = None
+        if self.user_segments:
+            from training.segment_tuning import SegmentedRecommender
+
+            self._routed = SegmentedRecommender(model, self.segment_models)
 
     def segment_of(self, user_id: Any) -> str | None:
         """The segment whose model scores ``user_id``; None when that is the global model."""
         return None if user_id is None else self.user_segments.get(str(user_id))
-
-    def model_for(self, user_id: Any):
-        segment = self.segment_of(user_id)
-        return self.model if segment is None else self.segment_models[segment]
 
     def without_segments(self) -> "NeuralScorer":
         return NeuralScorer(self.model)
 
     def score(self, x: sp.csr_matrix, user_ids: Sequence) -> np.ndarray:
         user_ids = list(user_ids)
-        if not self.user_segments:
+        if self._routed is None:
             return self.model.score(binary(x), user_ids)
-        from training.segment_tuning import SegmentedRecommender
-
-        return SegmentedRecommender(self.model, self.segment_models).score(
-            binary(x), user_ids, [self.segment_of(u) for u in user_ids])
+        return self._routed.score(binary(x), user_ids, [self.segment_of(u) for u in user_ids])
 
 
 def category_multi_hot(categories: Sequence[Sequence[str] | None]) -> np.ndarray:
@@ -268,7 +266,7 @@ SEGMENT_MODELS_DIR = "segments"
 
 
 def _save_segment_models(scorer: NeuralScorer, directory: Path) -> None:
-    """``segment-<n>/`` per segment model, ``segments.json`` (segment → directory) and
+    """The segment models (:func:`training.segment_tuning.save_segment_models`) and
     ``users.parquet`` (user_id, segment) of the users they score; nothing without segment models."""
     import shutil
 
@@ -276,28 +274,24 @@ def _save_segment_models(scorer: NeuralScorer, directory: Path) -> None:
         shutil.rmtree(directory)
     if not scorer.segment_models:
         return
-    directory.mkdir(parents=True)
-    entries = []
-    for n, segment in enumerate(sorted(scorer.segment_models)):
-        scorer.segment_models[segment].save(directory / f"segment-{n}")
-        entries.append({"segment": segment, "path": f"segment-{n}"})
+    from training.segment_tuning import save_segment_models
+
+    save_segment_models(scorer.segment_models, directory)
     users = pd.DataFrame({"user_id": list(scorer.user_segments), "segment": list(scorer.user_segments.values())},
                          dtype=str)
     users.to_parquet(directory / "users.parquet", index=False)
-    (directory / "segments.json").write_text(json.dumps({"segments": entries}, indent=2))
 
 
 def _load_segment_models(directory: Path) -> tuple[dict[str, Any], dict[str, str]]:
     if not directory.is_dir():
         return {}, {}
-    from training.neural import NeuralRecommender
+    from training.segment_tuning import load_segment_models
 
     try:
-        entries = json.loads((directory / "segments.json").read_text())["segments"]
+        models = {str(s): m for s, m in load_segment_models(directory).items()}
         users = pd.read_parquet(directory / "users.parquet")
     except (OSError, ValueError, KeyError) as exc:
         raise ValueError(f"{directory}: unreadable segment models ({type(exc).__name__}: {exc})") from exc
-    models = {str(e["segment"]): NeuralRecommender.load(directory / e["path"]) for e in entries}
     unknown = sorted(set(users["segment"].astype(str)) - set(models))
     if unknown:
         raise ValueError(f"{directory / 'users.parquet'}: segments {unknown[:5]} have no model in segments.json")

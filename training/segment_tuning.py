@@ -55,8 +55,8 @@ from training.neural import NeuralConfig, NeuralData, NeuralNet, NeuralRecommend
 
 __all__ = [
     "PARAM_NAMES", "SegmentSearch", "SegmentTuning", "SegmentedRecommender", "fine_tune", "finetune_config",
-    "fine_tune_segments", "kept_params", "refit_segment_models", "search_segment", "train_global_models",
-    "tune_segments", "validation_split",
+    "fine_tune_segments", "kept_params", "load_segment_models", "refit_segment_models", "save_segment_models",
+    "search_segment", "train_global_models", "tune_segments", "validation_split",
 ]
 
 PARAM_NAMES = ("lr", "weight_decay", "dropout", "embedding_dim")
@@ -622,21 +622,35 @@ class SegmentedRecommender:
         return top_k(self.score(x, user_ids, segments), sp.csr_matrix(x), k)
 
     def save(self, directory: str | Path) -> Path:
-        """``global/`` and ``segment-<n>/`` model directories plus ``segments.json``."""
+        """``global/`` plus the segment models (:func:`save_segment_models`)."""
         directory = Path(directory)
         self.global_model.save(directory / "global")
-        entries = []
-        for n, (segment, model) in enumerate(sorted(self.models.items(), key=lambda kv: str(kv[0]))):
-            model.save(directory / f"segment-{n}")
-            entries.append({"segment": _plain(segment), "path": f"segment-{n}"})
-        (directory / SEGMENTS_FILE).write_text(json.dumps({"segments": entries}))
+        save_segment_models(self.models, directory)
         return directory
 
     @classmethod
     def load(cls, directory: str | Path) -> "SegmentedRecommender":
         directory = Path(directory)
-        if not (directory / SEGMENTS_FILE).exists():
-            raise FileNotFoundError(f"SegmentedRecommender.load: {directory / SEGMENTS_FILE} not found")
-        entries = json.loads((directory / SEGMENTS_FILE).read_text())["segments"]
-        return cls(NeuralRecommender.load(directory / "global"),
-                   {e["segment"]: NeuralRecommender.load(directory / e["path"]) for e in entries})
+        return cls(NeuralRecommender.load(directory / "global"), load_segment_models(directory))
+
+
+def save_segment_models(models: Mapping[Hashable, NeuralRecommender], directory: str | Path) -> Path:
+    """One ``segment-<n>/`` model directory per segment (in ``str`` order) and ``segments.json``
+    naming each one's segment."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for n, (segment, model) in enumerate(sorted(models.items(), key=lambda kv: str(kv[0]))):
+        model.save(directory / f"segment-{n}")
+        entries.append({"segment": _plain(segment), "path": f"segment-{n}"})
+    (directory / SEGMENTS_FILE).write_text(json.dumps({"segments": entries}))
+    return directory
+
+
+def load_segment_models(directory: str | Path) -> dict[Hashable, NeuralRecommender]:
+    """The models written by :func:`save_segment_models`, by segment."""
+    directory = Path(directory)
+    if not (directory / SEGMENTS_FILE).exists():
+        raise FileNotFoundError(f"load_segment_models: {directory / SEGMENTS_FILE} not found")
+    entries = json.loads((directory / SEGMENTS_FILE).read_text())["segments"]
+    return {e["segment"]: NeuralRecommender.load(directory / e["path"]) for e in entries}
