@@ -177,12 +177,29 @@ def tune_choice(ctx: FitContext, settings: Settings, *, weight_col: str | None =
                        weight_col=weight_col, side=ctx.side, log=log)
 
 
+def fit_once(fitters: Mapping[str, ComponentFitter]) -> dict[str, ComponentFitter]:
+    """``fitters`` that each fit once and return that scorer on later calls: for fitting
+    every candidate on one frame, where the hybrid's components are the standalone ones."""
+    fitted: dict[str, Scorer] = {}
+
+    def once(name: str, fit: ComponentFitter) -> ComponentFitter:
+        def fit_or_reuse(ctx: FitContext) -> Scorer:
+            if name not in fitted:
+                fitted[name] = fit(ctx)
+            return fitted[name]
+        return fit_or_reuse
+
+    return {name: once(name, fit) for name, fit in fitters.items()}
+
+
 def fit_candidate(name: str, ctx: FitContext, settings: Settings, *, choice: HybridChoice | None = None,
-                  weight_col: str | None = None, progress: bool = False, log: Callable[[str], None] = print) -> tuple[Scorer, HybridChoice | None]:
+                  weight_col: str | None = None, progress: bool = False, log: Callable[[str], None] = print,
+                  fitters: Mapping[str, ComponentFitter] | None = None) -> tuple[Scorer, HybridChoice | None]:
     """Fit candidate ``name`` on ``ctx``; ``hybrid`` (and ``ease``, for its λ) use ``choice``,
-    running :func:`tune_hybrid` first when it is None. Returns the scorer and the choice."""
+    running :func:`tune_hybrid` first when it is None. Components come from ``fitters``
+    (default :func:`component_fitters`). Returns the scorer and the choice."""
     cfg = settings.training
-    fitters = component_fitters(settings, progress)
+    fitters = fitters or component_fitters(settings, progress)
     if name in ("ease", "hybrid") and choice is None:
         choice = tune_choice(ctx, settings, weight_col=weight_col, progress=progress, log=log)
     x = ctx.matrix.matrix

@@ -18,8 +18,8 @@ from hyperrec.run_context import RunContext
 from hyperrec.settings import Settings
 from training import registry
 from training.bundle import load_bundle, write_bundle
-from training.candidates import (BASELINES, COMPONENTS, NeuralScorer, as_blend, available, category_multi_hot, fit_candidate,
-                                 item_side_features, tune_choice)
+from training.candidates import (BASELINES, COMPONENTS, NeuralScorer, as_blend, available, category_multi_hot, component_fitters,
+                                 fit_candidate, fit_once, item_side_features, tune_choice)
 from training.hybrid import FitContext, WeightedHybrid
 from training.metrics import evaluate_by_segment
 from training.models import InteractionMatrix, popularity
@@ -76,6 +76,8 @@ def train(settings: Settings, run: RunContext) -> dict:
 
     EASE λ, the temporal β, the input α and the hybrid's blend weights are chosen on a
     per-user k-fold of the train split (``validation.json``); the test split is not read.
+    The hybrid reuses the components fitted as their own candidates (same data and
+    settings), so its ``fit_seconds`` counts its anchor and the validation search.
     """
     cfg = settings.training
     train_df, _ = load_split(run.split_dir)
@@ -90,13 +92,14 @@ def train(settings: Settings, run: RunContext) -> dict:
     history = {u: matrix.matrix.indices[matrix.matrix.indptr[r]:matrix.matrix.indptr[r + 1]] for u, r in matrix.user_index.items()}
     weights = {u: matrix.matrix.data[matrix.matrix.indptr[r]:matrix.matrix.indptr[r + 1]] for u, r in matrix.user_index.items()}
     summary: dict = {}
+    fitters, segments, refitted = fit_once(component_fitters(settings)), segment_of(run), {}
     for name in CANDIDATES:
         if name in COMPONENTS and name not in available(side):
             continue
         start = time.perf_counter()
-        scorer, _ = fit_candidate(name, context, settings, choice=choice, weight_col=WEIGHT_COLUMN)
+        scorer, _ = fit_candidate(name, context, settings, choice=choice, weight_col=WEIGHT_COLUMN, fitters=fitters)
         model = as_blend(name, scorer, len(item_ids))
-        served_segments = attach_segment_models(model, tuning, context, segment_of(run), settings)
+        served_segments = attach_segment_models(model, tuning, context, segments, settings, refitted)
         seconds = time.perf_counter() - start + (choice.seconds if name == "hybrid" else 0.0)
         write_bundle(
             run.models_dir / name,
@@ -121,22 +124,27 @@ def train(settings: Settings, run: RunContext) -> dict:
 
 
 def attach_segment_models(model: WeightedHybrid, tuning: dict, context: FitContext, segments: dict,
-                          settings: Settings) -> dict:
+                          settings: Settings, refitted: dict | None = None) -> dict:
     """Give every neural component of ``model`` the segment models validation kept
     (``tuning``, :func:`tune_neural_segments`), refitted from that component's own model on the
     whole train split (:func:`training.segment_tuning.refit_segment_models`), with the user →
-    segment routing. Returns ``{"segments": [...], "users": n}`` (empty when none is kept)."""
+    segment routing. ``refitted`` (id of a fitted scorer → its routed scorer) lets candidates
+    sharing a component share its refit. Returns ``{"segments": [...], "users": n}`` (empty
+    when none is kept)."""
     from training.segment_tuning import kept_params, refit_segment_models
 
     params = kept_params(tuning)
     neural = {name: s for name, s in model.components.items() if isinstance(s, NeuralScorer)}
     if not params or not neural:
         return {}
+    refitted = {} if refitted is None else refitted
     for name, scorer in neural.items():
-        models = refit_segment_models(scorer.model, context.frame, context.item_ids, params, segments, settings,
-                                      user_features=context.side.get("user_features"),
-                                      item_features=item_side_features(dict(context.side)), weight_col=None)
-        model.components[name] = NeuralScorer(scorer.model, models, segments)
+        if id(scorer) not in refitted:
+            models = refit_segment_models(scorer.model, context.frame, context.item_ids, params, segments, settings,
+                                          user_features=context.side.get("user_features"),
+                                          item_features=item_side_features(dict(context.side)), weight_col=None)
+            refitted[id(scorer)] = NeuralScorer(scorer.model, models, segments)
+        model.components[name] = refitted[id(scorer)]
     routed = next(iter(model.components[n] for n in neural))
     return {"segments": sorted(routed.segment_models), "users": len(routed.user_segments)}
 
