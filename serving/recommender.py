@@ -117,24 +117,20 @@ class ServedModel:
     def _ann_index(self, bundle_dir: Path | None) -> tuple[AnnIndex, str]:
         """The index stored under ``bundle_dir/ann/<key>/`` for these vectors and candidate
         count (``"stored"``), else one built and calibrated now (``"built"``)."""
-        vectors = self.space.vectors
-        stored = bundle_dir / ANN_DIR / AnnIndex.key(vectors, self.settings.candidates) if bundle_dir else None
+        self.ann_key = AnnIndex.key(self.space.vectors, self.settings.candidates)
+        stored = bundle_dir / ANN_DIR / self.ann_key if bundle_dir else None
         if stored is not None and (stored / "index.json").is_file():
             try:
-                index = AnnIndex.load(stored)
-                if (index.n, index.dim) == vectors.shape:
-                    return index, "stored"
-                log.warning("ANN index %s is for %d×%d vectors, not %d×%d: rebuilding", stored, index.n, index.dim,
-                            *vectors.shape)
+                return AnnIndex.load(stored), "stored"
             except ValueError as exc:
                 log.warning("%s: rebuilding", exc)
-        return AnnIndex(vectors, self._sample_queries(), self.settings.candidates), "built"
+        return AnnIndex(self.space.vectors, self._sample_queries(), self.settings.candidates), "built"
 
     def save_ann_index(self, bundle_dir: Path) -> Path | None:
         """Store this model's ANN index in ``bundle_dir`` (where :meth:`_ann_index` looks); None without one."""
         if self.index is None:
             return None
-        return self.index.save(Path(bundle_dir) / ANN_DIR / AnnIndex.key(self.space.vectors, self.settings.candidates))
+        return self.index.save(Path(bundle_dir) / ANN_DIR / self.ann_key)
 
     def _sample_queries(self, count: int = 32) -> np.ndarray:
         """Query vectors of up to ``count`` training users (evenly spaced in id order) for
