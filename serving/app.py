@@ -180,6 +180,11 @@ class ServingMetrics:
                                   multiprocess_mode="liveall")
         self.model_loaded_at = Gauge("hyperrec_model_loaded_timestamp_seconds", "When the served bundle was swapped in",
                                      registry=self.registry, multiprocess_mode="liveall")
+        self.model_created_at = Gauge(
+            "hyperrec_model_created_timestamp_seconds",
+            "When the served bundle was created (its metadata.json created_at: when training wrote it), unix "
+            "seconds; model age = time() - this; 0 when the metadata has no parseable created_at",
+            registry=self.registry, multiprocess_mode="liveall")
         # A gauge rather than an Info: Info metrics do not work in multiprocess mode.
         self.model = Gauge("hyperrec_model_info", "The bundle being served (value 1; 0 for one swapped out)",
                            MODEL_INFO_LABELS, registry=self.registry, multiprocess_mode="liveall")
@@ -189,6 +194,7 @@ class ServingMetrics:
         meta = served.bundle.metadata
         self.model_loaded.set(1)
         self.model_loaded_at.set(time.time())
+        self.model_created_at.set(_created_timestamp(meta.get("created_at")))
         labels = (served.version, str(meta.get("model_name", "")), str(meta.get("registered_model_version", "")),
                   str(served.quantized).lower(), served.ann_source)
         if self._model_labels is not None and self._model_labels != labels:
@@ -211,6 +217,15 @@ class ServingMetrics:
         """In multiprocess mode, drop this worker's live gauges (its counters stay counted)."""
         if self.multiprocess:
             multiprocess.mark_process_dead(os.getpid())
+
+
+def _created_timestamp(value: Any) -> float:
+    """A bundle's ``created_at`` (ISO-8601; naive means UTC) as unix seconds, 0.0 if unparseable."""
+    try:
+        created = datetime.fromisoformat(str(value))
+    except ValueError:
+        return 0.0
+    return (created if created.tzinfo else created.replace(tzinfo=timezone.utc)).timestamp()
 
 
 class _MetricsMiddleware:
