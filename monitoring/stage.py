@@ -42,14 +42,31 @@ def _events(path: Path) -> pd.DataFrame:
     return ds.dataset(str(path), format="parquet").to_table(columns=_COLUMNS).to_pandas()
 
 
-def check_drift(settings: Settings, run: RunContext, current: str) -> dict:
+NO_CURRENT_BATCH = "no current batch: the 'current' param is empty and there is no new data to check"
+
+
+def resolve_current_batch(settings: Settings, current: str | None) -> Path | None:
+    """The raw dataset directory holding the batch to check, or ``None`` when there is none.
+
+    Today the batch is the ``current`` param (a scheduled run passes ``""``: no batch).
+    This is where a landing zone of new data would be looked up when no batch is named.
+    """
+    return Path(current) if current else None
+
+
+def check_drift(settings: Settings, run: RunContext, current: str | None = "") -> dict:
     """KS drift of :data:`DRIFT_FEATURES` between the champion's clean training events
-    and the raw events under ``current``; reports go to ``run.drift_dir``."""
-    if not current:
-        raise ValueError("recsys_drift_monitor needs the 'current' param: a raw dataset directory with recent events")
+    and the raw events of the current batch (:func:`resolve_current_batch`); reports go
+    to ``run.drift_dir``. Without a current batch nothing is compared: the summary says
+    ``{"retrain": False, "skipped": ...}`` and the run succeeds."""
+    batch = resolve_current_batch(settings, current)
+    if batch is None:
+        summary = {"retrain": False, "drifted": False, "skipped": NO_CURRENT_BATCH, "current": None}
+        run.write_json("drift.json", summary)
+        return summary
     reference_dir = reference_run_dir(settings)
     reference_events = _events(reference_dir / "clean" / "interactions")
-    recent_events = _events(RawDataset(Path(current)).check().interactions)
+    recent_events = _events(RawDataset(batch).check().interactions)
     # Compare like with like: when the batch's users were in training, the reference is
     # their training events (a training set may mix populations, e.g. ml-100k + synthetic).
     same_users = reference_events[reference_events["user_id"].isin(set(recent_events["user_id"].dropna()))]
@@ -67,7 +84,7 @@ def check_drift(settings: Settings, run: RunContext, current: str) -> dict:
         "html_path": str(result.html_path),
         "json_path": str(result.json_path),
         "reference": str(reference_dir),
-        "current": current,
+        "current": str(batch),
         "reference_rows": int(len(same_users) if restricted else len(reference_events)),
         "reference_restricted_to_batch_users": restricted,
     }

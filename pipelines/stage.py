@@ -84,7 +84,8 @@ def validate(settings: Settings, run: RunContext) -> dict:
         ),
     ]
     summary = {
-        "gates": {r.suite: {"success": r.success, "evaluated": r.evaluated, "rows": r.row_count, "failed": len(r.failed)} for r in results},
+        "gates": {r.suite: {"success": r.success, "evaluated": r.evaluated, "rows": r.row_count, "failed": len(r.failed),
+                          "not_applicable": r.not_applicable} for r in results},
         "previous_clean_rows": previous,
         "data_docs": str(run.gx_dir / "index.html"),
     }

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 import great_expectations as gx
 import great_expectations.expectations as gxe
 from great_expectations.checkpoint import UpdateDataDocsAction
+from great_expectations.expectations.row_conditions import Column as RowColumn
 from great_expectations.data_context.types.base import (
     DataContextConfig,
     FilesystemStoreBackendDefaults,
@@ -51,6 +52,12 @@ _MAX_SAMPLES = 5  # unexpected values kept per failed expectation
 _MAX_REASONS = 10  # quarantine reasons listed in a failed quarantine gate
 _SHARE_TOLERANCE = 1e-9  # float slack on the upper bound of share/affinity features
 
+EXPLICIT_EVENT_TYPE = "rate"
+# Rows that can carry implicit signals (dwell_time_s, scroll_depth): every event but an
+# explicit rating, which has none by nature (the same split as preprocessing's imputation).
+IMPLICIT_EVENTS = RowColumn("event_type") != EXPLICIT_EVENT_TYPE
+NOT_APPLICABLE_META = "hyperrec_not_applicable"
+
 QUARANTINE_TABLE = "quarantine"
 FEATURES_TABLE = "user_features"
 
@@ -74,7 +81,10 @@ class ValidationFailed(DataQualityError):
 @dataclass
 class GateResult:
     """Outcome of one gate: ``evaluated`` expectations ran, ``failed`` lists the failures
-    (same dicts as :attr:`ValidationFailed.results`), ``docs_index`` is the Data Docs index."""
+    (same dicts as :attr:`ValidationFailed.results`), ``docs_index`` is the Data Docs index,
+    ``not_applicable`` the checks this batch could not carry (each a dict with ``reason``
+    and ``expectations``; see :func:`interactions_expectations`), recorded in the suite
+    and the Data Docs in place of the checks themselves."""
 
     table: str
     stage: str
@@ -83,6 +93,7 @@ class GateResult:
     failed: list[dict]
     docs_index: Path | None
     row_count: int
+    not_applicable: list[dict] = field(default_factory=list)
 
     @property
     def suite(self) -> str:
@@ -112,12 +123,18 @@ def interactions_expectations(
     row_count_between: tuple[int, int] | None = None,
     dwell_mean_between: tuple[float, float] | None = None,
     scroll_mean_between: tuple[float, float] | None = None,
+    implicit_events: bool = True,
 ) -> list[Expectation]:
     """The interactions suite. Nullable columns (rating, device, ...) are checked on their
     non-null values only (GX ignores nulls in value expectations and means).
 
     ``row_count_between`` bounds the row count (inclusive), ``dwell_mean_between`` and
-    ``scroll_mean_between`` the means of ``dwell_time_s`` and ``scroll_depth``."""
+    ``scroll_mean_between`` the means of ``dwell_time_s`` and ``scroll_depth`` over the
+    implicit events (``event_type != "rate"``: explicit ratings carry no implicit signals).
+    When the feed has no implicit events (``implicit_events=False``, e.g. MovieLens
+    ratings alone) the mean checks are not applicable: they are replaced by one
+    expectation that the feed indeed has no implicit event, whose description (shown in
+    the Data Docs) and ``meta[NOT_APPLICABLE_META]`` name the checks left out and why."""
     expectations: list[Expectation] = [
         _row_count_positive(),
         _schema(INTERACTIONS),
@@ -137,10 +154,37 @@ def interactions_expectations(
     if row_count_between is not None:
         low, high = row_count_between
         expectations.append(gxe.ExpectTableRowCountToBeBetween(min_value=low, max_value=high))
-    for column, bounds in (("dwell_time_s", dwell_mean_between), ("scroll_depth", scroll_mean_between)):
-        if bounds is not None:
-            expectations.append(gxe.ExpectColumnMeanToBeBetween(column=column, min_value=bounds[0], max_value=bounds[1]))
+    means = [
+        gxe.ExpectColumnMeanToBeBetween(column=column, min_value=bounds[0], max_value=bounds[1], row_condition=IMPLICIT_EVENTS)
+        for column, bounds in (("dwell_time_s", dwell_mean_between), ("scroll_depth", scroll_mean_between))
+        if bounds is not None
+    ]
+    if means and not implicit_events:
+        expectations.append(_no_implicit_events(means))
+    else:
+        expectations.extend(means)
     return expectations
+
+
+def _no_implicit_events(skipped: list[Expectation]) -> Expectation:
+    """What stands in for the implicit-signal mean checks ``skipped`` on a feed without
+    implicit events: an expectation that the feed has none (so the record is checked, not
+    just asserted), saying in the Data Docs which checks were not applicable and why."""
+    left_out = [
+        {"expectation": e.expectation_type, "column": e.column, "min_value": e.min_value, "max_value": e.max_value}
+        for e in skipped
+    ]
+    names = " and ".join(f"the mean of {e['column']} in [{e['min_value']}, {e['max_value']}]" for e in left_out)
+    reason = (
+        f"Not applicable: {names}. The feed has no implicit events (every event is an explicit "
+        f"'{EXPLICIT_EVENT_TYPE}' rating), and explicit ratings carry no implicit signals by nature."
+    )
+    return gxe.ExpectTableRowCountToBeBetween(
+        min_value=0, max_value=0, row_condition=IMPLICIT_EVENTS,
+        description=f"{reason} Checked: the feed has 0 implicit events.",
+        notes=reason,
+        meta={NOT_APPLICABLE_META: {"reason": "no implicit events", "expectations": left_out}},
+    )
 
 
 def users_expectations() -> list[Expectation]:
@@ -294,7 +338,8 @@ def failure_message(table: str, stage: str, failed: list[dict], evaluated: int) 
 
 def _row_count(results: list[ExpectationValidationResult]) -> int:
     for result in results:
-        if result.expectation_config.type == "expect_table_row_count_to_be_between":
+        config = result.expectation_config
+        if config.type == "expect_table_row_count_to_be_between" and not config.kwargs.get("row_condition"):
             observed = (result.result or {}).get("observed_value")
             if observed is not None:
                 return int(observed)
@@ -351,6 +396,11 @@ def run_suite(
         failed=failed,
         docs_index=index if index.exists() else None,
         row_count=_row_count(results),
+        not_applicable=[
+            dict(r.expectation_config.meta[NOT_APPLICABLE_META])
+            for r in results
+            if r.success and NOT_APPLICABLE_META in (r.expectation_config.meta or {})
+        ],
     )
     if not gate.success and raise_on_failure:
         raise ValidationFailed(failure_message(table, stage, failed, len(results)), failed)
@@ -376,17 +426,30 @@ def validate_interactions(
     """Gate cleaned interactions (schema ``INTERACTIONS``); ``known_users``/``known_items``
     add referential integrity checks, ``unique_key`` a compound uniqueness check,
     ``row_count_between`` and ``dwell_mean_between``/``scroll_mean_between`` inclusive
-    bounds on the row count and on the column means (nulls ignored)."""
+    bounds on the row count and on the column means over implicit events (nulls ignored).
+    On a feed without implicit events the mean checks are not applicable and recorded so
+    (:attr:`GateResult.not_applicable`, the Data Docs) instead of failing."""
+    means = dwell_mean_between is not None or scroll_mean_between is not None
     expectations = interactions_expectations(
         known_users, known_items, unique_key,
         row_count_between=row_count_between,
         dwell_mean_between=dwell_mean_between,
         scroll_mean_between=scroll_mean_between,
+        implicit_events=has_implicit_events(df) if means else True,
     )
     return run_suite(
         df, table=INTERACTIONS.name, stage=stage, expectations=expectations,
         docs_dir=docs_dir, raise_on_failure=raise_on_failure,
     )
+
+
+def has_implicit_events(df: DataFrame) -> bool:
+    """Whether ``df`` holds at least one implicit event (``event_type`` other than ``rate``)."""
+    from pyspark.sql import functions as F
+
+    if "event_type" not in df.columns:  # the schema check fails the gate; let the means run too
+        return True
+    return bool(df.where(F.col("event_type") != EXPLICIT_EVENT_TYPE).limit(1).count())
 
 
 def validate_users(df: DataFrame, *, stage: str, docs_dir: Path, raise_on_failure: bool = True) -> GateResult:

@@ -10,10 +10,14 @@ from pyspark.sql import functions as F
 
 from hyperrec.schemas import INTERACTIONS, ITEMS, USERS
 from pipelines.validate import (
+    IMPLICIT_EVENTS,
+    NOT_APPLICABLE_META,
     GateResult,
     ValidationFailed,
     features_expectations,
+    interactions_expectations,
     row_count_bounds,
+    run_suite,
     validate_features,
     validate_interactions,
     validate_items,
@@ -191,13 +195,16 @@ def test_quarantine_gate_rejects_empty_input(spark, tmp_path):
 
 @pytest.mark.spark
 def test_interactions_row_count_and_mean_bounds(spark, tmp_path):
-    df = _interactions(spark, _clean_rows())  # 5 rows; dwell mean (12.5*4 + 0)/5 = 10.0; scroll mean of 0.4,0.4,1.0,0.4 = 0.55
+    # 5 rows. The means cover the 4 implicit events (not the rating): dwell (12.5*3 + 0)/4
+    # = 9.375 (over all 5 rows: 10.0); scroll of 0.4, 1.0, 0.4 = 0.6 (over all: 0.55).
+    df = _interactions(spark, _clean_rows())
     docs = tmp_path / "docs"
     gate = validate_interactions(
         df, stage="processed", docs_dir=docs,
-        row_count_between=(4, 6), dwell_mean_between=(9.0, 11.0), scroll_mean_between=(0.5, 0.6),
+        row_count_between=(4, 6), dwell_mean_between=(9.0, 9.5), scroll_mean_between=(0.58, 0.62),
     )
     assert gate.success and gate.evaluated == 14  # 11 base + 3 optional
+    assert gate.not_applicable == []
 
     with pytest.raises(ValidationFailed) as info:
         validate_interactions(df, stage="processed", docs_dir=docs, row_count_between=(10, 20))
@@ -210,8 +217,92 @@ def test_interactions_row_count_and_mean_bounds(spark, tmp_path):
         validate_interactions(df, stage="processed", docs_dir=docs, dwell_mean_between=(20.0, 30.0))
     (failure,) = info.value.results
     assert (failure["expectation"], failure["column"]) == ("expect_column_mean_to_be_between", "dwell_time_s")
-    assert failure["details"]["observed_value"] == pytest.approx(10.0)
-    assert "dwell_time_s" in str(info.value) and "observed 10.0" in str(info.value)
+    assert failure["details"]["observed_value"] == pytest.approx(9.375)
+    assert "dwell_time_s" in str(info.value) and "observed 9.375" in str(info.value)
+
+
+MEANS = dict(dwell_mean_between=(1.0, 3600.0), scroll_mean_between=(0.05, 0.95))  # config/default.yaml
+
+
+def _ratings(n=20, dwell=None, scroll=None):
+    """A ratings-only feed like MovieLens: explicit 'rate' events, no implicit signals."""
+    return [_event(f"u{i % 4}", f"i{i}", "rate", rating=float(1 + i % 5), dwell=dwell, scroll=scroll, device=None, minute=i)
+            for i in range(n)]
+
+
+def test_mean_expectations_are_conditioned_on_implicit_events():
+    means = [e for e in interactions_expectations(**MEANS) if e.expectation_type == "expect_column_mean_to_be_between"]
+    assert [e.column for e in means] == ["dwell_time_s", "scroll_depth"]
+    assert all(e.row_condition == IMPLICIT_EVENTS for e in means)
+    assert (means[0].min_value, means[0].max_value) == (1.0, 3600.0)
+
+    kinds = [e.expectation_type for e in interactions_expectations(**MEANS, implicit_events=False)]
+    assert "expect_column_mean_to_be_between" not in kinds
+    (stand_in,) = [e for e in interactions_expectations(**MEANS, implicit_events=False) if e.meta]
+    assert stand_in.expectation_type == "expect_table_row_count_to_be_between"
+    assert (stand_in.min_value, stand_in.max_value, stand_in.row_condition) == (0, 0, IMPLICIT_EVENTS)
+    left_out = stand_in.meta[NOT_APPLICABLE_META]["expectations"]
+    assert [(e["column"], e["min_value"], e["max_value"]) for e in left_out] == [
+        ("dwell_time_s", 1.0, 3600.0), ("scroll_depth", 0.05, 0.95)]
+    assert "Not applicable" in stand_in.description and "dwell_time_s" in stand_in.description
+    # Without mean bounds there is nothing to record as not applicable.
+    assert interactions_expectations(implicit_events=False) == interactions_expectations()
+
+
+@pytest.mark.spark
+def test_ratings_only_feed_records_mean_checks_as_not_applicable(spark, tmp_path):
+    df = _interactions(spark, _ratings())
+    docs = tmp_path / "docs"
+    # What the gate did before: the means of columns explicit ratings never carry fail.
+    old = run_suite(df, table="interactions", stage="old", expectations=interactions_expectations(**MEANS),
+                    docs_dir=docs, raise_on_failure=False)
+    assert {(f["expectation"], f["column"]) for f in old.failed} == {
+        ("expect_column_mean_to_be_between", "dwell_time_s"), ("expect_column_mean_to_be_between", "scroll_depth")}
+    assert all(f["details"].get("observed_value") is None for f in old.failed)
+
+    gate = validate_interactions(df, stage="clean", docs_dir=docs, unique_key=KEY, **MEANS)
+    assert gate.success and gate.failed == [] and gate.row_count == 20
+    assert gate.evaluated == 13  # 11 base + compound key + the not-applicable record
+    (record,) = gate.not_applicable
+    assert record["reason"] == "no implicit events"
+    assert [e["column"] for e in record["expectations"]] == ["dwell_time_s", "scroll_depth"]
+    # The record is in the validation result the Data Docs render, not silently dropped.
+    (page,) = (docs / "validations" / "interactions_clean").rglob("*.html")
+    assert "Not applicable: the mean of dwell_time_s in [1.0, 3600.0] and the mean of scroll_depth" in page.read_text()
+
+
+@pytest.mark.spark
+def test_not_applicable_record_is_itself_checked(spark, tmp_path):
+    # Built for a ratings-only feed but run on one with an implicit event: it fails.
+    df = _interactions(spark, _ratings() + [_event("u1", "i1", "view", minute=59)])
+    gate = run_suite(df, table="interactions", stage="clean", docs_dir=tmp_path / "docs", raise_on_failure=False,
+                     expectations=interactions_expectations(**MEANS, implicit_events=False))
+    assert not gate.success and gate.not_applicable == [] and gate.row_count == 21
+    (failure,) = gate.failed
+    assert failure["expectation"] == "expect_table_row_count_to_be_between"
+    assert failure["details"]["observed_value"] == 1
+
+
+@pytest.mark.spark
+def test_mean_checks_skip_ratings_but_still_fail_implicit_events_out_of_range(spark, tmp_path):
+    docs = tmp_path / "docs"
+    # Ratings with wild signals do not move the means of the implicit events (dwell 10, scroll 0.5).
+    mixed = _ratings(dwell=9000.0, scroll=0.0) + [_event(f"u{i}", "i1", "view", dwell=10.0, scroll=0.5, minute=40 + i)
+                                                  for i in range(4)]
+    gate = validate_interactions(_interactions(spark, mixed), stage="mixed", docs_dir=docs,
+                                 dwell_mean_between=(5.0, 20.0), scroll_mean_between=(0.4, 0.6))
+    assert gate.success and gate.not_applicable == []
+
+    # Implicit events whose means are out of range fail, with or without ratings alongside.
+    for stage, rows in (("implicit", []), ("implicit_and_ratings", _ratings())):
+        rows = rows + [_event(f"u{i}", "i2", "click", dwell=0.2, scroll=0.99, minute=30 + i) for i in range(5)]
+        with pytest.raises(ValidationFailed) as info:
+            validate_interactions(_interactions(spark, rows), stage=stage, docs_dir=docs, **MEANS)
+        failed = {f["column"]: f for f in info.value.results}
+        assert set(failed) == {"dwell_time_s", "scroll_depth"}
+        assert {f["expectation"] for f in failed.values()} == {"expect_column_mean_to_be_between"}
+        assert failed["dwell_time_s"]["details"]["observed_value"] == pytest.approx(0.2)
+        assert failed["scroll_depth"]["details"]["observed_value"] == pytest.approx(0.99)
 
 
 def _profiles(**overrides):
