@@ -8,6 +8,7 @@ from datetime import datetime, timedelta
 from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
 from airflow.sdk import Param, dag, get_current_context, task
 
+from hyperrec.settings import load_settings
 from hyperrec.tasks import check_drift
 
 DEFAULT_ARGS = {"retries": 2, "retry_delay": timedelta(seconds=30)}
@@ -15,13 +16,15 @@ DEFAULT_ARGS = {"retries": 2, "retry_delay": timedelta(seconds=30)}
 
 @dag(
     dag_id="recsys_drift_monitor",
-    schedule="@hourly",
+    schedule=load_settings().airflow.drift_schedule,
     start_date=datetime(2026, 1, 1),
     catchup=False,
     max_active_runs=1,
     default_args=DEFAULT_ARGS,
-    params={"current": Param("", type="string", description="raw dataset directory holding the recent events")},
+    params={"current": Param(None, type=["null", "string"],
+                             description="raw dataset directory holding the recent events; empty: none (the run skips)")},
     tags=["hyperrec", "monitoring"],
+    doc_md=__doc__,
 )
 def recsys_drift_monitor():
     @task

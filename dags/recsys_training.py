@@ -8,7 +8,10 @@ from datetime import datetime, timedelta
 
 from airflow.sdk import Param, dag, get_current_context, task
 
+from hyperrec.settings import load_settings
 from hyperrec.tasks import run_stage, start_run
+
+SETTINGS = load_settings()
 
 DEFAULT_ARGS = {"retries": 2, "retry_delay": timedelta(seconds=30)}
 
@@ -28,25 +31,31 @@ STAGES = {
 
 @dag(
     dag_id="recsys_training",
-    schedule="@daily",
+    schedule=SETTINGS.airflow.training_schedule,
     start_date=datetime(2026, 1, 1),
     catchup=False,
     max_active_runs=1,
     default_args=DEFAULT_ARGS,
     params={
-        "dataset": Param("ml-100k", type="string", description="'ml-100k', a raw dataset directory, or '' for none"),
-        "synthetic_events": Param(0, type="integer", minimum=0, description="add a synthetic sample of this many events"),
-        "seed": Param(0, type="integer"),
-        "reason": Param("scheduled", type="string", description="why this run started (scheduled, manual, drift)"),
-        "drift_report": Param("", type="string", description="the drift report that triggered this run, if any"),
+        "dataset": Param(SETTINGS.training.dataset, type="string",
+                         description="'ml-100k' (bundled MovieLens-100k), a raw dataset directory, or '' for none; "
+                                     "default: the setting training.dataset"),
+        "synthetic_events": Param(0, type="integer", minimum=0,
+                                  description="add a seeded synthetic sample of this many events (0: none)"),
+        "seed": Param(0, type="integer", description="seed of the synthetic sample"),
+        "reason": Param(None, type=["null", "string"],
+                        description="why this run started; empty: taken from the run type (scheduled, manual, asset)"),
+        "drift_report": Param(None, type=["null", "string"],
+                              description="the drift report that triggered this run, if any"),
     },
     tags=["hyperrec", "training"],
+    doc_md=__doc__,
 )
 def recsys_training():
     @task
     def ingest() -> str:
         context = get_current_context()
-        return start_run(context["run_id"], dict(context["params"]))
+        return start_run(context["run_id"], dict(context["params"]), run_type=str(context["dag_run"].run_type))
 
     run_dir = ingest()
     for task_id, target in STAGES.items():

@@ -107,9 +107,8 @@ def train(
 ) -> None:
     """Run the recsys_training DAG once, in-process."""
     from hyperrec.orchestration import run_dag
-    from hyperrec.settings import load_settings
 
-    settings = load_settings(config)
+    settings = _client_settings(config)
     state, _run_id = run_dag(settings, "recsys_training", {"dataset": dataset, "synthetic_events": synthetic_events})
     typer.echo(f"recsys_training: {state}")
     raise typer.Exit(0 if state == "success" else 1)
@@ -122,9 +121,8 @@ def drift_check(
 ) -> None:
     """Run the recsys_drift_monitor DAG once on a recent batch."""
     from hyperrec.orchestration import run_dag
-    from hyperrec.settings import load_settings
 
-    settings = load_settings(config)
+    settings = _client_settings(config)
     state, _run_id = run_dag(settings, "recsys_drift_monitor", {"current": str(current.resolve())})
     typer.echo(f"recsys_drift_monitor: {state}")
     raise typer.Exit(0 if state == "success" else 1)
@@ -143,9 +141,162 @@ def serve(
     run_server(config, host=host, port=port, workers=workers)
 
 
+@app.command()
+def up(
+    config: Optional[Path] = ConfigOpt,
+    foreground: bool = typer.Option(False, "--foreground", help="supervise in this process until Ctrl-C/SIGTERM"),
+    owner_pid: Optional[int] = typer.Option(None, "--owner-pid", hidden=True,
+                                            help="stop everything when this process exits (tests)"),
+) -> None:
+    """Start Airflow (API server/UI, scheduler, DAG processor, triggerer), the MLflow server,
+    the serving API and the online store as supervised processes; wait until all are healthy."""
+    from rich.console import Console
+
+    from hyperrec import up as services
+    from hyperrec.settings import load_settings
+
+    settings = load_settings(config)
+    if foreground:
+        raise typer.Exit(services.Supervisor(settings, owner_pid=owner_pid).run())
+    console = Console()
+    state = services.read_state(settings)
+    pid = state.get("supervisor_pid") if state else None
+    if not services._alive(pid):
+        pid = services.spawn_supervisor(settings, config, owner_pid=owner_pid)
+        console.print(f"supervisor started (pid {pid}); logs under {services.logs_dir(settings)}")
+    else:
+        console.print(f"already running (supervisor pid {pid}); checking health")
+    try:
+        with console.status("starting services") as spinner:
+            def tick(report: dict) -> None:
+                waiting = [n for n, s in report["services"].items() if not s["healthy"]]
+                spinner.update(f"waiting for: {', '.join(waiting) or 'nothing'}")
+
+            report = services.wait_healthy(settings, pid, settings.services.start_timeout_s, tick)
+    except (RuntimeError, TimeoutError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        log = services.logs_dir(settings) / "supervisor.log"
+        if log.exists():
+            typer.echo("".join(log.read_text(errors="replace").splitlines(keepends=True)[-15:]), err=True)
+        raise typer.Exit(1) from exc
+    _print_status(report)
+
+
+def _print_status(report: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"hyperrec services ({report['mode']}, home {report['home']})")
+    for column in ("service", "url", "pid", "healthy", "restarts"):
+        table.add_column(column)
+    for name, service in report["services"].items():
+        healthy = "[green]yes[/green]" if service["healthy"] else "[red]no[/red]"
+        table.add_row(name, service["url"] or "-", str(service["pid"] or "-"), healthy, str(service["restarts"]))
+    console = Console(width=120)
+    console.print(table)
+    console.print(f"Airflow login: [bold]{report['airflow_user']}[/bold] / [bold]{report['airflow_password']}[/bold]"
+                  f"   logs: {report['logs']}   platform metrics: {report['metrics']}", soft_wrap=True)
+
+
+@app.command()
+def down(config: Optional[Path] = ConfigOpt) -> None:
+    """Stop everything `hyperrec up` started for this home."""
+    from hyperrec import up as services
+    from hyperrec.settings import load_settings
+
+    stopped = services.down(load_settings(config))
+    typer.echo(f"stopped: {', '.join(stopped)}" if stopped else "nothing was running")
+
+
+@app.command()
+def status(
+    config: Optional[Path] = ConfigOpt,
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+) -> None:
+    """Each service of `hyperrec up`: URL, pid, health, restarts; the Airflow login.
+    Exit status 1 when a service is not healthy."""
+    import json
+
+    from hyperrec import up as services
+    from hyperrec.settings import load_settings
+
+    report = services.status(load_settings(config))
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+    else:
+        if not report["running"]:
+            typer.echo("hyperrec up is not running (start it with `hyperrec up`)")
+        _print_status(report)
+    raise typer.Exit(0 if report["running"] and all(s["healthy"] for s in report["services"].values()) else 1)
+
+
+@app.command()
+def trigger(
+    dag_id: str = typer.Argument(..., help="recsys_training or recsys_drift_monitor"),
+    conf: str = typer.Option("{}", "--conf", help="JSON object of DAG params, e.g. '{\"synthetic_events\": 50000}'"),
+    wait: bool = typer.Option(True, "--wait/--no-wait", help="follow the run until it finishes"),
+    timeout: float = typer.Option(7200.0, "--timeout", help="seconds to wait"),
+    config: Optional[Path] = ConfigOpt,
+) -> None:
+    """Trigger a DAG run through the Airflow REST API of `hyperrec up` and follow it."""
+    import json
+
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from hyperrec.airflow_api import AirflowApiError, AirflowClient
+    from hyperrec.settings import load_settings
+
+    try:
+        params = json.loads(conf)
+    except json.JSONDecodeError as exc:
+        typer.echo(f"error: --conf is not JSON: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    if not isinstance(params, dict):
+        typer.echo("error: --conf must be a JSON object", err=True)
+        raise typer.Exit(2)
+    params.setdefault("reason", "manual")
+    settings = load_settings(config)
+    console = Console()
+    try:
+        with AirflowClient.from_settings(settings) as client:
+            run = client.trigger(dag_id, params)
+            run_id = run["dag_run_id"]
+            console.print(f"triggered {dag_id} run {run_id} ({client.base_url}/dags/{dag_id}/runs/{run_id})")
+            if not wait:
+                return
+            with Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(),
+                          TextColumn("{task.completed}/{task.total} tasks"), TimeElapsedColumn(),
+                          console=console) as progress:
+                bar = progress.add_task(f"{dag_id}: queued", total=None)
+
+                def tick(current: dict, tis: list[dict]) -> None:
+                    done = sum(ti["state"] in ("success", "skipped") for ti in tis)
+                    running = [ti["task_id"] for ti in tis if ti["state"] in ("running", "queued", "up_for_retry")]
+                    progress.update(bar, total=len(tis) or None, completed=done,
+                                    description=f"{dag_id}: {', '.join(running) or current['state']}")
+
+                final = client.wait(dag_id, run_id, timeout=timeout, on_tick=tick)
+            failed = [ti["task_id"] for ti in client.task_instances(dag_id, run_id) if ti["state"] == "failed"]
+    except (AirflowApiError, TimeoutError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    console.print(f"{dag_id} run {run_id}: {final['state']}"
+                  + (f" (failed: {', '.join(failed)}; task logs under {settings.airflow_home / 'logs'})" if failed else ""))
+    raise typer.Exit(0 if final["state"] == "success" else 1)
+
+
 features_app = typer.Typer(help="User features: build the offline snapshot and online store, inspect profiles.",
                            no_args_is_help=True)
 app.add_typer(features_app, name="features")
+
+
+def _client_settings(config: Optional[Path]):
+    """Settings for a client command: through the servers of `hyperrec up` when it runs."""
+    from hyperrec.settings import load_settings
+    from hyperrec.up import client_settings
+
+    return client_settings(load_settings(config))
 
 
 def latest_run_dir(runs_dir: Path) -> Path:
@@ -202,9 +353,8 @@ def features_get(
     from rich.table import Table
 
     from feature_store.stage import online_store
-    from hyperrec.settings import load_settings
 
-    settings = load_settings(config)
+    settings = _client_settings(config)
     store = online_store(settings)
     try:
         profile = store.get_user(user_id)
@@ -245,10 +395,9 @@ def model_list(config: Optional[Path] = ConfigOpt) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from hyperrec.settings import load_settings
     from training.registry import list_versions
 
-    settings = load_settings(config)
+    settings = _client_settings(config)
     rows = list_versions(settings)
     name = settings.mlflow.registered_model
     if not rows:
@@ -273,10 +422,9 @@ def model_promote(
     config: Optional[Path] = ConfigOpt,
 ) -> None:
     """Move the champion alias to VERSION by hand, recording who, why and the previous champion."""
-    from hyperrec.settings import load_settings
     from training.registry import promote_version
 
-    record = _registry_call(promote_version, load_settings(config), version, reason, user=by)
+    record = _registry_call(promote_version, _client_settings(config), version, reason, user=by)
     previous = "none" if record["previous_champion"] is None else f"v{record['previous_champion']}"
     typer.echo(f"champion: v{record['version']} (was {previous}), by {record['user']}: {record['reason']}")
 
@@ -289,10 +437,9 @@ def model_rollback(
     config: Optional[Path] = ConfigOpt,
 ) -> None:
     """Move the champion alias back to the previous champion (or to an earlier one with --to)."""
-    from hyperrec.settings import load_settings
     from training.registry import rollback
 
-    record = _registry_call(rollback, load_settings(config), to, reason=reason, user=by)
+    record = _registry_call(rollback, _client_settings(config), to, reason=reason, user=by)
     typer.echo(f"champion: v{record['version']} (rolled back from v{record['rolled_back_from']}), "
                f"by {record['user']}: {record['reason']}")
 

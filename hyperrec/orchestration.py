@@ -17,17 +17,23 @@ def settings_file(settings: Settings) -> Path:
     return settings.airflow_home / "hyperrec-settings.yaml"
 
 
-def configure_airflow(settings: Settings) -> None:
-    """Export this process's settings to Airflow and its tasks, before airflow is imported.
+def write_settings(settings: Settings, path: Path) -> Path:
+    """Write ``settings`` as one YAML file (mode 0600: it may hold credentials) for child
+    processes to rebuild the same object from ``HYPERREC_CONFIG``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.touch(mode=0o600)
+    tmp.chmod(0o600)
+    tmp.write_text(yaml.safe_dump(settings.model_dump(mode="json"), sort_keys=False))
+    tmp.replace(path)
+    return path
 
-    The settings are written to ``<airflow_home>/hyperrec-settings.yaml`` and named by
-    ``HYPERREC_CONFIG`` so every task rebuilds exactly the same settings object.
-    """
-    settings.airflow_home.mkdir(parents=True, exist_ok=True)
-    path = settings_file(settings)
-    path.write_text(yaml.safe_dump(settings.model_dump(mode="json"), sort_keys=False))
-    os.environ.update({
-        "HYPERREC_CONFIG": str(path),
+
+def airflow_env(settings: Settings, settings_path: Path) -> dict[str, str]:
+    """Environment every Airflow process of this project shares: home, metadata DB, DAG
+    folder, and ``HYPERREC_CONFIG`` naming the settings file tasks rebuild settings from."""
+    return {
+        "HYPERREC_CONFIG": str(settings_path),
         "AIRFLOW_HOME": str(settings.airflow_home),
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": settings.airflow_conn,
         "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS_FOLDER),
@@ -36,7 +42,13 @@ def configure_airflow(settings: Settings) -> None:
         "AIRFLOW__CORE__ALLOWED_DESERIALIZATION_CLASSES_REGEXP": r"(airflow|hyperrec)\..*",
         "AIRFLOW__LOGGING__LOGGING_LEVEL": os.environ.get("AIRFLOW__LOGGING__LOGGING_LEVEL", "WARNING"),
         "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
-    })
+    }
+
+
+def configure_airflow(settings: Settings) -> None:
+    """Export this process's settings to Airflow and its tasks, before airflow is imported."""
+    settings.airflow_home.mkdir(parents=True, exist_ok=True)
+    os.environ.update(airflow_env(settings, write_settings(settings, settings_file(settings))))
 
 
 def migrate_db() -> None:

@@ -30,18 +30,41 @@ class SparkSettings(_Section):
 
 
 class AirflowSettings(_Section):
+    """Airflow's metadata DB, the DAG schedules and the components ``hyperrec up`` runs."""
+
     sql_alchemy_conn: str | None = None
+    # Cron expressions (or presets such as "@hourly"); None: the DAG runs only when triggered.
+    training_schedule: str | None = "0 2 * * *"
+    drift_schedule: str | None = "@hourly"
+    # API server (UI + REST API v2 + execution API) address.
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=1, le=65535)
+    # SimpleAuthManager login; password None: generated once and kept in <home>/airflow.
+    username: str = "admin"
+    password: str | None = None
+    # LocalExecutor task slots (tasks running at once on this machine).
+    parallelism: int = Field(2, ge=1)
+    # False: the project's DAGs are unpaused when first parsed, so their schedules fire.
+    dags_paused_at_creation: bool = False
 
 
 class MlflowSettings(_Section):
+    """MLflow: ``tracking_uri`` is what clients use; ``backend_store_uri`` is the store the
+    ``mlflow server`` of ``hyperrec up`` serves on ``host``:``port``."""
+
     tracking_uri: str | None = None
+    backend_store_uri: str | None = None
     artifact_root: str | None = None
     experiment: str = "hyperrec"
     registered_model: str = "hyperrec-recommender"
+    host: str = "127.0.0.1"
+    port: int = Field(5000, ge=1, le=65535)
 
 
 class OnlineStoreSettings(_Section):
     url: str | None = None
+    # Port of the embedded Valkey server `hyperrec up` runs when url is None.
+    embedded_port: int = Field(6390, ge=1, le=65535)
 
 
 class ObjectStoreSettings(_Section):
@@ -97,6 +120,9 @@ class SegmentationSettings(_Section):
 
 
 class TrainingSettings(_Section):
+    # What a recsys_training run trains on unless its params say otherwise (scheduled runs):
+    # 'ml-100k' (bundled) or a raw dataset directory.
+    dataset: str = "ml-100k"
     k: int = Field(10, ge=1)
     ease_lambda: float = Field(500.0, gt=0)
     knn_neighbours: int = Field(50, ge=1)
@@ -231,6 +257,17 @@ class ServingSettings(_Section):
     compute_threads: int = Field(1, ge=1)
 
 
+class ServicesSettings(_Section):
+    """``hyperrec up``: the supervisor of the long-running services."""
+
+    # Seconds `up` waits for every service to answer its health check.
+    start_timeout_s: float = Field(300.0, gt=0)
+    # Prometheus metrics of the supervisor (service health, restarts, failed DAG runs).
+    metrics_port: int = Field(9108, ge=1, le=65535)
+    # A crashed service is restarted after this many seconds, doubling per crash up to 60 s.
+    restart_backoff_s: float = Field(2.0, gt=0)
+
+
 class SyntheticSettings(_Section):
     demo_events: int = Field(50_000, ge=1000)
 
@@ -258,6 +295,7 @@ class Settings(BaseSettings):
     promotion: PromotionSettings = PromotionSettings()
     drift: DriftSettings = DriftSettings()
     serving: ServingSettings = ServingSettings()
+    services: ServicesSettings = ServicesSettings()
     synthetic: SyntheticSettings = SyntheticSettings()
 
     @classmethod
@@ -289,8 +327,12 @@ class Settings(BaseSettings):
         return self.airflow.sql_alchemy_conn or f"sqlite:///{self.airflow_home / 'airflow.db'}"
 
     @property
+    def mlflow_backend_store_uri(self) -> str:
+        return self.mlflow.backend_store_uri or f"sqlite:///{self.home / 'mlflow' / 'mlflow.db'}"
+
+    @property
     def mlflow_tracking_uri(self) -> str:
-        return self.mlflow.tracking_uri or f"sqlite:///{self.home / 'mlflow' / 'mlflow.db'}"
+        return self.mlflow.tracking_uri or self.mlflow_backend_store_uri
 
     @property
     def mlflow_artifact_root(self) -> str:

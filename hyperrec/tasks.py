@@ -35,9 +35,13 @@ def _timed(run: RunContext, stage: str, target: str, *args, **kwargs):
     return result
 
 
-def start_run(airflow_run_id: str, params: dict) -> str:
-    """Create the run directory for an Airflow run and ingest its data; return the directory."""
+def start_run(airflow_run_id: str, params: dict, run_type: str = "manual") -> str:
+    """Create the run directory for an Airflow run and ingest its data; return the directory.
+
+    An empty ``reason`` param is filled from the run type (scheduled, manual, asset_triggered).
+    """
     run = RunContext.create(load_settings(), airflow_run_id)
+    params = {**params, "reason": params.get("reason") or run_type.rsplit(".", 1)[-1].lower()}
     run.write_json("params.json", params)
     _timed(run, "ingest", "pipelines.ingest:ingest", dataset=params.get("dataset", "ml-100k"),
            synthetic_events=int(params.get("synthetic_events", 0)), seed=int(params.get("seed", 0)))
@@ -61,7 +65,14 @@ def run_stage(target: str, run_dir: str) -> str:
     return run_dir
 
 
-def check_drift(airflow_run_id: str, current: str) -> dict:
-    """Run the drift check of ``recsys_drift_monitor`` into a run directory of its own."""
+def check_drift(airflow_run_id: str, current: str = "") -> dict:
+    """Run the drift check of ``recsys_drift_monitor`` into a run directory of its own.
+
+    With no current batch (a scheduled run's empty ``current``) nothing is compared: the
+    report says ``"skipped"`` with ``retrain`` false, so the run succeeds and retrains nothing.
+    """
     run = RunContext.create(load_settings(), airflow_run_id)
-    return _timed(run, "drift", "monitoring.stage:check_drift", current=current)
+    report = _timed(run, "drift", "monitoring.stage:check_drift", current=current)
+    if report.get("skipped"):
+        log.info("drift check skipped: %s", report["skipped"])
+    return report

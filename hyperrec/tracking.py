@@ -14,7 +14,7 @@ from hyperrec.settings import Settings
 def configure(settings: Settings) -> MlflowClient:
     """Point MLflow at the configured backend and make sure the experiment exists."""
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    if settings.mlflow.tracking_uri is None:
+    if settings.mlflow.tracking_uri is None and settings.mlflow.backend_store_uri is None:
         (settings.home / "mlflow").mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
     client = MlflowClient()

