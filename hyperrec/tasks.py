@@ -42,6 +42,7 @@ def start_run(airflow_run_id: str, params: dict, run_type: str = "manual") -> st
     """
     run = RunContext.create(load_settings(), airflow_run_id)
     params = {**params, "reason": params.get("reason") or run_type.rsplit(".", 1)[-1].lower()}
+    run.write_json("airflow_run.json", {"run_id": airflow_run_id, "run_type": run_type})
     run.write_json("params.json", params)
     _timed(run, "ingest", "pipelines.ingest:ingest", dataset=params.get("dataset", "ml-100k"),
            synthetic_events=int(params.get("synthetic_events", 0)), seed=int(params.get("seed", 0)))

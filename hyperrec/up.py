@@ -320,13 +320,15 @@ def ensure_postgres_database(url: str) -> None:
     name = parsed.path.lstrip("/")
     connect = {"host": parsed.hostname or "127.0.0.1", "port": parsed.port or 5432,
                "user": parsed.username or "postgres", "password": parsed.password, "dbname": "postgres"}
-    with psycopg2.connect(**connect) as conn:
+    conn = psycopg2.connect(**connect)
+    try:
         conn.autocommit = True
         with conn.cursor() as cur:
             cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
             if cur.fetchone() is None:
                 cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    conn.close()
+    finally:
+        conn.close()
 
 
 def _port_free(host: str, port: int) -> bool:

@@ -48,7 +48,7 @@ from training.models import InteractionMatrix
 
 __all__ = [
     "ItemShard", "NeuralConfig", "NeuralData", "NeuralNet", "NeuralRecommender", "StepResult",
-    "build_net", "fit_neural", "is_quantized", "quantize_int8", "shard_bounds", "train",
+    "build_net", "fit_neural", "is_quantized", "loss_curve", "quantize_int8", "shard_bounds", "train",
 ]
 
 MODEL_FILE = "model.pt"
@@ -352,6 +352,31 @@ class StepResult:
 
 def steps_per_epoch(n_users: int, batch_size: int) -> int:
     return math.ceil(n_users / batch_size)
+
+
+def loss_curve(rec: "NeuralRecommender", train_users: int | None = None) -> dict:
+    """The training loss history of ``rec`` (its per-step global losses, which every fit
+    path records: :func:`fit_neural`, the DDP workers, segment fine-tuning), per epoch.
+
+    Returns ``{"epochs": [0, 1, ...], "loss": [mean loss of each epoch], "step_loss":
+    [...], "steps_per_epoch": n, "weighted": bool}``. An epoch's loss is the mean of
+    ``Σ_u L_u / B`` over its steps weighted by each step's users ``B`` when the number of
+    training users is known (``train_users``, by default ``rec.n_users`` when the step count
+    fits it), else the plain mean of its steps (e.g. a model fine-tuned on a subset of its
+    users). Reading the recorded losses changes nothing of the model. Empty lists when
+    ``rec`` has no recorded loss (e.g. an old save)."""
+    losses = [float(v) for v in rec.losses]
+    epochs, batch = int(rec.cfg.epochs), int(rec.cfg.batch_size)
+    empty = {"epochs": [], "loss": [], "step_loss": losses, "steps_per_epoch": 0, "weighted": False}
+    if not losses or epochs < 1 or len(losses) % epochs:
+        return empty
+    n_steps = len(losses) // epochs
+    users = train_users if train_users is not None else rec.n_users
+    weighted = steps_per_epoch(users, batch) == n_steps and users > 0
+    sizes = ([min(batch, users - s * batch) for s in range(n_steps)] if weighted else [1] * n_steps)
+    per_epoch = [float(np.dot(losses[e * n_steps:(e + 1) * n_steps], sizes) / sum(sizes)) for e in range(epochs)]
+    return {"epochs": list(range(epochs)), "loss": per_epoch, "step_loss": losses, "steps_per_epoch": n_steps,
+            "weighted": weighted}
 
 
 def train(

@@ -2,6 +2,17 @@
 pyfunc with the alias ``challenger``, the champion/challenger promotion gate, manual
 promotion, rollback and a listing of versions.
 
+Registration is idempotent per pipeline run: the MLflow run is tagged with its run
+directory (``hyperrec.run_dir``) and bundle digest from its creation, so a retried
+``register`` returns the version an earlier attempt registered, and an attempt that died
+before registering is abandoned (tagged, marked FAILED, deleted) and replaced.
+
+Registry review: a version is born with tags (model, run directory, Airflow run id, reason
+the run started, ``gate.decision=pending``) and a markdown description (rendered by the
+MLflow UI): a "challenger, awaiting the gate" section above the ``## Training run``
+summary. :func:`promotion_gate` replaces the first section with its decision and a table
+of every check; manual promotion and rollback prepend a note.
+
 Champion history: the registered model's tag ``promotion.champion_stack`` holds the JSON
 list of champion versions, oldest first; a promotion pushes, a rollback pops. Each
 promoted version records ``promotion.previous_champion``, ``promotion.by`` (gate, manual),
@@ -11,8 +22,9 @@ promoted version records ``promotion.previous_champion``, ``promotion.by`` (gate
 from __future__ import annotations
 
 import getpass
+import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -21,6 +33,7 @@ from typing import Any
 import mlflow
 import pandas as pd
 from mlflow import MlflowClient
+from mlflow.entities import Metric, ViewType
 from mlflow.models import infer_signature
 
 from hyperrec.settings import Settings
@@ -46,6 +59,143 @@ class Registration:
     run_id: str
     version: int
     model_uri: str
+    reused: bool = False  # True when a retried register found this pipeline run's version already there
+
+
+# --------------------------------------------------------------------------- registration
+
+RUN_DIR_TAG = "hyperrec.run_dir"
+DIGEST_TAG = "hyperrec.bundle_digest"
+ABANDONED_TAG = "hyperrec.abandoned"
+PENDING = "pending"
+DESCRIPTION_LIMIT = 5000  # model version descriptions are VARCHAR(5000) in MLflow's SQL stores
+GATE_HEADING = "## Promotion gate"
+TRAINING_HEADING = "## Training run"
+PENDING_SECTION = (f"{GATE_HEADING}: {PENDING}\n\nThis version is the **challenger**: the promotion gate "
+                   "(the `promote` task) has not compared it with the champion yet.")
+METRIC_BATCH = 1000  # metrics per log_batch call (MLflow's limit)
+
+
+def bundle_digest(bundle_dir: Path) -> str:
+    """SHA-256 of the bundle's ``metadata.json`` (written last by every fit, with its
+    creation time): a retried ``register`` sees the same digest, a retrained model a new one."""
+    return hashlib.sha256((Path(bundle_dir) / "metadata.json").read_bytes()).hexdigest()
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]], align: str | None = None) -> str:
+    """A GitHub-flavoured markdown table (the MLflow UI renders descriptions as markdown);
+    ``align`` is one of l/r per column (default: first column left, the others right)."""
+    def cell(value: Any) -> str:
+        if value is None:
+            return "–"
+        if isinstance(value, float):
+            return f"{value:.4f}"
+        return str(value).replace("|", "\\|").replace("\n", " ")
+
+    align = align or "l" + "r" * (len(header) - 1)
+    rule = ["---:" if a == "r" else "---" for a in align]
+    lines = ["| " + " | ".join(cell(h) for h in header) + " |", "| " + " | ".join(rule) + " |"]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _fit_description(text: str) -> str:
+    if len(text) <= DESCRIPTION_LIMIT:
+        return text
+    note = "\n\n… (cut to fit; the run's artifacts hold the full tables)"
+    return text[:DESCRIPTION_LIMIT - len(note)].rstrip() + note
+
+
+def training_section(description: str | None) -> str:
+    """The ``## Training run`` part of a version description (empty when there is none)."""
+    if not description:
+        return ""
+    at = description.find(TRAINING_HEADING)
+    return description[at:] if at >= 0 else ""
+
+
+def _artifact_paths(value: Path | Sequence[Path]) -> list[Path]:
+    return [Path(value)] if isinstance(value, (str, Path)) else [Path(v) for v in value]
+
+
+def _experiment_id(client: MlflowClient, settings: Settings) -> str:
+    return client.get_experiment_by_name(settings.mlflow.experiment).experiment_id
+
+
+def _runs_of(client: MlflowClient, settings: Settings, run_dir: str) -> list:
+    """Active MLflow runs tagged ``hyperrec.run_dir = run_dir``."""
+    experiment = _experiment_id(client, settings)
+    if "'" not in run_dir:
+        found = client.search_runs([experiment], filter_string=f"tags.`{RUN_DIR_TAG}` = '{run_dir}'",
+                                   run_view_type=ViewType.ACTIVE_ONLY, max_results=1000)
+    else:  # a quote the filter syntax cannot hold: filter here
+        found = client.search_runs([experiment], filter_string=f"tags.`{RUN_DIR_TAG}` != ''",
+                                   run_view_type=ViewType.ACTIVE_ONLY, max_results=50000)
+    return [r for r in found if r.data.tags.get(RUN_DIR_TAG) == run_dir]
+
+
+def _versions_of_run(client: MlflowClient, name: str, run_id: str) -> list:
+    # No error is swallowed here: a failed lookup must not make a registered attempt look abandoned.
+    return list(client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'"))
+
+
+def _abandon(client: MlflowClient, run, name: str, why: str) -> None:
+    """Retire a register attempt that never got a READY version: remove its non-READY
+    versions and logged models, tag it, mark it FAILED and delete it (soft delete: it leaves
+    the UI and every lookup, ``mlflow gc`` purges it)."""
+    run_id = run.info.run_id
+    for mv in _versions_of_run(client, name, run_id):
+        if mv.status != "READY":
+            client.delete_model_version(name, mv.version)
+    for output in (run.outputs.model_outputs if run.outputs else None) or []:
+        try:
+            client.delete_logged_model(output.model_id)
+        except mlflow.exceptions.MlflowException:
+            pass
+    client.set_tag(run_id, ABANDONED_TAG, why)
+    if run.info.status in ("RUNNING", "SCHEDULED"):
+        client.set_terminated(run_id, "FAILED")
+    client.delete_run(run_id)
+
+
+def _find_registration(client: MlflowClient, settings: Settings, name: str, run_dir: str, digest: str):
+    """The READY version an earlier attempt registered for this pipeline run and bundle, as
+    ``(run, version)``, or None; every other attempt for that pair that has no READY version
+    (it died before registering) is abandoned. Runs of the same run directory with another
+    digest (a retrained model) are left alone."""
+    found, stale = None, []
+    for run in _runs_of(client, settings, run_dir):
+        if run.data.tags.get(DIGEST_TAG) != digest:
+            continue
+        ready = [mv for mv in _versions_of_run(client, name, run.info.run_id) if mv.status == "READY"]
+        if ready:
+            best = max(ready, key=lambda mv: int(mv.version))
+            if found is None or int(best.version) > int(found[1].version):
+                found = (run, best)
+        else:
+            stale.append(run)
+    for run in stale:
+        _abandon(client, run, name, f"a retried register of {run_dir} replaced this attempt, which died "
+                                    "before its model version was registered")
+    return found
+
+
+def _set_challenger(client: MlflowClient, name: str, version: int) -> None:
+    """``challenger`` → ``version``, unless a newer version already holds it (a retry of an
+    old run must not take the alias back)."""
+    try:
+        current = int(client.get_model_version_by_alias(name, CHALLENGER).version)
+    except mlflow.exceptions.MlflowException:
+        current = None
+    if current is None or current <= int(version):
+        client.set_registered_model_alias(name, CHALLENGER, str(version))
+
+
+def _log_step_metrics(client: MlflowClient, run_id: str, step_metrics: Mapping[str, Sequence[float]]) -> None:
+    now = int(datetime.now(timezone.utc).timestamp() * 1000)
+    rows = [Metric(key, float(v), now, step) for key, values in step_metrics.items() for step, v in enumerate(values)]
+    for start in range(0, len(rows), METRIC_BATCH):
+        client.log_batch(run_id, metrics=rows[start:start + METRIC_BATCH])
 
 
 def log_and_register(
@@ -55,33 +205,102 @@ def log_and_register(
     params: dict,
     metrics: dict[str, float],
     bundle_dir: Path,
-    artifact_dirs: dict[str, Path],
+    artifact_dirs: Mapping[str, Path | Sequence[Path]],
     tags: dict[str, str],
+    description: str = "",
+    step_metrics: Mapping[str, Sequence[float]] | None = None,
 ) -> Registration:
-    """Log one training run and register its model; the new version gets ``challenger``."""
-    configure(settings)
+    """Log one training run and register its model; the new version gets ``challenger``.
+
+    ``artifact_dirs`` maps an artifact path to a directory or file, or a list of them
+    (missing ones are skipped). ``tags`` go on the run and on the version, with
+    ``gate.decision=pending`` on the version; ``description`` (markdown, the
+    ``## Training run`` section) becomes the version description under a "challenger,
+    awaiting the promotion gate" section that :func:`promotion_gate` replaces.
+    ``step_metrics`` (name → value per step, e.g. loss per epoch) are logged with steps.
+
+    Idempotent per pipeline run: with a ``hyperrec.run_dir`` tag, an earlier attempt's
+    READY version for the same run directory and bundle (:func:`bundle_digest`) is
+    returned (``reused=True``) after making sure of its alias, tags and finished run; an
+    attempt that died before registering is abandoned (:func:`_abandon`) and replaced. So a
+    retried ``register`` task leaves exactly one version for its pipeline run.
+    """
+    client = configure(settings)
     name = settings.mlflow.registered_model
-    example = pd.DataFrame({"user_id": [str(u) for u in list(load_bundle(bundle_dir).history)[:2]], "k": [10, 10]})
-    with mlflow.start_run(run_name=run_name, tags=tags) as run:
+    tags = {**tags, DIGEST_TAG: bundle_digest(bundle_dir)}
+    run_dir = tags.get(RUN_DIR_TAG)
+    found = _find_registration(client, settings, name, run_dir, tags[DIGEST_TAG]) if run_dir else None
+    if found is not None:
+        run, mv = found
+        if run.info.status in ("RUNNING", "SCHEDULED"):  # the attempt died after registering
+            client.set_terminated(run.info.run_id, "FINISHED")
+        for key, value in tags.items():
+            if mv.tags.get(key) != value:
+                client.set_model_version_tag(name, mv.version, key, value)
+        if "gate.decision" not in mv.tags:
+            client.set_model_version_tag(name, mv.version, "gate.decision", PENDING)
+        if not mv.description:
+            client.update_model_version(name, mv.version, description=_registration_description(description))
+        _set_challenger(client, name, int(mv.version))
+        return Registration(run.info.run_id, int(mv.version), f"models:/{name}/{mv.version}", reused=True)
+
+    bundle = load_bundle(bundle_dir)
+    example = pd.DataFrame({"user_id": [str(u) for u in list(bundle.history)[:2]], "k": [10, 10]})
+    note = _fit_description(_training_text(description)) if description.strip() else ""  # the run's description
+    with mlflow.start_run(run_name=run_name, tags={**tags, **({"mlflow.note.content": note} if note else {})}) as run:
+        run_id = run.info.run_id
         mlflow.log_params(params)
         mlflow.log_metrics({k.replace("@", "_at_"): float(v) for k, v in metrics.items()})
-        for artifact_path, directory in artifact_dirs.items():
-            if directory.exists():
-                mlflow.log_artifacts(str(directory), artifact_path=artifact_path)
+        if step_metrics:
+            _log_step_metrics(client, run_id, step_metrics)
+        for artifact_path, value in artifact_dirs.items():
+            for path in _artifact_paths(value):
+                if path.is_dir():
+                    mlflow.log_artifacts(str(path), artifact_path=artifact_path)
+                elif path.is_file():
+                    mlflow.log_artifact(str(path), artifact_path=artifact_path)
         model = RecommenderPyfunc()
-        output = model.recommend(load_bundle(bundle_dir), example)
+        output = model.recommend(bundle, example)
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=model,
             artifacts={"bundle": str(bundle_dir)},
             signature=infer_signature(example, output),
             input_example=example,
-            registered_model_name=name,
         )
-    version = int(info.registered_model_version)
-    client = MlflowClient()
-    client.set_registered_model_alias(name, CHALLENGER, str(version))
-    return Registration(run.info.run_id, version, f"models:/{name}/{version}")
+        _ensure_registered_model(client, name)
+        # One call: the version is born with its tags and description, so a crash can
+        # never leave a version without the run-directory tag.
+        mv = client.create_model_version(
+            name, source=info.model_uri, run_id=run_id, model_id=info.model_id,
+            tags={**tags, "gate.decision": PENDING},
+            description=_registration_description(description),
+        )
+    version = int(mv.version)
+    _set_challenger(client, name, version)
+    return Registration(run_id, version, f"models:/{name}/{version}")
+
+
+def _training_text(description: str) -> str:
+    text = description.strip()
+    if not text:
+        return ""
+    return text if text.startswith(TRAINING_HEADING) else f"{TRAINING_HEADING}\n\n{text}"
+
+
+def _registration_description(description: str) -> str:
+    body = _training_text(description)
+    return _fit_description(f"{PENDING_SECTION}\n\n{body}" if body else PENDING_SECTION)
+
+
+def _ensure_registered_model(client: MlflowClient, name: str) -> None:
+    try:
+        client.get_registered_model(name)
+    except mlflow.exceptions.MlflowException:
+        try:
+            client.create_registered_model(name)
+        except mlflow.exceptions.MlflowException:  # created meanwhile by another process
+            client.get_registered_model(name)
 
 
 def bundle_dir_of(settings: Settings, version: int | str, dest: Path) -> Path:
@@ -240,7 +459,12 @@ def promotion_gate(
     client, name = configure(settings), settings.mlflow.registered_model
     current = champion_version(settings)
     if current == challenger_version:
-        previous = client.get_model_version(name, str(challenger_version)).tags.get("gate.reason", "set outside the gate")
+        tags = client.get_model_version(name, str(challenger_version)).tags
+        previous = tags.get("gate.reason", "set outside the gate")
+        if tags.get("gate.decision") == "promoted" and "promotion.at" not in tags:
+            # A retry after a crash inside the move: the alias moved, the record did not.
+            _record_promotion(client, name, challenger_version, champion_history(client, name), by="gate",
+                              reason=previous, user=_user(None))
         decision = GateDecision(True, f"v{current} is already the champion ({previous})", challenger_version,
                                 current, challenger_ndcg, challenger_ndcg)
         (workdir / "gate.json").write_text(json.dumps(asdict(decision), indent=2))
@@ -266,14 +490,46 @@ def promotion_gate(
         decision = GateDecision(not failed, f"{head}: {details}", challenger_version, current, challenger_ndcg,
                                 float(champion[f"ndcg@{k}"]), checks)
     version = str(challenger_version)
-    client.set_model_version_tag(name, version, "gate.decision", "promoted" if decision.promote else "rejected")
+    decided = "promoted" if decision.promote else "rejected"
+    at = _now()
+    client.set_model_version_tag(name, version, "gate.decision", decided)
     client.set_model_version_tag(name, version, "gate.reason", decision.reason)
     client.set_model_version_tag(name, version, "gate.checks", json.dumps([asdict(c) for c in decision.checks]))
-    client.update_model_version(name, version, description=f"promotion gate: {decision.reason}")
+    client.set_model_version_tag(name, version, "gate.champion", "none" if current is None else str(current))
+    client.set_model_version_tag(name, version, "gate.at", at)
+    existing = client.get_model_version(name, version).description
+    section = gate_markdown(decision, k, at)
+    body = training_section(existing)
+    client.update_model_version(name, version, description=_fit_description(f"{section}\n\n{body}" if body else section))
     if decision.promote:
         _move_champion(client, name, challenger_version, by="gate", reason=decision.reason, user=_user(None))
     (workdir / "gate.json").write_text(json.dumps(asdict(decision), indent=2))
     return decision
+
+
+_LIMITS = {"ndcg": "gain ≥ {:+.4f}", "coverage": "drop ≤ {:.4f}", "fairness": "increase ≤ {:.4f}"}
+
+
+def gate_markdown(decision: GateDecision, k: int, at: str) -> str:
+    """The ``## Promotion gate`` section of a version description: the decision, every
+    check with both numbers, the change and the limit, and the full reason."""
+    decided = "promoted" if decision.promote else "rejected"
+    head = decision.reason.split(": ", 1)[0]
+    lines = [f"{GATE_HEADING}: {decided}", "", f"**{head}** (decided {at})."]
+    if decision.checks:
+        rows = []
+        for c in decision.checks:
+            change = None if c.challenger is None or c.champion is None else f"{c.challenger - c.champion:+.4f}"
+            rows.append([c.name, f"`{c.metric}`", c.challenger, c.champion, change,
+                         _LIMITS.get(c.name, "{}").format(c.limit), _verdict(c.passed)])
+        lines += ["", f"Challenger v{decision.challenger_version} and champion v{decision.champion_version} "
+                      "scored on this run's held-out split:", "",
+                  markdown_table(["check", "metric", "challenger", "champion", "change", "limit", "result"], rows,
+                                 "llrrrll")]
+    elif decision.champion_version is None:
+        lines += ["", f"NDCG@{k} {decision.challenger_ndcg:.4f}; there was no champion to compare with."]
+    lines += ["", f"Reason: {decision.reason}"]
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- manual promotion and rollback
@@ -326,9 +582,15 @@ def champion_history(client: MlflowClient, name: str) -> list[int]:
 def _move_champion(client: MlflowClient, name: str, version: int, *, by: str, reason: str, user: str) -> dict:
     """Point ``champion`` at ``version``, push it on the history and tag who, why and what it replaced."""
     stack = champion_history(client, name)
-    previous = stack[-1] if stack else None
     client.set_registered_model_alias(name, CHAMPION, str(version))
-    stack.append(int(version))
+    return _record_promotion(client, name, version, [*stack, int(version)], by=by, reason=reason, user=user)
+
+
+def _record_promotion(client: MlflowClient, name: str, version: int, stack: list[int], *, by: str, reason: str,
+                      user: str) -> dict:
+    """Store ``stack`` (champion history ending with ``version``, the new champion) and tag
+    ``version`` with the ``promotion.*`` record."""
+    previous = stack[-2] if len(stack) >= 2 else None
     client.set_registered_model_tag(name, STACK_TAG, json.dumps(stack[-STACK_LIMIT:]))
     record = {"version": int(version), "previous_champion": previous, "by": by, "user": user, "reason": reason,
               "at": _now()}
@@ -354,11 +616,22 @@ def promote_version(settings: Settings, version: int, reason: str = "", *, user:
         raise RegistryError(f"version {version} of {name!r} is already the champion")
     user, reason = _user(user), reason.strip() or "no reason given"
     automatic = mv.tags.get("gate.decision")
-    if automatic and automatic != "manual":
+    if automatic and automatic not in ("manual", PENDING):
         client.set_model_version_tag(name, str(version), "gate.auto_decision", automatic)
     client.set_model_version_tag(name, str(version), "gate.decision", "manual")
     client.set_model_version_tag(name, str(version), "gate.reason", f"manual promotion by {user}: {reason}")
-    return _move_champion(client, name, int(version), by="manual", reason=reason, user=user)
+    record = _move_champion(client, name, int(version), by="manual", reason=reason, user=user)
+    previous = "none" if record["previous_champion"] is None else f"v{record['previous_champion']}"
+    _prepend_note(client, name, int(version), f"## Promoted by hand\n\n**{user}** made this version the champion "
+                                             f"(was {previous}) at {record['at']}: {reason}")
+    return record
+
+
+def _prepend_note(client: MlflowClient, name: str, version: int, note: str) -> None:
+    """Put a markdown section above the version's description (the latest event first)."""
+    existing = client.get_model_version(name, str(version)).description or ""
+    client.update_model_version(name, str(version), description=_fit_description(
+        f"{note}\n\n{existing}" if existing else note))
 
 
 def rollback(settings: Settings, to: int | None = None, *, reason: str = "", user: str | None = None) -> dict:
@@ -396,6 +669,8 @@ def rollback(settings: Settings, to: int | None = None, *, reason: str = "", use
         client.set_model_version_tag(name, str(current), key, value)
     client.set_model_version_tag(name, str(target), "rollback.restored_from", str(current))
     client.set_model_version_tag(name, str(target), "rollback.restored_at", at)
+    _prepend_note(client, name, current, f"## Rolled back\n\n**{user}** replaced this champion with v{target} "
+                                         f"at {at}: {reason}")
     return {"version": target, "rolled_back_from": current, "user": user, "reason": reason, "at": at,
             "history": stack}
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
+import shutil
 import time
 from pathlib import Path
 
@@ -28,6 +30,7 @@ from training.evaluation import load_split, recommend_ids, relevant_items, score
 
 CANDIDATES = (*BASELINES, *COMPONENTS, "hybrid")
 WEIGHT_COLUMN = registry.WEIGHT_COLUMN
+LOSS_FILE = "loss.json"
 
 
 def _catalogue(run: RunContext) -> pd.DataFrame:
@@ -114,6 +117,7 @@ def train(settings: Settings, run: RunContext) -> dict:
                       "validation": choice.to_dict() if name in ("ease", "hybrid") else {},
                       "segment_models": served_segments},
         )
+        write_loss_history(model, run.models_dir / name, name)
         summary[name] = {"fit_seconds": round(seconds, 3), "segment_models": served_segments}
     summary["train_users"], summary["items"] = len(matrix.user_ids), len(matrix.item_ids)
     summary["validation"] = choice.to_dict()
@@ -121,6 +125,29 @@ def train(settings: Settings, run: RunContext) -> dict:
         if "results" in tuning else tuning
     run.write_json("train.json", summary)
     return summary
+
+
+def write_loss_history(model: WeightedHybrid, out_dir: Path, name: str) -> Path | None:
+    """``out_dir/loss.json``: the per-epoch (and per-step) training loss of ``model``'s
+    neural component (:func:`training.neural.loss_curve`) and of its served segment models;
+    removed when ``model`` has no neural component. The losses are the ones the fit
+    recorded (in-process or DDP), so writing them changes no weight."""
+    from training.neural import loss_curve
+
+    path = Path(out_dir) / LOSS_FILE
+    neural = [(c, s) for c, s in model.components.items() if isinstance(s, NeuralScorer)]
+    if not neural:
+        path.unlink(missing_ok=True)
+        return None
+    component, scorer = neural[0]
+    cfg = scorer.model.cfg
+    history = {"model": name, "component": component,
+               "config": {k: getattr(cfg, k) for k in ("epochs", "batch_size", "lr", "weight_decay", "embedding_dim")},
+               **loss_curve(scorer.model),
+               "segments": {str(seg): loss_curve(m) for seg, m in sorted(scorer.segment_models.items())}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(history, indent=2))
+    return path
 
 
 def attach_segment_models(model: WeightedHybrid, tuning: dict, context: FitContext, segments: dict,
@@ -234,17 +261,185 @@ def cold_start_metrics(run: RunContext, train_df: pd.DataFrame, test_df: pd.Data
     return evaluate({u: top for u in relevant}, relevant, k)
 
 
+def _metric_columns(metrics: dict, k: int) -> list[str]:
+    order = [f"ndcg@{k}", f"precision@{k}", f"recall@{k}", f"map@{k}", f"hit@{k}", f"coverage@{k}", "segment_gap", "users"]
+    return [c for c in order if c in metrics] + sorted(c for c in metrics if c not in order)
+
+
+def metrics_markdown(evaluation: dict) -> str:
+    """``metrics.md``: every candidate's held-out metrics (the registered one first and in
+    bold) with its lift over popularity, the registered model per segment, and cold start."""
+    k, best = evaluation["k"], evaluation["best"]
+    models = evaluation["models"]
+    columns = _metric_columns(models[best], k)
+    names = [best, *sorted((n for n in models if n != best), key=lambda n: -models[n][f"ndcg@{k}"])]
+    lift = evaluation.get("lift_over_popularity", {})
+    rows = [[f"**{n}**" if n == best else n, *[models[n].get(c) for c in columns],
+             None if lift.get(n) is None else f"{100 * lift[n]:+.1f}%"] for n in names]
+    parts = [f"# Held-out evaluation (k={k})", "",
+             f"Registered: **{best}**, the best NDCG@{k} of {len(models)} candidates on the test split "
+             f"(split fingerprint `{evaluation.get('split_fingerprint')}`).", "",
+             registry.markdown_table(["model", *columns, "lift vs popularity"], rows)]
+    per = evaluation.get("segments", {}).get(best, {}).get("segments", {})
+    if per:
+        seg_columns = _metric_columns(next(iter(per.values())), k)
+        parts += ["", f"## {best} per user segment", "",
+                  registry.markdown_table(["segment", *seg_columns],
+                                          [[seg, *[m.get(c) for c in seg_columns]] for seg, m in sorted(per.items())])]
+        gap = evaluation["segments"][best].get("gap", {}).get(f"ndcg@{k}")
+        if gap is not None:
+            parts += ["", f"Fairness gap (best − worst segment NDCG@{k}): {gap:.4f}"]
+    cold = evaluation.get("cold_start") or {}
+    if cold.get("users"):
+        cold_columns = _metric_columns(cold, k)
+        parts += ["", "## Cold-start users (popularity fallback)", "",
+                  registry.markdown_table(cold_columns, [[cold.get(c) for c in cold_columns]], "r" * len(cold_columns))]
+    return "\n".join(parts) + "\n"
+
+
 def write_evaluation_tables(evaluation: dict, out: Path) -> Path:
-    """``models.csv`` (one row per candidate) and ``segments.csv`` (candidate × segment) under ``out``."""
+    """``models.csv`` (one row per candidate), ``segments.csv`` (candidate × segment) and
+    ``metrics.md`` (:func:`metrics_markdown`, readable in the MLflow artifact view) under ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     pd.DataFrame.from_dict(evaluation["models"], orient="index").rename_axis("model").to_csv(out / "models.csv")
     rows = [{"model": name, "segment": seg, **m} for name, per in evaluation["segments"].items() for seg, m in per["segments"].items()]
     pd.DataFrame(rows).to_csv(out / "segments.csv", index=False)
+    (out / "metrics.md").write_text(metrics_markdown(evaluation))
     return out
 
 
+def plot_loss(history: dict, path: Path) -> Path:
+    """A PNG line plot of a ``loss.json`` (:func:`write_loss_history`): the loss of every
+    step (faint), its per-epoch mean and each served segment model's per-epoch loss."""
+    from matplotlib.figure import Figure  # Agg canvas, no pyplot state
+
+    fig = Figure(figsize=(8, 5), dpi=100)
+    ax = fig.subplots()
+    n = history.get("steps_per_epoch") or 0
+    if history.get("step_loss") and n:
+        steps = np.arange(1, len(history["step_loss"]) + 1) / n
+        ax.plot(steps, history["step_loss"], color="tab:blue", alpha=0.25, linewidth=0.8, label="loss per step")
+    if history.get("loss"):
+        ax.plot(np.arange(1, len(history["loss"]) + 1), history["loss"], color="tab:blue", marker="o",
+                markersize=3, linewidth=2, label="loss per epoch (global model)")
+    for seg, curve in history.get("segments", {}).items():
+        if curve.get("loss"):
+            ax.plot(np.arange(1, len(curve["loss"]) + 1), curve["loss"], linestyle="--", marker=".",
+                    label=f"segment {seg} fine-tuning")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("training loss (multinomial NLL per user)")
+    ax.set_title(f"Training loss: {history.get('component', 'neural')} component of {history.get('model', '?')}")
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, bbox_inches="tight")
+    return path
+
+
+def _metric_key(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.\- /]", "_", str(text))
+
+
+def training_curves(run: RunContext, best: str, out: Path) -> tuple[dict | None, dict[str, list[float]]]:
+    """Copy the registered model's ``loss.json`` (else the ``neural`` candidate's, the
+    standalone fit the hybrid shares) to ``out`` with its ``loss.png``; returns the history
+    (None without one) and its MLflow step metrics (loss per epoch, per step)."""
+    if out.exists():
+        shutil.rmtree(out)
+    source = next((run.models_dir / n / LOSS_FILE for n in (best, "neural") if (run.models_dir / n / LOSS_FILE).exists()),
+                  None)
+    if source is None:
+        return None, {}
+    history = json.loads(source.read_text())
+    history["registered"] = history.get("model") == best
+    out.mkdir(parents=True)
+    (out / LOSS_FILE).write_text(json.dumps(history, indent=2))
+    plot_loss(history, out / "loss.png")
+    prefix = _metric_key(history.get("component", "neural"))
+    steps = {f"{prefix}.train_loss": history.get("loss", []), f"{prefix}.step_loss": history.get("step_loss", [])}
+    for seg, curve in history.get("segments", {}).items():
+        steps[f"{prefix}.segment_{_metric_key(seg)}.train_loss"] = curve.get("loss", [])
+    return history, {key: values for key, values in steps.items() if values}
+
+
+def drift_files(report: str) -> list[Path]:
+    """The drift report behind a drift-triggered run (``params.json`` → ``drift_report``,
+    the JSON the monitor wrote), the HTML report beside it and the monitor run's
+    ``drift.json`` summary, those that exist."""
+    from monitoring.drift import HTML_NAME
+
+    if not report:
+        return []
+    path = Path(report)
+    candidates = [path, path.with_name(HTML_NAME), path.with_suffix(".html"), path.parent.parent / "drift.json"]
+    found: list[Path] = []
+    for p in candidates:
+        if p.is_file() and p not in found:
+            found.append(p)
+    return found
+
+
+def airflow_run_id(run: RunContext) -> str:
+    """The Airflow run id ``airflow_run.json`` records for ``run``, else the run directory's name."""
+    recorded = run.path("airflow_run.json")
+    return run.read_json("airflow_run.json")["run_id"] if recorded.exists() else run.run_id
+
+
+def review_markdown(evaluation: dict, *, run: RunContext, airflow_id: str, reason: str, drift_report: str,
+                    drift_found: bool, loss: dict | None) -> str:
+    """The ``## Training run`` section of the version description: what was registered and
+    how it scored, why the run started, where it lives, and which artifacts to open."""
+    k, best = evaluation["k"], evaluation["best"]
+    models, m = evaluation["models"], evaluation["models"][best]
+    popularity = models.get("popularity", {}).get(f"ndcg@{k}")
+    lift = evaluation.get("lift_over_popularity", {}).get(best)
+    ndcg = f"{m[f'ndcg@{k}']:.4f}" + (f" (popularity {popularity:.4f}, {100 * lift:+.1f}%)" if lift is not None else "")
+    started = reason + (f" (report `{drift_report}`{'' if drift_found else ', not found on this machine'})"
+                        if drift_report else "")
+    facts = [["model", f"`{best}` (best NDCG@{k} of {len(models)} candidates)"], [f"NDCG@{k}", ndcg]]
+    facts += [[c, f"{m[c]:.4f}"] for c in (f"precision@{k}", f"recall@{k}", f"coverage@{k}") if c in m]
+    if "segment_gap" in m:
+        facts.append([f"segment gap (best − worst NDCG@{k})", f"{m['segment_gap']:.4f}"])
+    cold = evaluation.get("cold_start") or {}
+    if cold.get("users"):
+        facts.append(["cold-start users", f"{cold['users']} (NDCG@{k} {cold.get(f'ndcg@{k}', 0.0):.4f}, popularity fallback)"])
+    if loss and loss.get("loss"):
+        facts.append(["neural training loss", f"{loss['loss'][0]:.4f} → {loss['loss'][-1]:.4f} over {len(loss['loss'])} "
+                                               f"epochs ({loss.get('model')})"])
+    facts += [["started because", started], ["Airflow run", f"`{airflow_id}`"], ["run directory", f"`{run.root}`"],
+              ["split fingerprint", f"`{evaluation.get('split_fingerprint')}`"]]
+    columns = [c for c in (f"ndcg@{k}", f"recall@{k}", f"coverage@{k}", "segment_gap") if c in m]
+    names = [best, *sorted((n for n in models if n != best), key=lambda n: -models[n][f"ndcg@{k}"])]
+    parts = [registry.TRAINING_HEADING, "", registry.markdown_table(["", ""], facts, "ll"), "",
+             f"### Candidates (held-out split, k={k})", "",
+             registry.markdown_table(["model", *columns],
+                                     [[f"**{n}**" if n == best else n, *[models[n].get(c) for c in columns]] for n in names])]
+    per = evaluation.get("segments", {}).get(best, {}).get("segments", {})
+    if per:
+        parts += ["", f"### {best} per user segment", "",
+                  registry.markdown_table(["segment", "users", f"ndcg@{k}"],
+                                          [[seg, v.get("users"), v.get(f"ndcg@{k}")] for seg, v in sorted(per.items())])]
+    artifacts = ["`evaluation/metrics.md` (tables; CSV beside it)", "`segments/` (segment pictures)",
+                 "`gx_data_docs/index.html` (data quality)"]
+    if loss:
+        artifacts.append("`training/loss.png` (training loss curves; also the run's `neural.train_loss` chart)")
+    if drift_report:
+        artifacts.append("`drift/` (the drift report that triggered this run)")
+    parts += ["", "Run artifacts: " + ", ".join(artifacts) + "."]
+    return "\n".join(parts)
+
+
 def register(settings: Settings, run: RunContext) -> dict:
-    """Log the run to MLflow and register the best candidate (alias ``challenger``)."""
+    """Log the run to MLflow and register the best candidate (alias ``challenger``).
+
+    The run carries the metrics, parameters and, for review in the MLflow UI, artifacts:
+    ``evaluation/`` (metrics.md, models.csv, segments.csv), ``segments/`` (pictures),
+    ``gx_data_docs/``, ``training/`` (loss.json, loss.png), ``drift/`` (when a drift
+    report started the run) and ``pipeline/`` (params, evaluation, train, timings JSON).
+    The version gets a markdown description (:func:`review_markdown`) and the tags model,
+    run directory, Airflow run id, reason and drift report. A retry of this task returns
+    the version its earlier attempt registered (:func:`training.registry.log_and_register`).
+    """
     evaluation = run.read_json("evaluation.json")
     best, k = evaluation["best"], evaluation["k"]
     metrics = {f"{name}.{metric}": value for name, res in evaluation["models"].items() for metric, value in res.items()}
@@ -271,6 +466,19 @@ def register(settings: Settings, run: RunContext) -> dict:
             metrics[f"segment_tuning.{row['segment']}.kept"] = float(row["kept"])
     tables = write_evaluation_tables(evaluation, run.path("evaluation"))
     (tables / "segment_tuning.json").write_text(json.dumps(tuning, indent=2, default=str))
+
+    pipeline_params = run.read_json("params.json") if run.path("params.json").exists() else {}
+    reason = str(pipeline_params.get("reason") or "unknown")
+    drift_report = str(pipeline_params.get("drift_report") or "")
+    drift = drift_files(drift_report)
+    loss, step_metrics = training_curves(run, best, run.path("training"))
+    airflow_id = airflow_run_id(run)
+    tags = {registry.RUN_DIR_TAG: str(run.root), "hyperrec.model": best, "hyperrec.airflow_run_id": airflow_id,
+            "hyperrec.reason": reason, f"eval.ndcg_at_{k}": f"{evaluation['models'][best][f'ndcg@{k}']:.4f}"}
+    if drift_report:
+        tags["hyperrec.drift_report"] = drift_report
+    description = review_markdown(evaluation, run=run, airflow_id=airflow_id, reason=reason, drift_report=drift_report,
+                                  drift_found=bool(drift), loss=loss)
     reg = registry.log_and_register(
         settings,
         run_name=run.run_id,
@@ -278,10 +486,14 @@ def register(settings: Settings, run: RunContext) -> dict:
         metrics=metrics,
         bundle_dir=run.models_dir / best,
         artifact_dirs={"gx_data_docs": run.gx_dir, "reports": run.path("reports"), "segments": run.features_dir / "segments",
-                       "evaluation": tables},
-        tags={"hyperrec.run_dir": str(run.root), "hyperrec.model": best},
+                       "evaluation": tables, "training": run.path("training"), "drift": drift,
+                       "pipeline": [run.path(n) for n in ("params.json", "evaluation.json", "train.json", "timings.json")]},
+        tags=tags,
+        description=description,
+        step_metrics=step_metrics,
     )
-    result = {"run_id": reg.run_id, "version": reg.version, "model_uri": reg.model_uri, "model": best}
+    result = {"run_id": reg.run_id, "version": reg.version, "model_uri": reg.model_uri, "model": best,
+              "reused": reg.reused}
     run.write_json("registration.json", result)
     return result
 

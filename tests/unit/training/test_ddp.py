@@ -106,3 +106,9 @@ def test_pipeline_neural_component_trains_with_ddp_when_configured(settings):
     x = ctx.matrix.matrix[:10]
     users = list(ctx.matrix.user_ids[:10])
     np.testing.assert_allclose(ddp.score(x, users), local.score(x, users), rtol=1e-3, atol=1e-4)
+    # The loss history the pipeline logs (models/<name>/loss.json) is the same on both paths.
+    from training.neural import loss_curve
+
+    ddp_curve, local_curve = loss_curve(ddp.model), loss_curve(local.model)
+    assert len(ddp_curve["loss"]) == 2 and ddp_curve["weighted"] and ddp_curve["steps_per_epoch"] == local_curve["steps_per_epoch"]
+    np.testing.assert_allclose(ddp_curve["loss"], local_curve["loss"], rtol=RTOL)

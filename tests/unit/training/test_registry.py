@@ -163,7 +163,7 @@ def test_first_version_is_promoted_and_a_worse_one_stays_challenger(settings, bu
     tags = _tags(s, v2)
     assert tags["gate.decision"] == "rejected" and tags["gate.reason"] == decision.reason
     assert [c["name"] for c in json.loads(tags["gate.checks"])] == ["ndcg", "coverage", "fairness"]
-    assert MlflowClient().get_model_version(s.mlflow.registered_model, str(v2)).description.endswith(decision.reason)
+    assert decision.reason in MlflowClient().get_model_version(s.mlflow.registered_model, str(v2)).description
     assert json.loads((tmp_path / "g2" / "gate.json").read_text())["promote"] is False
     # Re-running the gate on the version that is champion changes nothing.
     again = _gate(s, holdout, v1, "ease", tmp_path / "g3")
