@@ -163,7 +163,7 @@ def run_demo(settings: Settings, synthetic_events: int | None = None, show_users
     lines = {
         "registered model": f"{settings.mlflow.registered_model} v{registration['version']} ({registration['model']})",
         "promotion gate": f"{'promoted' if promotion['promoted'] else 'kept as challenger'}: {promotion['reason']}; champion is v{champion_version(settings)}",
-        "MLflow store": f"{settings.mlflow_tracking_uri}  (browse: .venv/bin/mlflow ui --backend-store-uri {settings.mlflow_tracking_uri})",
+        "MLflow store": f"{settings.mlflow_tracking_uri}  (browse it and the Airflow UI: `hyperrec up --config config/demo.yaml`)",
         "GX Data Docs": str(run.gx_dir / "index.html"),
         "Evidently report": f"{drift['html_path']}  (drift share {drift['share_drifted']:.0%}, retrain: {drift['retrain']})",
         "serving bundle": f"{published['store']} @ {published['current']}",

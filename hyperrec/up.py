@@ -42,6 +42,8 @@ STOP_TIMEOUT_S = 30.0
 # Crash-free seconds after which a service's back-off starts from the beginning again.
 STABLE_AFTER_S = 300.0
 MAX_BACKOFF_S = 60.0
+# Restarts after which `up` stops waiting for a service and reports it.
+CRASH_LOOP = 3
 REQUIRED = ("airflow", "mlflow", "serving")
 
 
@@ -170,7 +172,6 @@ def build_services(settings: Settings, settings_path: Path) -> list[Service]:
         **airflow_env(settings, settings_path),
         "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
         "AIRFLOW__CORE__PARALLELISM": str(settings.airflow.parallelism),
-        "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": str(settings.airflow.dags_paused_at_creation),
         "AIRFLOW__CORE__FERNET_KEY": keys["fernet_key"],
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{user}:admin",
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords_file(settings)),
@@ -547,6 +548,12 @@ def _signal_group(pid: int, sig: int) -> None:
         pass
 
 
+def _tail(path: Path, lines: int = 15) -> str:
+    if not path.exists():
+        return f"({path} not written)"
+    return "".join(path.read_text(errors="replace").splitlines(keepends=True)[-lines:])
+
+
 def _redact(url: str) -> str:
     parsed = urlparse(url)
     if parsed.password:
@@ -583,6 +590,12 @@ def wait_healthy(settings: Settings, supervisor_pid: int, timeout: float, on_tic
             return report
         if not _alive(supervisor_pid):
             raise RuntimeError(f"the supervisor stopped; see {logs_dir(settings) / 'supervisor.log'}")
+        looping = [n for n, s in report["services"].items() if s["restarts"] >= CRASH_LOOP and not s["healthy"]]
+        if looping:
+            name = looping[0]
+            raise RuntimeError(f"{name} keeps crashing ({report['services'][name]['restarts']} restarts, last exit "
+                               f"{report['services'][name]['last_exit']}); the end of its log:\n"
+                               + _tail(logs_dir(settings) / f"{name}.log"))
         if time.time() > deadline:
             sick = [n for n, s in report["services"].items() if not s["healthy"]]
             raise TimeoutError(f"not healthy after {timeout:.0f} s: {', '.join(sick)} "
