@@ -33,9 +33,8 @@ import os
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from hyperrec.platform_metrics import metrics_server
 from pathlib import Path
-from typing import Any
 
 from hyperrec import up
 from hyperrec.settings import Settings, load_settings
@@ -142,24 +141,9 @@ def metrics(settings: Settings) -> int:
     exporter = _Exporter(settings)
     threading.Thread(target=exporter.loop, daemon=True).start()
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-            if self.path.split("?")[0] != "/metrics":
-                self.send_error(404)
-                return
-            body, content_type = exporter.metrics.render()
-            self.send_response(200)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: Any) -> None:
-            return
-
     port = settings.services.metrics_port
     _say(f"platform metrics of {', '.join(exporter.names)} on 0.0.0.0:{port}/metrics")
-    ThreadingHTTPServer(("0.0.0.0", port), Handler).serve_forever()
+    metrics_server("0.0.0.0", port, exporter.metrics.render).serve_forever()
     return 0
 
 

@@ -15,7 +15,8 @@ on ``services.metrics_port``. Exported series:
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from dataclasses import dataclass
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -84,3 +85,24 @@ class PlatformMetrics(Collector):
             for state, n in sorted(states.items()):
                 runs.add_metric([dag_id, state], float(n))
         yield from (up, restarts, pid, runs)
+
+
+def metrics_server(host: str, port: int, render: Callable[[], tuple[bytes, str]]) -> ThreadingHTTPServer:
+    """An HTTP server (not yet serving) answering ``GET /metrics`` with ``render()``'s body and
+    content type, 404 elsewhere; raises OSError when the port is taken."""
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+            if self.path.split("?")[0] != "/metrics":
+                self.send_error(404)
+                return
+            body, content_type = render()
+            self.send_response(200)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            return
+
+    return ThreadingHTTPServer((host, port), Handler)

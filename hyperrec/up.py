@@ -27,7 +27,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -459,30 +459,17 @@ class Supervisor:
 
     def serve_metrics(self) -> None:
         """Prometheus metrics of the platform on ``services.metrics_port`` (best effort)."""
-        from hyperrec.platform_metrics import PlatformMetrics
+        from hyperrec.platform_metrics import PlatformMetrics, metrics_server
 
-        supervisor = self
         metrics = PlatformMetrics()
         cache: dict[str, float] = {"at": 0.0}
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-                if self.path.split("?")[0] != "/metrics":
-                    self.send_error(404)
-                    return
-                supervisor.update_metrics(metrics, cache)
-                body, content_type = metrics.render()
-                self.send_response(200)
-                self.send_header("Content-Type", content_type)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: Any) -> None:
-                return
+        def render() -> tuple[bytes, str]:
+            self.update_metrics(metrics, cache)
+            return metrics.render()
 
         try:
-            self._metrics_server = ThreadingHTTPServer(("127.0.0.1", self.settings.services.metrics_port), Handler)
+            self._metrics_server = metrics_server("127.0.0.1", self.settings.services.metrics_port, render)
         except OSError as exc:
             self.log(f"platform metrics not served: port {self.settings.services.metrics_port}: {exc}")
             return
