@@ -18,11 +18,13 @@ PYTEST_ARGS ?=
 # Arguments passed through to `hyperrec up|down|status`, e.g. ARGS="--config config/stack.yaml".
 ARGS ?=
 
-.PHONY: install system-packages demo test test-fast up down status bench lock stack-up stack-down clean help
+.PHONY: install system-packages demo lint test test-fast up down status bench lock stack-up stack-down clean help
 
 help:
 	@echo "make demo    - install (first time), then run the nightly pipeline on ml-100k + synthetic and serve"
-	@echo "make test    - install (first time, plus Debian's chromium and prometheus), then run the whole test suite"
+	@echo "make lint    - ruff (lint + format check), mypy (core/, serving/) and the import layers (lint-imports)"
+	@echo "make test    - install (first time, plus Debian's chromium and prometheus), then make lint and the whole test suite"
+	@echo "make test-fast - make lint, then the unit tests (no Spark, servers or subprocesses; under 2 minutes)"
 	@echo "make up      - start the services (Airflow, MLflow, serving, Valkey/Redis), supervised: hyperrec up \$$(ARGS)"
 	@echo "make status  - state and health of the services started by make up: hyperrec status \$$(ARGS)"
 	@echo "make down    - stop the services started by make up: hyperrec down \$$(ARGS)"
@@ -69,11 +71,20 @@ system-packages: $(SYSTEM_STAMP)
 demo: $(STAMP)
 	$(BIN)/hyperrec demo --config config/demo.yaml
 
-test: $(SYSTEM_STAMP) $(STAMP)
+# Code checks: lint and format (ruff), types of the foundation and the serving tier (mypy),
+# and the layer contract of pyproject.toml [tool.importlinter] (lint-imports).
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BIN)/lint-imports
+
+test: lint $(SYSTEM_STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-test-fast: $(SYSTEM_STAMP) $(STAMP)
-	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+# tests/unit only: no Spark session, server or subprocess is started there.
+test-fast: lint
+	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
 
 up: $(STAMP)
 	$(BIN)/hyperrec up $(ARGS)

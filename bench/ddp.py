@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from hyperrec.datasets.movielens import GENRES, read_items, read_ratings, read_users
-from hyperrec.settings import load_settings
+from core.datasets.movielens import GENRES, read_items, read_ratings, read_users
+from core.settings import load_settings
 from pipelines.split import u75_split
 from training.neural import NeuralData
 
@@ -69,25 +69,38 @@ def main() -> None:
     backend = "nccl" if args.device == "cuda" else "gloo"
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores; load average before: {load_average()}")
     print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}")
-    print(f"data: ml-100k u75 train, {data.n_users} users x {data.n_items} items, {data.interactions.matrix.nnz} "
-          f"interactions; {args.epochs} epochs; device {args.device}, backend {backend}\n")
-    print("| global batch | ranks | threads/rank | samples/s | speed-up | CPU ms/sample | steps | final loss "
-          "| max rel. loss diff |")
+    print(
+        f"data: ml-100k u75 train, {data.n_users} users x {data.n_items} items, {data.interactions.matrix.nnz} "
+        f"interactions; {args.epochs} epochs; device {args.device}, backend {backend}\n"
+    )
+    print(
+        "| global batch | ranks | threads/rank | samples/s | speed-up | CPU ms/sample | steps | final loss "
+        "| max rel. loss diff |"
+    )
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     try:
         for batch in args.batch_sizes:
             cfg = settings.neural.model_copy(update={"epochs": args.epochs, "batch_size": batch})
             base: dict | None = None
             for ranks in args.ranks:
-                result = launch(data_dir, work / f"b{batch}-r{ranks}", nproc=ranks, device=args.device, cfg=cfg,
-                                threads=args.threads)
+                result = launch(
+                    data_dir,
+                    work / f"b{batch}-r{ranks}",
+                    nproc=ranks,
+                    device=args.device,
+                    cfg=cfg,
+                    threads=args.threads,
+                )
                 losses, rate = np.array(result["losses"]), result["throughput"]["samples_per_s"]
                 base = base or {"rate": rate, "losses": losses}
                 diff = float(np.max(np.abs(losses - base["losses"]) / np.abs(base["losses"])))
                 threads = result["throughput"]["threads_per_rank"] or "-"
                 cpu_ms = result["throughput"]["cpu_ms_per_sample"]
-                print(f"| {batch} | {ranks} | {threads} | {rate:,.0f} | {rate / base['rate']:.2f}x | {cpu_ms:.3f} "
-                      f"| {len(losses)} | {losses[-1]:.2f} | {diff:.1e} |", flush=True)
+                print(
+                    f"| {batch} | {ranks} | {threads} | {rate:,.0f} | {rate / base['rate']:.2f}x | {cpu_ms:.3f} "
+                    f"| {len(losses)} | {losses[-1]:.2f} | {diff:.1e} |",
+                    flush=True,
+                )
     finally:
         print(f"\nload average after: {load_average()}")
         if args.workdir is None:

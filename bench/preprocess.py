@@ -55,25 +55,64 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="hyperrec-bench-pre-"))
-    env = {**os.environ, "HYPERREC_SPARK__MASTER": "local[2]", "HYPERREC_SPARK__DRIVER_MEMORY": args.driver_memory,
-           "HYPERREC_HOME": str(work / "home")}
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB; "
-          f"Spark local[2], driver memory {args.driver_memory}")
+    env = {
+        **os.environ,
+        "HYPERREC_SPARK__MASTER": "local[2]",
+        "HYPERREC_SPARK__DRIVER_MEMORY": args.driver_memory,
+        "HYPERREC_HOME": str(work / "home"),
+    }
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB; "
+        f"Spark local[2], driver memory {args.driver_memory}"
+    )
     print("| events | rows in | clean | quarantined | duplicates | wall s | rows/s | s per M rows | peak RSS GiB |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     try:
         for n in args.events:
             raw, out = work / f"raw-{n}", work / f"out-{n}"
-            subprocess.run([sys.executable, "-m", "hyperrec.cli", "generate", "--events", str(n), "--out", str(raw),
-                            "--malformed", "0.005", "--duplicates", "0.005", "--seed", "1"], check=True,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            cmd = [sys.executable, "-m", "hyperrec.cli", "preprocess", "--interactions", str(raw / "interactions"),
-                   "--users", str(raw / "users.parquet"), "--items", str(raw / "items.parquet"), "--out", str(out)]
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "hyperrec.cli",
+                    "generate",
+                    "--events",
+                    str(n),
+                    "--out",
+                    str(raw),
+                    "--malformed",
+                    "0.005",
+                    "--duplicates",
+                    "0.005",
+                    "--seed",
+                    "1",
+                ],
+                check=True,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            cmd = [
+                sys.executable,
+                "-m",
+                "hyperrec.cli",
+                "preprocess",
+                "--interactions",
+                str(raw / "interactions"),
+                "--users",
+                str(raw / "users.parquet"),
+                "--items",
+                str(raw / "items.parquet"),
+                "--out",
+                str(out),
+            ]
             wall, peak, _ = run_measured(cmd, env)
             report = json.loads((out / "report.json").read_text())
             rows = report["in"]
-            print(f"| {n:,} | {rows:,} | {report['clean']:,} | {report['quarantined_total']:,} | {report['duplicates']:,} "
-                  f"| {wall:.0f} | {rows / wall:,.0f} | {wall / (rows / 1e6):.1f} | {peak / 2**30:.2f} |", flush=True)
+            print(
+                f"| {n:,} | {rows:,} | {report['clean']:,} | {report['quarantined_total']:,} | {report['duplicates']:,} "
+                f"| {wall:.0f} | {rows / wall:,.0f} | {wall / (rows / 1e6):.1f} | {peak / 2**30:.2f} |",
+                flush=True,
+            )
             shutil.rmtree(raw), shutil.rmtree(out)
     finally:
         if args.workdir is None:

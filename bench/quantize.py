@@ -23,11 +23,11 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ddp import load_average, ml100k_u75  # noqa: E402  (bench/ddp.py)
+from ddp import load_average, ml100k_u75
 
-from hyperrec.settings import load_settings  # noqa: E402
-from training.metrics import evaluate  # noqa: E402
-from training.neural import NeuralRecommender, fit_neural, quantize_int8  # noqa: E402
+from core.settings import load_settings
+from training.metrics import evaluate
+from training.neural import NeuralRecommender, fit_neural, quantize_int8
 
 
 def ndcg_at_10(rec: NeuralRecommender, data, test) -> float:
@@ -44,7 +44,7 @@ def latencies_ms(rec: NeuralRecommender, data, n: int, seed: int) -> np.ndarray:
     rows = np.random.default_rng(seed).integers(0, m.matrix.shape[0], n + 100)
     times = []
     for i, r in enumerate(rows):
-        x = m.matrix[r:r + 1]
+        x = m.matrix[r : r + 1]
         start = time.perf_counter()
         rec.recommend(x, 10, [m.user_ids[r]])
         if i >= 100:
@@ -88,8 +88,11 @@ def main() -> None:
         ndcg = ndcg_at_10(rec, data, test)
         base = base if base is not None else ndcg
         lat = latencies_ms(rec, data, args.requests, args.seed)
-        print(f"| {name} | {ndcg:.4f} | {(ndcg - base) / base:+.2%} | {np.percentile(lat, 50):.3f} "
-              f"| {np.percentile(lat, 99):.3f} | {linear_bytes(rec) / 1024:,.0f} |", flush=True)
+        print(
+            f"| {name} | {ndcg:.4f} | {(ndcg - base) / base:+.2%} | {np.percentile(lat, 50):.3f} "
+            f"| {np.percentile(lat, 99):.3f} | {linear_bytes(rec) / 1024:,.0f} |",
+            flush=True,
+        )
     print(f"\nload average after: {load_average()}")
 
 

@@ -41,7 +41,6 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -53,6 +52,8 @@ sys.path.insert(0, str(_ROOT))
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from core.net import free_port  # noqa: E402
+
 CACHED_USERS = 200
 
 
@@ -61,9 +62,9 @@ CACHED_USERS = 200
 
 def build_bundle(out: Path, epochs: int) -> Path:
     """Fit the ml-100k hybrid and write its bundle (with segment files) to ``out``."""
+    from core.datasets.movielens import read_items, read_users
+    from core.settings import load_settings
     from feature_store.segments import segment_users
-    from hyperrec.datasets.movielens import read_items, read_users
-    from hyperrec.settings import load_settings
     from pipelines.split import u75_split
     from serving.segments import write_segment_profiles
     from training.benchmark import load_ratings, side_data
@@ -83,15 +84,22 @@ def build_bundle(out: Path, epochs: int) -> Path:
     print(f"side data: {sorted(side)} ({time.perf_counter() - t0:.1f}s)", flush=True)
     weights = {"ease": 1.0, "neural": 0.5, "content": 0.1, "popularity": 0.05}
     choice = HybridChoice(500.0, 500.0, 0.0, 0.0, weights, {}, 0)
-    model = fit_hybrid(train, item_ids, choice, component_fitters(settings, progress=True), weight_col="rating", side=side)
+    model = fit_hybrid(
+        train, item_ids, choice, component_fitters(settings, progress=True), weight_col="rating", side=side
+    )
     print(f"hybrid fitted ({time.perf_counter() - t0:.1f}s)", flush=True)
     matrix = InteractionMatrix.from_frame(train, item_ids=item_ids, weight_col="rating")
     x = matrix.matrix
     write_bundle(
-        out, model=model, item_ids=item_ids, titles=items["title"].tolist(), categories=items["categories"].tolist(),
+        out,
+        model=model,
+        item_ids=item_ids,
+        titles=items["title"].tolist(),
+        categories=items["categories"].tolist(),
         history={u: x[r].indices for u, r in matrix.user_index.items()},
         history_weights={u: x[r].data for u, r in matrix.user_index.items()},
-        popularity=popularity(x), metadata={"version": "v1", "k": 10, "metrics": {}, "model_name": "hybrid"},
+        popularity=popularity(x),
+        metadata={"version": "v1", "k": 10, "metrics": {}, "model_name": "hybrid"},
     )
     # Segments on the users' genre shares (the cat_* profile features of the feature store).
     genres = sorted({g for cats in items["categories"] for g in cats})
@@ -130,8 +138,11 @@ def store_ann_index(bundle_dir: Path, serving, stored: bool, repeats: int = 3) -
     stored_s, origin = median_load()
     if not stored:
         shutil.rmtree(bundle_dir / ANN_DIR)
-    return {f"load_s_index_{built}": round(built_s, 3), f"load_s_index_{origin}": round(stored_s, 3),
-            "published_with_stored_index": stored}
+    return {
+        f"load_s_index_{built}": round(built_s, 3),
+        f"load_s_index_{origin}": round(stored_s, 3),
+        "published_with_stored_index": stored,
+    }
 
 
 def copy_version(source: Path, dest: Path, version: str) -> Path:
@@ -192,8 +203,16 @@ class RawHTTP:
             self.writer.close()
 
 
-async def drive(url: str, mode: str, duration: float, connections: int, rate: float, users: list[str],
-                item_ids: list[str], client_kind: str = "raw") -> dict:
+async def drive(
+    url: str,
+    mode: str,
+    duration: float,
+    connections: int,
+    rate: float,
+    users: list[str],
+    item_ids: list[str],
+    client_kind: str = "raw",
+) -> dict:
     """Run one phase; returns latencies (ms), status counts, cache results and versions seen."""
     from urllib.parse import urlencode, urlsplit
 
@@ -237,9 +256,9 @@ async def drive(url: str, mode: str, duration: float, connections: int, rate: fl
                         if status == 200:
                             cache[hit] = cache.get(hit, 0) + 1
                             at = body.find(b'"model_version":"') + 17
-                            version = body[at:body.find(b'"', at)].decode()
+                            version = body[at : body.find(b'"', at)].decode()
                             versions[version] = versions.get(version, 0) + 1
-                    except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError, ValueError, httpx.HTTPError) as exc:
+                    except (TimeoutError, OSError, asyncio.IncompleteReadError, ValueError, httpx.HTTPError) as exc:
                         key = type(exc).__name__
                     latencies.append((time.perf_counter() - start) * 1000)
                     offsets.append(start - t0)
@@ -249,8 +268,16 @@ async def drive(url: str, mode: str, duration: float, connections: int, rate: fl
 
         await asyncio.gather(*(worker() for _ in range(connections)))
         elapsed = time.perf_counter() - t0
-    return {"mode": mode, "seconds": elapsed, "latencies_ms": latencies, "offsets_s": offsets, "statuses": statuses, "cache": cache,
-            "versions": versions, "client": client_kind}
+    return {
+        "mode": mode,
+        "seconds": elapsed,
+        "latencies_ms": latencies,
+        "offsets_s": offsets,
+        "statuses": statuses,
+        "cache": cache,
+        "versions": versions,
+        "client": client_kind,
+    }
 
 
 def driver_main(args: argparse.Namespace) -> None:
@@ -261,18 +288,22 @@ def driver_main(args: argparse.Namespace) -> None:
         uvloop.install()
     except ImportError:
         pass
-    result = asyncio.run(drive(spec["url"], spec["mode"], spec["duration"], spec["connections"], spec["rate"],
-                               spec["users"], spec["item_ids"], spec.get("client", "raw")))
+    result = asyncio.run(
+        drive(
+            spec["url"],
+            spec["mode"],
+            spec["duration"],
+            spec["connections"],
+            spec["rate"],
+            spec["users"],
+            spec["item_ids"],
+            spec.get("client", "raw"),
+        )
+    )
     Path(args.result).write_text(json.dumps(result))
 
 
 # --------------------------------------------------------------------------- orchestration
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_ready(url: str, server: subprocess.Popen, timeout: float = 180) -> dict:
@@ -292,15 +323,37 @@ def wait_ready(url: str, server: subprocess.Popen, timeout: float = 180) -> dict
     raise TimeoutError(f"{url} not ready within {timeout}s")
 
 
-def run_phase(out: Path, url: str, mode: str, duration: float, connections: int, rate: float, users: list[str],
-              item_ids: list[str], swap: tuple[Path, "object", str] | None, client: str = "raw") -> dict:
+def run_phase(
+    out: Path,
+    url: str,
+    mode: str,
+    duration: float,
+    connections: int,
+    rate: float,
+    users: list[str],
+    item_ids: list[str],
+    swap: tuple[Path, object, str] | None,
+    client: str = "raw",
+) -> dict:
     """One driver process for ``duration`` s; publishes ``swap`` halfway when given."""
     from serving.store import publish
 
     plan = out / f"plan-{mode}.json"
     result = out / f"result-{mode}.json"
-    plan.write_text(json.dumps({"url": url, "mode": mode, "duration": duration, "connections": connections,
-                                "rate": rate, "users": users, "item_ids": item_ids, "client": client}))
+    plan.write_text(
+        json.dumps(
+            {
+                "url": url,
+                "mode": mode,
+                "duration": duration,
+                "connections": connections,
+                "rate": rate,
+                "users": users,
+                "item_ids": item_ids,
+                "client": client,
+            }
+        )
+    )
     driver = subprocess.Popen([sys.executable, __file__, "drive", "--plan", str(plan), "--result", str(result)])
     swapped_at = None
     if swap is not None:
@@ -327,11 +380,20 @@ def summarize(phase: dict) -> dict:
     ok = phase["statuses"].get("200", 0)
     total = int(sum(phase["statuses"].values()))
     hits = phase["cache"].get("hit", 0)
-    row = {"phase": phase["mode"], "requests": total, "req_s": total / phase["seconds"],
-           "p50_ms": float(np.percentile(lat, 50)), "p90_ms": float(np.percentile(lat, 90)),
-           "p99_ms": float(np.percentile(lat, 99)), "max_ms": float(lat.max()), "errors": total - ok,
-           "hit_rate": hits / max(ok, 1), "versions": phase["versions"], "swapped_to": phase["swapped_to"],
-           "statuses": phase["statuses"]}
+    row = {
+        "phase": phase["mode"],
+        "requests": total,
+        "req_s": total / phase["seconds"],
+        "p50_ms": float(np.percentile(lat, 50)),
+        "p90_ms": float(np.percentile(lat, 90)),
+        "p99_ms": float(np.percentile(lat, 99)),
+        "max_ms": float(lat.max()),
+        "errors": total - ok,
+        "hit_rate": hits / max(ok, 1),
+        "versions": phase["versions"],
+        "swapped_to": phase["swapped_to"],
+        "statuses": phase["statuses"],
+    }
     if phase.get("swapped_at_s") is not None:
         window = (at >= phase["swapped_at_s"]) & (at < phase["swapped_at_s"] + SWAP_WINDOW_S)
         row["steady_p99_ms"] = float(np.percentile(lat[~window], 99))
@@ -344,19 +406,32 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=60.0, help="seconds per phase")
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--workers", type=int, default=2, help="uvicorn worker processes")
-    parser.add_argument("--rate-cached", type=float, default=1000.0, help="req/s of the cached phase (0: as fast as possible)")
-    parser.add_argument("--rate-uncached", type=float, default=300.0, help="req/s of the uncached phase (0: as fast as possible)")
+    parser.add_argument(
+        "--rate-cached", type=float, default=1000.0, help="req/s of the cached phase (0: as fast as possible)"
+    )
+    parser.add_argument(
+        "--rate-uncached", type=float, default=300.0, help="req/s of the uncached phase (0: as fast as possible)"
+    )
     parser.add_argument("--epochs", type=int, default=20, help="neural training epochs for the bundle")
-    parser.add_argument("--out", type=Path, default=None, help="work folder (default: <settings.home>/bench/serve-load)")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="work folder (default: <settings.home>/bench/serve-load)"
+    )
     parser.add_argument("--rebuild", action="store_true", help="refit the bundle even if one is in --out")
     parser.add_argument("--phases", default="cached,uncached")
-    parser.add_argument("--no-stored-ann", action="store_true",
-                        help="publish without the stored ANN index (every worker builds it when it loads a version)")
-    parser.add_argument("--client", choices=("raw", "httpx"), default="raw",
-                        help="driver HTTP client: raw asyncio HTTP/1.1 (default) or httpx (about 1 ms CPU per request)")
+    parser.add_argument(
+        "--no-stored-ann",
+        action="store_true",
+        help="publish without the stored ANN index (every worker builds it when it loads a version)",
+    )
+    parser.add_argument(
+        "--client",
+        choices=("raw", "httpx"),
+        default="raw",
+        help="driver HTTP client: raw asyncio HTTP/1.1 (default) or httpx (about 1 ms CPU per request)",
+    )
     args = parser.parse_args()
 
-    from hyperrec.settings import ServingSettings, load_settings
+    from core.settings import ServingSettings, load_settings
     from serving.store import ObjectStore, publish
     from training.bundle import load_bundle
 
@@ -374,16 +449,33 @@ def main() -> None:
     store = ObjectStore(str(store_dir))
     publish(base, store, "v1")
     config = out / "serve.yaml"
-    config.write_text(json.dumps({"home": str(home), "object_store": {"uri": str(store_dir)},
-                                  "serving": {"reload_interval_s": 1.0, "cache_ttl_s": 600, "candidates": 200}}))
+    config.write_text(
+        json.dumps(
+            {
+                "home": str(home),
+                "object_store": {"uri": str(store_dir)},
+                "serving": {"reload_interval_s": 1.0, "cache_ttl_s": 600, "candidates": 200},
+            }
+        )
+    )
     bundle = load_bundle(base)
     users = sorted(bundle.history, key=int)
     item_ids = [str(i) for i in bundle.item_ids]
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "hyperrec.cli", "serve", "--port", str(port), "--workers", str(args.workers),
-           "--config", str(config)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "hyperrec.cli",
+        "serve",
+        "--port",
+        str(port),
+        "--workers",
+        str(args.workers),
+        "--config",
+        str(config),
+    ]
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     server = subprocess.Popen(cmd, cwd=_ROOT, env=env, start_new_session=True)
     phases = []
@@ -396,10 +488,23 @@ def main() -> None:
         rates = {"cached": args.rate_cached, "uncached": args.rate_uncached}
         for number, mode in enumerate(args.phases.split(","), start=2):
             swap_dir = copy_version(base, out / f"bundle-v{number}", f"v{number}")
-            print(f"phase {mode}: {args.duration:.0f}s, {args.connections} connections, rate {rates[mode] or 'max'}; "
-                  f"publishing v{number} at {args.duration / 2:.0f}s", flush=True)
-            phase = run_phase(out, url, mode, args.duration, args.connections, rates[mode], users, item_ids,
-                              (swap_dir, store, f"v{number}"), args.client)
+            print(
+                f"phase {mode}: {args.duration:.0f}s, {args.connections} connections, rate {rates[mode] or 'max'}; "
+                f"publishing v{number} at {args.duration / 2:.0f}s",
+                flush=True,
+            )
+            phase = run_phase(
+                out,
+                url,
+                mode,
+                args.duration,
+                args.connections,
+                rates[mode],
+                users,
+                item_ids,
+                (swap_dir, store, f"v{number}"),
+                args.client,
+            )
             phases.append(summarize(phase))
             print(json.dumps({k: v for k, v in phases[-1].items()}), flush=True)
             time.sleep(2.0)
@@ -412,24 +517,32 @@ def main() -> None:
 
     (out / "results.json").write_text(json.dumps(phases, indent=2))
     print()
-    print(f"Serving load test: ml-100k hybrid bundle ({bundle.n_items} items, {len(users)} users, ANN over "
-          f"neural item vectors, candidates=200), {args.workers} uvicorn workers, {args.connections} connections, "
-          f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), load average "
-          f"{os.getloadavg()[0]:.1f} at the end.")
+    print(
+        f"Serving load test: ml-100k hybrid bundle ({bundle.n_items} items, {len(users)} users, ANN over "
+        f"neural item vectors, candidates=200), {args.workers} uvicorn workers, {args.connections} connections, "
+        f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), load average "
+        f"{os.getloadavg()[0]:.1f} at the end."
+    )
     print()
-    print("| phase | target rate | requests | req/s | p50 ms | p90 ms | p99 ms | p99 outside swap window | "
-          "p99 in swap window | max ms | errors (dropped) | cache hit rate | versions served |")
+    print(
+        "| phase | target rate | requests | req/s | p50 ms | p90 ms | p99 ms | p99 outside swap window | "
+        "p99 in swap window | max ms | errors (dropped) | cache hit rate | versions served |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for row in phases:
         rate = rates[row["phase"]]
         versions = ", ".join(f"{v}: {n}" for v, n in sorted(row["versions"].items()))
-        print(f"| {row['phase']} | {rate:.0f} req/s | {row['requests']} | {row['req_s']:.0f} | {row['p50_ms']:.2f} | "
-              f"{row['p90_ms']:.2f} | {row['p99_ms']:.2f} | {row.get('steady_p99_ms', float('nan')):.2f} | "
-              f"{row.get('swap_window_p99_ms', float('nan')):.2f} | {row['max_ms']:.1f} | {row['errors']} | "
-              f"{row['hit_rate']:.1%} | {versions} |")
+        print(
+            f"| {row['phase']} | {rate:.0f} req/s | {row['requests']} | {row['req_s']:.0f} | {row['p50_ms']:.2f} | "
+            f"{row['p90_ms']:.2f} | {row['p99_ms']:.2f} | {row.get('steady_p99_ms', float('nan')):.2f} | "
+            f"{row.get('swap_window_p99_ms', float('nan')):.2f} | {row['max_ms']:.1f} | {row['errors']} | "
+            f"{row['hit_rate']:.1%} | {versions} |"
+        )
     print()
-    print(f"Swap window: the {SWAP_WINDOW_S:.0f} s after a new version was published mid-phase (each worker's poller "
-          "loads it within 1 s; the cached phase then refills its cache).")
+    print(
+        f"Swap window: the {SWAP_WINDOW_S:.0f} s after a new version was published mid-phase (each worker's poller "
+        "loads it within 1 s; the cached phase then refills its cache)."
+    )
     print()
     print("Command: " + " ".join([Path(sys.executable).name, "bench/serve_load.py", *sys.argv[1:]]))
 

@@ -32,19 +32,21 @@ ROOT = Path(__file__).resolve().parent.parent
 HYPERREC = str(Path(sys.executable).parent / "hyperrec")
 sys.path.insert(0, str(ROOT))
 
-from training.ddp import free_port  # noqa: E402
+from core.net import free_port  # noqa: E402
 
 
 def overlay(base: str, home: Path) -> Path:
     data = yaml.safe_load((ROOT / base).read_text()) or {}
-    data.update({
-        "home": str(home),
-        "airflow": {"port": free_port(), "training_schedule": None, "drift_schedule": None},
-        "mlflow": {"port": free_port()},
-        "serving": {"port": free_port()},
-        "services": {"metrics_port": free_port()},
-        "online_store": {"embedded_port": free_port()},
-    })
+    data.update(
+        {
+            "home": str(home),
+            "airflow": {"port": free_port(), "training_schedule": None, "drift_schedule": None},
+            "mlflow": {"port": free_port()},
+            "serving": {"port": free_port()},
+            "services": {"metrics_port": free_port()},
+            "online_store": {"embedded_port": free_port()},
+        }
+    )
     path = home / "bench.yaml"
     home.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(data))
@@ -60,8 +62,11 @@ def timed(argv: list[str], env: dict) -> float:
 
 
 def stage_seconds(home: Path) -> dict[str, float]:
-    (timings,) = [json.loads(p.read_text()) for p in (home / "runs").glob("*/timings.json")
-                  if (p.parent / "registration.json").exists()]
+    (timings,) = [
+        json.loads(p.read_text())
+        for p in (home / "runs").glob("*/timings.json")
+        if (p.parent / "registration.json").exists()
+    ]
     return timings
 
 
@@ -85,12 +90,25 @@ def main() -> None:
         finally:
             subprocess.run(cmd("down"), env=env, capture_output=True)
         test_config = overlay(args.config, test_home)
-        in_process = timed([HYPERREC, "train", "--config", str(test_config), "--dataset", args.dataset,
-                            "--synthetic-events", str(args.synthetic_events)], env)
+        in_process = timed(
+            [
+                HYPERREC,
+                "train",
+                "--config",
+                str(test_config),
+                "--dataset",
+                args.dataset,
+                "--synthetic-events",
+                str(args.synthetic_events),
+            ],
+            env,
+        )
         stages_up, stages_test = stage_seconds(up_home), stage_seconds(test_home)
-    print(f"machine: {platform.processor() or platform.machine()}, {psutil.cpu_count()} cores, "
-          f"{psutil.virtual_memory().total / 2**30:.0f} GiB; config {args.config}; "
-          f"conf {conf}")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {psutil.cpu_count()} cores, "
+        f"{psutil.virtual_memory().total / 2**30:.0f} GiB; config {args.config}; "
+        f"conf {conf}"
+    )
     print()
     print("| measurement | seconds |")
     print("|---|---:|")

@@ -8,7 +8,7 @@ from datetime import datetime, timedelta
 from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
 from airflow.sdk import Param, dag, get_current_context, task
 
-from hyperrec.settings import load_settings
+from core.settings import load_settings
 from hyperrec.tasks import check_drift
 
 DEFAULT_ARGS = {"retries": 2, "retry_delay": timedelta(seconds=30)}
@@ -21,8 +21,13 @@ DEFAULT_ARGS = {"retries": 2, "retry_delay": timedelta(seconds=30)}
     catchup=False,
     max_active_runs=1,
     default_args=DEFAULT_ARGS,
-    params={"current": Param(None, type=["null", "string"],
-                             description="raw dataset directory holding the recent events; empty: none (the run skips)")},
+    params={
+        "current": Param(
+            None,
+            type=["null", "string"],
+            description="raw dataset directory holding the recent events; empty: none (the run skips)",
+        )
+    },
     tags=["hyperrec", "monitoring"],
     doc_md=__doc__,
 )

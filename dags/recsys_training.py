@@ -8,7 +8,7 @@ from datetime import datetime, timedelta
 
 from airflow.sdk import Param, dag, get_current_context, task
 
-from hyperrec.settings import load_settings
+from core.settings import load_settings
 from hyperrec.tasks import run_stage, start_run
 
 SETTINGS = load_settings()
@@ -37,16 +37,24 @@ STAGES = {
     max_active_runs=1,
     default_args=DEFAULT_ARGS,
     params={
-        "dataset": Param(SETTINGS.training.dataset, type="string",
-                         description="'ml-100k' (bundled MovieLens-100k), a raw dataset directory, or '' for none; "
-                                     "default: the setting training.dataset"),
-        "synthetic_events": Param(0, type="integer", minimum=0,
-                                  description="add a seeded synthetic sample of this many events (0: none)"),
+        "dataset": Param(
+            SETTINGS.training.dataset,
+            type="string",
+            description="'ml-100k' (bundled MovieLens-100k), a raw dataset directory, or '' for none; "
+            "default: the setting training.dataset",
+        ),
+        "synthetic_events": Param(
+            0, type="integer", minimum=0, description="add a seeded synthetic sample of this many events (0: none)"
+        ),
         "seed": Param(0, type="integer", description="seed of the synthetic sample"),
-        "reason": Param(None, type=["null", "string"],
-                        description="why this run started; empty: taken from the run type (scheduled, manual, asset)"),
-        "drift_report": Param(None, type=["null", "string"],
-                              description="the drift report that triggered this run, if any"),
+        "reason": Param(
+            None,
+            type=["null", "string"],
+            description="why this run started; empty: taken from the run type (scheduled, manual, asset)",
+        ),
+        "drift_report": Param(
+            None, type=["null", "string"], description="the drift report that triggered this run, if any"
+        ),
     },
     tags=["hyperrec", "training"],
     doc_md=__doc__,

@@ -33,15 +33,21 @@ import os
 import sys
 import threading
 import time
-from hyperrec.platform_metrics import metrics_server
 from pathlib import Path
 
+from core.settings import Settings, load_settings
 from hyperrec import up
-from hyperrec.settings import Settings, load_settings
+from hyperrec.platform_metrics import metrics_server
 
 # `hyperrec up` service name -> compose service (host name) that runs it.
-COMPOSE_HOSTS = {"mlflow": "mlflow", "airflow": "airflow-api-server", "scheduler": "airflow-scheduler",
-                 "dag-processor": "airflow-dag-processor", "triggerer": "airflow-triggerer", "serving": "serving"}
+COMPOSE_HOSTS = {
+    "mlflow": "mlflow",
+    "airflow": "airflow-api-server",
+    "scheduler": "airflow-scheduler",
+    "dag-processor": "airflow-dag-processor",
+    "triggerer": "airflow-triggerer",
+    "serving": "serving",
+}
 DAG_IDS = ("recsys_training", "recsys_drift_monitor")
 METRICS_REFRESH_S = 15.0
 
@@ -57,7 +63,9 @@ def services_settings_path(settings: Settings) -> Path:
 
 def compose_url(settings: Settings, name: str) -> str | None:
     """Where another container reaches service ``name`` (None: no port of its own)."""
-    port = {"mlflow": settings.mlflow.port, "airflow": settings.airflow.port, "serving": settings.serving.port}.get(name)
+    port = {"mlflow": settings.mlflow.port, "airflow": settings.airflow.port, "serving": settings.serving.port}.get(
+        name
+    )
     if port is None:
         return settings.online_store.url if name == "valkey" else None
     return f"http://{COMPOSE_HOSTS[name]}:{port}"
@@ -67,7 +75,7 @@ def init(settings: Settings) -> int:
     """Prepare as `hyperrec up` does, then create the shared Airflow secrets once."""
     try:
         path = up.Supervisor(settings).prepare()
-    except Exception as exc:  # noqa: BLE001 - reported with the migrate log, then exit 1
+    except Exception as exc:
         _say(f"prepare failed: {exc}")
         log = up.logs_dir(settings) / "airflow-db-migrate.log"
         if log.exists():
@@ -98,8 +106,11 @@ def run(settings: Settings, name: str) -> int:
 
 def healthy(settings: Settings, name: str) -> bool:
     # The Airflow components report through the API server's health endpoint.
-    airflow_health = (up._airflow_health(compose_url(settings, "airflow"))
-                      if name in ("airflow", "scheduler", "dag-processor", "triggerer") else None)
+    airflow_health = (
+        up._airflow_health(compose_url(settings, "airflow"))
+        if name in ("airflow", "scheduler", "dag-processor", "triggerer")
+        else None
+    )
     return up.check_health(name, compose_url(settings, name), airflow_health)
 
 
@@ -125,14 +136,14 @@ class _Exporter:
             user, password = up.airflow_login(self.settings)
             with AirflowClient(airflow_url, user, password, timeout=10) as client:
                 self.metrics.set_dag_runs(client.dag_run_counts(DAG_IDS, hours=24))
-        except Exception as exc:  # noqa: BLE001 - the counts stay as they were
+        except Exception as exc:
             _say(f"DAG run metrics not updated: {exc}")
 
     def loop(self) -> None:
         while True:
             try:
                 self.refresh()
-            except Exception as exc:  # noqa: BLE001 - keep serving the last values
+            except Exception as exc:
                 _say(f"refresh failed: {exc}")
             time.sleep(METRICS_REFRESH_S)
 

@@ -30,7 +30,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from hyperrec.schemas import DEVICES
+from core.schemas import DEVICES
 
 Aggregation = Literal["count", "sum", "mean", "share", "passthrough", "onehot"]
 Source = Literal["interactions", "users"]
@@ -102,18 +102,23 @@ class FeatureDef:
         if self.aggregation != "count" and not self.column:
             raise ValueError(f"feature {self.name!r}: aggregation {self.aggregation!r} needs a column")
         if self.is_family != (self.aggregation in FAMILY_AGGREGATIONS):
-            raise ValueError(f"feature {self.name!r}: exactly the {sorted(FAMILY_AGGREGATIONS)} features are "
-                             "families (need a template)")
+            raise ValueError(
+                f"feature {self.name!r}: exactly the {sorted(FAMILY_AGGREGATIONS)} features are "
+                "families (need a template)"
+            )
         if self.template is not None and "{value}" not in self.template:
             raise ValueError(f"feature {self.name!r}: template {self.template!r} lacks '{{value}}'")
         if (self.source == "users") != (self.aggregation in USER_AGGREGATIONS):
-            raise ValueError(f"feature {self.name!r}: source 'users' goes with exactly the aggregations "
-                             f"{sorted(USER_AGGREGATIONS)}")
+            raise ValueError(
+                f"feature {self.name!r}: source 'users' goes with exactly the aggregations {sorted(USER_AGGREGATIONS)}"
+            )
         if self.source == "users" and (self.window_days or self.decayed or self.weighted or self.where):
             raise ValueError(f"feature {self.name!r}: a users feature has no window, decay, weight or where")
         if self.window_days is not None and self.window_days <= 0:
             raise ValueError(f"feature {self.name!r}: window_days must be > 0, got {self.window_days}")
-        if self.dtype == "int" and (self.decayed or self.weighted or self.aggregation not in ("count", "sum", "onehot")):
+        if self.dtype == "int" and (
+            self.decayed or self.weighted or self.aggregation not in ("count", "sum", "onehot")
+        ):
             raise ValueError(f"feature {self.name!r}: dtype 'int' only fits unweighted count/sum and onehot")
 
     @property
@@ -132,19 +137,29 @@ class FeatureDef:
         """The definition as a flat record: entity, source, aggregation, column, window,
         decay (``"half_life"`` or None), weighting, filter, dtype and doc."""
         return {
-            "name": self.name, "entity": self.entity, "source": self.source, "aggregation": self.aggregation,
-            "column": self.column, "window_days": self.window_days, "decay": "half_life" if self.decayed else None,
+            "name": self.name,
+            "entity": self.entity,
+            "source": self.source,
+            "aggregation": self.aggregation,
+            "column": self.column,
+            "window_days": self.window_days,
+            "decay": "half_life" if self.decayed else None,
             "weighted": CONFIDENCE_COLUMN if self.weighted else None,
             "where": f"{self.where[0]} == {self.where[1]!r}" if self.where else None,
-            "columns": self.template or self.name, "dtype": self.dtype, "doc": self.doc,
+            "columns": self.template or self.name,
+            "dtype": self.dtype,
+            "doc": self.doc,
         }
 
 
-def _windowed(name: str, aggregation: Aggregation, column: str | None, days: tuple[int, ...], doc: str,
-              **kwargs: Any) -> tuple[FeatureDef, ...]:
+def _windowed(
+    name: str, aggregation: Aggregation, column: str | None, days: tuple[int, ...], doc: str, **kwargs: Any
+) -> tuple[FeatureDef, ...]:
     """One definition per window: ``<name>_<d>d``, documented as ``doc`` over that window."""
-    return tuple(FeatureDef(f"{name}_{d}d", aggregation, column, window_days=d, doc=f"{doc}, {d} day(s) up to as_of",
-                            **kwargs) for d in days)
+    return tuple(
+        FeatureDef(f"{name}_{d}d", aggregation, column, window_days=d, doc=f"{doc}, {d} day(s) up to as_of", **kwargs)
+        for d in days
+    )
 
 
 WINDOWS: tuple[int, ...] = (1, 7, 30)
@@ -156,39 +171,85 @@ USER_FEATURES: tuple[FeatureDef, ...] = (
     *_windowed("mean_dwell", "mean", "dwell_time_s", (7, 30), "mean dwell time (s)"),
     *_windowed("mean_scroll", "mean", "scroll_depth", (7, 30), "mean scroll depth"),
     # Exponential time decay with the configured half-life.
-    FeatureDef("decayed_activity", "count", decayed=True, weighted=True,
-               doc="sum of confidence * decay weights of all events"),
+    FeatureDef(
+        "decayed_activity", "count", decayed=True, weighted=True, doc="sum of confidence * decay weights of all events"
+    ),
     FeatureDef("decayed_clicks", "count", where=CLICK, decayed=True, doc="sum of decay weights of click events"),
     # Category affinities.
-    FeatureDef("category_affinity", "share", "categories", template="cat_{value}", decayed=True, weighted=True,
-               doc="category affinity: decay- and confidence-weighted share of events per item category "
-                   "(every category in items)"),
+    FeatureDef(
+        "category_affinity",
+        "share",
+        "categories",
+        template="cat_{value}",
+        decayed=True,
+        weighted=True,
+        doc="category affinity: decay- and confidence-weighted share of events per item category "
+        "(every category in items)",
+    ),
     # Activity statistics, all time.
     FeatureDef("events_total", "count", dtype="int", doc="events, all time"),
     FeatureDef("click_rate", "mean", "is_click", doc="click frequency: share of events that are clicks, all time"),
     FeatureDef("mean_dwell", "mean", "dwell_time_s", doc="mean dwell time (s), all time"),
     FeatureDef("mean_scroll", "mean", "scroll_depth", doc="mean scroll depth, all time"),
     # Context profile, all time.
-    FeatureDef("device_share", "share", "device", template="share_{value}", values=DEVICES,
-               doc="share of events per device"),
-    FeatureDef("time_of_day_share", "share", "time_of_day", template="share_{value}",
-               values=tuple(b[0] for b in TIME_OF_DAY), doc="share of events per UTC time-of-day bucket"),
-    FeatureDef("day_type_share", "share", "day_type", template="share_{value}", values=DAY_TYPES,
-               doc="share of events on UTC weekdays / weekends"),
+    FeatureDef(
+        "device_share", "share", "device", template="share_{value}", values=DEVICES, doc="share of events per device"
+    ),
+    FeatureDef(
+        "time_of_day_share",
+        "share",
+        "time_of_day",
+        template="share_{value}",
+        values=tuple(b[0] for b in TIME_OF_DAY),
+        doc="share of events per UTC time-of-day bucket",
+    ),
+    FeatureDef(
+        "day_type_share",
+        "share",
+        "day_type",
+        template="share_{value}",
+        values=DAY_TYPES,
+        doc="share of events on UTC weekdays / weekends",
+    ),
     # Explicit and implicit signals, all time.
     FeatureDef("ratings_total", "count", where=("event_type", "rate"), dtype="int", doc="explicit ratings given"),
     FeatureDef("mean_rating", "mean", "rating", doc="mean explicit rating"),
-    FeatureDef("mean_implicit_confidence", "mean", CONFIDENCE_COLUMN, where=("signal", "implicit"),
-               doc="mean confidence of implicit (non-rate) events"),
-    FeatureDef("decayed_implicit_strength", "count", where=("signal", "implicit"), decayed=True, weighted=True,
-               doc="sum of confidence * decay weights of implicit events"),
+    FeatureDef(
+        "mean_implicit_confidence",
+        "mean",
+        CONFIDENCE_COLUMN,
+        where=("signal", "implicit"),
+        doc="mean confidence of implicit (non-rate) events",
+    ),
+    FeatureDef(
+        "decayed_implicit_strength",
+        "count",
+        where=("signal", "implicit"),
+        decayed=True,
+        weighted=True,
+        doc="sum of confidence * decay weights of implicit events",
+    ),
     # Demographics, passed through from the users table (preprocessing imputes them; the
     # median fills users absent from the users table).
     FeatureDef("age", "passthrough", "age", source="users", impute="median", doc="age, null imputed with the median"),
-    FeatureDef("gender", "onehot", "gender", source="users", template="gender_{value}", dtype="int",
-               doc="gender indicator per value in users"),
-    FeatureDef("region", "onehot", "region", source="users", template="region_{value}", dtype="int",
-               doc="region indicator per value in users"),
+    FeatureDef(
+        "gender",
+        "onehot",
+        "gender",
+        source="users",
+        template="gender_{value}",
+        dtype="int",
+        doc="gender indicator per value in users",
+    ),
+    FeatureDef(
+        "region",
+        "onehot",
+        "region",
+        source="users",
+        template="region_{value}",
+        dtype="int",
+        doc="region indicator per value in users",
+    ),
 )
 
 

@@ -25,7 +25,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from feature_store.profiles import decay_weights, to_utc
+from feature_store.offline import to_utc
+from feature_store.profiles import decay_weights
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +38,14 @@ POPULARITY_WINDOW_DAYS = 30
 TREND_WINDOW_DAYS = 7
 ITEM_SNAPSHOT_FILE = "items.parquet"
 ITEM_FEATURE_COLUMNS: tuple[str, ...] = (
-    "item_id", "categories", "n_categories", "popularity", "decayed_popularity", "trend",
-    "recency_days", "last_interaction_days",
+    "item_id",
+    "categories",
+    "n_categories",
+    "popularity",
+    "decayed_popularity",
+    "trend",
+    "recency_days",
+    "last_interaction_days",
 )
 _PARTITION = re.compile(r"^date=(\d{4}-\d{2}-\d{2})$")
 _DAY = pd.Timedelta(days=1)
@@ -56,7 +63,7 @@ def item_texts(items: pd.DataFrame) -> list[str]:
     if "title" not in items.columns:
         raise ValueError("items: missing column 'title'")
     titles = items["title"].fillna("").astype(str).str.strip()
-    texts = (items["text"] if "text" in items.columns else pd.Series("", index=items.index))
+    texts = items["text"] if "text" in items.columns else pd.Series("", index=items.index)
     texts = texts.fillna("").astype(str).str.strip()
     out = []
     for title, text in zip(titles, texts):
@@ -116,8 +123,9 @@ def load_minilm() -> Any:
 def minilm_embeddings(texts: list[str], *, batch_size: int = 256) -> np.ndarray:
     """(len(texts), 384) float32 MiniLM sentence embeddings, L2-normalized."""
     model = load_minilm()
-    emb = model.encode(texts, batch_size=batch_size, convert_to_numpy=True, normalize_embeddings=False,
-                       show_progress_bar=False)
+    emb = model.encode(
+        texts, batch_size=batch_size, convert_to_numpy=True, normalize_embeddings=False, show_progress_bar=False
+    )
     return _l2_normalize(emb)
 
 
@@ -138,13 +146,15 @@ def tfidf_embeddings(texts: list[str]) -> np.ndarray:
     n_components = min(TFIDF_MAX_DIM, tfidf.shape[1] - 1, tfidf.shape[0] - 1)
     if n_components < 1:
         return _l2_normalize(tfidf.toarray())
-    reduced = TruncatedSVD(n_components=n_components, algorithm="randomized", n_iter=7,
-                           random_state=0).fit_transform(tfidf)
+    reduced = TruncatedSVD(n_components=n_components, algorithm="randomized", n_iter=7, random_state=0).fit_transform(
+        tfidf
+    )
     return _l2_normalize(reduced)
 
 
-def content_embeddings(items: pd.DataFrame, *, method: EmbeddingMethod = "auto",
-                       batch_size: int = 256) -> tuple[np.ndarray, str]:
+def content_embeddings(
+    items: pd.DataFrame, *, method: EmbeddingMethod = "auto", batch_size: int = 256
+) -> tuple[np.ndarray, str]:
     """Content embedding of each item's :func:`item_texts`, rows in ``items`` order.
 
     ``method``: ``"minilm"`` (384-dim sentence embeddings; raises if unavailable),
@@ -172,8 +182,9 @@ def content_embeddings(items: pd.DataFrame, *, method: EmbeddingMethod = "auto",
 # --------------------------------------------------------------------------- behavioural features
 
 
-def build_item_features(interactions: pd.DataFrame, items: pd.DataFrame, *, as_of: pd.Timestamp,
-                        half_life_days: float) -> pd.DataFrame:
+def build_item_features(
+    interactions: pd.DataFrame, items: pd.DataFrame, *, as_of: pd.Timestamp, half_life_days: float
+) -> pd.DataFrame:
     """One row per item of ``items`` (same order) with :data:`ITEM_FEATURE_COLUMNS`, as of ``as_of``.
 
     Only events with ``timestamp <= as_of`` count; ``age = (as_of - timestamp) / 1 day``.
@@ -187,8 +198,10 @@ def build_item_features(interactions: pd.DataFrame, items: pd.DataFrame, *, as_o
 
     Events on items absent from ``items`` are ignored.
     """
-    for name, frame, cols in (("interactions", interactions, ("user_id", "item_id", "timestamp")),
-                              ("items", items, ("item_id",))):
+    for name, frame, cols in (
+        ("interactions", interactions, ("user_id", "item_id", "timestamp")),
+        ("items", items, ("item_id",)),
+    ):
         missing = [c for c in cols if c not in frame.columns]
         if missing:
             raise ValueError(f"{name}: missing columns {missing}")
@@ -215,7 +228,7 @@ def build_item_features(interactions: pd.DataFrame, items: pd.DataFrame, *, as_o
     last_age = np.full(n, np.inf)
     np.minimum.at(last_age, codes, age)
 
-    categories = (items["categories"] if "categories" in items.columns else pd.Series([None] * n, index=items.index))
+    categories = items["categories"] if "categories" in items.columns else pd.Series([None] * n, index=items.index)
     cat_lists = [[str(c) for c in cell] if isinstance(cell, (list, tuple, np.ndarray)) else [] for cell in categories]
     if "published_at" in items.columns:
         published = pd.to_datetime(items["published_at"], utc=True)
@@ -223,16 +236,18 @@ def build_item_features(interactions: pd.DataFrame, items: pd.DataFrame, *, as_o
     else:
         recency = np.full(n, np.nan)
 
-    return pd.DataFrame({
-        "item_id": item_index.to_numpy(),
-        "categories": cat_lists,
-        "n_categories": np.array([len(c) for c in cat_lists], dtype=np.int64),
-        "popularity": popularity.astype(np.int64),
-        "decayed_popularity": decayed.astype(float),
-        "trend": (last_week + 1.0) / (week_before + 1.0),
-        "recency_days": recency,
-        "last_interaction_days": np.where(np.isinf(last_age), np.nan, last_age),
-    })
+    return pd.DataFrame(
+        {
+            "item_id": item_index.to_numpy(),
+            "categories": cat_lists,
+            "n_categories": np.array([len(c) for c in cat_lists], dtype=np.int64),
+            "popularity": popularity.astype(np.int64),
+            "decayed_popularity": decayed.astype(float),
+            "trend": (last_week + 1.0) / (week_before + 1.0),
+            "recency_days": recency,
+            "last_interaction_days": np.where(np.isinf(last_age), np.nan, last_age),
+        }
+    )
 
 
 # --------------------------------------------------------------------------- snapshots
@@ -245,8 +260,10 @@ def write_item_snapshot(features: pd.DataFrame, embeddings: np.ndarray, root: Pa
     if "item_id" not in features.columns:
         raise ValueError("item features: missing column 'item_id'")
     if features["item_id"].duplicated().any():
-        raise ValueError(f"item features: item_id {features.loc[features['item_id'].duplicated(), 'item_id'].iloc[0]!r} "
-                         "appears more than once")
+        raise ValueError(
+            f"item features: item_id {features.loc[features['item_id'].duplicated(), 'item_id'].iloc[0]!r} "
+            "appears more than once"
+        )
     emb = np.asarray(embeddings, dtype=np.float32)
     if emb.ndim != 2 or emb.shape[0] != len(features):
         raise ValueError(f"embeddings shape {emb.shape} does not match {len(features)} item rows")
@@ -271,13 +288,18 @@ def read_item_snapshot(root: Path, as_of: pd.Timestamp | None = None) -> tuple[p
     """``(features, embeddings)`` of the latest item snapshot whose date is <= the UTC date of
     ``as_of`` (the latest of all when None); ``features`` keeps every column but ``embedding``."""
     root = Path(root)
-    found = sorted((m.group(1), p / ITEM_SNAPSHOT_FILE) for p in (root.iterdir() if root.is_dir() else [])
-                   if (m := _PARTITION.match(p.name)) and (p / ITEM_SNAPSHOT_FILE).is_file())
+    found = sorted(
+        (m.group(1), p / ITEM_SNAPSHOT_FILE)
+        for p in (root.iterdir() if root.is_dir() else [])
+        if (m := _PARTITION.match(p.name)) and (p / ITEM_SNAPSHOT_FILE).is_file()
+    )
     if as_of is not None:
         cutoff = to_utc(as_of).strftime("%Y-%m-%d")
         found = [(d, p) for d, p in found if d <= cutoff]
     if not found:
-        raise FileNotFoundError(f"no item snapshot under {root}" + (f" on or before {as_of}" if as_of is not None else ""))
+        raise FileNotFoundError(
+            f"no item snapshot under {root}" + (f" on or before {as_of}" if as_of is not None else "")
+        )
     table = pq.read_table(found[-1][1])
     column = table["embedding"].combine_chunks()
     dim = (len(column.flatten()) // len(column)) if len(column) else 0

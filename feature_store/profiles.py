@@ -1,7 +1,7 @@
 """User profiles built by interpreting :data:`feature_store.definitions.USER_FEATURES`.
 
-Their offline Parquet snapshots live in :mod:`feature_store.offline`; the snapshot
-functions are re-exported here for existing callers.
+Their offline Parquet snapshots are read and written by :mod:`feature_store.offline`;
+:func:`build_snapshots` builds and writes one per ``as_of``.
 
 All aggregations are vectorized: events are mapped to integer user codes and
 every feature is one ``numpy.bincount`` over them, so 100k events take well
@@ -10,7 +10,8 @@ under a second.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -22,18 +23,7 @@ from feature_store.definitions import (
     FeatureDef,
     feature_columns,
 )
-from feature_store.offline import (  # re-exported: the snapshot API lives in offline
-    SNAPSHOT_FILE,
-    list_snapshots,
-    read_offline_snapshot,
-    to_utc,
-    write_offline_snapshot,
-)
-
-__all__ = [
-    "SNAPSHOT_FILE", "build_user_profiles", "day_type", "decay_weights", "list_snapshots",
-    "read_offline_snapshot", "time_of_day", "to_utc", "write_offline_snapshot",
-]
+from feature_store.offline import partition_date, to_utc, write_offline_snapshot
 
 _DAY = pd.Timedelta(days=1)
 
@@ -70,8 +60,9 @@ def _event_type(events: pd.DataFrame) -> pd.Series:
 _DERIVERS: dict[str, Callable[[pd.DataFrame], pd.Series]] = {
     "time_of_day": lambda e: time_of_day(e["timestamp"]),
     "day_type": lambda e: day_type(e["timestamp"]),
-    "signal": lambda e: pd.Series(np.where(_event_type(e).eq("rate").to_numpy(), "explicit", "implicit"),
-                                  index=e.index, dtype=object),
+    "signal": lambda e: pd.Series(
+        np.where(_event_type(e).eq("rate").to_numpy(), "explicit", "implicit"), index=e.index, dtype=object
+    ),
     "is_click": lambda e: _event_type(e).eq("click").astype(float),
 }
 
@@ -82,8 +73,9 @@ def _needed_columns(defs: tuple[FeatureDef, ...]) -> set[str]:
     return cols
 
 
-def _event_frame(interactions: pd.DataFrame, items: pd.DataFrame, defs: tuple[FeatureDef, ...],
-                 as_of: pd.Timestamp) -> pd.DataFrame:
+def _event_frame(
+    interactions: pd.DataFrame, items: pd.DataFrame, defs: tuple[FeatureDef, ...], as_of: pd.Timestamp
+) -> pd.DataFrame:
     """Events with ``timestamp <= as_of``, ``age_days``, ``confidence`` and every column ``defs`` read."""
     missing = [c for c in ("user_id", "timestamp") if c not in interactions.columns]
     if missing:
@@ -122,8 +114,9 @@ def _event_frame(interactions: pd.DataFrame, items: pd.DataFrame, defs: tuple[Fe
     return events.reset_index(drop=True)
 
 
-def _observed_values(fdef: FeatureDef, events: pd.DataFrame, items: pd.DataFrame,
-                     users: pd.DataFrame) -> tuple[str, ...]:
+def _observed_values(
+    fdef: FeatureDef, events: pd.DataFrame, items: pd.DataFrame, users: pd.DataFrame
+) -> tuple[str, ...]:
     """Sorted distinct values of a family's column (list cells exploded): from the users table for
     users features (none when it lacks the column), from items when it is an item column, else
     from the events."""
@@ -158,8 +151,9 @@ def _event_mask(fdef: FeatureDef, events: pd.DataFrame) -> np.ndarray:
     return mask
 
 
-def _share(codes: np.ndarray, weights: np.ndarray, cells: pd.Series, values: tuple[str, ...],
-           n_users: int) -> np.ndarray:
+def _share(
+    codes: np.ndarray, weights: np.ndarray, cells: pd.Series, values: tuple[str, ...], n_users: int
+) -> np.ndarray:
     """(n_users, len(values)) weighted shares; a list cell splits its event's weight over its values."""
     denom = np.bincount(codes, weights=weights, minlength=n_users)
     exploded = cells.reset_index(drop=True).explode().dropna()
@@ -175,8 +169,14 @@ def _share(codes: np.ndarray, weights: np.ndarray, cells: pd.Series, values: tup
         return np.where(denom[:, None] > 0, numer / denom[:, None], 0.0)
 
 
-def _aggregate(fdef: FeatureDef, events: pd.DataFrame, codes: np.ndarray, n_users: int, half_life_days: float,
-               values: tuple[str, ...] | None) -> np.ndarray:
+def _aggregate(
+    fdef: FeatureDef,
+    events: pd.DataFrame,
+    codes: np.ndarray,
+    n_users: int,
+    half_life_days: float,
+    values: tuple[str, ...] | None,
+) -> np.ndarray:
     """Values of one definition per user code: shape (n_users,) or (n_users, len(values)) for a family."""
     mask = _event_mask(fdef, events)
     weights = _event_weights(fdef, events, half_life_days, mask)
@@ -224,9 +224,15 @@ def _passthrough(fdef: FeatureDef, users: pd.DataFrame, user_index: pd.Index) ->
     return np.where(np.isnan(x), fill, x)
 
 
-def build_user_profiles(interactions: pd.DataFrame, items: pd.DataFrame, users: pd.DataFrame, *,
-                        as_of: pd.Timestamp, half_life_days: float,
-                        defs: tuple[FeatureDef, ...] = USER_FEATURES) -> pd.DataFrame:
+def build_user_profiles(
+    interactions: pd.DataFrame,
+    items: pd.DataFrame,
+    users: pd.DataFrame,
+    *,
+    as_of: pd.Timestamp,
+    half_life_days: float,
+    defs: tuple[FeatureDef, ...] = USER_FEATURES,
+) -> pd.DataFrame:
     """One row per user (column ``user_id``, sorted) with every column of ``defs`` as of ``as_of``.
 
     Users are those of ``users`` plus any with an event at or before ``as_of``. Only
@@ -241,8 +247,11 @@ def build_user_profiles(interactions: pd.DataFrame, items: pd.DataFrame, users: 
     codes = user_index.get_indexer(events["user_id"])
     n_users = len(user_index)
 
-    family_values = {d.column: _observed_values(d, events, items, users)
-                     for d in defs if d.is_family and d.values is None and d.column}
+    family_values = {
+        d.column: _observed_values(d, events, items, users)
+        for d in defs
+        if d.is_family and d.values is None and d.column
+    }
     columns = feature_columns(defs, family_values)
     out: dict[str, np.ndarray] = {"user_id": user_index.to_numpy()}
     for fdef in defs:
@@ -264,3 +273,26 @@ def build_user_profiles(interactions: pd.DataFrame, items: pd.DataFrame, users: 
 def _typed(fdef: FeatureDef, x: np.ndarray) -> np.ndarray:
     return np.rint(x).astype(np.int64) if fdef.dtype == "int" else x.astype(float)
 
+
+def build_snapshots(
+    interactions: pd.DataFrame,
+    items: pd.DataFrame,
+    users: pd.DataFrame,
+    *,
+    as_of_dates: Sequence[pd.Timestamp],
+    half_life_days: float,
+    root: Path,
+) -> list[Path]:
+    """One snapshot per ``as_of`` in ``as_of_dates``, each built only from events with
+    ``timestamp <= as_of``; returns the files in the order given. Two as_of on the same UTC
+    date would share a partition, so that is an error."""
+    stamps = [to_utc(t) for t in as_of_dates]
+    dates = [partition_date(t) for t in stamps]
+    dupes = sorted({d for d in dates if dates.count(d) > 1})
+    if dupes:
+        raise ValueError(f"as_of_dates: more than one as_of on {dupes} (one snapshot per UTC date)")
+    paths = []
+    for as_of in stamps:
+        profiles = build_user_profiles(interactions, items, users, as_of=as_of, half_life_days=half_life_days)
+        paths.append(write_offline_snapshot(profiles, root, as_of))
+    return paths

@@ -78,8 +78,12 @@ class MethodResult:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (k keys become strings)."""
-        out: dict[str, Any] = {"k": self.k, "silhouette": round(self.silhouette, 4), "params": self.params,
-                               "eligible": self.eligible}
+        out: dict[str, Any] = {
+            "k": self.k,
+            "silhouette": round(self.silhouette, 4),
+            "params": self.params,
+            "eligible": self.eligible,
+        }
         if self.silhouette_by_k:
             out["silhouette_by_k"] = {str(k): round(v, 4) for k, v in self.silhouette_by_k.items()}
         if self.bic_by_k:
@@ -249,8 +253,9 @@ def dbscan_params(x: np.ndarray) -> dict[str, Any]:
     return {"eps": max(eps, 1e-9), "min_samples": min_samples, "eps_rule": rule}
 
 
-def _fit_kmeans(x: np.ndarray, ks: list[int], dist: np.ndarray, sample: np.ndarray, seed: int, min_size: int
-                ) -> tuple[MethodResult, np.ndarray]:
+def _fit_kmeans(
+    x: np.ndarray, ks: list[int], dist: np.ndarray, sample: np.ndarray, seed: int, min_size: int
+) -> tuple[MethodResult, np.ndarray]:
     fitted = {k: KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(x) for k in ks}
     scores = {k: _silhouette(dist, fitted[k][sample]) for k in ks}
     ok = {k: _eligible(fitted[k], min_size) for k in ks}
@@ -258,8 +263,9 @@ def _fit_kmeans(x: np.ndarray, ks: list[int], dist: np.ndarray, sample: np.ndarr
     return MethodResult("kmeans", best, scores[best], scores, params={"n_init": 10}, eligible=ok[best]), fitted[best]
 
 
-def _fit_gmm(x: np.ndarray, ks: list[int], dist: np.ndarray, sample: np.ndarray, seed: int, min_size: int
-             ) -> tuple[MethodResult, np.ndarray]:
+def _fit_gmm(
+    x: np.ndarray, ks: list[int], dist: np.ndarray, sample: np.ndarray, seed: int, min_size: int
+) -> tuple[MethodResult, np.ndarray]:
     fitted, bic, scores = {}, {}, {}
     for k in ks:
         gmm = GaussianMixture(n_components=k, covariance_type="diag", n_init=2, random_state=seed).fit(x)
@@ -269,13 +275,21 @@ def _fit_gmm(x: np.ndarray, ks: list[int], dist: np.ndarray, sample: np.ndarray,
     ok = {k: _eligible(fitted[k], min_size) for k in ks}
     best = _pick(ks, ok, lambda k: (bic[k], k))
     k = int(len(np.unique(fitted[best])))  # a component may end up empty
-    result = MethodResult("gmm", k, scores[best], scores, bic, params={"covariance_type": "diag", "n_init": 2,
-                          "n_components": best}, eligible=ok[best])
+    result = MethodResult(
+        "gmm",
+        k,
+        scores[best],
+        scores,
+        bic,
+        params={"covariance_type": "diag", "n_init": 2, "n_components": best},
+        eligible=ok[best],
+    )
     return result, fitted[best]
 
 
-def _fit_agglomerative(x: np.ndarray, ks: list[int], dist: np.ndarray, sample: np.ndarray, min_size: int
-                       ) -> tuple[MethodResult, np.ndarray]:
+def _fit_agglomerative(
+    x: np.ndarray, ks: list[int], dist: np.ndarray, sample: np.ndarray, min_size: int
+) -> tuple[MethodResult, np.ndarray]:
     tree = linkage(x[sample], method="ward")
     cuts = {k: fcluster(tree, t=k, criterion="maxclust") - 1 for k in ks}
     scores = {k: _silhouette(dist, cuts[k]) for k in ks}
@@ -286,11 +300,14 @@ def _fit_agglomerative(x: np.ndarray, ks: list[int], dist: np.ndarray, sample: n
     ok = {k: _eligible(extended[k], min_size) for k in ks}
     best = _pick(ks, ok, lambda k: (-scores[k], k))
     k = int(len(np.unique(cuts[best])))
-    return MethodResult("agglomerative", k, scores[best], scores, params={"linkage": "ward"}, eligible=ok[best]), extended[best]
+    return MethodResult(
+        "agglomerative", k, scores[best], scores, params={"linkage": "ward"}, eligible=ok[best]
+    ), extended[best]
 
 
-def _fit_dbscan(x: np.ndarray, dist: np.ndarray, sample: np.ndarray, min_size: int
-                ) -> tuple[MethodResult, np.ndarray | None]:
+def _fit_dbscan(
+    x: np.ndarray, dist: np.ndarray, sample: np.ndarray, min_size: int
+) -> tuple[MethodResult, np.ndarray | None]:
     x_fit = x[sample]
     params = dbscan_params(x_fit)
     raw = DBSCAN(eps=params["eps"], min_samples=params["min_samples"]).fit_predict(x_fit)
@@ -309,8 +326,9 @@ def _fit_dbscan(x: np.ndarray, dist: np.ndarray, sample: np.ndarray, min_size: i
     return MethodResult("dbscan", clusters, score, params=params, noise_share=float(noise.mean()), eligible=ok), labels
 
 
-def segment_users(profiles: pd.DataFrame, *, k_min: int = 2, k_max: int = 8, seed: int = 0,
-                  sample_size: int = SILHOUETTE_SAMPLE) -> Segmentation:
+def segment_users(
+    profiles: pd.DataFrame, *, k_min: int = 2, k_max: int = 8, seed: int = 0, sample_size: int = SILHOUETTE_SAMPLE
+) -> Segmentation:
     """Segment users by their standardized behavioural features (see the module docstring)."""
     n = len(profiles)
     if k_min < 2 or k_max < k_min:
@@ -340,9 +358,16 @@ def segment_users(profiles: pd.DataFrame, *, k_min: int = 2, k_max: int = 8, see
     series = {m: pd.Series(_by_size(labels), index=index, name="segment") for m, labels in labels_of.items()}
     method = max(series, key=lambda m: (results[m].eligible, results[m].silhouette, -METHODS.index(m)))
     return Segmentation(
-        method=method, k=int(series[method].nunique()), labels=series[method], score=results[method].silhouette,
-        candidates=dict(results["kmeans"].silhouette_by_k), methods=results, features=features,
-        sample_size=len(sample), method_labels=series, components=int(x.shape[1]),
+        method=method,
+        k=int(series[method].nunique()),
+        labels=series[method],
+        score=results[method].silhouette,
+        candidates=dict(results["kmeans"].silhouette_by_k),
+        methods=results,
+        features=features,
+        sample_size=len(sample),
+        method_labels=series,
+        components=int(x.shape[1]),
     )
 
 
@@ -357,33 +382,45 @@ def segment_summary(profiles: pd.DataFrame, seg: Segmentation, *, top: int = 3) 
     groups = frame.groupby(seg.labels.to_numpy())
     cat_cols = [c for c in frame.columns if c.startswith(CATEGORY_PREFIX)]
     affinity = groups[cat_cols].mean() if cat_cols else pd.DataFrame(index=groups.size().index)
-    top_categories = [
-        [c[len(CATEGORY_PREFIX):] for c in row.sort_values(ascending=False, kind="stable").index[:top]]
-        for _, row in affinity.iterrows()
-    ] if cat_cols else [[] for _ in range(len(affinity))]
-    summary = pd.DataFrame({
-        "segment": groups.size().index.astype(int),
-        "size": groups.size().to_numpy(),
-        "top_categories": top_categories,
-        "mean_events_30d": groups["events_30d"].mean().to_numpy() if "events_30d" in frame else np.nan,
-    })
+    top_categories = (
+        [
+            [c[len(CATEGORY_PREFIX) :] for c in row.sort_values(ascending=False, kind="stable").index[:top]]
+            for _, row in affinity.iterrows()
+        ]
+        if cat_cols
+        else [[] for _ in range(len(affinity))]
+    )
+    summary = pd.DataFrame(
+        {
+            "segment": groups.size().index.astype(int),
+            "size": groups.size().to_numpy(),
+            "top_categories": top_categories,
+            "mean_events_30d": groups["events_30d"].mean().to_numpy() if "events_30d" in frame else np.nan,
+        }
+    )
     return summary.sort_values("segment").reset_index(drop=True)
 
 
 def summary_markdown(summary: pd.DataFrame, seg: Segmentation) -> str:
     """Markdown report: the kept method, k and silhouette, every method's scores, and the summary table."""
-    lines = [f"# User segments: {seg.method}, k={seg.k}", "",
-             f"Silhouette {seg.score:.4f} on a sample of {seg.sample_size} users; {seg.components} principal "
-             f"components of the standardized features {', '.join(seg.features)}.", "",
-             "| method | k | silhouette | eligible | silhouette by k | BIC by k | params |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# User segments: {seg.method}, k={seg.k}",
+        "",
+        f"Silhouette {seg.score:.4f} on a sample of {seg.sample_size} users; {seg.components} principal "
+        f"components of the standardized features {', '.join(seg.features)}.",
+        "",
+        "| method | k | silhouette | eligible | silhouette by k | BIC by k | params |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name, r in seg.methods.items():
         by_k = ", ".join(f"{k}: {v:.3f}" for k, v in r.silhouette_by_k.items())
         bic = ", ".join(f"{k}: {v:.0f}" for k, v in r.bic_by_k.items())
         params = ", ".join(f"{k}={v}" for k, v in r.params.items())
         if r.noise_share is not None:
             params += f", noise_share={r.noise_share:.3f}"
-        lines.append(f"| {name} | {r.k} | {r.silhouette:.4f} | {'yes' if r.eligible else 'no'} | {by_k} | {bic} | {params} |")
+        lines.append(
+            f"| {name} | {r.k} | {r.silhouette:.4f} | {'yes' if r.eligible else 'no'} | {by_k} | {bic} | {params} |"
+        )
     lines += ["", "| segment | size | top categories | mean events (30d) |", "|---|---|---|---|"]
     for row in summary.itertuples(index=False):
         lines.append(f"| {row.segment} | {row.size} | {', '.join(row.top_categories)} | {row.mean_events_30d:.2f} |")
@@ -399,14 +436,16 @@ def _embeddings(x: np.ndarray, seed: int) -> dict[str, np.ndarray]:
     except ImportError as exc:  # umap-learn is a declared dependency of the segment pictures
         raise RuntimeError(f"segments_umap.png needs umap-learn (`import umap` failed: {exc})") from exc
     n = len(x)
-    tsne = TSNE(n_components=2, perplexity=float(min(30.0, max(2.0, (n - 1) / 3))), init="pca",
-                random_state=seed).fit_transform(x)
+    tsne = TSNE(
+        n_components=2, perplexity=float(min(30.0, max(2.0, (n - 1) / 3))), init="pca", random_state=seed
+    ).fit_transform(x)
     reducer = umap.UMAP(n_components=2, n_neighbors=int(min(15, max(2, n - 1))), random_state=seed, n_jobs=1)
     return {"tsne": tsne, "umap": reducer.fit_transform(x)}
 
 
-def plot_segments(profiles: pd.DataFrame, seg: Segmentation, out_dir: Path, *, seed: int = 0,
-                  sample_size: int = PLOT_SAMPLE) -> list[Path]:
+def plot_segments(
+    profiles: pd.DataFrame, seg: Segmentation, out_dir: Path, *, seed: int = 0, sample_size: int = PLOT_SAMPLE
+) -> list[Path]:
     """Write ``segments_tsne.png`` and ``segments_umap.png`` to ``out_dir``: 2-D t-SNE / UMAP embeddings
     of the :func:`feature_space` rows of a deterministic sample of at most ``sample_size``
     users, coloured by segment, titled with method and k. Returns the two paths."""
@@ -430,8 +469,14 @@ def plot_segments(profiles: pd.DataFrame, seg: Segmentation, out_dir: Path, *, s
         ax = fig.subplots()
         for s in np.unique(labels):
             mask = labels == s
-            ax.scatter(emb[mask, 0], emb[mask, 1], s=8, alpha=0.7, color=cmap(int(s) % cmap.N),
-                       label=f"segment {s} ({int(mask.sum())})")
+            ax.scatter(
+                emb[mask, 0],
+                emb[mask, 1],
+                s=8,
+                alpha=0.7,
+                color=cmap(int(s) % cmap.N),
+                label=f"segment {s} ({int(mask.sum())})",
+            )
         title = "t-SNE" if name == "tsne" else "UMAP"
         ax.set_title(f"User segments ({title}): {seg.method}, k={seg.k}, {len(rows)} users")
         ax.set_xticks([])

@@ -5,14 +5,27 @@ from __future__ import annotations
 
 import pandas as pd
 
+from core.run_context import RunContext
+from core.settings import Settings
 from feature_store.items import build_item_features, content_embeddings, write_item_snapshot
+from feature_store.offline import read_offline_snapshot, write_offline_snapshot
 from feature_store.online import OnlineStore
-from feature_store.profiles import build_user_profiles, read_offline_snapshot, write_offline_snapshot
+from feature_store.profiles import build_user_profiles
 from feature_store.segments import plot_segments, segment_summary, segment_users, summary_markdown
-from hyperrec.run_context import RunContext
-from hyperrec.settings import Settings
 from pipelines.spark import get_spark
 from pipelines.validate import validate_features
+
+SEGMENTS_DIR = "segments"
+SEGMENT_LABELS_FILE = "segments.parquet"
+
+
+def read_segment_labels(run: RunContext) -> dict[str, str]:
+    """user_id → segment label from the run's segmentation (empty when there is none)."""
+    path = run.features_dir / SEGMENTS_DIR / SEGMENT_LABELS_FILE
+    if not path.exists():
+        return {}
+    labels = pd.read_parquet(path)
+    return dict(zip(labels["user_id"].astype(str), labels["segment"].astype(str)))
 
 
 def online_store(settings: Settings) -> OnlineStore:
@@ -41,9 +54,17 @@ def build_features(settings: Settings, run: RunContext) -> dict:
         written = store.materialize(profiles, version=run.run_id)
     finally:
         store.close()
-    result = {"users": len(profiles), "features": profiles.shape[1] - 1, "as_of": str(as_of), "snapshot": str(snapshot), "online_written": written,
-              "items": len(item_features), "embedding_method": embedding_method, "embedding_dim": int(embeddings.shape[1]),
-              "item_snapshot": str(item_snapshot)}
+    result = {
+        "users": len(profiles),
+        "features": profiles.shape[1] - 1,
+        "as_of": str(as_of),
+        "snapshot": str(snapshot),
+        "online_written": written,
+        "items": len(item_features),
+        "embedding_method": embedding_method,
+        "embedding_dim": int(embeddings.shape[1]),
+        "item_snapshot": str(item_snapshot),
+    }
     run.write_json("features.json", result)
     return result
 
@@ -56,10 +77,10 @@ def segment(settings: Settings, run: RunContext) -> dict:
     profiles = read_offline_snapshot(run.features_dir / "offline")
     cfg = settings.segmentation
     seg = segment_users(profiles, k_min=cfg.k_min, k_max=min(cfg.k_max, max(cfg.k_min, len(profiles) - 1)), seed=0)
-    out = run.features_dir / "segments"
+    out = run.features_dir / SEGMENTS_DIR
     out.mkdir(parents=True, exist_ok=True)
     labels = seg.labels.rename("segment").reset_index().rename(columns={"index": "user_id"})
-    labels.to_parquet(out / "segments.parquet", index=False)
+    labels.to_parquet(out / SEGMENT_LABELS_FILE, index=False)
     summary = segment_summary(profiles, seg)
     summary.to_csv(out / "summary.csv", index=False)
     (out / "summary.md").write_text(summary_markdown(summary, seg))

@@ -4,12 +4,10 @@ trigger a DAG run, follow its task instances, count runs by state."""
 from __future__ import annotations
 
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
-
-from hyperrec.settings import Settings
 
 FINISHED = {"success", "failed"}
 
@@ -27,17 +25,10 @@ class AirflowClient:
         self._http = httpx.Client(base_url=self.base_url, timeout=timeout)
         self._token: str | None = None
 
-    @classmethod
-    def from_settings(cls, settings: Settings) -> "AirflowClient":
-        from hyperrec.up import airflow_login, airflow_url
-
-        user, password = airflow_login(settings)
-        return cls(airflow_url(settings), user, password)
-
     def close(self) -> None:
         self._http.close()
 
-    def __enter__(self) -> "AirflowClient":
+    def __enter__(self) -> AirflowClient:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -48,11 +39,14 @@ class AirflowClient:
             try:
                 answer = self._http.post("/auth/token", json=self._login)
             except httpx.TransportError as exc:
-                raise AirflowApiError(f"Airflow API server at {self.base_url} is not reachable ({exc}); "
-                                      "is `hyperrec up` running?") from exc
+                raise AirflowApiError(
+                    f"Airflow API server at {self.base_url} is not reachable ({exc}); is `hyperrec up` running?"
+                ) from exc
             if answer.status_code >= 400:
-                raise AirflowApiError(f"login as {self._login['username']!r} at {self.base_url} failed: "
-                                      f"HTTP {answer.status_code} {answer.text[:200]}")
+                raise AirflowApiError(
+                    f"login as {self._login['username']!r} at {self.base_url} failed: "
+                    f"HTTP {answer.status_code} {answer.text[:200]}"
+                )
             self._token = answer.json()["access_token"]
         return self._token
 
@@ -91,12 +85,13 @@ class AirflowClient:
 
     def dag_run_counts(self, dag_ids: tuple[str, ...], *, hours: float = 24) -> dict[tuple[str, str], int]:
         """(dag_id, state) → number of runs that started in the last ``hours``."""
-        since = (datetime.now(timezone.utc) - timedelta(hours=hours)).isoformat()
+        since = (datetime.now(UTC) - timedelta(hours=hours)).isoformat()
         counts: dict[tuple[str, str], int] = {}
         for dag_id in dag_ids:
             for state in ("queued", "running", "success", "failed"):
-                runs = self.request("GET", f"/dags/{dag_id}/dagRuns",
-                                    params={"limit": 1, "state": state, "run_after_gte": since})
+                runs = self.request(
+                    "GET", f"/dags/{dag_id}/dagRuns", params={"limit": 1, "state": state, "run_after_gte": since}
+                )
                 counts[(dag_id, state)] = int(runs["total_entries"])
         return counts
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -16,21 +15,32 @@ ConfigOpt = typer.Option(None, "--config", help="overlay YAML on config/default.
 def generate(
     out: Path = typer.Option(..., "--out", help="directory to write the raw dataset to"),
     events: int = typer.Option(100_000, "--events", min=1, help="number of interaction events"),
-    users: Optional[int] = typer.Option(None, "--users", min=1, help="number of users (default: events/50)"),
-    items: Optional[int] = typer.Option(None, "--items", min=1, help="number of items (default: events/100)"),
+    users: int | None = typer.Option(None, "--users", min=1, help="number of users (default: events/50)"),
+    items: int | None = typer.Option(None, "--items", min=1, help="number of items (default: events/100)"),
     groups: int = typer.Option(4, "--groups", min=1, help="latent user groups"),
     seed: int = typer.Option(0, "--seed"),
     drift: float = typer.Option(0.0, "--drift", min=0.0, max=1.0, help="strength of injected distribution drift"),
     malformed: float = typer.Option(0.0, "--malformed", min=0.0, max=1.0, help="share of malformed records"),
     duplicates: float = typer.Option(0.0, "--duplicates", min=0.0, max=1.0, help="share of exact duplicate events"),
-    benchmark_csv: bool = typer.Option(False, "--benchmark-csv", help="also write interactions.csv/items.csv/users.csv for `hyperrec benchmark --dataset OUT`"),
+    benchmark_csv: bool = typer.Option(
+        False,
+        "--benchmark-csv",
+        help="also write interactions.csv/items.csv/users.csv for `hyperrec benchmark --dataset OUT`",
+    ),
 ) -> None:
     """Generate a seeded synthetic content platform (streamed to Parquet)."""
-    from hyperrec.datasets.synthetic import generate as run_generate
+    from core.datasets.synthetic import generate as run_generate
 
     dataset = run_generate(
-        out, events=events, users=users, items=items, groups=groups, seed=seed,
-        drift=drift, malformed_fraction=malformed, duplicate_fraction=duplicates,
+        out,
+        events=events,
+        users=users,
+        items=items,
+        groups=groups,
+        seed=seed,
+        drift=drift,
+        malformed_fraction=malformed,
+        duplicate_fraction=duplicates,
     )
     typer.echo(f"wrote {dataset.root}")
     if benchmark_csv:
@@ -41,24 +51,32 @@ def generate(
 
 @app.command()
 def preprocess(
-    interactions: str = typer.Option(..., "--interactions", help="CSV, JSON lines or Parquet file/directory, local or s3://"),
+    interactions: str = typer.Option(
+        ..., "--interactions", help="CSV, JSON lines or Parquet file/directory, local or s3://"
+    ),
     out: Path = typer.Option(..., "--out", help="output directory: clean/, quarantine/, split/, report.json"),
-    users: Optional[str] = typer.Option(None, "--users", help="users table (enables the unknown_user check)"),
-    items: Optional[str] = typer.Option(None, "--items", help="items table (enables the unknown_item check)"),
-    config: Optional[Path] = ConfigOpt,
+    users: str | None = typer.Option(None, "--users", help="users table (enables the unknown_user check)"),
+    items: str | None = typer.Option(None, "--items", help="items table (enables the unknown_item check)"),
+    config: Path | None = ConfigOpt,
 ) -> None:
     """Clean, quarantine, deduplicate, impute and split raw interactions with Spark."""
     import json
 
-    from hyperrec.settings import load_settings
+    from core.settings import load_settings
     from pipelines.preprocess import preprocess as run_preprocess
     from pipelines.spark import get_spark
 
     settings = load_settings(config)
     out.mkdir(parents=True, exist_ok=True)
     report = run_preprocess(
-        get_spark(settings), interactions, out, settings.preprocess, users=users, items=items,
-        half_life_days=settings.features.half_life_days, s3_endpoint_url=settings.object_store.s3_endpoint_url,
+        get_spark(settings),
+        interactions,
+        out,
+        settings.preprocess,
+        users=users,
+        items=items,
+        half_life_days=settings.features.half_life_days,
+        s3_endpoint_url=settings.object_store.s3_endpoint_url,
     )
     typer.echo(json.dumps(report.to_json(), indent=2, sort_keys=True))
 
@@ -69,31 +87,42 @@ def benchmark(
     protocol: str = typer.Option("u75", "--protocol", help="split protocol (DESIGN.md): u75"),
     k: int = typer.Option(10, "--k", min=1, help="list length"),
     out: Path = typer.Option(..., "--out", help="output directory"),
-    models: str = typer.Option("popularity,item_knn,ease,als,content,neural,hybrid", "--models",
-                               help="comma-separated models to run (the hybrid blends the components it can fit)"),
-    config: Optional[Path] = ConfigOpt,
+    models: str = typer.Option(
+        "popularity,item_knn,ease,als,content,neural,hybrid",
+        "--models",
+        help="comma-separated models to run (the hybrid blends the components it can fit)",
+    ),
+    config: Path | None = ConfigOpt,
 ) -> None:
     """Offline benchmark: metrics.json, train/test CSVs and one recommendations CSV per model."""
-    from hyperrec.settings import load_settings
+    from core.settings import load_settings
     from training.benchmark import run_benchmark
 
-    metrics = run_benchmark(load_settings(config), dataset=dataset, protocol=protocol, k=k, out=out,
-                            models=tuple(m.strip() for m in models.split(",") if m.strip()))
+    metrics = run_benchmark(
+        load_settings(config),
+        dataset=dataset,
+        protocol=protocol,
+        k=k,
+        out=out,
+        models=tuple(m.strip() for m in models.split(",") if m.strip()),
+    )
     for name, res in metrics["models"].items():
-        typer.echo(f"{name:>12}  P@{k} {res['precision']:.4f}  R@{k} {res['recall']:.4f}  NDCG@{k} {res['ndcg']:.4f}  "
-                   f"MAP@{k} {res['map']:.4f}  HR@{k} {res['hit']:.4f}")
+        typer.echo(
+            f"{name:>12}  P@{k} {res['precision']:.4f}  R@{k} {res['recall']:.4f}  NDCG@{k} {res['ndcg']:.4f}  "
+            f"MAP@{k} {res['map']:.4f}  HR@{k} {res['hit']:.4f}"
+        )
     typer.echo(f"best: {metrics['best']}  split {metrics['split_fingerprint']}  -> {out}")
 
 
 @app.command()
 def demo(
-    config: Optional[Path] = ConfigOpt,
-    synthetic_events: Optional[int] = typer.Option(None, "--synthetic-events", help="size of the synthetic sample"),
+    config: Path | None = ConfigOpt,
+    synthetic_events: int | None = typer.Option(None, "--synthetic-events", help="size of the synthetic sample"),
     serve_users: str = typer.Option("1,2", "--users", help="comma-separated users to show recommendations for"),
 ) -> None:
     """Run recsys_training through Airflow on ml-100k plus a synthetic sample, then serve."""
+    from core.settings import load_settings
     from hyperrec.demo import run_demo
-    from hyperrec.settings import load_settings
 
     settings = load_settings(config)
     run_demo(settings, synthetic_events=synthetic_events, show_users=[u for u in serve_users.split(",") if u])
@@ -101,7 +130,7 @@ def demo(
 
 @app.command()
 def train(
-    config: Optional[Path] = ConfigOpt,
+    config: Path | None = ConfigOpt,
     dataset: str = typer.Option("ml-100k", "--dataset", help="'ml-100k' or a raw dataset directory"),
     synthetic_events: int = typer.Option(0, "--synthetic-events", help="add a synthetic sample of this size"),
 ) -> None:
@@ -117,7 +146,7 @@ def train(
 @app.command("drift")
 def drift_check(
     current: Path = typer.Option(..., "--current", help="raw dataset directory with the recent events"),
-    config: Optional[Path] = ConfigOpt,
+    config: Path | None = ConfigOpt,
 ) -> None:
     """Run the recsys_drift_monitor DAG once on a recent batch."""
     from hyperrec.orchestration import run_dag
@@ -130,10 +159,12 @@ def drift_check(
 
 @app.command()
 def serve(
-    host: Optional[str] = typer.Option(None, "--host"),
-    port: Optional[int] = typer.Option(None, "--port"),
-    workers: Optional[int] = typer.Option(None, "--workers", help="uvicorn worker processes (default: serving.workers)"),
-    config: Optional[Path] = ConfigOpt,
+    host: str | None = typer.Option(None, "--host"),
+    port: int | None = typer.Option(None, "--port"),
+    workers: int | None = typer.Option(
+        None, "--workers", help="uvicorn worker processes (default: serving.workers)"
+    ),
+    config: Path | None = ConfigOpt,
 ) -> None:
     """Serve the champion that was published last (hot-reloads newly published versions)."""
     from serving.app import run_server
@@ -143,17 +174,18 @@ def serve(
 
 @app.command()
 def up(
-    config: Optional[Path] = ConfigOpt,
+    config: Path | None = ConfigOpt,
     foreground: bool = typer.Option(False, "--foreground", help="supervise in this process until Ctrl-C/SIGTERM"),
-    owner_pid: Optional[int] = typer.Option(None, "--owner-pid", hidden=True,
-                                            help="stop everything when this process exits (tests)"),
+    owner_pid: int | None = typer.Option(
+        None, "--owner-pid", hidden=True, help="stop everything when this process exits (tests)"
+    ),
 ) -> None:
     """Start Airflow (API server/UI, scheduler, DAG processor, triggerer), the MLflow server,
     the serving API and the online store as supervised processes; wait until all are healthy."""
     from rich.console import Console
 
+    from core.settings import load_settings
     from hyperrec import up as services
-    from hyperrec.settings import load_settings
 
     settings = load_settings(config)
     if foreground:
@@ -168,6 +200,7 @@ def up(
         console.print(f"already running (supervisor pid {pid}); checking health")
     try:
         with console.status("starting services") as spinner:
+
             def tick(report: dict) -> None:
                 waiting = [n for n, s in report["services"].items() if not s["healthy"]]
                 spinner.update(f"waiting for: {', '.join(waiting) or 'nothing'}")
@@ -194,15 +227,18 @@ def _print_status(report: dict) -> None:
         table.add_row(name, service["url"] or "-", str(service["pid"] or "-"), healthy, str(service["restarts"]))
     console = Console(width=120)
     console.print(table)
-    console.print(f"Airflow login: [bold]{report['airflow_user']}[/bold] / [bold]{report['airflow_password']}[/bold]"
-                  f"   logs: {report['logs']}   platform metrics: {report['metrics']}", soft_wrap=True)
+    console.print(
+        f"Airflow login: [bold]{report['airflow_user']}[/bold] / [bold]{report['airflow_password']}[/bold]"
+        f"   logs: {report['logs']}   platform metrics: {report['metrics']}",
+        soft_wrap=True,
+    )
 
 
 @app.command()
-def down(config: Optional[Path] = ConfigOpt) -> None:
+def down(config: Path | None = ConfigOpt) -> None:
     """Stop everything `hyperrec up` started for this home."""
+    from core.settings import load_settings
     from hyperrec import up as services
-    from hyperrec.settings import load_settings
 
     stopped = services.down(load_settings(config))
     typer.echo(f"stopped: {', '.join(stopped)}" if stopped else "nothing was running")
@@ -210,15 +246,15 @@ def down(config: Optional[Path] = ConfigOpt) -> None:
 
 @app.command()
 def status(
-    config: Optional[Path] = ConfigOpt,
+    config: Path | None = ConfigOpt,
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
 ) -> None:
     """Each service of `hyperrec up`: URL, pid, health, restarts; the Airflow login.
     Exit status 1 when a service is not healthy."""
     import json
 
+    from core.settings import load_settings
     from hyperrec import up as services
-    from hyperrec.settings import load_settings
 
     report = services.status(load_settings(config))
     if as_json:
@@ -236,7 +272,7 @@ def trigger(
     conf: str = typer.Option("{}", "--conf", help="JSON object of DAG params, e.g. '{\"synthetic_events\": 50000}'"),
     wait: bool = typer.Option(True, "--wait/--no-wait", help="follow the run until it finishes"),
     timeout: float = typer.Option(7200.0, "--timeout", help="seconds to wait"),
-    config: Optional[Path] = ConfigOpt,
+    config: Path | None = ConfigOpt,
 ) -> None:
     """Trigger a DAG run through the Airflow REST API of `hyperrec up` and follow it."""
     import json
@@ -244,8 +280,9 @@ def trigger(
     from rich.console import Console
     from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    from hyperrec.airflow_api import AirflowApiError, AirflowClient
-    from hyperrec.settings import load_settings
+    from core.settings import load_settings
+    from hyperrec.airflow_api import AirflowApiError
+    from hyperrec.up import airflow_client
 
     try:
         params = json.loads(conf)
@@ -259,41 +296,53 @@ def trigger(
     settings = load_settings(config)
     console = Console()
     try:
-        with AirflowClient.from_settings(settings) as client:
+        with airflow_client(settings) as client:
             run = client.trigger(dag_id, params)
             run_id = run["dag_run_id"]
             console.print(f"triggered {dag_id} run {run_id} ({client.base_url}/dags/{dag_id}/runs/{run_id})")
             if not wait:
                 return
-            with Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(),
-                          TextColumn("{task.completed}/{task.total} tasks"), TimeElapsedColumn(),
-                          console=console) as progress:
+            with Progress(
+                SpinnerColumn(),
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                TextColumn("{task.completed}/{task.total} tasks"),
+                TimeElapsedColumn(),
+                console=console,
+            ) as progress:
                 bar = progress.add_task(f"{dag_id}: queued", total=None)
 
                 def tick(current: dict, tis: list[dict]) -> None:
                     done = sum(ti["state"] in ("success", "skipped") for ti in tis)
                     running = [ti["task_id"] for ti in tis if ti["state"] in ("running", "queued", "up_for_retry")]
-                    progress.update(bar, total=len(tis) or None, completed=done,
-                                    description=f"{dag_id}: {', '.join(running) or current['state']}")
+                    progress.update(
+                        bar,
+                        total=len(tis) or None,
+                        completed=done,
+                        description=f"{dag_id}: {', '.join(running) or current['state']}",
+                    )
 
                 final = client.wait(dag_id, run_id, timeout=timeout, on_tick=tick)
             failed = [ti["task_id"] for ti in client.task_instances(dag_id, run_id) if ti["state"] == "failed"]
     except (AirflowApiError, TimeoutError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from exc
-    console.print(f"{dag_id} run {run_id}: {final['state']}"
-                  + (f" (failed: {', '.join(failed)}; task logs under {settings.airflow_home / 'logs'})" if failed else ""))
+    console.print(
+        f"{dag_id} run {run_id}: {final['state']}"
+        + (f" (failed: {', '.join(failed)}; task logs under {settings.airflow_home / 'logs'})" if failed else "")
+    )
     raise typer.Exit(0 if final["state"] == "success" else 1)
 
 
-features_app = typer.Typer(help="User features: build the offline snapshot and online store, inspect profiles.",
-                           no_args_is_help=True)
+features_app = typer.Typer(
+    help="User features: build the offline snapshot and online store, inspect profiles.", no_args_is_help=True
+)
 app.add_typer(features_app, name="features")
 
 
-def _client_settings(config: Optional[Path]):
+def _client_settings(config: Path | None):
     """Settings for a client command: through the servers of `hyperrec up` when it runs."""
-    from hyperrec.settings import load_settings
+    from core.settings import load_settings
     from hyperrec.up import client_settings
 
     return client_settings(load_settings(config))
@@ -303,20 +352,24 @@ def latest_run_dir(runs_dir: Path) -> Path:
     """The run directory under ``runs_dir`` whose ``split/train`` was written last."""
     candidates = [d for d in runs_dir.iterdir() if (d / "split" / "train").exists()] if runs_dir.is_dir() else []
     if not candidates:
-        raise FileNotFoundError(f"no run directory with split/train under {runs_dir}; run `hyperrec train` "
-                                "or pass --run-dir")
+        raise FileNotFoundError(
+            f"no run directory with split/train under {runs_dir}; run `hyperrec train` or pass --run-dir"
+        )
     return max(candidates, key=lambda d: ((d / "split" / "train").stat().st_mtime, d.name))
 
 
 @features_app.command("build")
 def features_build(
-    run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="run directory holding split/ and clean/ "
-                                           "(default: the newest under <home>/runs with split/train)"),
-    config: Optional[Path] = ConfigOpt,
+    run_dir: Path | None = typer.Option(
+        None,
+        "--run-dir",
+        help="run directory holding split/ and clean/ (default: the newest under <home>/runs with split/train)",
+    ),
+    config: Path | None = ConfigOpt,
 ) -> None:
     """Build user profiles (offline snapshot + online store) and segments for one run."""
-    from hyperrec.run_context import RunContext
-    from hyperrec.settings import load_settings
+    from core.run_context import RunContext
+    from core.settings import load_settings
 
     settings = load_settings(config)
     try:
@@ -333,8 +386,9 @@ def features_build(
     typer.echo(f"run {run.run_id}: {built['users']} users x {built['features']} features as of {built['as_of']}")
     typer.echo(f"offline snapshot: {built['snapshot']}")
     typer.echo(f"online store: {built['online_written']} users written")
-    typer.echo(f"segments: {seg.get('method')} k={seg.get('k')} silhouette={seg.get('silhouette')} "
-               f"sizes={seg.get('sizes')}")
+    typer.echo(
+        f"segments: {seg.get('method')} k={seg.get('k')} silhouette={seg.get('silhouette')} sizes={seg.get('sizes')}"
+    )
 
 
 def _format_value(value: float | str) -> str:
@@ -346,7 +400,7 @@ def _format_value(value: float | str) -> str:
 @features_app.command("get")
 def features_get(
     user_id: str = typer.Argument(..., help="the user whose online profile to show"),
-    config: Optional[Path] = ConfigOpt,
+    config: Path | None = ConfigOpt,
 ) -> None:
     """Print a user's profile from the online store."""
     from rich.console import Console
@@ -373,8 +427,9 @@ def features_get(
     Console(width=100).print(table)
 
 
-model_app = typer.Typer(help="The MLflow model registry: list versions, promote by hand, roll back the champion.",
-                        no_args_is_help=True)
+model_app = typer.Typer(
+    help="The MLflow model registry: list versions, promote by hand, roll back the champion.", no_args_is_help=True
+)
 app.add_typer(model_app, name="model")
 
 
@@ -390,7 +445,7 @@ def _registry_call(fn, *args, **kwargs):
 
 
 @model_app.command("list")
-def model_list(config: Optional[Path] = ConfigOpt) -> None:
+def model_list(config: Path | None = ConfigOpt) -> None:
     """Table of registered versions: aliases, gate decision, NDCG@k of the run, creation time."""
     from rich.console import Console
     from rich.table import Table
@@ -404,13 +459,19 @@ def model_list(config: Optional[Path] = ConfigOpt) -> None:
         typer.echo(f"no versions of {name!r} registered yet")
         return
     table = Table(title=f"{name} ({settings.mlflow_tracking_uri})")
-    for column, justify in (("version", "right"), ("aliases", "left"), ("gate", "left"),
-                            (f"ndcg@{settings.training.k}", "right"), ("created (UTC)", "left")):
+    for column, justify in (
+        ("version", "right"),
+        ("aliases", "left"),
+        ("gate", "left"),
+        (f"ndcg@{settings.training.k}", "right"),
+        ("created (UTC)", "left"),
+    ):
         table.add_column(column, justify=justify)
     for row in rows:
         ndcg = "-" if row["ndcg"] is None else f"{row['ndcg']:.4f}"
-        table.add_row(str(row["version"]), ", ".join(row["aliases"]) or "-", row["gate_decision"] or "-", ndcg,
-                      row["created"])
+        table.add_row(
+            str(row["version"]), ", ".join(row["aliases"]) or "-", row["gate_decision"] or "-", ndcg, row["created"]
+        )
     Console(width=120).print(table)
 
 
@@ -418,8 +479,8 @@ def model_list(config: Optional[Path] = ConfigOpt) -> None:
 def model_promote(
     version: int = typer.Argument(..., min=1, help="registered version to make champion"),
     reason: str = typer.Option("", "--reason", help="why (recorded on the version's tags)"),
-    by: Optional[str] = typer.Option(None, "--by", help="who promotes (default: the OS user)"),
-    config: Optional[Path] = ConfigOpt,
+    by: str | None = typer.Option(None, "--by", help="who promotes (default: the OS user)"),
+    config: Path | None = ConfigOpt,
 ) -> None:
     """Move the champion alias to VERSION by hand, recording who, why and the previous champion."""
     from training.registry import promote_version
@@ -431,17 +492,19 @@ def model_promote(
 
 @model_app.command("rollback")
 def model_rollback(
-    to: Optional[int] = typer.Option(None, "--to", min=1, help="an earlier champion (default: the previous one)"),
+    to: int | None = typer.Option(None, "--to", min=1, help="an earlier champion (default: the previous one)"),
     reason: str = typer.Option("", "--reason", help="why (recorded on the version's tags)"),
-    by: Optional[str] = typer.Option(None, "--by", help="who rolls back (default: the OS user)"),
-    config: Optional[Path] = ConfigOpt,
+    by: str | None = typer.Option(None, "--by", help="who rolls back (default: the OS user)"),
+    config: Path | None = ConfigOpt,
 ) -> None:
     """Move the champion alias back to the previous champion (or to an earlier one with --to)."""
     from training.registry import rollback
 
     record = _registry_call(rollback, _client_settings(config), to, reason=reason, user=by)
-    typer.echo(f"champion: v{record['version']} (rolled back from v{record['rolled_back_from']}), "
-               f"by {record['user']}: {record['reason']}")
+    typer.echo(
+        f"champion: v{record['version']} (rolled back from v{record['rolled_back_from']}), "
+        f"by {record['user']}: {record['reason']}"
+    )
 
 
 if __name__ == "__main__":  # pragma: no cover

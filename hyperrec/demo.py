@@ -4,7 +4,6 @@ sample, the drift monitor on a fresh batch, then a real server answering request
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import threading
@@ -16,11 +15,23 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from core.net import free_port
+from core.run_context import RunContext
+from core.settings import Settings
 from hyperrec.orchestration import run_dag
-from hyperrec.run_context import RunContext
-from hyperrec.settings import Settings
 
-TRAINING_STAGES = ("ingest", "preprocess", "validate", "build_features", "segment", "train", "evaluate", "register", "promote", "publish_champion")
+TRAINING_STAGES = (
+    "ingest",
+    "preprocess",
+    "validate",
+    "build_features",
+    "segment",
+    "train",
+    "evaluate",
+    "register",
+    "promote",
+    "publish_champion",
+)
 console = Console()
 
 
@@ -34,8 +45,14 @@ def _run_with_progress(settings: Settings, dag_id: str, conf: dict, stages: tupl
     progress bar along the stages the run directory records as finished."""
     started = time.time()
     finished = threading.Event()
-    with Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeElapsedColumn(), console=console) as progress:
+    with Progress(
+        SpinnerColumn(),
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        console=console,
+    ) as progress:
         bar = progress.add_task(f"{dag_id}: starting", total=len(stages))
 
         def watch() -> None:
@@ -47,7 +64,11 @@ def _run_with_progress(settings: Settings, dag_id: str, conf: dict, stages: tupl
                 except json.JSONDecodeError:  # caught mid-write; next tick reads it whole
                     continue
                 pending = [s for s in stages if s not in done]
-                progress.update(bar, completed=len(stages) - len(pending), description=f"{dag_id}: {pending[0] if pending else 'finishing'}")
+                progress.update(
+                    bar,
+                    completed=len(stages) - len(pending),
+                    description=f"{dag_id}: {pending[0] if pending else 'finishing'}",
+                )
 
         watcher = threading.Thread(target=watch, daemon=True)
         watcher.start()
@@ -75,8 +96,15 @@ def _stage_table(run: RunContext) -> Table:
     rows = Table(title="rows")
     for col in ("in", "quarantined", "deduplicated", "clean", "train", "test", "imputed"):
         rows.add_column(col, justify="right")
-    rows.add_row(str(report["in"]), str(report["quarantined_total"]), str(report["duplicates"]), str(report["clean"]),
-                 str(report["train"]), str(report["test"]), str(sum(report["imputed"].values())))
+    rows.add_row(
+        str(report["in"]),
+        str(report["quarantined_total"]),
+        str(report["duplicates"]),
+        str(report["clean"]),
+        str(report["train"]),
+        str(report["test"]),
+        str(sum(report["imputed"].values())),
+    )
     return table, rows
 
 
@@ -96,17 +124,11 @@ def _model_table(run: RunContext) -> Table:
     return table
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _serve_and_show(settings: Settings, users: list[str], k: int) -> None:
     """Start ``hyperrec serve`` as a real server process and print its answers."""
     from hyperrec.orchestration import settings_file
 
-    port = _free_port()
+    port = free_port()
     cmd = [sys.executable, "-m", "hyperrec.cli", "serve", "--port", str(port), "--config", str(settings_file(settings))]
     server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"
@@ -126,7 +148,9 @@ def _serve_and_show(settings: Settings, users: list[str], k: int) -> None:
                 time.sleep(0.3)
         for user in users:
             answer = httpx.get(f"{base}/v1/recommendations/{user}", params={"k": k}, timeout=10).json()
-            table = Table(title=f"GET /v1/recommendations/{user}?k={k}  (model {answer['model_version']}, cold start: {answer['cold_start']})")
+            table = Table(
+                title=f"GET /v1/recommendations/{user}?k={k}  (model {answer['model_version']}, cold start: {answer['cold_start']})"
+            )
             table.add_column("rank", justify="right")
             table.add_column("item")
             table.add_column("title")
@@ -140,13 +164,18 @@ def _serve_and_show(settings: Settings, users: list[str], k: int) -> None:
 
 
 def run_demo(settings: Settings, synthetic_events: int | None = None, show_users: list[str] | None = None) -> None:
-    from hyperrec.datasets.synthetic import generate
+    from core.datasets.synthetic import generate
     from training.registry import champion_version
 
     events = synthetic_events if synthetic_events is not None else settings.synthetic.demo_events
     console.rule("[bold]hyperrec demo")
     console.print(f"state under {settings.home} (mode: {settings.mode}); Airflow metadata DB: {settings.airflow_conn}")
-    _, run = _run_with_progress(settings, "recsys_training", {"dataset": "ml-100k", "synthetic_events": events, "reason": "demo"}, TRAINING_STAGES)
+    _, run = _run_with_progress(
+        settings,
+        "recsys_training",
+        {"dataset": "ml-100k", "synthetic_events": events, "reason": "demo"},
+        TRAINING_STAGES,
+    )
 
     batch = settings.home / "incoming" / "batch-no-drift"
     with console.status("generating a fresh synthetic batch for the drift monitor"):

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import yaml
 
-from hyperrec.settings import PROJECT_ROOT, Settings
+from core.files import write_text_atomic
+from core.settings import PROJECT_ROOT, Settings
 
 DAGS_FOLDER = PROJECT_ROOT / "dags"
 
@@ -21,12 +22,7 @@ def write_settings(settings: Settings, path: Path) -> Path:
     """Write ``settings`` as one YAML file (mode 0600: it may hold credentials) for child
     processes to rebuild the same object from ``HYPERREC_CONFIG``."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.touch(mode=0o600)
-    tmp.chmod(0o600)
-    tmp.write_text(yaml.safe_dump(settings.model_dump(mode="json"), sort_keys=False))
-    tmp.replace(path)
-    return path
+    return write_text_atomic(path, yaml.safe_dump(settings.model_dump(mode="json"), sort_keys=False), mode=0o600)
 
 
 def airflow_env(settings: Settings, settings_path: Path) -> dict[str, str]:
@@ -87,7 +83,10 @@ def dag_runs(dag_id: str) -> list[dict]:
 
     with create_session() as session:
         runs = session.query(DagRun).filter(DagRun.dag_id == dag_id).order_by(DagRun.id).all()
-        return [{"run_id": r.run_id, "state": str(r.state), "run_type": str(r.run_type), "conf": dict(r.conf or {})} for r in runs]
+        return [
+            {"run_id": r.run_id, "state": str(r.state), "run_type": str(r.run_type), "conf": dict(r.conf or {})}
+            for r in runs
+        ]
 
 
 def task_states(dag_id: str, run_id: str) -> dict[str, str]:

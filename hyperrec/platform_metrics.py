@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator, Mapping
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -67,18 +67,22 @@ class PlatformMetrics(Collector):
         with self._lock:
             services = dict(self._services)
             dag_runs = dict(self._dag_runs)
-        up = GaugeMetricFamily("hyperrec_service_up", "1 while the supervisor sees the service running",
-                               labels=["service"])
-        restarts = CounterMetricFamily("hyperrec_service_restarts", "Restarts of the service by the supervisor",
-                                       labels=["service"])
-        pid = GaugeMetricFamily("hyperrec_service_pid", "Process id of the service (0 while none runs)",
-                                labels=["service"])
+        up = GaugeMetricFamily(
+            "hyperrec_service_up", "1 while the supervisor sees the service running", labels=["service"]
+        )
+        restarts = CounterMetricFamily(
+            "hyperrec_service_restarts", "Restarts of the service by the supervisor", labels=["service"]
+        )
+        pid = GaugeMetricFamily(
+            "hyperrec_service_pid", "Process id of the service (0 while none runs)", labels=["service"]
+        )
         for name, service in sorted(services.items()):
             up.add_metric([name], 1.0 if service.up else 0.0)
             restarts.add_metric([name], float(service.restarts))
             pid.add_metric([name], float(service.pid or 0))
-        runs = GaugeMetricFamily("hyperrec_dag_runs", "DAG runs of the last 24 hours, by state",
-                                 labels=["dag_id", "state"])
+        runs = GaugeMetricFamily(
+            "hyperrec_dag_runs", "DAG runs of the last 24 hours, by state", labels=["dag_id", "state"]
+        )
         for dag_id in sorted({dag for dag, _ in dag_runs}):
             states = dict.fromkeys(DAG_RUN_STATES, 0)
             states.update({state: n for (dag, state), n in dag_runs.items() if dag == dag_id})
@@ -90,8 +94,9 @@ class PlatformMetrics(Collector):
 def metrics_server(host: str, port: int, render: Callable[[], tuple[bytes, str]]) -> ThreadingHTTPServer:
     """An HTTP server (not yet serving) answering ``GET /metrics`` with ``render()``'s body and
     content type, 404 elsewhere; raises OSError when the port is taken."""
+
     class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        def do_GET(self) -> None:
             if self.path.split("?")[0] != "/metrics":
                 self.send_error(404)
                 return

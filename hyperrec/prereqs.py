@@ -29,7 +29,9 @@ def java_major() -> int | None:
 def problems() -> list[str]:
     found = []
     if sys.version_info < MIN_PYTHON:
-        found.append(f"Python {MIN_PYTHON[0]}.{MIN_PYTHON[1]}+ not found (this is {sys.version.split()[0]}): install python3.11")
+        found.append(
+            f"Python {MIN_PYTHON[0]}.{MIN_PYTHON[1]}+ not found (this is {sys.version.split()[0]}): install python3.11"
+        )
     major = java_major()
     if major is None or major < MIN_JAVA:
         have = "no java on PATH" if major is None else f"found Java {major}"

@@ -12,9 +12,9 @@ import json
 import logging
 import time
 
-from hyperrec.errors import DataQualityError
-from hyperrec.run_context import RunContext
-from hyperrec.settings import load_settings
+from core.errors import DataQualityError
+from core.run_context import RunContext
+from core.settings import load_settings
 
 log = logging.getLogger("hyperrec")
 
@@ -44,8 +44,14 @@ def start_run(airflow_run_id: str, params: dict, run_type: str = "manual") -> st
     params = {**params, "reason": params.get("reason") or run_type.rsplit(".", 1)[-1].lower()}
     run.write_json("airflow_run.json", {"run_id": airflow_run_id, "run_type": run_type})
     run.write_json("params.json", params)
-    _timed(run, "ingest", "pipelines.ingest:ingest", dataset=params.get("dataset", "ml-100k"),
-           synthetic_events=int(params.get("synthetic_events", 0)), seed=int(params.get("seed", 0)))
+    _timed(
+        run,
+        "ingest",
+        "pipelines.ingest:ingest",
+        dataset=params.get("dataset", "ml-100k"),
+        synthetic_events=int(params.get("synthetic_events", 0)),
+        seed=int(params.get("seed", 0)),
+    )
     return str(run.root)
 
 

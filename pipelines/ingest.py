@@ -9,12 +9,12 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from hyperrec.datasets import RawDataset
-from hyperrec.datasets.movielens import ML100K_NAME as ML100K
-from hyperrec.datasets.movielens import to_raw_dataset
-from hyperrec.datasets.synthetic import generate
-from hyperrec.run_context import RunContext
-from hyperrec.settings import Settings
+from core.datasets import RawDataset
+from core.datasets.movielens import ML100K_NAME as ML100K
+from core.datasets.movielens import to_raw_dataset
+from core.datasets.synthetic import generate
+from core.run_context import RunContext
+from core.settings import Settings
 
 
 def _merge(sources: dict[str, RawDataset], target: RawDataset) -> None:
@@ -33,7 +33,9 @@ def _merge(sources: dict[str, RawDataset], target: RawDataset) -> None:
         pq.write_table(pa.concat_tables(tables, promote_options="default"), getattr(target, attr))
 
 
-def ingest(settings: Settings, run: RunContext, dataset: str = ML100K, synthetic_events: int = 0, seed: int = 0) -> dict:
+def ingest(
+    settings: Settings, run: RunContext, dataset: str = ML100K, synthetic_events: int = 0, seed: int = 0
+) -> dict:
     """Write the run's raw dataset to ``run.raw_dir``.
 
     ``dataset`` is ``"ml-100k"`` (the bundled, md5-checked copy), a raw dataset
@@ -49,8 +51,12 @@ def ingest(settings: Settings, run: RunContext, dataset: str = ML100K, synthetic
             sources["dataset"] = RawDataset(Path(dataset)).check()
         if synthetic_events > 0:
             sources["synthetic"] = generate(
-                Path(tmp) / "synthetic", events=synthetic_events, seed=seed,
-                malformed_fraction=0.005, duplicate_fraction=0.005, progress=False,
+                Path(tmp) / "synthetic",
+                events=synthetic_events,
+                seed=seed,
+                malformed_fraction=0.005,
+                duplicate_fraction=0.005,
+                progress=False,
             )
         if not sources:
             raise ValueError("nothing to ingest: give a dataset or synthetic_events > 0")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -18,14 +18,14 @@ from pyspark.ml.feature import Imputer
 from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
-from hyperrec.schemas import DEVICES, EVENT_TYPES, INTERACTIONS, ITEMS, RATING_MAX, RATING_MIN, USERS
-from hyperrec.settings import PreprocessSettings
+from core.schemas import DEVICES, EVENT_TYPES, INTERACTIONS, ITEMS, RATING_MAX, RATING_MIN, USERS
+from core.settings import PreprocessSettings
 from pipelines.read import read_raw_table
 from pipelines.split import temporal_split
 
 SESSION_GAP_S = 30 * 60
 MAX_ID_LENGTH = 128
-EARLIEST = datetime(1970, 1, 1, tzinfo=timezone.utc)
+EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
 # Implicit signal strength per event type; explicit ratings use rating / RATING_MAX instead.
 EVENT_CONFIDENCE = {"view": 0.2, "click": 0.35, "like": 0.7, "share": 0.8, "complete": 0.85}
 DEVICE_ALIASES = {
@@ -174,8 +174,14 @@ def parse_interactions(raw: DataFrame) -> DataFrame:
         "scroll_depth": parse_number("scroll_depth"),
     }
     unparseable = F.lit(None).cast("string")
-    for column, reason in reversed([("timestamp", "unparseable_timestamp"), ("rating", "unparseable_rating"),
-                                    ("dwell_time_s", "unparseable_dwell_time"), ("scroll_depth", "unparseable_scroll_depth")]):
+    for column, reason in reversed(
+        [
+            ("timestamp", "unparseable_timestamp"),
+            ("rating", "unparseable_rating"),
+            ("dwell_time_s", "unparseable_dwell_time"),
+            ("scroll_depth", "unparseable_scroll_depth"),
+        ]
+    ):
         unparseable = F.when(present[column] & parsed[column].isNull(), F.lit(reason)).otherwise(unparseable)
     return raw.select(
         _blank_to_null(F.col("user_id")).alias("user_id"),
@@ -239,8 +245,12 @@ def quarantine_reason(now: datetime, settings: PreprocessSettings) -> Column:
 def content_hash(algorithm: str) -> Column:
     """Hash over (user, item, event_type, timestamp, session): md5 or sha256 hex."""
     key = F.concat_ws(
-        "\u001f", "user_id", "item_id", "event_type",
-        F.date_format("timestamp", "yyyy-MM-dd'T'HH:mm:ss.SSSSSS"), F.coalesce("session_id", F.lit("")),
+        "\u001f",
+        "user_id",
+        "item_id",
+        "event_type",
+        F.date_format("timestamp", "yyyy-MM-dd'T'HH:mm:ss.SSSSSS"),
+        F.coalesce("session_id", F.lit("")),
     )
     return F.md5(key) if algorithm == "md5" else F.sha2(key, 256)
 
@@ -248,7 +258,9 @@ def content_hash(algorithm: str) -> Column:
 # --------------------------------------------------------------------------- dimension tables
 
 
-def _split_dimension(df: DataFrame, key: str, extra: tuple[tuple[Column, str], ...] = ()) -> tuple[DataFrame, DataFrame]:
+def _split_dimension(
+    df: DataFrame, key: str, extra: tuple[tuple[Column, str], ...] = ()
+) -> tuple[DataFrame, DataFrame]:
     """Split a dimension table into (clean, quarantined). Quarantined: unparseable lines,
     missing or invalid ``key`` values, rows meeting an ``extra`` (condition, reason), and
     every repeat of a key after its first occurrence in the input."""
@@ -262,7 +274,9 @@ def _split_dimension(df: DataFrame, key: str, extra: tuple[tuple[Column, str], .
     flagged = df.withColumn("reason", reasons)
     first = Window.partitionBy(key).orderBy("_row")
     ranked = flagged.withColumn("_rank", F.when(F.col("reason").isNull(), F.row_number().over(first)))
-    ranked = ranked.withColumn("reason", F.when(F.col("_rank") > 1, F.lit(f"duplicate_{key}")).otherwise(F.col("reason"))).drop("_rank")
+    ranked = ranked.withColumn(
+        "reason", F.when(F.col("_rank") > 1, F.lit(f"duplicate_{key}")).otherwise(F.col("reason"))
+    ).drop("_rank")
     return ranked.where(F.col("reason").isNull()).drop("reason"), ranked.where(F.col("reason").isNotNull())
 
 
@@ -287,9 +301,15 @@ def clean_users(raw: DataFrame) -> tuple[DataFrame, DataFrame]:
 def clean_items(raw: DataFrame) -> tuple[DataFrame, DataFrame]:
     """Items: category labels trimmed, lower-cased and de-duplicated; missing, invalid and
     repeated ids and missing titles are quarantined."""
-    categories = F.array_distinct(F.filter(F.transform(F.coalesce("categories", F.array().cast("array<string>")),
-                                                       lambda c: F.lower(F.regexp_replace(F.trim(c), r"\s+", " "))),
-                                           lambda c: c != ""))
+    categories = F.array_distinct(
+        F.filter(
+            F.transform(
+                F.coalesce("categories", F.array().cast("array<string>")),
+                lambda c: F.lower(F.regexp_replace(F.trim(c), r"\s+", " ")),
+            ),
+            lambda c: c != "",
+        )
+    )
     df = raw.select(
         _blank_to_null(F.col("item_id")).alias("item_id"),
         _blank_to_null(F.col("title")).alias("title"),
@@ -326,10 +346,14 @@ def impute_interactions(df: DataFrame, strategies: dict[str, str]) -> tuple[Data
     implicit = F.col("event_type") != "rate"
     if not columns:
         return df, {}
-    counts = df.where(implicit).agg(
-        *[F.sum(F.col(c).isNull().cast("int")).alias(f"{c}_null") for c in columns],
-        *[F.count(c).alias(f"{c}_present") for c in columns],
-    ).first()
+    counts = (
+        df.where(implicit)
+        .agg(
+            *[F.sum(F.col(c).isNull().cast("int")).alias(f"{c}_null") for c in columns],
+            *[F.count(c).alias(f"{c}_present") for c in columns],
+        )
+        .first()
+    )
     todo = [c for c in columns if (counts[f"{c}_present"] or 0) > 0 and (counts[f"{c}_null"] or 0) > 0]
     if not todo:
         return df, {}
@@ -361,8 +385,10 @@ def impute_users(users: DataFrame, strategies: dict[str, str], neighbours: int) 
     columns = [c for c in ("age", "gender", "occupation", "region") if strategies.get(c, "none") != "none"]
     if not columns:
         return users, {}
-    counts = users.agg(*[F.sum(F.col(c).isNull().cast("int")).alias(f"{c}_null") for c in columns],
-                       *[F.count(c).alias(f"{c}_present") for c in columns]).first()
+    counts = users.agg(
+        *[F.sum(F.col(c).isNull().cast("int")).alias(f"{c}_null") for c in columns],
+        *[F.count(c).alias(f"{c}_present") for c in columns],
+    ).first()
     todo = [c for c in columns if (counts[f"{c}_present"] or 0) > 0 and (counts[f"{c}_null"] or 0) > 0]
     for column in todo:
         if strategies[column] == "knn":
@@ -385,7 +411,9 @@ def sessionize(df: DataFrame, gap_s: int = SESSION_GAP_S) -> DataFrame:
     return (
         df.withColumn("_new_session", new_session)
         .withColumn("_session_no", F.sum("_new_session").over(by_user.rowsBetween(Window.unboundedPreceding, 0)))
-        .withColumn("session_id", F.coalesce("session_id", F.concat_ws("-s", "user_id", F.col("_session_no").cast("string"))))
+        .withColumn(
+            "session_id", F.coalesce("session_id", F.concat_ws("-s", "user_id", F.col("_session_no").cast("string")))
+        )
         .drop("_new_session", "_session_no")
     )
 
@@ -400,7 +428,11 @@ def confidence() -> Column:
     base = F.lit(None).cast("double")
     for event, weight in EVENT_CONFIDENCE.items():
         base = F.when(F.col("event_type") == event, F.lit(weight)).otherwise(base)
-    implicit = base + 0.1 * F.coalesce("scroll_depth", F.lit(0.0)) + 0.1 * F.least(F.coalesce("dwell_time_s", F.lit(0.0)) / 120.0, F.lit(1.0))
+    implicit = (
+        base
+        + 0.1 * F.coalesce("scroll_depth", F.lit(0.0))
+        + 0.1 * F.least(F.coalesce("dwell_time_s", F.lit(0.0)) / 120.0, F.lit(1.0))
+    )
     return F.when(F.col("event_type") == "rate", F.col("rating") / RATING_MAX).otherwise(F.least(implicit, F.lit(0.95)))
 
 
@@ -441,7 +473,7 @@ def preprocess(
     ``clean/{interactions,users,items}``, ``quarantine/{interactions,users,items}``
     (``reason`` + ``raw_record``), ``split/{train,test}`` and ``report.json``.
     """
-    now = now or datetime.now(timezone.utc)
+    now = now or datetime.now(UTC)
     staging = out_dir / "staging"
     read = lambda path, schema: read_raw_table(spark, path, schema, staging, s3_endpoint_url)  # noqa: E731
     user_table, item_table = TableCounts(), TableCounts()
@@ -449,20 +481,30 @@ def preprocess(
     if users is not None:
         raw_users = read(users, USERS).cache()
         users_clean, users_bad = clean_users(raw_users)
-        users_clean, users_imputed = impute_users(users_clean.drop("_raw", "_corrupt", "_row").cache(), settings.impute, settings.knn_neighbours)
+        users_clean, users_imputed = impute_users(
+            users_clean.drop("_raw", "_corrupt", "_row").cache(), settings.impute, settings.knn_neighbours
+        )
         users_clean = users_clean.cache()
-        _write(users_bad.select(*USERS.names, "reason", F.col("_raw").alias("raw_record")), out_dir / "quarantine" / "users")
+        _write(
+            users_bad.select(*USERS.names, "reason", F.col("_raw").alias("raw_record")),
+            out_dir / "quarantine" / "users",
+        )
         user_table = TableCounts(raw_users.count(), users_clean.count(), _reason_counts(users_bad))
     if items is not None:
         raw_items = read(items, ITEMS).cache()
         items_clean, items_bad = clean_items(raw_items)
         items_clean = items_clean.drop("_raw", "_corrupt", "_row").cache()
-        _write(items_bad.select(*ITEMS.names, "reason", F.col("_raw").alias("raw_record")), out_dir / "quarantine" / "items")
+        _write(
+            items_bad.select(*ITEMS.names, "reason", F.col("_raw").alias("raw_record")),
+            out_dir / "quarantine" / "items",
+        )
         item_table = TableCounts(raw_items.count(), items_clean.count(), _reason_counts(items_bad))
 
     df = parse_interactions(read(interactions, INTERACTIONS))
-    for key, flag, known in (("user_id", "_user_known", users_clean if users is not None else None),
-                             ("item_id", "_item_known", items_clean if items is not None else None)):
+    for key, flag, known in (
+        ("user_id", "_user_known", users_clean if users is not None else None),
+        ("item_id", "_item_known", items_clean if items is not None else None),
+    ):
         if known is None:  # no table given: nothing to check against
             df = df.withColumn(flag, F.lit(True))
         else:
@@ -478,7 +520,9 @@ def preprocess(
 
     good = df.where(F.col("reason").isNull()).select(*INTERACTIONS.names)
     n_good = good.count()
-    deduped = good.withColumn("_hash", content_hash(settings.hash_algorithm)).dropDuplicates(["_hash"]).drop("_hash").cache()
+    deduped = (
+        good.withColumn("_hash", content_hash(settings.hash_algorithm)).dropDuplicates(["_hash"]).drop("_hash").cache()
+    )
     deduped.count()
     df.unpersist()
     as_of = deduped.agg(F.max("timestamp")).first()[0] or now
@@ -503,9 +547,16 @@ def preprocess(
         _write(items_clean, out_dir / "clean" / "items")
 
     report = PreprocessReport(
-        in_=n_in, clean=n_clean, duplicates=n_good - n_clean,
-        quarantined=quarantined, imputed=imputed, users=user_table, items=item_table,
-        train=split_counts.get("train", 0), test=split_counts.get("test", 0), hash_algorithm=settings.hash_algorithm,
+        in_=n_in,
+        clean=n_clean,
+        duplicates=n_good - n_clean,
+        quarantined=quarantined,
+        imputed=imputed,
+        users=user_table,
+        items=item_table,
+        train=split_counts.get("train", 0),
+        test=split_counts.get("test", 0),
+        hash_algorithm=settings.hash_algorithm,
     )
     report.check()
     (out_dir / "report.json").write_text(json.dumps(report.to_json(), indent=2, sort_keys=True))

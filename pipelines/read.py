@@ -23,7 +23,7 @@ from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from hyperrec.schemas import TableSchema
+from core.schemas import TableSchema
 
 FORMATS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".ndjson": "json", ".parquet": "parquet"}
 CORRUPT = "_corrupt_record"
@@ -52,7 +52,7 @@ def stage_s3(uri: str, dest: Path, endpoint_url: str | None = None) -> Path:
         return target
     root = dest / (Path(key.rstrip("/")).name or bucket)
     for k in keys:
-        target = root / Path(k[len(key):].lstrip("/"))
+        target = root / Path(k[len(key) :].lstrip("/"))
         target.parent.mkdir(parents=True, exist_ok=True)
         client.download_file(bucket, k, str(target))
     return root
@@ -101,7 +101,9 @@ def _as_string(df: DataFrame, name: str, schema: TableSchema) -> Column:
         if isinstance(dtype, T.ArrayType):
             return F.col(name).cast(T.ArrayType(T.StringType()))
         # A delimited string ("a|b", "a;b", "a,b") becomes a list.
-        return F.when(F.trim(F.col(name)) == "", F.array().cast("array<string>")).otherwise(F.split(F.col(name).cast("string"), r"\s*[|;,]\s*"))
+        return F.when(F.trim(F.col(name)) == "", F.array().cast("array<string>")).otherwise(
+            F.split(F.col(name).cast("string"), r"\s*[|;,]\s*")
+        )
     if isinstance(dtype, T.TimestampType):
         return F.date_format(name, "yyyy-MM-dd'T'HH:mm:ss.SSSSSSXXX")
     return F.col(name).cast("string")
@@ -124,9 +126,12 @@ def read_raw_table(
         names = _csv_header([Path(f) for f in files])
         df = (
             spark.read.schema(_string_schema(names, set()))
-            .option("header", True).option("mode", "PERMISSIVE").option("enforceSchema", True)
+            .option("header", True)
+            .option("mode", "PERMISSIVE")
+            .option("enforceSchema", True)
             .option("multiLine", True)  # RFC 4180: quoted fields may hold line breaks
-            .option("columnNameOfCorruptRecord", CORRUPT).csv(files)
+            .option("columnNameOfCorruptRecord", CORRUPT)
+            .csv(files)
         )
         raw = F.coalesce(F.col(CORRUPT), F.to_json(F.struct(*[F.col(n) for n in names])))
         corrupt = F.col(CORRUPT).isNotNull()
@@ -134,7 +139,9 @@ def read_raw_table(
         names = schema.names
         df = (
             spark.read.schema(_string_schema(names, {c.name for c in schema.columns if c.dtype == "string_list"}))
-            .option("mode", "PERMISSIVE").option("columnNameOfCorruptRecord", CORRUPT).json(files)
+            .option("mode", "PERMISSIVE")
+            .option("columnNameOfCorruptRecord", CORRUPT)
+            .json(files)
         )
         raw = F.coalesce(F.col(CORRUPT), F.to_json(F.struct(*[F.col(n) for n in names])))
         corrupt = F.col(CORRUPT).isNotNull()

@@ -6,7 +6,7 @@ import threading
 
 from pyspark.sql import SparkSession
 
-from hyperrec.settings import Settings
+from core.settings import Settings
 
 _lock = threading.Lock()
 

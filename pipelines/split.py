@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Hashable, Sequence
-
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -103,7 +103,7 @@ def split_fingerprint(test: pd.DataFrame) -> str:
     return hashlib.sha256(lines.encode()).hexdigest()[:16]
 
 
-def temporal_split(df: "DataFrame", test_fraction: float) -> "DataFrame":
+def temporal_split(df: DataFrame, test_fraction: float) -> DataFrame:
     """Add a ``split`` column (``train``/``test``) to a Spark frame of interactions: each
     user's latest ``round(test_fraction · n)`` distinct items are test.
 
@@ -116,14 +116,17 @@ def temporal_split(df: "DataFrame", test_fraction: float) -> "DataFrame":
 
     by_user = Window.partitionBy("user_id")
     first_seen = df.groupBy("user_id", "item_id").agg(F.min("timestamp").alias("_first"))
-    ranked = first_seen.withColumn("_rank", F.row_number().over(by_user.orderBy(F.desc("_first"), F.desc("item_id")))).withColumn(
-        "_n", F.count("*").over(by_user)
-    )
+    ranked = first_seen.withColumn(
+        "_rank", F.row_number().over(by_user.orderBy(F.desc("_first"), F.desc("item_id")))
+    ).withColumn("_n", F.count("*").over(by_user))
     n_test = F.least(F.round(F.col("_n") * test_fraction), F.col("_n") - 1)
     cut = ranked.where(F.col("_rank") <= n_test).groupBy("user_id").agg(F.min("_first").alias("_cutoff"))
     return (
         df.join(cut, "user_id", "left")
-        .withColumn("split", F.when(F.col("_cutoff").isNotNull() & (F.col("timestamp") >= F.col("_cutoff")), "test").otherwise("train"))
+        .withColumn(
+            "split",
+            F.when(F.col("_cutoff").isNotNull() & (F.col("timestamp") >= F.col("_cutoff")), "test").otherwise("train"),
+        )
         .drop("_cutoff")
     )
 
@@ -144,3 +147,14 @@ def user_kfold(frame: pd.DataFrame, k: int, seed: int = 0) -> list[tuple[pd.Data
     draws = pd.Series(np.random.default_rng(seed).random(len(frame)), index=frame.index)
     part = (draws.groupby(frame["user_id"], sort=False).rank(method="first").to_numpy().astype(np.int64) - 1) % k
     return [(frame[part != f], frame[part == f]) for f in range(k)]
+
+
+SPLIT_COLUMNS = ["user_id", "item_id", "confidence", "timestamp"]
+
+
+def load_split(split_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The train and test parts that :mod:`pipelines.preprocess` wrote under ``split_dir``."""
+    return (
+        pd.read_parquet(split_dir / "train", columns=SPLIT_COLUMNS),
+        pd.read_parquet(split_dir / "test", columns=SPLIT_COLUMNS),
+    )

@@ -6,11 +6,11 @@ import json
 
 from pyspark.sql import functions as F
 
-from hyperrec.datasets import RawDataset
-from hyperrec.run_context import RunContext
-from hyperrec.schemas import INTERACTIONS
-from hyperrec.settings import Settings
-from hyperrec.tracking import log_artifact_run
+from core.datasets import RawDataset
+from core.run_context import RunContext
+from core.schemas import INTERACTIONS
+from core.settings import Settings
+from core.tracking import log_artifact_run
 from pipelines.preprocess import preprocess as run_preprocess
 from pipelines.spark import get_spark
 from pipelines.validate import (
@@ -28,18 +28,29 @@ def preprocess(settings: Settings, run: RunContext) -> dict:
     """Clean, quarantine, dedup, impute and split ``run.raw_dir`` into the run directory."""
     raw = RawDataset(run.raw_dir).check()
     report = run_preprocess(
-        get_spark(settings), raw.interactions, run.root, settings.preprocess, users=raw.users, items=raw.items,
-        half_life_days=settings.features.half_life_days, s3_endpoint_url=settings.object_store.s3_endpoint_url,
+        get_spark(settings),
+        raw.interactions,
+        run.root,
+        settings.preprocess,
+        users=raw.users,
+        items=raw.items,
+        half_life_days=settings.features.half_life_days,
+        s3_endpoint_url=settings.object_store.s3_endpoint_url,
     )
     return report.to_json()
 
 
 def previous_clean_rows(settings: Settings, run: RunContext) -> int | None:
     """Clean interaction rows of the latest earlier run whose gates passed, if any."""
-    earlier = [
-        d for d in settings.runs_dir.iterdir()
-        if d.is_dir() and d != run.root and (d / "validation.json").exists() and (d / "report.json").exists()
-    ] if settings.runs_dir.exists() else []
+    earlier = (
+        [
+            d
+            for d in settings.runs_dir.iterdir()
+            if d.is_dir() and d != run.root and (d / "validation.json").exists() and (d / "report.json").exists()
+        ]
+        if settings.runs_dir.exists()
+        else []
+    )
     if not earlier:
         return None
     latest = max(earlier, key=lambda d: (d / "validation.json").stat().st_mtime)
@@ -65,7 +76,8 @@ def validate(settings: Settings, run: RunContext) -> dict:
     items = spark.read.parquet(str(run.clean_dir / "items"))
     interactions = spark.read.parquet(str(run.clean_dir / "interactions")).select(*INTERACTIONS.names)
     reasons = interactions.select(F.lit(None).cast("string").alias("reason")).unionByName(
-        spark.read.parquet(str(run.quarantine_dir / "interactions")).select("reason"))
+        spark.read.parquet(str(run.quarantine_dir / "interactions")).select("reason")
+    )
     previous = previous_clean_rows(settings, run)
     gate = dict(docs_dir=run.gx_dir, raise_on_failure=False)
     results = [
@@ -73,7 +85,8 @@ def validate(settings: Settings, run: RunContext) -> dict:
         validate_users(users, stage="clean", **gate),
         validate_items(items, stage="clean", **gate),
         validate_interactions(
-            interactions, stage="clean",
+            interactions,
+            stage="clean",
             known_users=[r.user_id for r in users.select("user_id").collect()],
             known_items=[r.item_id for r in items.select("item_id").collect()],
             unique_key=list(INTERACTIONS.key),
@@ -84,20 +97,35 @@ def validate(settings: Settings, run: RunContext) -> dict:
         ),
     ]
     summary = {
-        "gates": {r.suite: {"success": r.success, "evaluated": r.evaluated, "rows": r.row_count, "failed": len(r.failed),
-                          "not_applicable": r.not_applicable} for r in results},
+        "gates": {
+            r.suite: {
+                "success": r.success,
+                "evaluated": r.evaluated,
+                "rows": r.row_count,
+                "failed": len(r.failed),
+                "not_applicable": r.not_applicable,
+            }
+            for r in results
+        },
         "previous_clean_rows": previous,
         "data_docs": str(run.gx_dir / "index.html"),
     }
     summary["mlflow_run_id"] = log_artifact_run(
-        settings, run_name=f"{run.run_id}-validation", artifact_dirs={"gx_data_docs": run.gx_dir},
-        tags={"hyperrec.stage": "validate", "hyperrec.run_dir": str(run.root),
-              "hyperrec.gates_passed": str(all(r.success for r in results)).lower()},
+        settings,
+        run_name=f"{run.run_id}-validation",
+        artifact_dirs={"gx_data_docs": run.gx_dir},
+        tags={
+            "hyperrec.stage": "validate",
+            "hyperrec.run_dir": str(run.root),
+            "hyperrec.gates_passed": str(all(r.success for r in results)).lower(),
+        },
     )
     run.write_json("validation-attempt.json", summary)
     failed = [r for r in results if not r.success]
     if failed:
-        raise ValidationFailed("\n".join(failure_message(r.table, r.stage, r.failed, r.evaluated) for r in failed),
-                               [f for r in failed for f in r.failed])
+        raise ValidationFailed(
+            "\n".join(failure_message(r.table, r.stage, r.failed, r.evaluated) for r in failed),
+            [f for r in failed for f in r.failed],
+        )
     run.write_json("validation.json", summary)
     return summary

@@ -13,22 +13,23 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import great_expectations as gx
 import great_expectations.expectations as gxe
 from great_expectations.checkpoint import UpdateDataDocsAction
-from great_expectations.expectations.row_conditions import Column as RowColumn
 from great_expectations.data_context.types.base import (
     DataContextConfig,
     FilesystemStoreBackendDefaults,
     ProgressBarsConfig,
 )
+from great_expectations.expectations.row_conditions import Column as RowColumn
 
-from hyperrec.errors import DataQualityError
-from hyperrec.schemas import (
+from core.errors import DataQualityError
+from core.schemas import (
     DEVICES,
     EVENT_TYPES,
     INTERACTIONS,
@@ -155,7 +156,9 @@ def interactions_expectations(
         low, high = row_count_between
         expectations.append(gxe.ExpectTableRowCountToBeBetween(min_value=low, max_value=high))
     means = [
-        gxe.ExpectColumnMeanToBeBetween(column=column, min_value=bounds[0], max_value=bounds[1], row_condition=IMPLICIT_EVENTS)
+        gxe.ExpectColumnMeanToBeBetween(
+            column=column, min_value=bounds[0], max_value=bounds[1], row_condition=IMPLICIT_EVENTS
+        )
         for column, bounds in (("dwell_time_s", dwell_mean_between), ("scroll_depth", scroll_mean_between))
         if bounds is not None
     ]
@@ -180,7 +183,9 @@ def _no_implicit_events(skipped: list[Expectation]) -> Expectation:
         f"'{EXPLICIT_EVENT_TYPE}' rating), and explicit ratings carry no implicit signals by nature."
     )
     return gxe.ExpectTableRowCountToBeBetween(
-        min_value=0, max_value=0, row_condition=IMPLICIT_EVENTS,
+        min_value=0,
+        max_value=0,
+        row_condition=IMPLICIT_EVENTS,
         description=f"{reason} Checked: the feed has 0 implicit events.",
         notes=reason,
         meta={NOT_APPLICABLE_META: {"reason": "no implicit events", "expectations": left_out}},
@@ -431,15 +436,21 @@ def validate_interactions(
     (:attr:`GateResult.not_applicable`, the Data Docs) instead of failing."""
     means = dwell_mean_between is not None or scroll_mean_between is not None
     expectations = interactions_expectations(
-        known_users, known_items, unique_key,
+        known_users,
+        known_items,
+        unique_key,
         row_count_between=row_count_between,
         dwell_mean_between=dwell_mean_between,
         scroll_mean_between=scroll_mean_between,
         implicit_events=has_implicit_events(df) if means else True,
     )
     return run_suite(
-        df, table=INTERACTIONS.name, stage=stage, expectations=expectations,
-        docs_dir=docs_dir, raise_on_failure=raise_on_failure,
+        df,
+        table=INTERACTIONS.name,
+        stage=stage,
+        expectations=expectations,
+        docs_dir=docs_dir,
+        raise_on_failure=raise_on_failure,
     )
 
 
@@ -455,16 +466,24 @@ def has_implicit_events(df: DataFrame) -> bool:
 def validate_users(df: DataFrame, *, stage: str, docs_dir: Path, raise_on_failure: bool = True) -> GateResult:
     """Gate the users table (schema ``USERS``)."""
     return run_suite(
-        df, table=USERS.name, stage=stage, expectations=users_expectations(),
-        docs_dir=docs_dir, raise_on_failure=raise_on_failure,
+        df,
+        table=USERS.name,
+        stage=stage,
+        expectations=users_expectations(),
+        docs_dir=docs_dir,
+        raise_on_failure=raise_on_failure,
     )
 
 
 def validate_items(df: DataFrame, *, stage: str, docs_dir: Path, raise_on_failure: bool = True) -> GateResult:
     """Gate the items table (schema ``ITEMS``)."""
     return run_suite(
-        df, table=ITEMS.name, stage=stage, expectations=items_expectations(),
-        docs_dir=docs_dir, raise_on_failure=raise_on_failure,
+        df,
+        table=ITEMS.name,
+        stage=stage,
+        expectations=items_expectations(),
+        docs_dir=docs_dir,
+        raise_on_failure=raise_on_failure,
     )
 
 
@@ -475,7 +494,8 @@ def _reason_counts(df: DataFrame, limit: int = _MAX_REASONS) -> dict[str, int]:
 
     rows = (
         df.where(F.col("reason").isNotNull())
-        .groupBy("reason").count()
+        .groupBy("reason")
+        .count()
         .orderBy(F.col("count").desc(), F.col("reason"))
         .limit(limit)
         .collect()
@@ -497,8 +517,12 @@ def validate_quarantine(
     the failure's ``details["reason_counts"]`` and the message list the top reasons with
     their row counts."""
     gate = run_suite(
-        df, table=QUARANTINE_TABLE, stage=stage, expectations=quarantine_expectations(max_fraction),
-        docs_dir=docs_dir, raise_on_failure=False,
+        df,
+        table=QUARANTINE_TABLE,
+        stage=stage,
+        expectations=quarantine_expectations(max_fraction),
+        docs_dir=docs_dir,
+        raise_on_failure=False,
     )
     if gate.success:
         return gate
@@ -519,6 +543,10 @@ def validate_features(df: DataFrame, *, stage: str, docs_dir: Path, raise_on_fai
     """Gate the user profile table as suite ``user_features_<stage>``; the expectations
     follow the table's columns (see :func:`features_expectations`)."""
     return run_suite(
-        df, table=FEATURES_TABLE, stage=stage, expectations=features_expectations(df.columns),
-        docs_dir=docs_dir, raise_on_failure=raise_on_failure,
+        df,
+        table=FEATURES_TABLE,
+        stage=stage,
+        expectations=features_expectations(df.columns),
+        docs_dir=docs_dir,
+        raise_on_failure=raise_on_failure,
     )

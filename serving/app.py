@@ -27,11 +27,12 @@ import os
 import re
 import threading
 import time
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any, AsyncIterator, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import parse_qsl
 
 import redis.asyncio as aioredis
@@ -39,15 +40,22 @@ from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client import multiprocess
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
 from pydantic import BaseModel, Field, model_validator
 from redis.exceptions import RedisError
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from hyperrec.schemas import DEVICES, EVENT_TYPES, RATING_MAX, RATING_MIN
-from hyperrec.settings import Settings, load_settings
+from core.schemas import DEVICES, EVENT_TYPES, RATING_MAX, RATING_MIN
+from core.settings import Settings, load_settings
 from serving.cache import RecommendationCache, fingerprint
 from serving.events import Event, RedisEvents
 from serving.recommender import RecommendationRequest, RequestError, ServedModel
@@ -74,7 +82,7 @@ class EventIn(BaseModel):
     rating: float | None = Field(None, ge=RATING_MIN, le=RATING_MAX, description="only for event_type 'rate'")
 
     @model_validator(mode="after")
-    def _rating_only_for_rate(self) -> "EventIn":
+    def _rating_only_for_rate(self) -> EventIn:
         if self.event_type == "rate" and self.rating is None:
             raise ValueError("event_type 'rate' needs a rating")
         if self.event_type != "rate" and self.rating is not None:
@@ -122,12 +130,16 @@ class Recommendations(BaseModel):
     user_id: str
     model_version: str
     cold_start: bool
-    strategy: str = Field(description="personalized | segment_popularity | global_popularity | "
-                                      "session_content+<popularity> | session+<popularity>")
-    strategy_detail: str | None = Field(None, description="why a popularity strategy was chosen, or which "
-                                                         "segment model scored a known user")
-    segment: str | None = Field(None, description="the segment whose popularity (cold start) or fine-tuned "
-                                                  "neural model (known user) was used")
+    strategy: str = Field(
+        description="personalized | segment_popularity | global_popularity | "
+        "session_content+<popularity> | session+<popularity>"
+    )
+    strategy_detail: str | None = Field(
+        None, description="why a popularity strategy was chosen, or which segment model scored a known user"
+    )
+    segment: str | None = Field(
+        None, description="the segment whose popularity (cold start) or fine-tuned neural model (known user) was used"
+    )
     retrieval: Literal["ann", "exact"]
     diversity: float
     intra_list_diversity: float
@@ -166,28 +178,54 @@ class ServingMetrics:
     def __init__(self) -> None:
         self.multiprocess = bool(os.environ.get(MULTIPROC_ENV))
         self.registry = CollectorRegistry()
-        self.latency = Histogram("hyperrec_request_latency_seconds", "Request latency by route", ["method", "route"],
-                                 buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.requests = Counter("hyperrec_requests", "Requests by route and status", ["method", "route", "status"],
-                                registry=self.registry)
+        self.latency = Histogram(
+            "hyperrec_request_latency_seconds",
+            "Request latency by route",
+            ["method", "route"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.requests = Counter(
+            "hyperrec_requests", "Requests by route and status", ["method", "route", "status"], registry=self.registry
+        )
         self.events = Counter("hyperrec_events", "Accepted events by type", ["event_type"], registry=self.registry)
-        self.recommendations = Counter("hyperrec_recommendations", "Recommendation lists computed",
-                                       ["cold_start", "strategy"], registry=self.registry)
-        self.cache = Counter("hyperrec_cache_requests", "Recommendation cache lookups (hit rate = hit / all)",
-                             ["result"], registry=self.registry)
+        self.recommendations = Counter(
+            "hyperrec_recommendations",
+            "Recommendation lists computed",
+            ["cold_start", "strategy"],
+            registry=self.registry,
+        )
+        self.cache = Counter(
+            "hyperrec_cache_requests",
+            "Recommendation cache lookups (hit rate = hit / all)",
+            ["result"],
+            registry=self.registry,
+        )
         self.reloads = Counter("hyperrec_model_reloads", "Bundle loads by outcome", ["outcome"], registry=self.registry)
-        self.model_loaded = Gauge("hyperrec_model_loaded", "1 when a bundle is loaded", registry=self.registry,
-                                  multiprocess_mode="liveall")
-        self.model_loaded_at = Gauge("hyperrec_model_loaded_timestamp_seconds", "When the served bundle was swapped in",
-                                     registry=self.registry, multiprocess_mode="liveall")
+        self.model_loaded = Gauge(
+            "hyperrec_model_loaded", "1 when a bundle is loaded", registry=self.registry, multiprocess_mode="liveall"
+        )
+        self.model_loaded_at = Gauge(
+            "hyperrec_model_loaded_timestamp_seconds",
+            "When the served bundle was swapped in",
+            registry=self.registry,
+            multiprocess_mode="liveall",
+        )
         self.model_created_at = Gauge(
             "hyperrec_model_created_timestamp_seconds",
             "When the served bundle was created (its metadata.json created_at: when training wrote it), unix "
             "seconds; model age = time() - this; 0 when the metadata has no parseable created_at",
-            registry=self.registry, multiprocess_mode="liveall")
+            registry=self.registry,
+            multiprocess_mode="liveall",
+        )
         # A gauge rather than an Info: Info metrics do not work in multiprocess mode.
-        self.model = Gauge("hyperrec_model_info", "The bundle being served (value 1; 0 for one swapped out)",
-                           MODEL_INFO_LABELS, registry=self.registry, multiprocess_mode="liveall")
+        self.model = Gauge(
+            "hyperrec_model_info",
+            "The bundle being served (value 1; 0 for one swapped out)",
+            MODEL_INFO_LABELS,
+            registry=self.registry,
+            multiprocess_mode="liveall",
+        )
         self._model_labels: tuple[str, ...] | None = None
 
     def set_model(self, served: ServedModel) -> None:
@@ -195,8 +233,13 @@ class ServingMetrics:
         self.model_loaded.set(1)
         self.model_loaded_at.set(time.time())
         self.model_created_at.set(_created_timestamp(meta.get("created_at")))
-        labels = (served.version, str(meta.get("model_name", "")), str(meta.get("registered_model_version", "")),
-                  str(served.quantized).lower(), served.ann_source)
+        labels = (
+            served.version,
+            str(meta.get("model_name", "")),
+            str(meta.get("registered_model_version", "")),
+            str(served.quantized).lower(),
+            served.ann_source,
+        )
         if self._model_labels is not None and self._model_labels != labels:
             if self.multiprocess:  # series cannot be removed from the shared files: mark it swapped out
                 self.model.labels(*self._model_labels).set(0)
@@ -225,7 +268,7 @@ def _created_timestamp(value: Any) -> float:
         created = datetime.fromisoformat(str(value))
     except ValueError:
         return 0.0
-    return (created if created.tzinfo else created.replace(tzinfo=timezone.utc)).timestamp()
+    return (created if created.tzinfo else created.replace(tzinfo=UTC)).timestamp()
 
 
 class _MetricsMiddleware:
@@ -279,8 +322,9 @@ class _CacheHitFastPath:
     ``scope["state"]``, so the route does not repeat the round trip.
     """
 
-    def __init__(self, app: ASGIApp, state: "ServingState", default_k: int, fastapi_app: FastAPI,
-                 metrics: ServingMetrics) -> None:
+    def __init__(
+        self, app: ASGIApp, state: ServingState, default_k: int, fastapi_app: FastAPI, metrics: ServingMetrics
+    ) -> None:
         self.app = app
         self.state = state
         self.default_k = default_k
@@ -293,9 +337,17 @@ class _CacheHitFastPath:
             body = await self._hit(scope)
             if body is not None:
                 scope["route"] = self.label
-                await send({"type": "http.response.start", "status": 200,
-                            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                                        (b"x-cache", b"hit")]})
+                await send(
+                    {
+                        "type": "http.response.start",
+                        "status": 200,
+                        "headers": [
+                            (b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode()),
+                            (b"x-cache", b"hit"),
+                        ],
+                    }
+                )
                 await send({"type": "http.response.body", "body": body})
                 return
         await self.app(scope, receive, send)
@@ -303,7 +355,7 @@ class _CacheHitFastPath:
     async def _hit(self, scope: Scope) -> bytes | None:
         served = self.state.served
         cache = getattr(self.fastapi_app.state, "cache", None)
-        user_id = scope["path"][len(_RECOMMENDATIONS_PREFIX):]
+        user_id = scope["path"][len(_RECOMMENDATIONS_PREFIX) :]
         if served is None or cache is None or not _USER_ID_RE.match(user_id):
             return None
         pairs = parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
@@ -397,7 +449,13 @@ def _split(value: str | None) -> tuple[str, ...]:
 def recommendation_request(user_id: str, q: RecommendationQuery, default_k: int) -> RecommendationRequest:
     """The validated query as the recommender's request."""
     return RecommendationRequest(
-        user_id, q.k or default_k, q.exclude_seen, _split(q.categories), _split(q.exclude_items), q.diversity, q.explain,
+        user_id,
+        q.k or default_k,
+        q.exclude_seen,
+        _split(q.categories),
+        _split(q.exclude_items),
+        q.diversity,
+        q.explain,
         {"age": q.age, "gender": q.gender, "occupation": q.occupation, "region": q.region, "device": q.device},
     )
 
@@ -434,8 +492,14 @@ def create_app(settings: Settings, bundle_store: ObjectStore | None = None) -> F
         client = aioredis.Redis.from_url(url, decode_responses=False)
         cache = RecommendationCache(client, cfg.namespace, cfg.cache_ttl_s)
         app.state.redis, app.state.cache = client, cache
-        app.state.events = RedisEvents(client, cfg.namespace, cache, max_per_user=cfg.live_history,
-                                       history_ttl_s=cfg.live_history_ttl_s, stream_maxlen=cfg.stream_maxlen)
+        app.state.events = RedisEvents(
+            client,
+            cfg.namespace,
+            cache,
+            max_per_user=cfg.live_history,
+            history_ttl_s=cfg.live_history_ttl_s,
+            stream_maxlen=cfg.stream_maxlen,
+        )
         if await asyncio.to_thread(state.refresh) is None:
             log.warning("serving starts without a bundle: %s", state.error)
         poller = asyncio.create_task(_poll(state, cfg.reload_interval_s)) if cfg.reload_interval_s > 0 else None
@@ -462,12 +526,18 @@ def create_app(settings: Settings, bundle_store: ObjectStore | None = None) -> F
         if not cfg.admin_token:
             raise HTTPException(status_code=403, detail="admin disabled: no serving.admin_token is configured")
         if credentials is None or not hmac.compare_digest(credentials.credentials.encode(), cfg.admin_token.encode()):
-            raise HTTPException(status_code=401, detail="missing or wrong bearer token",
-                                headers={"WWW-Authenticate": "Bearer"})
+            raise HTTPException(
+                status_code=401, detail="missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"}
+            )
 
-    @app.get(RECOMMENDATIONS_ROUTE, response_model=Recommendations,
-             responses={422: {"description": "invalid parameters, unknown categories or item ids"},
-                        503: {"description": "no bundle published yet"}})
+    @app.get(
+        RECOMMENDATIONS_ROUTE,
+        response_model=Recommendations,
+        responses={
+            422: {"description": "invalid parameters, unknown categories or item ids"},
+            503: {"description": "no bundle published yet"},
+        },
+    )
     async def recommendations(
         http: Request,
         query: Annotated[RecommendationQuery, Query()],
@@ -482,7 +552,11 @@ def create_app(settings: Settings, bundle_store: ObjectStore | None = None) -> F
         fp = fingerprint(served.version, request.cache_params())
         pre = http.scope.get("state", {}).get(_LOOKUP_STATE)
         try:
-            looked = pre[1] if pre is not None and pre[0] == fp else await cache.lookup(user_id, fp, events.recent_key(user_id))
+            looked = (
+                pre[1]
+                if pre is not None and pre[0] == fp
+                else await cache.lookup(user_id, fp, events.recent_key(user_id))
+            )
         except RedisError as exc:  # serve without cache and live history rather than fail
             log.warning("redis lookup failed, serving uncached: %s", exc)
             metrics.cache.labels("error").inc()
@@ -504,25 +578,43 @@ def create_app(settings: Settings, bundle_store: ObjectStore | None = None) -> F
                 log.warning("redis cache write failed: %s", exc)
         return Response(data, media_type="application/json", headers={"X-Cache": "miss"})
 
-    @app.post("/v1/events", status_code=202, response_model=EventAccepted,
-              responses={422: {"description": "invalid event or unknown item"}, 503: {"description": "no bundle or event store"}})
+    @app.post(
+        "/v1/events",
+        status_code=202,
+        response_model=EventAccepted,
+        responses={
+            422: {"description": "invalid event or unknown item"},
+            503: {"description": "no bundle or event store"},
+        },
+    )
     async def post_event(event: EventIn) -> Any:
         """Accept one interaction: it goes to the event stream and the user's live history,
         invalidates the user's cached lists and shapes their next recommendations."""
         served = await state.require()
         if not served.bundle.has_item(event.item_id):
-            detail = [{"loc": ["body", "item_id"], "type": "unknown_item",
-                       "msg": f"unknown item_id {event.item_id!r}: not in model version {served.version}"}]
+            detail = [
+                {
+                    "loc": ["body", "item_id"],
+                    "type": "unknown_item",
+                    "msg": f"unknown item_id {event.item_id!r}: not in model version {served.version}",
+                }
+            ]
             return JSONResponse(status_code=422, content={"detail": detail})
-        timestamp = event.timestamp or datetime.now(timezone.utc)
+        timestamp = event.timestamp or datetime.now(UTC)
         accepted = Event(event.user_id, event.item_id, event.event_type, timestamp, event.rating)
         try:
             stream_id = await app.state.events.publish(accepted)
         except RedisError as exc:
             raise HTTPException(status_code=503, detail=f"event store unavailable: {exc}") from exc
         metrics.events.labels(event.event_type).inc()
-        return {"accepted": True, "user_id": event.user_id, "item_id": event.item_id, "event_type": event.event_type,
-                "timestamp": timestamp, "stream_id": stream_id}
+        return {
+            "accepted": True,
+            "user_id": event.user_id,
+            "item_id": event.item_id,
+            "event_type": event.event_type,
+            "timestamp": timestamp,
+            "stream_id": stream_id,
+        }
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:
@@ -540,20 +632,35 @@ def create_app(settings: Settings, bundle_store: ObjectStore | None = None) -> F
             body["reload_error"] = state.error
         return JSONResponse(status_code=200, content=body)
 
-    @app.post("/admin/reload", response_model=Reloaded, dependencies=[Depends(admin)],
-              responses={401: {"description": "missing or wrong token"}, 403: {"description": "admin disabled"},
-                         503: {"description": "no bundle"}})
+    @app.post(
+        "/admin/reload",
+        response_model=Reloaded,
+        dependencies=[Depends(admin)],
+        responses={
+            401: {"description": "missing or wrong token"},
+            403: {"description": "admin disabled"},
+            503: {"description": "no bundle"},
+        },
+    )
     async def admin_reload() -> dict[str, Any]:
         """Re-read ``CURRENT`` now and swap in the version it names."""
         before = state.served.version if state.served else None
         served = await asyncio.to_thread(state.refresh)
         if served is None:
             raise HTTPException(status_code=503, detail=state.error or NO_BUNDLE)
-        return {"model_version": served.version, "previous_version": before, "reloaded": served.version != before,
-                "reload_error": state.error}
+        return {
+            "model_version": served.version,
+            "previous_version": before,
+            "reloaded": served.version != before,
+            "reload_error": state.error,
+        }
 
-    @app.post("/admin/cache/flush", response_model=Flushed, dependencies=[Depends(admin)],
-              responses={401: {"description": "missing or wrong token"}, 403: {"description": "admin disabled"}})
+    @app.post(
+        "/admin/cache/flush",
+        response_model=Flushed,
+        dependencies=[Depends(admin)],
+        responses={401: {"description": "missing or wrong token"}, 403: {"description": "admin disabled"}},
+    )
     async def admin_cache_flush() -> dict[str, int]:
         """Delete every cached recommendation list."""
         return {"deleted": await app.state.cache.flush()}
@@ -581,8 +688,9 @@ def app_from_environment() -> FastAPI:
     return create_app(load_settings())
 
 
-def run_server(config: Path | None = None, *, host: str | None = None, port: int | None = None,
-               workers: int | None = None) -> None:
+def run_server(
+    config: Path | None = None, *, host: str | None = None, port: int | None = None, workers: int | None = None
+) -> None:
     """Run uvicorn with ``workers`` processes of :func:`app_from_environment`.
 
     Workers read their settings from ``config`` (exported as ``HYPERREC_CONFIG``). Without
@@ -601,8 +709,9 @@ def run_server(config: Path | None = None, *, host: str | None = None, port: int
         os.environ.setdefault(name, str(settings.serving.compute_threads))
     workers = workers or settings.serving.workers
     if workers > 1:
-        os.environ[MULTIPROC_ENV] = str(prepare_multiprocess_dir(
-            Path(os.environ.get(MULTIPROC_ENV) or settings.home / "serving" / "prometheus")))
+        os.environ[MULTIPROC_ENV] = str(
+            prepare_multiprocess_dir(Path(os.environ.get(MULTIPROC_ENV) or settings.home / "serving" / "prometheus"))
+        )
     embedded = None
     if settings.online_store.url is None:
         from feature_store.online import OnlineStore
@@ -610,8 +719,15 @@ def run_server(config: Path | None = None, *, host: str | None = None, port: int
         embedded = OnlineStore(None, namespace=settings.serving.namespace)
         os.environ["HYPERREC_ONLINE_STORE__URL"] = embedded.url
     try:
-        uvicorn.run("serving.app:app_from_environment", factory=True, host=host or settings.serving.host,
-                    port=port or settings.serving.port, workers=workers, access_log=False, log_level="warning")
+        uvicorn.run(
+            "serving.app:app_from_environment",
+            factory=True,
+            host=host or settings.serving.host,
+            port=port or settings.serving.port,
+            workers=workers,
+            access_log=False,
+            log_level="warning",
+        )
     finally:
         if embedded is not None:
             embedded.close()

@@ -81,8 +81,9 @@ class RecommendationCache:
 
     async def lookup(self, user_id: str, fp: str, recent_key: str) -> Lookup:
         """One round trip: generation, entry and (on a miss) the list at ``recent_key``."""
-        reply = await self._lookup(keys=[self.gen_key(user_id), recent_key],
-                                   args=[self._prefix(user_id), "1" if self.enabled else "0", fp])
+        reply = await self._lookup(
+            keys=[self.gen_key(user_id), recent_key], args=[self._prefix(user_id), "1" if self.enabled else "0", fp]
+        )
         generation = _text(reply[0])
         if len(reply) > 1 and reply[1] is not None:
             return Lookup(generation, bytes(reply[1]))

@@ -45,8 +45,16 @@ class Event:
 class RedisEvents:
     """Event stream plus per-user live histories in one Redis server (see module docstring)."""
 
-    def __init__(self, client: aioredis.Redis, namespace: str, cache: RecommendationCache, *,
-                 max_per_user: int = 200, history_ttl_s: int = 7 * 86400, stream_maxlen: int = 100_000) -> None:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        namespace: str,
+        cache: RecommendationCache,
+        *,
+        max_per_user: int = 200,
+        history_ttl_s: int = 7 * 86400,
+        stream_maxlen: int = 100_000,
+    ) -> None:
         if max_per_user < 1 or history_ttl_s < 1 or stream_maxlen < 1:
             raise ValueError("max_per_user, history_ttl_s and stream_maxlen must be >= 1")
         self.client = client

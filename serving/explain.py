@@ -22,8 +22,14 @@ POPULAR_SHARE = 0.05
 class Explainer:
     """Reasons for one served model's recommendations (module docstring)."""
 
-    def __init__(self, titles: np.ndarray, item_ids: np.ndarray, popularity: np.ndarray,
-                 weights: np.ndarray | None, vectors: np.ndarray | None) -> None:
+    def __init__(
+        self,
+        titles: np.ndarray,
+        item_ids: np.ndarray,
+        popularity: np.ndarray,
+        weights: np.ndarray | None,
+        vectors: np.ndarray | None,
+    ) -> None:
         self.titles = titles
         self.item_ids = item_ids
         self.weights = weights
@@ -52,7 +58,11 @@ class Explainer:
         items = np.asarray(items, dtype=np.int64)
         history = np.asarray(history, dtype=np.int64)
         if popularity_only is not None:
-            kind, text = ("segment", "popular in your segment") if popularity_only == "segment" else ("popular", "popular right now")
+            kind, text = (
+                ("segment", "popular in your segment")
+                if popularity_only == "segment"
+                else ("popular", "popular right now")
+            )
             return [{"reason": text, "reason_kind": kind, "because_item_id": None} for _ in items]
         link = self.links(history, items)
         out = []
@@ -62,8 +72,13 @@ class Explainer:
                 best = int(np.argmax(column))
                 if column[best] > 0:
                     h = history[best]
-                    out.append({"reason": f"because you liked {self.titles[h]}", "reason_kind": "liked",
-                                "because_item_id": str(self.item_ids[h])})
+                    out.append(
+                        {
+                            "reason": f"because you liked {self.titles[h]}",
+                            "reason_kind": "liked",
+                            "because_item_id": str(self.item_ids[h]),
+                        }
+                    )
                     continue
             if self.popular[item]:
                 out.append({"reason": "popular right now", "reason_kind": "popular", "because_item_id": None})

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from hyperrec.run_context import RunContext
-from hyperrec.settings import ServingSettings, Settings
+from core.run_context import RunContext
+from core.settings import ServingSettings, Settings
 from serving.store import ObjectStore, current_version, publish
 from training import registry
 
@@ -36,7 +36,9 @@ def publish_champion(settings: Settings, run: RunContext) -> dict:
     staged = shutil.copytree(source, workdir / "bundle")
     meta_path = staged / "metadata.json"
     metadata = json.loads(meta_path.read_text())
-    metadata.update({"version": f"v{version}", "registered_model": settings.mlflow.registered_model, "registered_version": version})
+    metadata.update(
+        {"version": f"v{version}", "registered_model": settings.mlflow.registered_model, "registered_version": version}
+    )
     meta_path.write_text(json.dumps(metadata, indent=2, sort_keys=True))
     extras: dict = {}
     try:
@@ -72,11 +74,11 @@ def add_serving_extras(bundle_dir: Path, run: RunContext, serving: ServingSettin
 
 
 def _write_segment_extras(bundle_dir: Path, run: RunContext) -> None:
+    from feature_store.stage import read_segment_labels
+    from pipelines.split import load_split
     from serving.segments import write_segment_profiles
-    from training.evaluation import load_split
-    from training.stage import segment_of
 
-    segments = segment_of(run)
+    segments = read_segment_labels(run)
     if not segments:
         log.info("run %s has no segmentation: the bundle gets no segment popularity", run.run_id)
         return
@@ -102,6 +104,10 @@ def write_ann_indexes(bundle_dir: Path, serving: ServingSettings) -> list[Path]:
         served = ServedModel(bundle, bundle_dir, serving.model_copy(update={"quantized": quantized}))
         if served.ann_origin == "built":
             written.append(served.save_ann_index(bundle_dir))
-            log.info("stored the %s ANN index (%s) in %s", "INT8" if quantized else "float",
-                     served.index.describe(), written[-1])
+            log.info(
+                "stored the %s ANN index (%s) in %s",
+                "INT8" if quantized else "float",
+                served.index.describe(),
+                written[-1],
+            )
     return written

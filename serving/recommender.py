@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from hyperrec.settings import ServingSettings
+from core.settings import ServingSettings
 from serving.explain import Explainer
 from serving.rerank import category_vectors, intra_list_diversity, mmr, normalize_rows, similarity_vectors
 from serving.retrieval import AnnIndex, HybridScorer, ItemSpace, candidate_items, is_quantized, served_model
@@ -75,9 +75,15 @@ class RecommendationRequest:
 
     def cache_params(self) -> dict[str, Any]:
         """Every parameter that shapes the answer (the cache fingerprint)."""
-        return {"k": self.k, "exclude_seen": self.exclude_seen, "categories": sorted(self.categories),
-                "exclude_items": sorted(self.exclude_items), "diversity": self.diversity, "explain": self.explain,
-                "attributes": {a: v for a, v in sorted(self.attributes.items()) if v is not None}}
+        return {
+            "k": self.k,
+            "exclude_seen": self.exclude_seen,
+            "categories": sorted(self.categories),
+            "exclude_items": sorted(self.exclude_items),
+            "diversity": self.diversity,
+            "explain": self.explain,
+            "attributes": {a: v for a, v in sorted(self.attributes.items()) if v is not None},
+        }
 
 
 def _z(values: np.ndarray) -> np.ndarray:
@@ -109,10 +115,16 @@ class ServedModel:
         self.category_masks = {label: cats[:, j] > 0 for j, label in enumerate(labels)}
         self.popularity = np.asarray(bundle.popularity, dtype=np.float32)
         self.segments = SegmentProfiles.load(bundle_dir, n) if bundle_dir is not None else None
-        link_vectors = normalize_rows(self.space.vectors[:, :-1] if self.space and self.space.source == "neural"
-                                      else self.space.vectors) if self.space is not None else None
-        self.explainer = Explainer(bundle.titles, bundle.item_ids, self.popularity, self.scorer.anchor_weights,
-                                   link_vectors)
+        link_vectors = (
+            normalize_rows(
+                self.space.vectors[:, :-1] if self.space and self.space.source == "neural" else self.space.vectors
+            )
+            if self.space is not None
+            else None
+        )
+        self.explainer = Explainer(
+            bundle.titles, bundle.item_ids, self.popularity, self.scorer.anchor_weights, link_vectors
+        )
 
     def _ann_index(self, bundle_dir: Path | None) -> tuple[AnnIndex, str]:
         """The index stored under ``bundle_dir/ann/<key>/`` for these vectors and candidate
@@ -148,22 +160,33 @@ class ServedModel:
         return self.space.source if self.index is not None else "none"
 
     def describe(self) -> dict[str, Any]:
-        return {"model_version": self.version, "model_name": self.bundle.model.name, "quantized": self.quantized,
-                "ann": self.ann_source, "ann_origin": self.ann_origin, **({"ann_" + k: v for k, v in self.index.describe().items()} if self.index else {}),
-                "segments": len(self.segments.labels) if self.segments else 0,
-                "segment_models": self.scorer.segment_models(), "n_items": self.bundle.n_items}
+        return {
+            "model_version": self.version,
+            "model_name": self.bundle.model.name,
+            "quantized": self.quantized,
+            "ann": self.ann_source,
+            "ann_origin": self.ann_origin,
+            **({"ann_" + k: v for k, v in self.index.describe().items()} if self.index else {}),
+            "segments": len(self.segments.labels) if self.segments else 0,
+            "segment_models": self.scorer.segment_models(),
+            "n_items": self.bundle.n_items,
+        }
 
     # ------------------------------------------------------------------ validation
     def validate(self, request: RecommendationRequest) -> None:
         unknown = sorted(set(request.categories) - set(self.category_masks))
         if unknown:
             known = ", ".join(sorted(self.category_masks)) or "none"
-            raise RequestError(["query", "categories"], f"unknown categories {unknown}; this model knows: {known}",
-                               "unknown_category")
+            raise RequestError(
+                ["query", "categories"], f"unknown categories {unknown}; this model knows: {known}", "unknown_category"
+            )
         missing = sorted(i for i in set(request.exclude_items) if not self.bundle.has_item(i))
         if missing:
-            raise RequestError(["query", "exclude_items"], f"unknown item ids {missing[:10]}: not in model version "
-                               f"{self.version}", "unknown_item")
+            raise RequestError(
+                ["query", "exclude_items"],
+                f"unknown item ids {missing[:10]}: not in model version {self.version}",
+                "unknown_item",
+            )
 
     # ------------------------------------------------------------------ recommend
     def _popularity(self, attributes: dict[str, Any]) -> tuple[np.ndarray, str, str | None, str]:
@@ -178,7 +201,12 @@ class ServedModel:
             return self.popularity, "global_popularity", None, f"no segment profile knows {sorted(given)}"
         index, used = found
         label = self.segments.labels[index]
-        return self.segments.popularity[index], "segment_popularity", label, f"nearest segment {label} by {', '.join(used)}"
+        return (
+            self.segments.popularity[index],
+            "segment_popularity",
+            label,
+            f"nearest segment {label} by {', '.join(used)}",
+        )
 
     def recommend(self, request: RecommendationRequest, recent: list[str]) -> dict[str, Any]:
         """The response body for ``request`` given the user's live items ``recent``."""
@@ -231,8 +259,13 @@ class ServedModel:
         reasons = self.explainer.reasons(history, picked, popularity_only) if request.explain else None
         out_items = []
         for rank, i in enumerate(picked.tolist(), start=1):
-            entry = {"item_id": str(bundle.item_ids[i]), "title": str(bundle.titles[i]), "score": float(score_of[i]),
-                     "rank": rank, "categories": list(bundle.categories[i])}
+            entry = {
+                "item_id": str(bundle.item_ids[i]),
+                "title": str(bundle.titles[i]),
+                "score": float(score_of[i]),
+                "rank": rank,
+                "categories": list(bundle.categories[i]),
+            }
             if reasons is not None:
                 entry.update(reasons[rank - 1])
             out_items.append(entry)

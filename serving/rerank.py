@@ -19,7 +19,7 @@ unordered pairs of a list; 0 for lists shorter than two.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

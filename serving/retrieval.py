@@ -56,9 +56,14 @@ def served_model(model: WeightedHybrid | ItemItemModel, quantized: bool) -> Weig
         return model
     from training.neural import quantize_int8
 
-    components = {name: NeuralScorer(quantize_int8(s.model), {seg: quantize_int8(m) for seg, m in s.segment_models.items()},
-                                     s.user_segments) if isinstance(s, NeuralScorer) else s
-                  for name, s in model.components.items()}
+    components = {
+        name: NeuralScorer(
+            quantize_int8(s.model), {seg: quantize_int8(m) for seg, m in s.segment_models.items()}, s.user_segments
+        )
+        if isinstance(s, NeuralScorer)
+        else s
+        for name, s in model.components.items()
+    }
     return dataclasses.replace(model, components=components)
 
 
@@ -67,7 +72,8 @@ def is_quantized(model: WeightedHybrid | ItemItemModel) -> bool:
     from training.neural import _is_quantized
 
     return isinstance(model, WeightedHybrid) and any(
-        isinstance(s, NeuralScorer) and _is_quantized(s.model.net) for s in model.components.values())
+        isinstance(s, NeuralScorer) and _is_quantized(s.model.net) for s in model.components.values()
+    )
 
 
 @dataclass
@@ -93,8 +99,11 @@ class HybridScorer:
             self.anchor = model.anchor
             self.weighting: InputWeighting | None = model.weighting
             self.anchor_factor = model.weights.get("ease", 1.0) / model.scales["ease"]
-            self.components = [(name, s, model.weights.get(name, 0.0) / model.scales[name])
-                               for name, s in model.components.items() if model.weights.get(name, 0.0)]
+            self.components = [
+                (name, s, model.weights.get(name, 0.0) / model.scales[name])
+                for name, s in model.components.items()
+                if model.weights.get(name, 0.0)
+            ]
         else:
             self.anchor, self.weighting, self.anchor_factor, self.components = model, None, 1.0, []
         self.anchor_bias = np.asarray(self.anchor.bias, dtype=np.float32)
@@ -144,10 +153,12 @@ class HybridScorer:
                 vectors[name] = _content_profile(scorer.model, x).astype(np.float32)
             elif isinstance(scorer, ALSScorer):
                 row = scorer.row_of.get(user_id, -1)
-                vectors[name] = (scorer.model.user_factors[row] if row >= 0
-                                 else scorer.model.fold_in(binary(x))[0]).astype(np.float32)
-        return UserState(x, user_id, anchor_in.indices.astype(np.int64), anchor_in.data.astype(np.float32), vectors,
-                         segment_vectors)
+                vectors[name] = (
+                    scorer.model.user_factors[row] if row >= 0 else scorer.model.fold_in(binary(x))[0]
+                ).astype(np.float32)
+        return UserState(
+            x, user_id, anchor_in.indices.astype(np.int64), anchor_in.data.astype(np.float32), vectors, segment_vectors
+        )
 
     def score(self, state: UserState, items: np.ndarray) -> np.ndarray:
         """``model.score(x, [user])[0][items]`` (float32)."""
@@ -204,7 +215,7 @@ class ItemSpace:
     vectors: np.ndarray
 
     @classmethod
-    def of(cls, scorer: HybridScorer) -> "ItemSpace | None":
+    def of(cls, scorer: HybridScorer) -> ItemSpace | None:
         """The neural space (item-tower outputs ⊕ item bias), else the content space, else None."""
         for kind, source in ((NeuralScorer, "neural"), (ContentScorer, "content")):
             found = scorer.component(kind)
@@ -280,13 +291,19 @@ class AnnIndex:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         faiss.write_index(self.index, str(directory / "index.faiss"))
-        meta = {"kind": self.kind, "ef_factor": self.ef_factor, "recall": self.recall, "lifted": self.lifted,
-                "n_items": self.n, "dim": self.dim}
+        meta = {
+            "kind": self.kind,
+            "ef_factor": self.ef_factor,
+            "recall": self.recall,
+            "lifted": self.lifted,
+            "n_items": self.n,
+            "dim": self.dim,
+        }
         (directory / "index.json").write_text(json.dumps(meta, indent=2))
         return directory
 
     @classmethod
-    def load(cls, directory: Path) -> "AnnIndex":
+    def load(cls, directory: Path) -> AnnIndex:
         """An index written by :meth:`save`; ``ValueError`` names an unreadable or inconsistent one."""
         directory = Path(directory)
         try:
@@ -296,8 +313,9 @@ class AnnIndex:
             raise ValueError(f"{directory}: unreadable ANN index ({type(exc).__name__}: {exc})") from exc
         dim = int(meta["dim"]) + (1 if meta["lifted"] else 0)
         if index.ntotal != int(meta["n_items"]) or index.d != dim:
-            raise ValueError(f"{directory}: index holds {index.ntotal}×{index.d} vectors, index.json says "
-                             f"{meta['n_items']}×{dim}")
+            raise ValueError(
+                f"{directory}: index holds {index.ntotal}×{index.d} vectors, index.json says {meta['n_items']}×{dim}"
+            )
         self = cls.__new__(cls)
         self.n, self.dim = int(meta["n_items"]), int(meta["dim"])
         self.kind, self.ef_factor, self.recall = str(meta["kind"]), int(meta["ef_factor"]), float(meta["recall"])
@@ -333,12 +351,15 @@ def _search(index: Any, lifted: bool, query: np.ndarray, n: int, ef_factor: int)
 def _recall(index: Any, lifted: bool, samples: np.ndarray, truth: list[set], n: int, ef_factor: int) -> float:
     if not len(samples):
         return 0.0
-    hits = [len(set(_search(index, lifted, q, n, ef_factor).tolist()) & t) / max(len(t), 1) for q, t in zip(samples, truth)]
+    hits = [
+        len(set(_search(index, lifted, q, n, ef_factor).tolist()) & t) / max(len(t), 1) for q, t in zip(samples, truth)
+    ]
     return float(np.mean(hits))
 
 
-def candidate_items(allowed: np.ndarray, index: AnnIndex | None, query: np.ndarray | None, candidates: int,
-                    n_excluded: int, need: int) -> tuple[np.ndarray, bool]:
+def candidate_items(
+    allowed: np.ndarray, index: AnnIndex | None, query: np.ndarray | None, candidates: int, n_excluded: int, need: int
+) -> tuple[np.ndarray, bool]:
     """Items to score under the rule of the module docstring, and whether the index chose them.
 
     ``allowed`` is a boolean mask over the catalogue (filters and seen items applied).

@@ -20,9 +20,9 @@ never saw, and attributes the bundle has no profile for, carry no evidence and a
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
 
 import numpy as np
 import pandas as pd
@@ -37,8 +37,14 @@ CATEGORICAL = ("gender", "occupation", "region", "device")
 ATTRIBUTES = NUMERIC + CATEGORICAL
 
 
-def write_segment_profiles(bundle_dir: Path, item_ids: np.ndarray, train: pd.DataFrame, segments: Mapping[str, str],
-                           users: pd.DataFrame | None = None, events: pd.DataFrame | None = None) -> Path:
+def write_segment_profiles(
+    bundle_dir: Path,
+    item_ids: np.ndarray,
+    train: pd.DataFrame,
+    segments: Mapping[str, str],
+    users: pd.DataFrame | None = None,
+    events: pd.DataFrame | None = None,
+) -> Path:
     """Write ``serving/segment_popularity.npy`` and ``serving/segments.json`` into ``bundle_dir``.
 
     ``train``: ``user_id``, ``item_id`` interactions; ``segments``: user id → segment label;
@@ -97,7 +103,9 @@ def _numeric_profile(frame: pd.DataFrame, column: str, labels: list[str]) -> dic
 def _share_profile(frame: pd.DataFrame, column: str, labels: list[str]) -> dict:
     known = frame[frame[column].notna()]
     values = sorted(known[column].astype(str).unique())
-    counts = pd.crosstab(known["segment"], known[column].astype(str)).reindex(index=labels, columns=values, fill_value=0)
+    counts = pd.crosstab(known["segment"], known[column].astype(str)).reindex(
+        index=labels, columns=values, fill_value=0
+    )
     shares = (counts.to_numpy(dtype=np.float64) + 1.0) / (counts.sum(axis=1).to_numpy()[:, None] + len(values))
     return {"values": values, "shares": shares.tolist()}
 
@@ -113,7 +121,7 @@ class SegmentProfiles:
     categorical: dict
 
     @classmethod
-    def load(cls, bundle_dir: Path, n_items: int) -> "SegmentProfiles | None":
+    def load(cls, bundle_dir: Path, n_items: int) -> SegmentProfiles | None:
         """The profiles in ``bundle_dir/serving``, or None when the bundle has none."""
         folder = Path(bundle_dir) / SERVING_DIR
         if not (folder / PROFILE_FILE).is_file() or not (folder / POPULARITY_FILE).is_file():
@@ -121,10 +129,17 @@ class SegmentProfiles:
         spec = json.loads((folder / PROFILE_FILE).read_text())
         popularity = np.load(folder / POPULARITY_FILE, allow_pickle=False).astype(np.float32)
         if popularity.shape != (len(spec["labels"]), n_items):
-            raise ValueError(f"{folder / POPULARITY_FILE}: shape {popularity.shape}, expected "
-                             f"({len(spec['labels'])}, {n_items}) segments × items")
-        return cls(list(spec["labels"]), np.asarray(spec["sizes"], dtype=np.float64), popularity,
-                   spec.get("numeric", {}), spec.get("categorical", {}))
+            raise ValueError(
+                f"{folder / POPULARITY_FILE}: shape {popularity.shape}, expected "
+                f"({len(spec['labels'])}, {n_items}) segments × items"
+            )
+        return cls(
+            list(spec["labels"]),
+            np.asarray(spec["sizes"], dtype=np.float64),
+            popularity,
+            spec.get("numeric", {}),
+            spec.get("categorical", {}),
+        )
 
     @property
     def attributes(self) -> list[str]:

@@ -11,7 +11,8 @@ import json
 import shutil
 from pathlib import Path
 
-from training.bundle import REQUIRED_FILES, validate_version, _write_atomic
+from core.files import write_atomic
+from training.bundle import REQUIRED_FILES, validate_version
 
 CURRENT = "CURRENT"
 
@@ -62,7 +63,7 @@ class ObjectStore:
             return
         target = self.local_path(key)
         target.parent.mkdir(parents=True, exist_ok=True)
-        _write_atomic(target, lambda tmp: shutil.copyfile(source, tmp))
+        write_atomic(target, lambda tmp: shutil.copyfile(source, tmp))
 
     def put_bytes(self, key: str, data: bytes) -> None:
         if self.root is None:
@@ -70,7 +71,7 @@ class ObjectStore:
             return
         target = self.local_path(key)
         target.parent.mkdir(parents=True, exist_ok=True)
-        _write_atomic(target, lambda tmp: tmp.write_bytes(data))
+        write_atomic(target, lambda tmp: tmp.write_bytes(data))
 
     def get_bytes(self, key: str) -> bytes | None:
         """The content of ``key``, or None when it does not exist."""
@@ -193,5 +194,5 @@ def fetch(store: ObjectStore, version: str, dest: Path) -> Path:
     for name in sorted(names, key=lambda n: n == "metadata.json"):
         target = dest.joinpath(*name.split("/"))
         target.parent.mkdir(parents=True, exist_ok=True)
-        _write_atomic(target, lambda tmp, name=name: store.download(f"{version}/{name}", tmp))
+        write_atomic(target, lambda tmp, name=name: store.download(f"{version}/{name}", tmp))
     return dest

@@ -4,14 +4,14 @@ before anything imports airflow, and one Spark session for every Spark test."""
 from __future__ import annotations
 
 import shutil
-import socket
 import tempfile
 from pathlib import Path
 
 import pytest
 
+from core.net import free_port
+from core.settings import Settings, load_settings
 from hyperrec.orchestration import configure_airflow
-from hyperrec.settings import Settings, load_settings
 
 _HOME = Path(tempfile.mkdtemp(prefix="hyperrec-test-"))
 BASE_OVERRIDES = {"home": str(_HOME), "spark": {"master": "local[2]", "shuffle_partitions": 2, "driver_memory": "1g"}}
@@ -19,8 +19,12 @@ BASE_OVERRIDES = {"home": str(_HOME), "spark": {"master": "local[2]", "shuffle_p
 # configured search (FULL_SETTINGS) because it proves the accuracy target.
 SETTINGS = load_settings(
     **BASE_OVERRIDES,
-    training={"validation_folds": 2, "ease_lambdas": [100.0, 400.0], "temporal_betas": [0.0, 1.0],
-              "blend_weight_grid": [0.0, 0.3, 1.0]},
+    training={
+        "validation_folds": 2,
+        "ease_lambdas": [100.0, 400.0],
+        "temporal_betas": [0.0, 1.0],
+        "blend_weight_grid": [0.0, 0.3, 1.0],
+    },
     neural={"epochs": 4, "hidden": [32], "embedding_dim": 16},
     tuning={"optuna_trials": 2, "optuna_startup_trials": 1, "embedding_dims": [16], "min_validation_users": 5},
 )
@@ -56,13 +60,6 @@ def spark(settings):
 S3_BUCKETS = ("bundles", "models", "raw")
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def s3_endpoint(monkeypatch: pytest.MonkeyPatch):
     """moto's S3 server (server mode, real HTTP) on a free local port, with buckets
@@ -70,8 +67,12 @@ def s3_endpoint(monkeypatch: pytest.MonkeyPatch):
     import boto3
     from moto.server import ThreadedMotoServer
 
-    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                       "AWS_SESSION_TOKEN": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+    for key, value in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_SESSION_TOKEN": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }.items():
         monkeypatch.setenv(key, value)
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
     server.start()

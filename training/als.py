@@ -104,8 +104,9 @@ class FactorModel:
         :meth:`fold_in`: works for unknown users and histories updated by live events."""
         return (self.fold_in(x) @ self.item_factors.T).astype(np.float32)
 
-    def recommend(self, x: sp.csr_matrix, k: int, user_rows: np.ndarray | None = None,
-                  exclude_seen: bool = True) -> np.ndarray:
+    def recommend(
+        self, x: sp.csr_matrix, k: int, user_rows: np.ndarray | None = None, exclude_seen: bool = True
+    ) -> np.ndarray:
         """Top-``k`` item indices per row of ``x``, best first; scored from the learned factors
         of ``user_rows`` when given, else by fold-in of ``x``. Seen items are excluded."""
         scores = self.score(user_rows) if user_rows is not None else self.score_history(x)
@@ -133,7 +134,7 @@ def thread_stack_mib(java_options: str) -> float:
     return size
 
 
-def _task_thread_stack_mib(spark: "SparkSession") -> float:
+def _task_thread_stack_mib(spark: SparkSession) -> float:
     """Stack size of the threads that run tasks: the driver JVM's own arguments in local
     mode, ``spark.executor.extraJavaOptions`` otherwise."""
     sc = spark.sparkContext
@@ -144,7 +145,7 @@ def _task_thread_stack_mib(spark: "SparkSession") -> float:
 
 
 def fit_als(
-    spark: "SparkSession",
+    spark: SparkSession,
     train: pd.DataFrame,
     item_ids: np.ndarray,
     *,
@@ -191,14 +192,26 @@ def fit_als(
                 f"(-Xss{-(-max_iter // ITERATIONS_PER_STACK_MIB)}m or more in spark.driver/executor.extraJavaOptions)"
             )
     start = time.perf_counter()
-    triples = pd.DataFrame({"user": coo.row.astype(np.int32), "item": coo.col.astype(np.int32),
-                            "rating": coo.data.astype(np.float32)})
+    triples = pd.DataFrame(
+        {"user": coo.row.astype(np.int32), "item": coo.col.astype(np.int32), "rating": coo.data.astype(np.float32)}
+    )
     blocks = max(1, min(spark.sparkContext.defaultParallelism, 8))
-    als = ALS(rank=rank, maxIter=max_iter, regParam=reg, alpha=alpha, implicitPrefs=True,
-              userCol="user", itemCol="item", ratingCol="rating", seed=seed, nonnegative=False,
-              numUserBlocks=blocks, numItemBlocks=blocks,
-              checkpointInterval=CHECKPOINT_INTERVAL if checkpointed else -1,
-              coldStartStrategy="drop")
+    als = ALS(
+        rank=rank,
+        maxIter=max_iter,
+        regParam=reg,
+        alpha=alpha,
+        implicitPrefs=True,
+        userCol="user",
+        itemCol="item",
+        ratingCol="rating",
+        seed=seed,
+        nonnegative=False,
+        numUserBlocks=blocks,
+        numItemBlocks=blocks,
+        checkpointInterval=CHECKPOINT_INTERVAL if checkpointed else -1,
+        coldStartStrategy="drop",
+    )
     fitted = als.fit(spark.createDataFrame(triples))
     users = fitted.userFactors.toPandas()
     items = fitted.itemFactors.toPandas()
@@ -207,5 +220,7 @@ def fit_als(
         user_ids=matrix.user_ids,
         user_factors=_factor_array(users, len(matrix.user_ids), rank),
         item_factors=_factor_array(items, len(matrix.item_ids), rank),
-        reg=float(reg), alpha=float(alpha), fit_seconds=seconds,
+        reg=float(reg),
+        alpha=float(alpha),
+        fit_seconds=seconds,
     )

@@ -18,13 +18,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from hyperrec.datasets.movielens import ML100K_NAME, read_items, read_ratings, read_users, verify
-from hyperrec.datasets import RawDataset
-from hyperrec.settings import Settings
+from core.datasets import RawDataset
+from core.datasets.movielens import ML100K_NAME, read_items, read_ratings, read_users, verify
+from core.settings import Settings
 from pipelines.split import split_fingerprint, u75_split
-from training.metrics import METRICS, beyond_accuracy, evaluate
 from training.candidates import BASELINES, COMPONENTS, NEEDS, available, category_multi_hot, fit_candidate, tune_choice
 from training.hybrid import FitContext
+from training.metrics import METRICS, beyond_accuracy, evaluate
 from training.models import InteractionMatrix, top_k
 
 PROTOCOLS = ("u75",)
@@ -49,7 +49,7 @@ def load_ratings(dataset: str, settings: Settings) -> pd.DataFrame:
     return frame[COLUMNS]
 
 
-def export_raw_dataset(raw: "RawDataset", out: Path) -> Path:
+def export_raw_dataset(raw: RawDataset, out: Path) -> Path:
     """Write a raw dataset (``hyperrec generate`` layout) in the generic benchmark format.
 
     ``interactions.csv``: one row per (user, item), in first-event order, with ``rating`` the
@@ -63,15 +63,29 @@ def export_raw_dataset(raw: "RawDataset", out: Path) -> Path:
     events = pd.read_parquet(raw.interactions, columns=["user_id", "item_id", "event_type", "rating", "timestamp"])
     events = events.dropna(subset=["user_id", "item_id", "timestamp"])
     implicit = events["event_type"].map(EVENT_CONFIDENCE).astype(float) * 5.0
-    events = events.assign(rating=events["rating"].where(events["event_type"] == "rate", implicit).fillna(1.0),
-                           timestamp=(pd.to_datetime(events["timestamp"], utc=True) - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(seconds=1))
+    events = events.assign(
+        rating=events["rating"].where(events["event_type"] == "rate", implicit).fillna(1.0),
+        timestamp=(pd.to_datetime(events["timestamp"], utc=True) - pd.Timestamp(0, tz="UTC"))
+        // pd.Timedelta(seconds=1),
+    )
     events = events.sort_values("timestamp", kind="stable")
-    pairs = events.groupby(["user_id", "item_id"], sort=False).agg(rating=("rating", "max"), timestamp=("timestamp", "min")).reset_index()
+    pairs = (
+        events.groupby(["user_id", "item_id"], sort=False)
+        .agg(rating=("rating", "max"), timestamp=("timestamp", "min"))
+        .reset_index()
+    )
     out.mkdir(parents=True, exist_ok=True)
-    pairs.sort_values(["timestamp", "user_id", "item_id"], kind="stable")[COLUMNS].to_csv(out / "interactions.csv", index=False)
+    pairs.sort_values(["timestamp", "user_id", "item_id"], kind="stable")[COLUMNS].to_csv(
+        out / "interactions.csv", index=False
+    )
     items = pd.read_parquet(raw.items)
-    pd.DataFrame({"item_id": items["item_id"], "title": items["title"],
-                  "genres": ["|".join(c) if c is not None else "" for c in items["categories"]]}).to_csv(out / "items.csv", index=False)
+    pd.DataFrame(
+        {
+            "item_id": items["item_id"],
+            "title": items["title"],
+            "genres": ["|".join(c) if c is not None else "" for c in items["categories"]],
+        }
+    ).to_csv(out / "items.csv", index=False)
     pd.read_parquet(raw.users).to_csv(out / "users.csv", index=False)
     return out
 
@@ -91,8 +105,15 @@ def item_vectors(dataset: str, settings: Settings, item_dtype) -> dict | None:
     return dict(zip(items["item_id"].astype(item_dtype), matrix))
 
 
-def side_data(dataset: str, settings: Settings, item_ids: np.ndarray, ratings: pd.DataFrame, vectors: dict | None, *,
-              spark: bool = True) -> dict:
+def side_data(
+    dataset: str,
+    settings: Settings,
+    item_ids: np.ndarray,
+    ratings: pd.DataFrame,
+    vectors: dict | None,
+    *,
+    spark: bool = True,
+) -> dict:
     """Side data for the content, neural and ALS components (see :mod:`training.candidates`):
     item category multi-hot and content embeddings aligned with ``item_ids``, user features
     (ml-100k ``u.user`` or ``users.csv``) and the Spark session. Missing files leave keys out."""
@@ -111,7 +132,9 @@ def side_data(dataset: str, settings: Settings, item_ids: np.ndarray, ratings: p
         items_path, users_path = Path(dataset) / "items.csv", Path(dataset) / "users.csv"
         items = pd.read_csv(items_path) if items_path.exists() else None
         if items is not None and "genres" in items.columns:
-            items["text"] = items["title"].fillna("").astype(str) + ". " + items["genres"].fillna("").str.replace("|", ", ")
+            items["text"] = (
+                items["title"].fillna("").astype(str) + ". " + items["genres"].fillna("").str.replace("|", ", ")
+            )
         users = pd.read_csv(users_path) if users_path.exists() else None
     if items is not None:
         embeddings, _ = content_embeddings(items)
@@ -127,8 +150,9 @@ def side_data(dataset: str, settings: Settings, item_ids: np.ndarray, ratings: p
     return side
 
 
-def run_benchmark(settings: Settings, *, dataset: str, protocol: str, k: int, out: Path,
-                  models: tuple[str, ...] = MODELS, log=print) -> dict:
+def run_benchmark(
+    settings: Settings, *, dataset: str, protocol: str, k: int, out: Path, models: tuple[str, ...] = MODELS, log=print
+) -> dict:
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; known: {', '.join(PROTOCOLS)}")
     unknown = [m for m in models if m not in MODELS]
@@ -165,23 +189,34 @@ def run_benchmark(settings: Settings, *, dataset: str, protocol: str, k: int, ou
         top = top_k(scorer.score(x, users), x, k)
         # The hybrid's training time includes its validation search.
         seconds = time.perf_counter() - start + (choice.seconds if name == "hybrid" else 0.0)
-        recs = pd.DataFrame({
-            "user_id": np.repeat(np.array(users, dtype=object), top.shape[1]),
-            "item_id": item_ids[top.ravel()],
-            "rank": np.tile(np.arange(1, top.shape[1] + 1), len(users)),
-        })
+        recs = pd.DataFrame(
+            {
+                "user_id": np.repeat(np.array(users, dtype=object), top.shape[1]),
+                "item_id": item_ids[top.ravel()],
+                "rank": np.tile(np.arange(1, top.shape[1] + 1), len(users)),
+            }
+        )
         path = out / f"recommendations-{name}.csv"
         recs.to_csv(path, index=False)
         written = pd.read_csv(path, dtype={"user_id": ratings["user_id"].dtype, "item_id": ratings["item_id"].dtype})
         lists = written.sort_values(["user_id", "rank"]).groupby("user_id")["item_id"].apply(list).to_dict()
         scores = evaluate(lists, relevant, k)
         extra = beyond_accuracy(lists, n_items=n_items, popularity=popularity, item_vectors=vectors, k=k)
-        results[name] = ({m: scores[f"{m}@{k}"] for m in METRICS} | {m.split("@")[0]: v for m, v in extra.items()}
-                         | {"users": scores["users"], "train_seconds": round(seconds, 3)})
+        results[name] = (
+            {m: scores[f"{m}@{k}"] for m in METRICS}
+            | {m.split("@")[0]: v for m, v in extra.items()}
+            | {"users": scores["users"], "train_seconds": round(seconds, 3)}
+        )
         log(f"{name}: ndcg@{k}={results[name]['ndcg']:.4f} ({seconds:.1f} s)")
     best = max(results, key=lambda n: results[n]["ndcg"])
-    metrics = {"protocol": protocol, "dataset": dataset, "k": k, "split_fingerprint": split_fingerprint(test),
-               "models": results, "best": best}
+    metrics = {
+        "protocol": protocol,
+        "dataset": dataset,
+        "k": k,
+        "split_fingerprint": split_fingerprint(test),
+        "models": results,
+        "best": best,
+    }
     if choice is not None:
         metrics["validation"] = choice.to_dict()
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))

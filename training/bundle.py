@@ -20,23 +20,24 @@ Publishing adds serving-only folders the loader here ignores: ``serving/`` (segm
 popularity and profiles, :mod:`serving.segments`) and ``ann/`` (stored ANN indexes,
 :mod:`serving.retrieval`).
 """
+
 from __future__ import annotations
 
 import json
-import os
 import re
-import uuid
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import scipy.sparse as sp
 
+from core.files import write_atomic
 from training.hybrid import InputWeighting, WeightedHybrid
 from training.models import ItemItemModel
 
@@ -62,8 +63,11 @@ _ITEMS_SCHEMA = pa.schema(
     ]
 )
 _HISTORY_SCHEMA = pa.schema(
-    [pa.field("user_id", pa.string(), nullable=False), pa.field("item_idx", pa.list_(pa.int32())),
-     pa.field("weight", pa.list_(pa.float32()))]
+    [
+        pa.field("user_id", pa.string(), nullable=False),
+        pa.field("item_idx", pa.list_(pa.int32())),
+        pa.field("weight", pa.list_(pa.float32())),
+    ]
 )
 BLEND_DIR = "blend"
 
@@ -180,22 +184,12 @@ def _check_model(model: ItemItemModel, n: int, where: str = "model") -> None:
         raise ValueError(f"{where} weights: expected shape ({n}, {n}), got {np.asarray(model.weights).shape}")
 
 
-def _write_atomic(path: Path, write: Any) -> None:
-    """Call ``write(tmp_path)`` then rename the temporary file onto ``path``."""
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _save_npy(path: Path, array: np.ndarray) -> None:
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as fh:
             np.save(fh, np.ascontiguousarray(array, dtype=np.float32), allow_pickle=False)
 
-    _write_atomic(path, write)
+    write_atomic(path, write)
 
 
 def write_bundle(
@@ -231,8 +225,11 @@ def write_bundle(
     hybrid = model if isinstance(model, WeightedHybrid) else None
     if hybrid is not None:
         factor = hybrid.weights.get("ease", 1.0) / hybrid.scales["ease"]
-        model = ItemItemModel(hybrid.name, bias=hybrid.anchor.bias * factor,
-                              weights=None if hybrid.anchor.weights is None else hybrid.anchor.weights * factor)
+        model = ItemItemModel(
+            hybrid.name,
+            bias=hybrid.anchor.bias * factor,
+            weights=None if hybrid.anchor.weights is None else hybrid.anchor.weights * factor,
+        )
     _check_model(model, n)
     _check_1d("titles", np.asarray(list(titles), dtype=object), n)
     _check_1d("popularity", np.asarray(popularity), n)
@@ -260,7 +257,7 @@ def write_bundle(
         "format_version": FORMAT_VERSION,
         "model_name": model.name,
         "registered_model_version": None,
-        "created_at": datetime.now(timezone.utc).isoformat(),
+        "created_at": datetime.now(UTC).isoformat(),
         **metadata,
         "version": str(metadata["version"]),
         "n_items": n,
@@ -277,13 +274,13 @@ def write_bundle(
         (out_dir / "weights.npy").unlink(missing_ok=True)
     _save_npy(out_dir / "popularity.npy", popularity)
     items = pa.table({"item_id": list(ids), "title": list(_as_str(titles)), "categories": cats}, schema=_ITEMS_SCHEMA)
-    _write_atomic(out_dir / "items.parquet", lambda tmp: pq.write_table(items, tmp))
+    write_atomic(out_dir / "items.parquet", lambda tmp: pq.write_table(items, tmp))
     hist = pa.table({"user_id": users, "item_idx": rows, "weight": row_weights}, schema=_HISTORY_SCHEMA)
-    _write_atomic(out_dir / "user_history.parquet", lambda tmp: pq.write_table(hist, tmp))
+    write_atomic(out_dir / "user_history.parquet", lambda tmp: pq.write_table(hist, tmp))
     _write_blend(out_dir / BLEND_DIR, hybrid)
     # metadata.json last: its presence marks a complete bundle directory.
     text = json.dumps(meta, indent=2, sort_keys=True, default=str)
-    _write_atomic(out_dir / "metadata.json", lambda tmp: tmp.write_text(text))
+    write_atomic(out_dir / "metadata.json", lambda tmp: tmp.write_text(text))
     return out_dir
 
 
@@ -300,8 +297,12 @@ def _write_blend(directory: Path, hybrid: WeightedHybrid | None) -> None:
     directory.mkdir(parents=True)
     for name, scorer in hybrid.components.items():
         save_scorer(scorer, directory / name)
-    spec = {"weighting": asdict(hybrid.weighting), "weights": hybrid.weights, "scales": hybrid.scales,
-            "components": sorted(hybrid.components)}
+    spec = {
+        "weighting": asdict(hybrid.weighting),
+        "weights": hybrid.weights,
+        "scales": hybrid.scales,
+        "components": sorted(hybrid.components),
+    }
     (directory / "blend.json").write_text(json.dumps(spec, indent=2, sort_keys=True))
 
 
@@ -390,15 +391,18 @@ def load_bundle(path: Path) -> Bundle:
     hist = _load_parquet(path / "user_history.parquet", _HISTORY_SCHEMA, optional=("weight",))
     history: dict[str, np.ndarray] = {}
     history_weights: dict[str, np.ndarray] = {}
-    for user, indices, weights in zip(hist.column("user_id").to_pylist(), hist.column("item_idx").to_pylist(),
-                                      hist.column("weight").to_pylist()):
+    for user, indices, weights in zip(
+        hist.column("user_id").to_pylist(), hist.column("item_idx").to_pylist(), hist.column("weight").to_pylist()
+    ):
         idx = np.asarray(indices or [], dtype=np.int32)
         if len(idx) and (idx.min() < 0 or idx.max() >= n):
             raise ValueError(f"{path / 'user_history.parquet'}: user {user!r} has item indices outside [0, {n})")
         history[str(user)] = idx
         w = np.asarray(weights if weights is not None else np.ones(len(idx)), dtype=np.float32)
         if w.shape != idx.shape:
-            raise ValueError(f"{path / 'user_history.parquet'}: user {user!r} has {len(w)} weights for {len(idx)} items")
+            raise ValueError(
+                f"{path / 'user_history.parquet'}: user {user!r} has {len(w)} weights for {len(idx)} items"
+            )
         history_weights[str(user)] = w
     return Bundle(
         version=str(metadata["version"]),
@@ -411,4 +415,3 @@ def load_bundle(path: Path) -> Bundle:
         history=history,
         history_weights=history_weights,
     )
-

@@ -22,9 +22,18 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from hyperrec.settings import Settings
-from training.hybrid import (ComponentFitter, FitContext, HybridChoice, InputWeighting, PopularityScorer, Scorer, WeightedHybrid,
-                             fit_hybrid, tune_hybrid)
+from core.settings import Settings
+from training.hybrid import (
+    ComponentFitter,
+    FitContext,
+    HybridChoice,
+    InputWeighting,
+    PopularityScorer,
+    Scorer,
+    WeightedHybrid,
+    fit_hybrid,
+    tune_hybrid,
+)
 from training.models import ItemItemModel, fit_ease, fit_item_knn
 
 BASELINES = ("popularity", "item_knn", "ease")
@@ -80,12 +89,12 @@ class NeuralScorer(Scorer):
     ``user_segments`` (user id → segment) has a model is scored by that model; every other
     user, and an unknown one, by ``model``."""
 
-    def __init__(self, model, segment_models: Mapping[str, Any] | None = None,
-                 user_segments: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self, model, segment_models: Mapping[str, Any] | None = None, user_segments: Mapping[str, str] | None = None
+    ) -> None:
         self.model = model
         self.segment_models = {str(s): m for s, m in (segment_models or {}).items()}
-        self.user_segments = {str(u): str(s) for u, s in (user_segments or {}).items()
-                              if str(s) in self.segment_models}
+        self.user_segments = {str(u): str(s) for u, s in (user_segments or {}).items() if str(s) in self.segment_models}
         self._routed = None
         if self.user_segments:
             from training.segment_tuning import SegmentedRecommender
@@ -96,7 +105,7 @@ class NeuralScorer(Scorer):
         """The segment whose model scores ``user_id``; None when that is the global model."""
         return None if user_id is None else self.user_segments.get(str(user_id))
 
-    def without_segments(self) -> "NeuralScorer":
+    def without_segments(self) -> NeuralScorer:
         return NeuralScorer(self.model)
 
     def score(self, x: sp.csr_matrix, user_ids: Sequence) -> np.ndarray:
@@ -118,7 +127,11 @@ def category_multi_hot(categories: Sequence[Sequence[str] | None]) -> np.ndarray
 
 def item_side_features(side: dict) -> np.ndarray | None:
     """The neural item tower's dense input: category multi-hot next to content embeddings."""
-    parts = [np.asarray(side[key], dtype=np.float32) for key in ("item_categories", "item_embeddings") if side.get(key) is not None]
+    parts = [
+        np.asarray(side[key], dtype=np.float32)
+        for key in ("item_categories", "item_embeddings")
+        if side.get(key) is not None
+    ]
     return np.hstack(parts) if parts else None
 
 
@@ -129,8 +142,17 @@ def component_fitters(settings: Settings, progress: bool = False) -> dict[str, C
     def als(ctx: FitContext) -> Scorer:
         from training.als import fit_als
 
-        return ALSScorer(fit_als(ctx.side["spark"], ctx.frame, ctx.item_ids, rank=cfg.als_rank, reg=cfg.als_reg,
-                                 alpha=cfg.als_alpha, max_iter=cfg.als_iterations))
+        return ALSScorer(
+            fit_als(
+                ctx.side["spark"],
+                ctx.frame,
+                ctx.item_ids,
+                rank=cfg.als_rank,
+                reg=cfg.als_reg,
+                alpha=cfg.als_alpha,
+                max_iter=cfg.als_iterations,
+            )
+        )
 
     def content(ctx: FitContext) -> Scorer:
         from training.content import fit_content
@@ -140,7 +162,12 @@ def component_fitters(settings: Settings, progress: bool = False) -> dict[str, C
     def neural(ctx: FitContext) -> Scorer:
         from training.neural import NeuralData, NeuralRecommender, fit_neural
 
-        data = NeuralData.build(ctx.frame, ctx.item_ids, user_features=ctx.side.get("user_features"), item_features=item_side_features(dict(ctx.side)))
+        data = NeuralData.build(
+            ctx.frame,
+            ctx.item_ids,
+            user_features=ctx.side.get("user_features"),
+            item_features=item_side_features(dict(ctx.side)),
+        )
         ncfg = settings.neural
         if ncfg.nproc == 1 and ncfg.device == "cpu":
             return NeuralScorer(fit_neural(data, ncfg, progress=progress, threads=ncfg.threads))
@@ -150,8 +177,15 @@ def component_fitters(settings: Settings, progress: bool = False) -> dict[str, C
 
         with tempfile.TemporaryDirectory(prefix="hyperrec-ddp-") as tmp:
             write_training_data(data, Path(tmp) / "data")
-            result = launch(Path(tmp) / "data", Path(tmp) / "out", nproc=ncfg.nproc, device=ncfg.device, cfg=ncfg,
-                            threads=ncfg.threads, progress=progress)
+            result = launch(
+                Path(tmp) / "data",
+                Path(tmp) / "out",
+                nproc=ncfg.nproc,
+                device=ncfg.device,
+                cfg=ncfg,
+                threads=ncfg.threads,
+                progress=progress,
+            )
             return NeuralScorer(NeuralRecommender.load(result["model_dir"]))
 
     return {
@@ -167,14 +201,29 @@ def available(side: dict) -> list[str]:
     return [name for name in COMPONENTS if all(side.get(key) is not None for key in NEEDS[name])]
 
 
-def tune_choice(ctx: FitContext, settings: Settings, *, weight_col: str | None = "rating", progress: bool = False,
-                blend: bool = True, log: Callable[[str], None] = print) -> HybridChoice:
+def tune_choice(
+    ctx: FitContext,
+    settings: Settings,
+    *,
+    weight_col: str | None = "rating",
+    progress: bool = False,
+    blend: bool = True,
+    log: Callable[[str], None] = print,
+) -> HybridChoice:
     """:func:`training.hybrid.tune_hybrid` over popularity and every available component
     (``blend=False``: only the EASE λ/β/α search, no component is fitted)."""
     fitters = component_fitters(settings, progress)
     offered = {n: f for n, f in fitters.items() if blend and (n == "popularity" or n in available(dict(ctx.side)))}
-    return tune_hybrid(ctx.frame, ctx.item_ids, settings.training, offered, k=settings.training.k,
-                       weight_col=weight_col, side=ctx.side, log=log)
+    return tune_hybrid(
+        ctx.frame,
+        ctx.item_ids,
+        settings.training,
+        offered,
+        k=settings.training.k,
+        weight_col=weight_col,
+        side=ctx.side,
+        log=log,
+    )
 
 
 def fit_once(fitters: Mapping[str, ComponentFitter]) -> dict[str, ComponentFitter]:
@@ -187,14 +236,23 @@ def fit_once(fitters: Mapping[str, ComponentFitter]) -> dict[str, ComponentFitte
             if name not in fitted:
                 fitted[name] = fit(ctx)
             return fitted[name]
+
         return fit_or_reuse
 
     return {name: once(name, fit) for name, fit in fitters.items()}
 
 
-def fit_candidate(name: str, ctx: FitContext, settings: Settings, *, choice: HybridChoice | None = None,
-                  weight_col: str | None = None, progress: bool = False, log: Callable[[str], None] = print,
-                  fitters: Mapping[str, ComponentFitter] | None = None) -> tuple[Scorer, HybridChoice | None]:
+def fit_candidate(
+    name: str,
+    ctx: FitContext,
+    settings: Settings,
+    *,
+    choice: HybridChoice | None = None,
+    weight_col: str | None = None,
+    progress: bool = False,
+    log: Callable[[str], None] = print,
+    fitters: Mapping[str, ComponentFitter] | None = None,
+) -> tuple[Scorer, HybridChoice | None]:
     """Fit candidate ``name`` on ``ctx``; ``hybrid`` (and ``ease``, for its λ) use ``choice``,
     running :func:`tune_hybrid` first when it is None. Components come from ``fitters``
     (default :func:`component_fitters`). Returns the scorer and the choice."""
@@ -210,8 +268,15 @@ def fit_candidate(name: str, ctx: FitContext, settings: Settings, *, choice: Hyb
     if name == "ease":
         return ItemItemScorer(fit_ease(binary(x), choice.plain_ease_lambda)), choice
     if name == "hybrid":
-        return fit_hybrid(ctx.frame, ctx.item_ids, choice, fitters, weight_col=weight_col,
-                          temporal_window=cfg.temporal_window, side=ctx.side), choice
+        return fit_hybrid(
+            ctx.frame,
+            ctx.item_ids,
+            choice,
+            fitters,
+            weight_col=weight_col,
+            temporal_window=cfg.temporal_window,
+            side=ctx.side,
+        ), choice
     if name in fitters:
         return fitters[name](ctx), choice
     raise ValueError(f"unknown candidate {name!r}; known: {', '.join(BASELINES + COMPONENTS + ('hybrid',))}")
@@ -265,12 +330,21 @@ def load_scorer(directory: Path) -> Scorer:
         from training.als import FactorModel
 
         users = np.array(json.loads((directory / "users.json").read_text()), dtype=object)
-        return ALSScorer(FactorModel(users, np.load(directory / "user_factors.npy"), np.load(directory / "item_factors.npy"),
-                                     float(meta["reg"]), float(meta["alpha"])))
+        return ALSScorer(
+            FactorModel(
+                users,
+                np.load(directory / "user_factors.npy"),
+                np.load(directory / "item_factors.npy"),
+                float(meta["reg"]),
+                float(meta["alpha"]),
+            )
+        )
     if kind == "content":
         from training.content import ContentModel
 
-        return ContentScorer(ContentModel(np.load(directory / "item_embeddings.npy"), np.load(directory / "item_weights.npy")))
+        return ContentScorer(
+            ContentModel(np.load(directory / "item_embeddings.npy"), np.load(directory / "item_weights.npy"))
+        )
     if kind == "neural":
         from training.neural import NeuralRecommender
 
@@ -294,8 +368,9 @@ def _save_segment_models(scorer: NeuralScorer, directory: Path) -> None:
     from training.segment_tuning import save_segment_models
 
     save_segment_models(scorer.segment_models, directory)
-    users = pd.DataFrame({"user_id": list(scorer.user_segments), "segment": list(scorer.user_segments.values())},
-                         dtype=str)
+    users = pd.DataFrame(
+        {"user_id": list(scorer.user_segments), "segment": list(scorer.user_segments.values())}, dtype=str
+    )
     users.to_parquet(directory / "users.parquet", index=False)
 
 
@@ -325,7 +400,15 @@ def as_blend(name: str, scorer: Scorer | ItemItemModel, n_items: int) -> Weighte
     if isinstance(scorer, ItemItemModel):
         return WeightedHybrid(scorer, InputWeighting(), {}, {"ease": 1.0}, {"ease": 1.0}, name=name)
     if isinstance(scorer, PopularityScorer):
-        return WeightedHybrid(ItemItemModel(name, bias=scorer.values.astype(np.float32)), InputWeighting(), {}, {"ease": 1.0},
-                              {"ease": 1.0}, name=name)
+        return WeightedHybrid(
+            ItemItemModel(name, bias=scorer.values.astype(np.float32)),
+            InputWeighting(),
+            {},
+            {"ease": 1.0},
+            {"ease": 1.0},
+            name=name,
+        )
     zero = ItemItemModel(name, bias=np.zeros(n_items, dtype=np.float32))
-    return WeightedHybrid(zero, InputWeighting(), {name: scorer}, {"ease": 0.0, name: 1.0}, {"ease": 1.0, name: 1.0}, name=name)
+    return WeightedHybrid(
+        zero, InputWeighting(), {name: scorer}, {"ease": 0.0, name: 1.0}, {"ease": 1.0, name: 1.0}, name=name
+    )

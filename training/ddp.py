@@ -24,7 +24,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -37,7 +36,8 @@ import scipy.sparse as sp
 import torch
 import torch.distributed as dist
 
-from hyperrec.settings import NeuralSettings
+from core.net import free_port
+from core.settings import NeuralSettings
 from training.models import InteractionMatrix
 from training.neural import NeuralData, NeuralRecommender, build_net, shard_bounds, train
 
@@ -64,13 +64,16 @@ def write_training_data(data: NeuralData, directory: str | Path) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     coo = data.interactions.matrix.tocoo()
-    pd.DataFrame({"user": coo.row.astype(np.int64), "item": coo.col.astype(np.int64),
-                  "weight": coo.data.astype(np.float32)}).to_parquet(directory / INTERACTIONS_FILE, index=False)
+    pd.DataFrame(
+        {"user": coo.row.astype(np.int64), "item": coo.col.astype(np.int64), "weight": coo.data.astype(np.float32)}
+    ).to_parquet(directory / INTERACTIONS_FILE, index=False)
     np.save(directory / USER_DENSE_FILE, data.user_dense.astype(np.float32))
     np.save(directory / ITEM_DENSE_FILE, data.item_dense.astype(np.float32))
-    meta = {"user_ids": [_plain(u) for u in data.interactions.user_ids],
-            "item_ids": [_plain(i) for i in data.interactions.item_ids],
-            "user_feature_names": list(data.user_feature_names)}
+    meta = {
+        "user_ids": [_plain(u) for u in data.interactions.user_ids],
+        "item_ids": [_plain(i) for i in data.interactions.item_ids],
+        "user_feature_names": list(data.user_feature_names),
+    }
     (directory / DATA_META_FILE).write_text(json.dumps(meta))
     return directory
 
@@ -85,12 +88,20 @@ def read_training_data(directory: str | Path) -> NeuralData:
     frame = pd.read_parquet(directory / INTERACTIONS_FILE)
     user_ids = np.asarray(meta["user_ids"], dtype=object)
     item_ids = np.asarray(meta["item_ids"], dtype=object)
-    matrix = sp.csr_matrix((frame["weight"].to_numpy(np.float32), (frame["user"].to_numpy(), frame["item"].to_numpy())),
-                           shape=(len(user_ids), len(item_ids)), dtype=np.float32)
-    interactions = InteractionMatrix(matrix, user_ids, item_ids, {u: i for i, u in enumerate(user_ids)},
-                                     {it: j for j, it in enumerate(item_ids)})
-    return NeuralData(interactions, np.load(directory / USER_DENSE_FILE), np.load(directory / ITEM_DENSE_FILE),
-                      list(meta["user_feature_names"]))
+    matrix = sp.csr_matrix(
+        (frame["weight"].to_numpy(np.float32), (frame["user"].to_numpy(), frame["item"].to_numpy())),
+        shape=(len(user_ids), len(item_ids)),
+        dtype=np.float32,
+    )
+    interactions = InteractionMatrix(
+        matrix, user_ids, item_ids, {u: i for i, u in enumerate(user_ids)}, {it: j for j, it in enumerate(item_ids)}
+    )
+    return NeuralData(
+        interactions,
+        np.load(directory / USER_DENSE_FILE),
+        np.load(directory / ITEM_DENSE_FILE),
+        list(meta["user_feature_names"]),
+    )
 
 
 def _plain(value: object) -> object:
@@ -111,11 +122,11 @@ class GatherRows(torch.autograd.Function):
         if local.shape[0] != bounds[rank][1] - bounds[rank][0]:
             raise ValueError(f"GatherRows: rank {rank} holds {local.shape[0]} rows, expected rows {bounds[rank]}")
         padded = local.new_zeros((max(hi - lo for lo, hi in bounds), *local.shape[1:]))
-        padded[:local.shape[0]] = local
+        padded[: local.shape[0]] = local
         parts = [torch.empty_like(padded) for _ in range(world)]
         dist.all_gather(parts, padded, group=group)
         ctx.group, ctx.rows = group, bounds[rank]
-        return torch.cat([part[:hi - lo] for part, (lo, hi) in zip(parts, bounds)])
+        return torch.cat([part[: hi - lo] for part, (lo, hi) in zip(parts, bounds)])
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -160,8 +171,10 @@ def _worker(argv: list[str] | None = None) -> None:
         if not torch.cuda.is_available():
             raise RuntimeError("training.ddp --device cuda: CUDA is not available on this node")
         if local_rank >= torch.cuda.device_count():
-            raise RuntimeError(f"training.ddp: local rank {local_rank} has no GPU "
-                               f"({torch.cuda.device_count()} visible); use --nproc_per_node <= GPUs")
+            raise RuntimeError(
+                f"training.ddp: local rank {local_rank} has no GPU "
+                f"({torch.cuda.device_count()} visible); use --nproc_per_node <= GPUs"
+            )
         torch.cuda.set_device(local_rank)
         device, backend = torch.device("cuda", local_rank), "nccl"
     else:
@@ -174,8 +187,9 @@ def _worker(argv: list[str] | None = None) -> None:
         data = read_training_data(args.data)
         net = build_net(data, cfg).to(device)
         # The feature buffers are constant and identical on every rank: no per-step broadcast.
-        ddp = DistributedDataParallel(net, device_ids=[local_rank] if device.type == "cuda" else None,
-                                      forward_sync_buffers=False)
+        ddp = DistributedDataParallel(
+            net, device_ids=[local_rank] if device.type == "cuda" else None, forward_sync_buffers=False
+        )
 
         def all_reduce(t: torch.Tensor) -> torch.Tensor:
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
@@ -190,8 +204,17 @@ def _worker(argv: list[str] | None = None) -> None:
 
         dist.barrier()
         start, cpu_start = time.perf_counter(), time.process_time()
-        results = train(ddp, data, cfg, rank=rank, world_size=world, device=device, all_reduce=all_reduce,
-                        item_gather=item_gather if world > 1 else None, progress=args.progress)
+        results = train(
+            ddp,
+            data,
+            cfg,
+            rank=rank,
+            world_size=world,
+            device=device,
+            all_reduce=all_reduce,
+            item_gather=item_gather if world > 1 else None,
+            progress=args.progress,
+        )
         cpu = torch.tensor([time.process_time() - cpu_start], dtype=torch.float64, device=device)
         dist.barrier()
         seconds = time.perf_counter() - start
@@ -199,22 +222,43 @@ def _worker(argv: list[str] | None = None) -> None:
         if rank == 0:
             out = args.out
             out.mkdir(parents=True, exist_ok=True)
-            rec = NeuralRecommender(net.cpu(), cfg, data.interactions.user_ids, data.interactions.item_ids,
-                                    data.user_feature_names, [r.loss for r in results])
+            rec = NeuralRecommender(
+                net.cpu(),
+                cfg,
+                data.interactions.user_ids,
+                data.interactions.item_ids,
+                data.user_feature_names,
+                [r.loss for r in results],
+            )
             rec.save(out / MODEL_DIR)
-            (out / LOSSES_FILE).write_text(json.dumps(
-                [{"epoch": r.epoch, "step": r.step, "loss": r.loss, "samples": r.samples} for r in results]))
+            (out / LOSSES_FILE).write_text(
+                json.dumps([{"epoch": r.epoch, "step": r.step, "loss": r.loss, "samples": r.samples} for r in results])
+            )
             samples = sum(r.samples for r in results)
-            (out / THROUGHPUT_FILE).write_text(json.dumps({
-                "samples": samples, "seconds": seconds, "samples_per_s": samples / seconds,
-                "cpu_seconds": float(cpu), "cpu_ms_per_sample": 1e3 * float(cpu) / samples,
-                "steps": len(results), "epochs": cfg.epochs, "batch_size": cfg.batch_size,
-                "world_size": world, "nnodes": int(os.environ.get("GROUP_WORLD_SIZE", "1")),
-                "backend": backend, "device": device.type,
-                "threads_per_rank": torch.get_num_threads() if device.type == "cpu" else None,
-            }, indent=2))
-            print(f"rank 0: {len(results)} steps, {samples / seconds:.1f} samples/s, "
-                  f"final loss {results[-1].loss:.4f}", flush=True)
+            (out / THROUGHPUT_FILE).write_text(
+                json.dumps(
+                    {
+                        "samples": samples,
+                        "seconds": seconds,
+                        "samples_per_s": samples / seconds,
+                        "cpu_seconds": float(cpu),
+                        "cpu_ms_per_sample": 1e3 * float(cpu) / samples,
+                        "steps": len(results),
+                        "epochs": cfg.epochs,
+                        "batch_size": cfg.batch_size,
+                        "world_size": world,
+                        "nnodes": int(os.environ.get("GROUP_WORLD_SIZE", "1")),
+                        "backend": backend,
+                        "device": device.type,
+                        "threads_per_rank": torch.get_num_threads() if device.type == "cpu" else None,
+                    },
+                    indent=2,
+                )
+            )
+            print(
+                f"rank 0: {len(results)} steps, {samples / seconds:.1f} samples/s, final loss {results[-1].loss:.4f}",
+                flush=True,
+            )
         # Nobody tears down while rank 0 still writes: a gloo group whose peer has already
         # exited can hang in its destructor.
         dist.barrier()
@@ -230,12 +274,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 # --------------------------------------------------------------------------- launcher
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _tail(path: Path, chars: int = TAIL_CHARS) -> str:
     text = path.read_text(errors="replace") if path.exists() else ""
     return text[-chars:]
@@ -282,8 +320,18 @@ def launch(
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in (LOSSES_FILE, THROUGHPUT_FILE):
         (out_dir / stale).unlink(missing_ok=True)
-    worker = ["-m", "training.ddp", "--data", str(data_dir), "--out", str(out_dir),
-              "--device", device, "--threads", str(threads)]
+    worker = [
+        "-m",
+        "training.ddp",
+        "--data",
+        str(data_dir),
+        "--out",
+        str(out_dir),
+        "--device",
+        device,
+        "--threads",
+        str(threads),
+    ]
     if cfg is not None:
         (out_dir / CONFIG_FILE).write_text(cfg.model_dump_json())
         worker += ["--config", str(out_dir / CONFIG_FILE)]
@@ -298,8 +346,17 @@ def launch(
         env.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
     root = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join([root, *([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])])
-    base = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-            "--redirects", "3", "--max-restarts", "0"]
+    base = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        str(nproc),
+        "--redirects",
+        "3",
+        "--max-restarts",
+        "0",
+    ]
     if nnodes == 1:
         commands = [base + ["--standalone", "--nnodes", "1", "--log-dir", str(log_dir / "node0")] + worker]
     else:
@@ -307,28 +364,50 @@ def launch(
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")
         endpoint, run_id = f"127.0.0.1:{free_port()}", f"hyperrec-{uuid.uuid4().hex[:8]}"
         join_timeout = max(int(min(timeout, 300)), 30)  # a node that never comes fails the others
-        commands = [base + ["--nnodes", str(nnodes), "--node-rank", str(i), "--rdzv-backend", "c10d",
-                            "--rdzv-endpoint", endpoint, "--rdzv-id", run_id,
-                            "--rdzv-conf", f"is_host={1 if i == 0 else 0},join_timeout={join_timeout}",
-                            "--local-addr", "127.0.0.1", "--log-dir", str(log_dir / f"node{i}")] + worker
-                    for i in range(nnodes)]
+        commands = [
+            base
+            + [
+                "--nnodes",
+                str(nnodes),
+                "--node-rank",
+                str(i),
+                "--rdzv-backend",
+                "c10d",
+                "--rdzv-endpoint",
+                endpoint,
+                "--rdzv-id",
+                run_id,
+                "--rdzv-conf",
+                f"is_host={1 if i == 0 else 0},join_timeout={join_timeout}",
+                "--local-addr",
+                "127.0.0.1",
+                "--log-dir",
+                str(log_dir / f"node{i}"),
+            ]
+            + worker
+            for i in range(nnodes)
+        ]
     logs = [out_dir / f"torchrun-node{i}.log" for i in range(len(commands))]
     handles = [open(path, "w") for path in logs]
     procs = []
     try:
         for command, handle in zip(commands, handles):
             # Own session per torchrun, so that a timeout can stop it together with its workers.
-            procs.append(subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=root,
-                                          start_new_session=True))
+            procs.append(
+                subprocess.Popen(
+                    command, stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=root, start_new_session=True
+                )
+            )
         deadline = time.monotonic() + timeout
         codes = []
         for proc in procs:
             try:
                 codes.append(proc.wait(timeout=max(deadline - time.monotonic(), 0.1)))
             except subprocess.TimeoutExpired:
-                raise DDPError(f"launch: torchrun did not finish within {timeout:.0f} s "
-                               f"(nproc={nproc}, nnodes={nnodes}); logs in {log_dir}\n"
-                               + "\n".join(_rank_failures(log_dir))) from None
+                raise DDPError(
+                    f"launch: torchrun did not finish within {timeout:.0f} s "
+                    f"(nproc={nproc}, nnodes={nnodes}); logs in {log_dir}\n" + "\n".join(_rank_failures(log_dir))
+                ) from None
     finally:
         for p in procs:
             if p.poll() is None:
@@ -338,12 +417,18 @@ def launch(
             handle.close()
     if any(codes) or not (out_dir / LOSSES_FILE).exists():
         failures = _rank_failures(log_dir) or [f"--- {path.name} ---\n{_tail(path)}" for path in logs]
-        raise DDPError(f"launch: torchrun failed (exit codes {codes}, nproc={nproc}, nnodes={nnodes}, "
-                       f"device={device}); failing ranks' stderr:\n" + "\n".join(failures))
+        raise DDPError(
+            f"launch: torchrun failed (exit codes {codes}, nproc={nproc}, nnodes={nnodes}, "
+            f"device={device}); failing ranks' stderr:\n" + "\n".join(failures)
+        )
     losses = json.loads((out_dir / LOSSES_FILE).read_text())
-    return {"losses": [row["loss"] for row in losses], "steps": losses,
-            "throughput": json.loads((out_dir / THROUGHPUT_FILE).read_text()),
-            "model_dir": out_dir / MODEL_DIR, "out_dir": out_dir}
+    return {
+        "losses": [row["loss"] for row in losses],
+        "steps": losses,
+        "throughput": json.loads((out_dir / THROUGHPUT_FILE).read_text()),
+        "model_dir": out_dir / MODEL_DIR,
+        "out_dir": out_dir,
+    }
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from hyperrec.settings import TrainingSettings
+from core.settings import TrainingSettings
 from pipelines.split import user_kfold
 from training.evaluation import relevant_items
 from training.metrics import evaluate
@@ -71,7 +71,7 @@ class InputWeighting:
     std: float = 1.0
 
     @classmethod
-    def of(cls, x: sp.csr_matrix, alpha: float) -> "InputWeighting":
+    def of(cls, x: sp.csr_matrix, alpha: float) -> InputWeighting:
         data = x.data if x.nnz else np.ones(1)
         return cls(alpha, float(data.mean()), float(data.std()) or 1.0)
 
@@ -209,7 +209,11 @@ def tune_hybrid(
 
     best_alpha, best = 0.0, -1.0
     for alpha in cfg.input_alphas:
-        value = mean_ndcg(lambda f, i: anchor_models[i].score(InputWeighting.of(f.matrix.matrix, alpha).apply(f.matrix.matrix[f.rows])))
+        value = mean_ndcg(
+            lambda f, i: anchor_models[i].score(
+                InputWeighting.of(f.matrix.matrix, alpha).apply(f.matrix.matrix[f.rows])
+            )
+        )
         log(f"  validation: input α={alpha:g} ndcg@{k}={value:.4f}")
         if value > best + 1e-9:
             best_alpha, best = alpha, value
@@ -236,7 +240,9 @@ def tune_hybrid(
     weights = {"ease": 1.0} | {name: 0.0 for name in component_scores}
 
     def blend_value(w: dict[str, float]) -> float:
-        return mean_ndcg(lambda f, i: anchor_scores[i] + sum(w[n] * component_scores[n][i] for n in component_scores if w[n]))
+        return mean_ndcg(
+            lambda f, i: anchor_scores[i] + sum(w[n] * component_scores[n][i] for n in component_scores if w[n])
+        )
 
     current = blend_value(weights)
     for _ in range(2):
@@ -248,7 +254,9 @@ def tune_hybrid(
                     weights, current = trial, score
         log(f"  validation: blend {weights} ndcg@{k}={current:.4f}")
     validation["hybrid"] = current
-    return HybridChoice(lam, plain_lambda, beta, best_alpha, weights, validation, len(folds), time.perf_counter() - start)
+    return HybridChoice(
+        lam, plain_lambda, beta, best_alpha, weights, validation, len(folds), time.perf_counter() - start
+    )
 
 
 def fit_hybrid(

@@ -105,7 +105,9 @@ def _exposure(recommendations: Mapping[object, Sequence], k: int) -> dict:
     return counts
 
 
-def intra_list_diversity(recommendations: Mapping[object, Sequence], item_vectors: Mapping[object, np.ndarray], k: int) -> float:
+def intra_list_diversity(
+    recommendations: Mapping[object, Sequence], item_vectors: Mapping[object, np.ndarray], k: int
+) -> float:
     """Mean over users of the mean pairwise cosine distance (1 − cos) between the top-``k``
     items' vectors. Items without a vector (or a zero vector) are skipped; lists with
     fewer than two usable items are left out. 0 when no list qualifies."""
@@ -125,7 +127,12 @@ def intra_list_diversity(recommendations: Mapping[object, Sequence], item_vector
 def novelty(recommendations: Mapping[object, Sequence], popularity: Mapping[object, float], k: int) -> float:
     """Mean self-information −log2 p(i) of recommended items, p(i) the item's share of
     training users (higher means less obvious). Items with p = 0 are left out."""
-    values = [-math.log2(popularity[i]) for recs in recommendations.values() for i in list(recs)[:k] if popularity.get(i, 0) > 0]
+    values = [
+        -math.log2(popularity[i])
+        for recs in recommendations.values()
+        for i in list(recs)[:k]
+        if popularity.get(i, 0) > 0
+    ]
     return float(np.mean(values)) if values else 0.0
 
 
@@ -140,15 +147,20 @@ def exposure_entropy(recommendations: Mapping[object, Sequence], n_items: int, k
     return float(-(p * np.log2(p)).sum() / math.log2(n_items))
 
 
-def mean_popularity_percentile(recommendations: Mapping[object, Sequence], popularity: Mapping[object, float], k: int) -> float:
+def mean_popularity_percentile(
+    recommendations: Mapping[object, Sequence], popularity: Mapping[object, float], k: int
+) -> float:
     """Mean popularity percentile of recommended items: an item's percentile is the share
     of catalogue items (keys of ``popularity``) strictly less popular than it; 1 means
     only the most popular items are recommended (popularity bias)."""
     ordered = np.sort(np.array(list(popularity.values()), dtype=float))
     if not len(ordered):
         return 0.0
-    values = [np.searchsorted(ordered, popularity.get(i, 0.0), side="left") / len(ordered)
-              for recs in recommendations.values() for i in list(recs)[:k]]
+    values = [
+        np.searchsorted(ordered, popularity.get(i, 0.0), side="left") / len(ordered)
+        for recs in recommendations.values()
+        for i in list(recs)[:k]
+    ]
     return float(np.mean(values)) if values else 0.0
 
 
@@ -216,6 +228,10 @@ def evaluate_by_segment(
             result[f"coverage@{k}"] = catalog_coverage({u: recommendations.get(u, ()) for u in users}, n_items, k)
         per_segment[str(segment)] = result
     names = [f"{m}@{k}" for m in METRICS] + ([f"coverage@{k}"] if n_items is not None else [])
-    gap = {name: (max(r[name] for r in per_segment.values()) - min(r[name] for r in per_segment.values())) if per_segment else 0.0
-           for name in names}
+    gap = {
+        name: (max(r[name] for r in per_segment.values()) - min(r[name] for r in per_segment.values()))
+        if per_segment
+        else 0.0
+        for name in names
+    }
     return {"segments": per_segment, "gap": gap}

@@ -7,11 +7,19 @@ serving tier and the MLflow pyfunc both score through :class:`ItemItemModel`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
+
+
+class Scorer(Protocol):
+    """Anything that scores every item for a batch of users from their history rows."""
+
+    def score(self, x: sp.csr_matrix, user_ids: Sequence[str] | None = None) -> np.ndarray: ...
 
 
 @dataclass
@@ -30,7 +38,7 @@ class InteractionMatrix:
         frame: pd.DataFrame,
         item_ids: np.ndarray | None = None,
         weight_col: str | None = None,
-    ) -> "InteractionMatrix":
+    ) -> InteractionMatrix:
         """Build from ``user_id``/``item_id`` columns; repeated pairs are summed.
 
         ``item_ids`` fixes the item axis (unknown items are dropped); by default it is
@@ -152,7 +160,9 @@ def temporal_gram(frame: pd.DataFrame, item_ids: np.ndarray, window: int = 3) ->
     return gram
 
 
-def fit_ease(x: sp.csr_matrix, lam: float = 500.0, temporal: np.ndarray | None = None, beta: float = 0.0) -> ItemItemModel:
+def fit_ease(
+    x: sp.csr_matrix, lam: float = 500.0, temporal: np.ndarray | None = None, beta: float = 0.0
+) -> ItemItemModel:
     """EASE (Steck 2019): B = I − P·diag(1/diag(P)), P = (G + λI)⁻¹, diag(B) = 0, with
     G = XᵀX on the binary interactions.
 

@@ -43,12 +43,23 @@ import scipy.sparse as sp
 import torch
 from torch import nn
 
-from hyperrec.settings import NeuralSettings as NeuralConfig
+from core.settings import NeuralSettings as NeuralConfig
 from training.models import InteractionMatrix
 
 __all__ = [
-    "ItemShard", "NeuralConfig", "NeuralData", "NeuralNet", "NeuralRecommender", "StepResult",
-    "build_net", "fit_neural", "is_quantized", "loss_curve", "quantize_int8", "shard_bounds", "train",
+    "ItemShard",
+    "NeuralConfig",
+    "NeuralData",
+    "NeuralNet",
+    "NeuralRecommender",
+    "StepResult",
+    "build_net",
+    "fit_neural",
+    "is_quantized",
+    "loss_curve",
+    "quantize_int8",
+    "shard_bounds",
+    "train",
 ]
 
 MODEL_FILE = "model.pt"
@@ -92,7 +103,7 @@ class NeuralData:
         user_features: pd.DataFrame | None = None,
         item_features: np.ndarray | None = None,
         weight_col: str | None = None,
-    ) -> "NeuralData":
+    ) -> NeuralData:
         """Index ``train`` (user_id, item_id[, weight_col]) like
         :meth:`InteractionMatrix.from_frame` and encode the optional features.
 
@@ -104,8 +115,9 @@ class NeuralData:
                 raise ValueError(f"NeuralData.build: train lacks column {column!r}")
         if weight_col is not None and (train[weight_col].isna().any() or (train[weight_col] < 0).any()):
             raise ValueError(f"NeuralData.build: column {weight_col!r} needs non-negative, non-missing weights")
-        interactions = InteractionMatrix.from_frame(train, item_ids=np.asarray(item_ids, dtype=object),
-                                                    weight_col=weight_col)
+        interactions = InteractionMatrix.from_frame(
+            train, item_ids=np.asarray(item_ids, dtype=object), weight_col=weight_col
+        )
         if interactions.matrix.nnz == 0:
             raise ValueError("NeuralData.build: no interaction of train matches item_ids")
         user_dense, names = _encode_user_features(user_features, interactions.user_ids)
@@ -114,8 +126,10 @@ class NeuralData:
         else:
             item_dense = np.asarray(item_features, dtype=np.float32)
             if item_dense.ndim != 2 or item_dense.shape[0] != len(interactions.item_ids):
-                raise ValueError(f"NeuralData.build: item_features has shape {item_dense.shape}; "
-                                 f"need ({len(interactions.item_ids)}, f), one row per item id")
+                raise ValueError(
+                    f"NeuralData.build: item_features has shape {item_dense.shape}; "
+                    f"need ({len(interactions.item_ids)}, f), one row per item id"
+                )
             if not np.isfinite(item_dense).all():
                 raise ValueError("NeuralData.build: item_features holds NaN or infinite values")
         return cls(interactions, user_dense, item_dense, names)
@@ -130,8 +144,10 @@ def _encode_user_features(frame: pd.DataFrame | None, user_ids: np.ndarray) -> t
         dup = frame.index[frame.index.duplicated()][0]
         raise ValueError(f"user_features: user {dup!r} has more than one row")
     if frame.empty or not frame.index.isin(list(user_ids)).any():
-        raise ValueError(f"user_features: none of its {len(frame)} user ids occurs in train "
-                         f"(e.g. {frame.index[:1].tolist()} vs {user_ids[:1].tolist()}; check the id types)")
+        raise ValueError(
+            f"user_features: none of its {len(frame)} user ids occurs in train "
+            f"(e.g. {frame.index[:1].tolist()} vs {user_ids[:1].tolist()}; check the id types)"
+        )
     frame = frame.reindex(list(user_ids))
     blocks: list[np.ndarray] = []
     names: list[str] = []
@@ -140,8 +156,11 @@ def _encode_user_features(frame: pd.DataFrame | None, user_ids: np.ndarray) -> t
         if pd.api.types.is_bool_dtype(values) or not pd.api.types.is_numeric_dtype(values):
             levels = sorted(values.dropna().astype(str).unique())
             text = values.astype(str).where(values.notna(), None)
-            blocks.append(np.stack([(text == level).to_numpy(dtype=np.float32) for level in levels], axis=1)
-                          if levels else np.zeros((len(frame), 0), np.float32))
+            blocks.append(
+                np.stack([(text == level).to_numpy(dtype=np.float32) for level in levels], axis=1)
+                if levels
+                else np.zeros((len(frame), 0), np.float32)
+            )
             names += [f"{column}={level}" for level in levels]
         else:
             v = values.to_numpy(dtype=np.float64)
@@ -179,8 +198,7 @@ class _Tower(nn.Module):
 class NeuralNet(nn.Module):
     """The two towers; :meth:`forward` returns users×catalogue scores."""
 
-    def __init__(self, n_users: int, n_items: int, user_dense: np.ndarray, item_dense: np.ndarray,
-                 cfg: NeuralConfig):
+    def __init__(self, n_users: int, n_items: int, user_dense: np.ndarray, item_dense: np.ndarray, cfg: NeuralConfig):
         super().__init__()
         d = cfg.embedding_dim
         self.n_users, self.n_items = n_users, n_items
@@ -204,26 +222,43 @@ class NeuralNet(nn.Module):
         nn.init.normal_(self.history, std=INIT_STD)
         nn.init.normal_(self.item_id.weight, std=INIT_STD)
 
-    def user_vectors(self, bag_index: torch.Tensor, bag_offsets: torch.Tensor, bag_weight: torch.Tensor,
-                     user_rows: torch.Tensor, masks: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+    def user_vectors(
+        self,
+        bag_index: torch.Tensor,
+        bag_offsets: torch.Tensor,
+        bag_weight: torch.Tensor,
+        user_rows: torch.Tensor,
+        masks: Sequence[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """User-tower output for a batch of bags. ``bag_weight`` sums to 1 per non-empty bag."""
-        bag = nn.functional.embedding_bag(bag_index, self.history, bag_offsets, mode="sum",
-                                          per_sample_weights=bag_weight)
+        bag = nn.functional.embedding_bag(
+            bag_index, self.history, bag_offsets, mode="sum", per_sample_weights=bag_weight
+        )
         parts = [self.user_id(user_rows), bag, self.user_dense[user_rows]]
         if self.item_dense.shape[1]:
-            parts.append(nn.functional.embedding_bag(bag_index, self.item_dense, bag_offsets, mode="sum",
-                                                     per_sample_weights=bag_weight))
+            parts.append(
+                nn.functional.embedding_bag(
+                    bag_index, self.item_dense, bag_offsets, mode="sum", per_sample_weights=bag_weight
+                )
+            )
         return self.user_tower(torch.cat(parts, dim=1), masks)
 
-    def item_vectors(self, masks: Sequence[torch.Tensor] | None = None, lo: int = 0,
-                     hi: int | None = None) -> torch.Tensor:
+    def item_vectors(
+        self, masks: Sequence[torch.Tensor] | None = None, lo: int = 0, hi: int | None = None
+    ) -> torch.Tensor:
         """Item-tower outputs of items ``lo..hi-1`` (all items by default)."""
         return self.item_tower(torch.cat([self.item_id.weight[lo:hi], self.item_dense[lo:hi]], dim=1), masks)
 
-    def forward(self, bag_index: torch.Tensor, bag_offsets: torch.Tensor, bag_weight: torch.Tensor,
-                user_rows: torch.Tensor, user_masks: Sequence[torch.Tensor] | None = None,
-                item_masks: Sequence[torch.Tensor] | None = None,
-                item_shard: "ItemShard | None" = None) -> torch.Tensor:
+    def forward(
+        self,
+        bag_index: torch.Tensor,
+        bag_offsets: torch.Tensor,
+        bag_weight: torch.Tensor,
+        user_rows: torch.Tensor,
+        user_masks: Sequence[torch.Tensor] | None = None,
+        item_masks: Sequence[torch.Tensor] | None = None,
+        item_shard: ItemShard | None = None,
+    ) -> torch.Tensor:
         """Scores of the batch's users over the whole catalogue. With ``item_shard`` this rank
         runs the item tower on its own item rows only and ``item_shard.gather`` assembles
         the catalogue (``item_masks`` then cover those rows only)."""
@@ -303,12 +338,21 @@ def _item_keep(cfg: NeuralConfig, epoch: int, step: int, n_items: int, lo: int, 
         rng = np.random.default_rng([cfg.seed, epoch, step, 1, block])
         for mask, width in zip(masks, cfg.hidden):
             drawn = rng.random((b_hi - b_lo, width), dtype=np.float32) >= cfg.dropout
-            mask[a - lo:b - lo] = drawn[a - b_lo:b - b_lo]
+            mask[a - lo : b - lo] = drawn[a - b_lo : b - b_lo]
     return masks
 
 
-def _make_step(x: sp.csr_matrix, rows: np.ndarray, cfg: NeuralConfig, epoch: int, step: int,
-               rank: int, world: int, device: torch.device, items: tuple[int, int] | None = None) -> _Step:
+def _make_step(
+    x: sp.csr_matrix,
+    rows: np.ndarray,
+    cfg: NeuralConfig,
+    epoch: int,
+    step: int,
+    rank: int,
+    world: int,
+    device: torch.device,
+    items: tuple[int, int] | None = None,
+) -> _Step:
     """Draw the random numbers of the global batch ``rows`` from ``default_rng([seed,
     epoch, step])`` (input dropout, ID dropout, user-tower dropout, in this order), then cut
     this rank's contiguous shard; item-tower masks cover item rows ``items`` (all by default)."""
@@ -317,8 +361,9 @@ def _make_step(x: sp.csr_matrix, rows: np.ndarray, cfg: NeuralConfig, epoch: int
     batch = x[rows]
     keep_input = rng.random(batch.nnz, dtype=np.float32) >= cfg.input_dropout
     as_unknown = rng.random(len(rows), dtype=np.float32) < cfg.id_dropout
-    user_keep = ([rng.random((len(rows), h), dtype=np.float32) >= cfg.dropout for h in cfg.hidden]
-                 if cfg.dropout > 0 else None)
+    user_keep = (
+        [rng.random((len(rows), h), dtype=np.float32) >= cfg.dropout for h in cfg.hidden] if cfg.dropout > 0 else None
+    )
     item_keep = _item_keep(cfg, epoch, step, n_items, *(items or (0, n_items))) if cfg.dropout > 0 else None
     lo, hi = shard_bounds(len(rows), rank, world)
     shard = batch[lo:hi]
@@ -330,7 +375,9 @@ def _make_step(x: sp.csr_matrix, rows: np.ndarray, cfg: NeuralConfig, epoch: int
         return torch.as_tensor(np.ascontiguousarray(array), dtype=dtype).to(device)
 
     return _Step(
-        bag_index=t(index, torch.int64), bag_offsets=t(offsets, torch.int64), bag_weight=t(weight, torch.float32),
+        bag_index=t(index, torch.int64),
+        bag_offsets=t(offsets, torch.int64),
+        bag_weight=t(weight, torch.float32),
         user_rows=t(np.where(as_unknown, n_users, rows)[lo:hi], torch.int64),
         user_masks=[t(m[lo:hi], torch.float32) for m in user_keep] if user_keep else None,
         item_masks=[t(m, torch.float32) for m in item_keep] if item_keep else None,
@@ -354,7 +401,7 @@ def steps_per_epoch(n_users: int, batch_size: int) -> int:
     return math.ceil(n_users / batch_size)
 
 
-def loss_curve(rec: "NeuralRecommender", train_users: int | None = None) -> dict:
+def loss_curve(rec: NeuralRecommender, train_users: int | None = None) -> dict:
     """The training loss history of ``rec`` (its per-step global losses, which every fit
     path records: :func:`fit_neural`, the DDP workers, segment fine-tuning), per epoch.
 
@@ -373,10 +420,15 @@ def loss_curve(rec: "NeuralRecommender", train_users: int | None = None) -> dict
     n_steps = len(losses) // epochs
     users = train_users if train_users is not None else rec.n_users
     weighted = steps_per_epoch(users, batch) == n_steps and users > 0
-    sizes = ([min(batch, users - s * batch) for s in range(n_steps)] if weighted else [1] * n_steps)
-    per_epoch = [float(np.dot(losses[e * n_steps:(e + 1) * n_steps], sizes) / sum(sizes)) for e in range(epochs)]
-    return {"epochs": list(range(epochs)), "loss": per_epoch, "step_loss": losses, "steps_per_epoch": n_steps,
-            "weighted": weighted}
+    sizes = [min(batch, users - s * batch) for s in range(n_steps)] if weighted else [1] * n_steps
+    per_epoch = [float(np.dot(losses[e * n_steps : (e + 1) * n_steps], sizes) / sum(sizes)) for e in range(epochs)]
+    return {
+        "epochs": list(range(epochs)),
+        "loss": per_epoch,
+        "step_loss": losses,
+        "steps_per_epoch": n_steps,
+        "weighted": weighted,
+    }
 
 
 def train(
@@ -413,16 +465,19 @@ def train(
     module = net.module if hasattr(net, "module") else net
     x = data.interactions.matrix
     if x.shape != (module.n_users, module.n_items):
-        raise ValueError(f"train: data has {x.shape} users×items but the net was built for "
-                         f"{(module.n_users, module.n_items)}")
-    item_shard = (ItemShard(*shard_bounds(data.n_items, rank, world_size), item_gather)
-                  if item_gather is not None else None)
+        raise ValueError(
+            f"train: data has {x.shape} users×items but the net was built for {(module.n_users, module.n_items)}"
+        )
+    item_shard = (
+        ItemShard(*shard_bounds(data.n_items, rank, world_size), item_gather) if item_gather is not None else None
+    )
     optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     n_steps = steps_per_epoch(data.n_users, cfg.batch_size)
     results: list[StepResult] = []
     bar = None
     if progress and rank == 0:
         from tqdm.auto import tqdm
+
         bar = tqdm(total=cfg.epochs * n_steps, desc=f"neural (world {world_size})", unit="step", leave=False)
     shard_sums: list[torch.Tensor] = []
     sizes: list[int] = []
@@ -431,11 +486,27 @@ def train(
         for epoch in range(cfg.epochs):
             order = np.random.default_rng([cfg.seed, epoch]).permutation(data.n_users)
             for step in range(n_steps):
-                rows = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
-                batch = _make_step(x, rows, cfg, epoch, step, rank, world_size, device,
-                                   (item_shard.lo, item_shard.hi) if item_shard else None)
-                logits = net(batch.bag_index, batch.bag_offsets, batch.bag_weight, batch.user_rows,
-                             batch.user_masks, batch.item_masks, item_shard)
+                rows = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
+                batch = _make_step(
+                    x,
+                    rows,
+                    cfg,
+                    epoch,
+                    step,
+                    rank,
+                    world_size,
+                    device,
+                    (item_shard.lo, item_shard.hi) if item_shard else None,
+                )
+                logits = net(
+                    batch.bag_index,
+                    batch.bag_offsets,
+                    batch.bag_weight,
+                    batch.user_rows,
+                    batch.user_masks,
+                    batch.item_masks,
+                    item_shard,
+                )
                 log_p = torch.log_softmax(logits, dim=1).reshape(-1)
                 shard_sum = -(log_p[batch.target_flat] * batch.target_weight).sum()
                 optimizer.zero_grad(set_to_none=True)
@@ -467,8 +538,15 @@ def train(
 class NeuralRecommender:
     """A trained :class:`NeuralNet` with the id maps that give its rows and columns meaning."""
 
-    def __init__(self, net: nn.Module, cfg: NeuralConfig, user_ids: Sequence, item_ids: Sequence,
-                 user_feature_names: Sequence[str] = (), losses: Sequence[float] = ()):
+    def __init__(
+        self,
+        net: nn.Module,
+        cfg: NeuralConfig,
+        user_ids: Sequence,
+        item_ids: Sequence,
+        user_feature_names: Sequence[str] = (),
+        losses: Sequence[float] = (),
+    ):
         self.net = net.eval()
         self.cfg = cfg
         self.user_ids = np.asarray(user_ids, dtype=object)
@@ -512,8 +590,12 @@ class NeuralRecommender:
             raise ValueError("score: history weights must be non-negative")
         index, offsets, weight = _bags(x)
         with torch.inference_mode():
-            return self.net.user_vectors(torch.as_tensor(index), torch.as_tensor(offsets),
-                                         torch.as_tensor(weight), self._rows(x.shape[0], user_ids)).cpu()
+            return self.net.user_vectors(
+                torch.as_tensor(index),
+                torch.as_tensor(offsets),
+                torch.as_tensor(weight),
+                self._rows(x.shape[0], user_ids),
+            ).cpu()
 
     def user_embeddings(self, x: sp.csr_matrix, user_ids: Sequence | None = None) -> np.ndarray:
         """User-tower outputs for history rows ``x`` (users×items); unknown or missing
@@ -526,8 +608,9 @@ class NeuralRecommender:
         with torch.inference_mode():
             return (users @ self._item_tensor().T + self.net.item_bias.detach().cpu()).numpy()
 
-    def recommend(self, x: sp.csr_matrix, k: int, user_ids: Sequence | None = None,
-                  exclude_seen: bool = True) -> np.ndarray:
+    def recommend(
+        self, x: sp.csr_matrix, k: int, user_ids: Sequence | None = None, exclude_seen: bool = True
+    ) -> np.ndarray:
         """Top-``k`` item indices per history row, best first; seen items excluded."""
         scores = self.score(x, user_ids)
         if exclude_seen:
@@ -543,8 +626,9 @@ class NeuralRecommender:
         """Write ``model.pt`` (state dict: tensors only) and ``neural.json`` (config, ids,
         feature names, losses) to ``directory``; quantized models cannot be saved."""
         if is_quantized(self.net):
-            raise ValueError("save: an INT8-quantized model is for serving only; save the float model "
-                             "and quantize after load")
+            raise ValueError(
+                "save: an INT8-quantized model is for serving only; save the float model and quantize after load"
+            )
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu() for k, v in self.net.state_dict().items()}
@@ -563,20 +647,27 @@ class NeuralRecommender:
         return directory
 
     @classmethod
-    def load(cls, directory: str | Path) -> "NeuralRecommender":
+    def load(cls, directory: str | Path) -> NeuralRecommender:
         directory = Path(directory)
         for name in (MODEL_FILE, META_FILE):
             if not (directory / name).exists():
                 raise FileNotFoundError(f"NeuralRecommender.load: {directory / name} not found")
         meta = json.loads((directory / META_FILE).read_text())
         if meta.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"NeuralRecommender.load: {directory} has format {meta.get('format_version')!r}; "
-                             f"this code reads {FORMAT_VERSION}")
+            raise ValueError(
+                f"NeuralRecommender.load: {directory} has format {meta.get('format_version')!r}; "
+                f"this code reads {FORMAT_VERSION}"
+            )
         cfg = NeuralConfig(**meta["config"])
         state = torch.load(directory / MODEL_FILE, map_location="cpu", weights_only=True)
         n_users, n_items = len(meta["user_ids"]), len(meta["item_ids"])
-        net = NeuralNet(n_users, n_items, np.zeros((n_users, meta["user_dense_dim"]), np.float32),
-                        np.zeros((n_items, meta["item_dense_dim"]), np.float32), cfg)
+        net = NeuralNet(
+            n_users,
+            n_items,
+            np.zeros((n_users, meta["user_dense_dim"]), np.float32),
+            np.zeros((n_items, meta["item_dense_dim"]), np.float32),
+            cfg,
+        )
         net.load_state_dict(state)
         return cls(net, cfg, meta["user_ids"], meta["item_ids"], meta["user_feature_names"], meta["losses"])
 
@@ -594,8 +685,9 @@ _is_quantized = is_quantized
 
 
 # --------------------------------------------------------------------------- entry points
-def fit_neural(data: NeuralData, cfg: NeuralConfig | None = None, progress: bool = True,
-               threads: int | None = None) -> NeuralRecommender:
+def fit_neural(
+    data: NeuralData, cfg: NeuralConfig | None = None, progress: bool = True, threads: int | None = None
+) -> NeuralRecommender:
     """Train in this process (world size 1) with :func:`train` and return the recommender.
 
     ``threads`` sets torch's intra-op threads for the fit only (restored afterwards); on a
@@ -612,8 +704,14 @@ def fit_neural(data: NeuralData, cfg: NeuralConfig | None = None, progress: bool
         results = train(net, data, cfg, progress=progress)
     finally:
         torch.set_num_threads(before)
-    rec = NeuralRecommender(net, cfg, data.interactions.user_ids, data.interactions.item_ids,
-                            data.user_feature_names, [r.loss for r in results])
+    rec = NeuralRecommender(
+        net,
+        cfg,
+        data.interactions.user_ids,
+        data.interactions.item_ids,
+        data.user_feature_names,
+        [r.loss for r in results],
+    )
     rec.train_seconds = time.perf_counter() - start
     return rec
 

@@ -26,7 +26,7 @@ import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -36,13 +36,13 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, ViewType
 from mlflow.models import infer_signature
 
-from hyperrec.settings import Settings
-from hyperrec.tracking import configure
+from core.settings import Settings
+from core.tracking import configure
 from training.bundle import load_bundle
-from training.models import InteractionMatrix
-from training.pyfunc import RecommenderPyfunc
 from training.evaluation import recommend_ids, relevant_items
 from training.metrics import catalog_coverage, evaluate, evaluate_by_segment
+from training.models import InteractionMatrix
+from training.pyfunc import RecommenderPyfunc
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 WEIGHT_COLUMN = "confidence"
@@ -71,8 +71,10 @@ PENDING = "pending"
 DESCRIPTION_LIMIT = 5000  # model version descriptions are VARCHAR(5000) in MLflow's SQL stores
 GATE_HEADING = "## Promotion gate"
 TRAINING_HEADING = "## Training run"
-PENDING_SECTION = (f"{GATE_HEADING}: {PENDING}\n\nThis version is the **challenger**: the promotion gate "
-                   "(the `promote` task) has not compared it with the champion yet.")
+PENDING_SECTION = (
+    f"{GATE_HEADING}: {PENDING}\n\nThis version is the **challenger**: the promotion gate "
+    "(the `promote` task) has not compared it with the champion yet."
+)
 METRIC_BATCH = 1000  # metrics per log_batch call (MLflow's limit)
 
 
@@ -85,6 +87,7 @@ def bundle_digest(bundle_dir: Path) -> str:
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]], align: str | None = None) -> str:
     """A GitHub-flavoured markdown table (the MLflow UI renders descriptions as markdown);
     ``align`` is one of l/r per column (default: first column left, the others right)."""
+
     def cell(value: Any) -> str:
         if value is None:
             return "–"
@@ -103,7 +106,7 @@ def _fit_description(text: str) -> str:
     if len(text) <= DESCRIPTION_LIMIT:
         return text
     note = "\n\n… (cut to fit; the run's artifacts hold the full tables)"
-    return text[:DESCRIPTION_LIMIT - len(note)].rstrip() + note
+    return text[: DESCRIPTION_LIMIT - len(note)].rstrip() + note
 
 
 def training_section(description: str | None) -> str:
@@ -126,11 +129,19 @@ def _runs_of(client: MlflowClient, settings: Settings, run_dir: str) -> list:
     """Active MLflow runs tagged ``hyperrec.run_dir = run_dir``."""
     experiment = _experiment_id(client, settings)
     if "'" not in run_dir:
-        found = client.search_runs([experiment], filter_string=f"tags.`{RUN_DIR_TAG}` = '{run_dir}'",
-                                   run_view_type=ViewType.ACTIVE_ONLY, max_results=1000)
+        found = client.search_runs(
+            [experiment],
+            filter_string=f"tags.`{RUN_DIR_TAG}` = '{run_dir}'",
+            run_view_type=ViewType.ACTIVE_ONLY,
+            max_results=1000,
+        )
     else:  # a quote the filter syntax cannot hold: filter here
-        found = client.search_runs([experiment], filter_string=f"tags.`{RUN_DIR_TAG}` != ''",
-                                   run_view_type=ViewType.ACTIVE_ONLY, max_results=50000)
+        found = client.search_runs(
+            [experiment],
+            filter_string=f"tags.`{RUN_DIR_TAG}` != ''",
+            run_view_type=ViewType.ACTIVE_ONLY,
+            max_results=50000,
+        )
     return [r for r in found if r.data.tags.get(RUN_DIR_TAG) == run_dir]
 
 
@@ -175,8 +186,13 @@ def _find_registration(client: MlflowClient, settings: Settings, name: str, run_
         else:
             stale.append(run)
     for run in stale:
-        _abandon(client, run, name, f"a retried register of {run_dir} replaced this attempt, which died "
-                                    "before its model version was registered")
+        _abandon(
+            client,
+            run,
+            name,
+            f"a retried register of {run_dir} replaced this attempt, which died "
+            "before its model version was registered",
+        )
     return found
 
 
@@ -192,10 +208,10 @@ def _set_challenger(client: MlflowClient, name: str, version: int) -> None:
 
 
 def _log_step_metrics(client: MlflowClient, run_id: str, step_metrics: Mapping[str, Sequence[float]]) -> None:
-    now = int(datetime.now(timezone.utc).timestamp() * 1000)
+    now = int(datetime.now(UTC).timestamp() * 1000)
     rows = [Metric(key, float(v), now, step) for key, values in step_metrics.items() for step, v in enumerate(values)]
     for start in range(0, len(rows), METRIC_BATCH):
-        client.log_batch(run_id, metrics=rows[start:start + METRIC_BATCH])
+        client.log_batch(run_id, metrics=rows[start : start + METRIC_BATCH])
 
 
 def log_and_register(
@@ -272,7 +288,10 @@ def log_and_register(
         # One call: the version is born with its tags and description, so a crash can
         # never leave a version without the run-directory tag.
         mv = client.create_model_version(
-            name, source=info.model_uri, run_id=run_id, model_id=info.model_id,
+            name,
+            source=info.model_uri,
+            run_id=run_id,
+            model_id=info.model_id,
             tags={**tags, "gate.decision": PENDING},
             description=_registration_description(description),
         )
@@ -409,24 +428,60 @@ def gate_checks(
     eps = 1e-12  # float noise must not flip an exact tie at the limit
     c, h = float(challenger[f"ndcg@{k}"]), float(champion[f"ndcg@{k}"])
     ok = c - h >= cfg.min_ndcg_gain - eps
-    checks = [GateCheck("ndcg", f"ndcg@{k}", c, h, cfg.min_ndcg_gain, ok,
-                        f"ndcg@{k} {c:.4f} vs champion {h:.4f}: gain {c - h:+.4f} "
-                        f"{'>=' if ok else '<'} required {cfg.min_ndcg_gain:+.4f} -> {_verdict(ok)}")]
+    checks = [
+        GateCheck(
+            "ndcg",
+            f"ndcg@{k}",
+            c,
+            h,
+            cfg.min_ndcg_gain,
+            ok,
+            f"ndcg@{k} {c:.4f} vs champion {h:.4f}: gain {c - h:+.4f} "
+            f"{'>=' if ok else '<'} required {cfg.min_ndcg_gain:+.4f} -> {_verdict(ok)}",
+        )
+    ]
     c, h = float(challenger[f"coverage@{k}"]), float(champion[f"coverage@{k}"])
     ok = h - c <= cfg.max_coverage_drop + eps
-    checks.append(GateCheck("coverage", f"coverage@{k}", c, h, cfg.max_coverage_drop, ok,
-                            f"coverage@{k} {c:.4f} vs champion {h:.4f}: drop {h - c:+.4f} "
-                            f"{'<=' if ok else '>'} allowed {cfg.max_coverage_drop:.4f} -> {_verdict(ok)}"))
+    checks.append(
+        GateCheck(
+            "coverage",
+            f"coverage@{k}",
+            c,
+            h,
+            cfg.max_coverage_drop,
+            ok,
+            f"coverage@{k} {c:.4f} vs champion {h:.4f}: drop {h - c:+.4f} "
+            f"{'<=' if ok else '>'} allowed {cfg.max_coverage_drop:.4f} -> {_verdict(ok)}",
+        )
+    )
     metric = f"segment_gap(ndcg@{k})"
     if fairness:
         c, h = float(challenger["segment_gap"]), float(champion["segment_gap"])
         ok = c - h <= cfg.max_fairness_gap_increase + eps
-        checks.append(GateCheck("fairness", metric, c, h, cfg.max_fairness_gap_increase, ok,
-                                f"segment ndcg@{k} gap (best-worst) {c:.4f} vs champion {h:.4f}: increase {c - h:+.4f} "
-                                f"{'<=' if ok else '>'} allowed {cfg.max_fairness_gap_increase:.4f} -> {_verdict(ok)}"))
+        checks.append(
+            GateCheck(
+                "fairness",
+                metric,
+                c,
+                h,
+                cfg.max_fairness_gap_increase,
+                ok,
+                f"segment ndcg@{k} gap (best-worst) {c:.4f} vs champion {h:.4f}: increase {c - h:+.4f} "
+                f"{'<=' if ok else '>'} allowed {cfg.max_fairness_gap_increase:.4f} -> {_verdict(ok)}",
+            )
+        )
     else:
-        checks.append(GateCheck("fairness", metric, None, None, cfg.max_fairness_gap_increase, None,
-                                "segment ndcg gap: no user segments given -> skipped"))
+        checks.append(
+            GateCheck(
+                "fairness",
+                metric,
+                None,
+                None,
+                cfg.max_fairness_gap_increase,
+                None,
+                "segment ndcg gap: no user segments given -> skipped",
+            )
+        )
     return checks
 
 
@@ -453,8 +508,10 @@ def promotion_gate(
     """
     k = settings.training.k
     if challenger_metrics is not None and f"coverage@{k}" not in challenger_metrics:
-        raise ValueError(f"challenger_metrics of v{challenger_version} must include 'coverage@{k}' "
-                         f"(got {sorted(challenger_metrics)})")
+        raise ValueError(
+            f"challenger_metrics of v{challenger_version} must include 'coverage@{k}' "
+            f"(got {sorted(challenger_metrics)})"
+        )
     workdir.mkdir(parents=True, exist_ok=True)
     client, name = configure(settings), settings.mlflow.registered_model
     current = champion_version(settings)
@@ -463,15 +520,34 @@ def promotion_gate(
         previous = tags.get("gate.reason", "set outside the gate")
         if tags.get("gate.decision") == "promoted" and "promotion.at" not in tags:
             # A retry after a crash inside the move: the alias moved, the record did not.
-            _record_promotion(client, name, challenger_version, champion_history(client, name), by="gate",
-                              reason=previous, user=_user(None))
-        decision = GateDecision(True, f"v{current} is already the champion ({previous})", challenger_version,
-                                current, challenger_ndcg, challenger_ndcg)
+            _record_promotion(
+                client,
+                name,
+                challenger_version,
+                champion_history(client, name),
+                by="gate",
+                reason=previous,
+                user=_user(None),
+            )
+        decision = GateDecision(
+            True,
+            f"v{current} is already the champion ({previous})",
+            challenger_version,
+            current,
+            challenger_ndcg,
+            challenger_ndcg,
+        )
         (workdir / "gate.json").write_text(json.dumps(asdict(decision), indent=2))
         return decision
     if current is None:
-        decision = GateDecision(True, f"no champion yet: v{challenger_version} becomes the first champion",
-                                challenger_version, None, challenger_ndcg, None)
+        decision = GateDecision(
+            True,
+            f"no champion yet: v{challenger_version} becomes the first champion",
+            challenger_version,
+            None,
+            challenger_ndcg,
+            None,
+        )
     else:
         need_scoring = challenger_metrics is None or (segments is not None and "segment_gap" not in challenger_metrics)
         challenger: dict[str, Any] = {}
@@ -485,10 +561,20 @@ def promotion_gate(
         checks = gate_checks(settings, challenger, champion, fairness=segments is not None)
         failed = [c.name for c in checks if c.passed is False]
         details = "; ".join(c.detail for c in checks)
-        head = (f"promoted over champion v{current}" if not failed
-                else f"rejected against champion v{current} (failed: {', '.join(failed)})")
-        decision = GateDecision(not failed, f"{head}: {details}", challenger_version, current, challenger_ndcg,
-                                float(champion[f"ndcg@{k}"]), checks)
+        head = (
+            f"promoted over champion v{current}"
+            if not failed
+            else f"rejected against champion v{current} (failed: {', '.join(failed)})"
+        )
+        decision = GateDecision(
+            not failed,
+            f"{head}: {details}",
+            challenger_version,
+            current,
+            challenger_ndcg,
+            float(champion[f"ndcg@{k}"]),
+            checks,
+        )
     version = str(challenger_version)
     decided = "promoted" if decision.promote else "rejected"
     at = _now()
@@ -500,7 +586,9 @@ def promotion_gate(
     existing = client.get_model_version(name, version).description
     section = gate_markdown(decision, k, at)
     body = training_section(existing)
-    client.update_model_version(name, version, description=_fit_description(f"{section}\n\n{body}" if body else section))
+    client.update_model_version(
+        name, version, description=_fit_description(f"{section}\n\n{body}" if body else section)
+    )
     if decision.promote:
         _move_champion(client, name, challenger_version, by="gate", reason=decision.reason, user=_user(None))
     (workdir / "gate.json").write_text(json.dumps(asdict(decision), indent=2))
@@ -520,12 +608,24 @@ def gate_markdown(decision: GateDecision, k: int, at: str) -> str:
         rows = []
         for c in decision.checks:
             change = None if c.challenger is None or c.champion is None else f"{c.challenger - c.champion:+.4f}"
-            rows.append([c.name, f"`{c.metric}`", c.challenger, c.champion, change,
-                         _LIMITS.get(c.name, "{}").format(c.limit), _verdict(c.passed)])
-        lines += ["", f"Challenger v{decision.challenger_version} and champion v{decision.champion_version} "
-                      "scored on this run's held-out split:", "",
-                  markdown_table(["check", "metric", "challenger", "champion", "change", "limit", "result"], rows,
-                                 "llrrrll")]
+            rows.append(
+                [
+                    c.name,
+                    f"`{c.metric}`",
+                    c.challenger,
+                    c.champion,
+                    change,
+                    _LIMITS.get(c.name, "{}").format(c.limit),
+                    _verdict(c.passed),
+                ]
+            )
+        lines += [
+            "",
+            f"Challenger v{decision.challenger_version} and champion v{decision.champion_version} "
+            "scored on this run's held-out split:",
+            "",
+            markdown_table(["check", "metric", "challenger", "champion", "change", "limit", "result"], rows, "llrrrll"),
+        ]
     elif decision.champion_version is None:
         lines += ["", f"NDCG@{k} {decision.challenger_ndcg:.4f}; there was no champion to compare with."]
     lines += ["", f"Reason: {decision.reason}"]
@@ -536,7 +636,7 @@ def gate_markdown(decision: GateDecision, k: int, at: str) -> str:
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def _user(user: str | None) -> str:
@@ -552,8 +652,9 @@ def _registered_model(client: MlflowClient, name: str):
     try:
         return client.get_registered_model(name)
     except mlflow.exceptions.MlflowException as exc:
-        raise RegistryError(f"registered model {name!r} not found at {mlflow.get_tracking_uri()}: "
-                            "nothing has been registered yet") from exc
+        raise RegistryError(
+            f"registered model {name!r} not found at {mlflow.get_tracking_uri()}: nothing has been registered yet"
+        ) from exc
 
 
 def _model_version(client: MlflowClient, name: str, version: int):
@@ -586,16 +687,28 @@ def _move_champion(client: MlflowClient, name: str, version: int, *, by: str, re
     return _record_promotion(client, name, version, [*stack, int(version)], by=by, reason=reason, user=user)
 
 
-def _record_promotion(client: MlflowClient, name: str, version: int, stack: list[int], *, by: str, reason: str,
-                      user: str) -> dict:
+def _record_promotion(
+    client: MlflowClient, name: str, version: int, stack: list[int], *, by: str, reason: str, user: str
+) -> dict:
     """Store ``stack`` (champion history ending with ``version``, the new champion) and tag
     ``version`` with the ``promotion.*`` record."""
     previous = stack[-2] if len(stack) >= 2 else None
     client.set_registered_model_tag(name, STACK_TAG, json.dumps(stack[-STACK_LIMIT:]))
-    record = {"version": int(version), "previous_champion": previous, "by": by, "user": user, "reason": reason,
-              "at": _now()}
-    tags = {"promotion.previous_champion": "none" if previous is None else str(previous), "promotion.by": by,
-            "promotion.user": user, "promotion.reason": reason, "promotion.at": record["at"]}
+    record = {
+        "version": int(version),
+        "previous_champion": previous,
+        "by": by,
+        "user": user,
+        "reason": reason,
+        "at": _now(),
+    }
+    tags = {
+        "promotion.previous_champion": "none" if previous is None else str(previous),
+        "promotion.by": by,
+        "promotion.user": user,
+        "promotion.reason": reason,
+        "promotion.at": record["at"],
+    }
     for key, value in tags.items():
         client.set_model_version_tag(name, str(version), key, value)
     return record
@@ -622,16 +735,22 @@ def promote_version(settings: Settings, version: int, reason: str = "", *, user:
     client.set_model_version_tag(name, str(version), "gate.reason", f"manual promotion by {user}: {reason}")
     record = _move_champion(client, name, int(version), by="manual", reason=reason, user=user)
     previous = "none" if record["previous_champion"] is None else f"v{record['previous_champion']}"
-    _prepend_note(client, name, int(version), f"## Promoted by hand\n\n**{user}** made this version the champion "
-                                             f"(was {previous}) at {record['at']}: {reason}")
+    _prepend_note(
+        client,
+        name,
+        int(version),
+        f"## Promoted by hand\n\n**{user}** made this version the champion "
+        f"(was {previous}) at {record['at']}: {reason}",
+    )
     return record
 
 
 def _prepend_note(client: MlflowClient, name: str, version: int, note: str) -> None:
     """Put a markdown section above the version's description (the latest event first)."""
     existing = client.get_model_version(name, str(version)).description or ""
-    client.update_model_version(name, str(version), description=_fit_description(
-        f"{note}\n\n{existing}" if existing else note))
+    client.update_model_version(
+        name, str(version), description=_fit_description(f"{note}\n\n{existing}" if existing else note)
+    )
 
 
 def rollback(settings: Settings, to: int | None = None, *, reason: str = "", user: str | None = None) -> dict:
@@ -648,14 +767,18 @@ def rollback(settings: Settings, to: int | None = None, *, reason: str = "", use
     current, earlier = stack[-1], stack[:-1]
     if to is None:
         if not earlier:
-            raise RegistryError(f"nothing to roll back to: v{current} is the first champion of {name!r} "
-                                f"(no earlier champion in its promotion history)")
+            raise RegistryError(
+                f"nothing to roll back to: v{current} is the first champion of {name!r} "
+                f"(no earlier champion in its promotion history)"
+            )
         target = earlier[-1]
     elif int(to) == current:
         raise RegistryError(f"version {to} of {name!r} is already the champion")
     elif int(to) not in earlier:
-        raise RegistryError(f"version {to} of {name!r} was never champion before v{current} (earlier champions: "
-                            f"{earlier or 'none'}); use `hyperrec model promote {to}` to promote it")
+        raise RegistryError(
+            f"version {to} of {name!r} was never champion before v{current} (earlier champions: "
+            f"{earlier or 'none'}); use `hyperrec model promote {to}` to promote it"
+        )
     else:
         target = int(to)
     _model_version(client, name, target)
@@ -664,15 +787,19 @@ def rollback(settings: Settings, to: int | None = None, *, reason: str = "", use
     client.set_registered_model_alias(name, CHAMPION, str(target))
     client.set_registered_model_tag(name, STACK_TAG, json.dumps(stack))
     user, reason, at = _user(user), reason.strip() or "no reason given", _now()
-    for key, value in {"rollback.replaced_by": str(target), "rollback.user": user, "rollback.reason": reason,
-                       "rollback.at": at}.items():
+    for key, value in {
+        "rollback.replaced_by": str(target),
+        "rollback.user": user,
+        "rollback.reason": reason,
+        "rollback.at": at,
+    }.items():
         client.set_model_version_tag(name, str(current), key, value)
     client.set_model_version_tag(name, str(target), "rollback.restored_from", str(current))
     client.set_model_version_tag(name, str(target), "rollback.restored_at", at)
-    _prepend_note(client, name, current, f"## Rolled back\n\n**{user}** replaced this champion with v{target} "
-                                         f"at {at}: {reason}")
-    return {"version": target, "rolled_back_from": current, "user": user, "reason": reason, "at": at,
-            "history": stack}
+    _prepend_note(
+        client, name, current, f"## Rolled back\n\n**{user}** replaced this champion with v{target} at {at}: {reason}"
+    )
+    return {"version": target, "rolled_back_from": current, "user": user, "reason": reason, "at": at, "history": stack}
 
 
 def list_versions(settings: Settings) -> list[dict]:
@@ -694,14 +821,18 @@ def list_versions(settings: Settings) -> list[dict]:
             metrics = client.get_run(mv.run_id).data.metrics if mv.run_id else {}
         except mlflow.exceptions.MlflowException:
             metrics = {}
-        rows.append({
-            "version": int(mv.version),
-            "aliases": sorted(aliases.get(int(mv.version), [])),
-            "gate_decision": mv.tags.get("gate.decision"),
-            "gate_reason": mv.tags.get("gate.reason"),
-            "ndcg": metrics.get(metric),
-            "created": datetime.fromtimestamp(mv.creation_timestamp / 1000, timezone.utc).isoformat(timespec="seconds"),
-            "run_id": mv.run_id,
-            "previous_champion": mv.tags.get("promotion.previous_champion"),
-        })
+        rows.append(
+            {
+                "version": int(mv.version),
+                "aliases": sorted(aliases.get(int(mv.version), [])),
+                "gate_decision": mv.tags.get("gate.decision"),
+                "gate_reason": mv.tags.get("gate.reason"),
+                "ndcg": metrics.get(metric),
+                "created": datetime.fromtimestamp(mv.creation_timestamp / 1000, UTC).isoformat(
+                    timespec="seconds"
+                ),
+                "run_id": mv.run_id,
+                "previous_champion": mv.tags.get("promotion.previous_champion"),
+            }
+        )
     return rows

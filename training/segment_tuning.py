@@ -45,8 +45,8 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
-from hyperrec.settings import Settings, TuningSettings
-from hyperrec.tracking import configure
+from core.settings import Settings, TuningSettings
+from core.tracking import configure
 from pipelines.split import user_kfold
 from training.evaluation import relevant_items
 from training.metrics import evaluate
@@ -54,9 +54,21 @@ from training.models import InteractionMatrix, top_k
 from training.neural import NeuralConfig, NeuralData, NeuralNet, NeuralRecommender, fit_neural, train
 
 __all__ = [
-    "PARAM_NAMES", "SegmentSearch", "SegmentTuning", "SegmentedRecommender", "fine_tune", "finetune_config",
-    "fine_tune_segments", "kept_params", "load_segment_models", "refit_segment_models", "save_segment_models",
-    "search_segment", "train_global_models", "tune_segments", "validation_split",
+    "PARAM_NAMES",
+    "SegmentSearch",
+    "SegmentTuning",
+    "SegmentedRecommender",
+    "fine_tune",
+    "finetune_config",
+    "fine_tune_segments",
+    "kept_params",
+    "load_segment_models",
+    "refit_segment_models",
+    "save_segment_models",
+    "search_segment",
+    "train_global_models",
+    "tune_segments",
+    "validation_split",
 ]
 
 PARAM_NAMES = ("lr", "weight_decay", "dropout", "embedding_dim")
@@ -76,13 +88,16 @@ class _Validation:
     k: int
 
     @classmethod
-    def build(cls, fit_frame: pd.DataFrame, val_frame: pd.DataFrame, item_ids: np.ndarray, k: int,
-              weight_col: str | None) -> "_Validation":
+    def build(
+        cls, fit_frame: pd.DataFrame, val_frame: pd.DataFrame, item_ids: np.ndarray, k: int, weight_col: str | None
+    ) -> _Validation:
         for name, frame in (("fit_frame", fit_frame), ("val_frame", val_frame)):
             missing = [c for c in ("user_id", "item_id") if c not in frame.columns]
             if missing:
                 raise ValueError(f"segment tuning: {name} lacks column(s) {missing}")
-        fit = InteractionMatrix.from_frame(fit_frame, item_ids=np.asarray(item_ids, dtype=object), weight_col=weight_col)
+        fit = InteractionMatrix.from_frame(
+            fit_frame, item_ids=np.asarray(item_ids, dtype=object), weight_col=weight_col
+        )
         if fit.matrix.nnz == 0:
             raise ValueError("segment tuning: no interaction of fit_frame matches item_ids")
         return cls(fit, relevant_items(fit, val_frame), k)
@@ -119,17 +134,22 @@ def _segment_users(segment_of: Mapping[Hashable, Hashable], fit: InteractionMatr
 
 def _check_global(rec: NeuralRecommender, fit: InteractionMatrix) -> None:
     if not isinstance(rec.net, NeuralNet) or any(
-            type(m).__module__.startswith("torch.ao.nn.quantized") for m in rec.net.modules()):
+        type(m).__module__.startswith("torch.ao.nn.quantized") for m in rec.net.modules()
+    ):
         raise ValueError("segment tuning: the global model must be a float NeuralNet (not quantized)")
     dim = rec.cfg.embedding_dim
     if len(rec.item_ids) != len(fit.item_ids) or not all(a == b for a, b in zip(rec.item_ids, fit.item_ids)):
-        raise ValueError(f"segment tuning: the global model (embedding_dim {dim}) has {len(rec.item_ids)} items "
-                         f"that differ from item_ids ({len(fit.item_ids)}); pass the ids it was trained with")
+        raise ValueError(
+            f"segment tuning: the global model (embedding_dim {dim}) has {len(rec.item_ids)} items "
+            f"that differ from item_ids ({len(fit.item_ids)}); pass the ids it was trained with"
+        )
     if len(rec.user_ids) != len(fit.user_ids) or not all(a == b for a, b in zip(rec.user_ids, fit.user_ids)):
         extra = sorted(set(fit.user_ids) - set(rec.user_ids), key=str)[:3]
-        raise ValueError(f"segment tuning: the global model (embedding_dim {dim}) knows {len(rec.user_ids)} users, "
-                         f"fit_frame has {len(fit.user_ids)} (e.g. unknown to the model: {extra}); "
-                         "it must be trained on fit_frame")
+        raise ValueError(
+            f"segment tuning: the global model (embedding_dim {dim}) knows {len(rec.user_ids)} users, "
+            f"fit_frame has {len(fit.user_ids)} (e.g. unknown to the model: {extra}); "
+            "it must be trained on fit_frame"
+        )
 
 
 # --------------------------------------------------------------------------- global models
@@ -158,7 +178,9 @@ def train_global_models(
 
 
 # --------------------------------------------------------------------------- fine-tuning
-def finetune_config(base: NeuralConfig, tuning: TuningSettings, params: Mapping[str, Any] | None = None) -> NeuralConfig:
+def finetune_config(
+    base: NeuralConfig, tuning: TuningSettings, params: Mapping[str, Any] | None = None
+) -> NeuralConfig:
     """The fine-tuning config: ``base`` with ``tuning.segment_finetune_epochs`` epochs, lr
     ``base.lr × tuning.segment_lr_scale`` and ``params`` (lr, weight_decay, dropout) on top.
     ``params['embedding_dim']``, when given, must equal ``base.embedding_dim``."""
@@ -167,14 +189,18 @@ def finetune_config(base: NeuralConfig, tuning: TuningSettings, params: Mapping[
     if unknown:
         raise ValueError(f"finetune_config: unknown parameter(s) {unknown}; allowed {list(PARAM_NAMES)}")
     if "embedding_dim" in params and int(params["embedding_dim"]) != base.embedding_dim:
-        raise ValueError(f"finetune_config: embedding_dim {params['embedding_dim']} differs from the starting "
-                         f"model's {base.embedding_dim}")
+        raise ValueError(
+            f"finetune_config: embedding_dim {params['embedding_dim']} differs from the starting "
+            f"model's {base.embedding_dim}"
+        )
     update = {"epochs": tuning.segment_finetune_epochs, "lr": base.lr * tuning.segment_lr_scale}
     update |= {name: float(params[name]) for name in ("lr", "weight_decay", "dropout") if name in params}
     return NeuralConfig(**(base.model_dump() | update))
 
 
-def fine_tune(start: NeuralRecommender, fit: InteractionMatrix, users: Sequence, cfg: NeuralConfig) -> NeuralRecommender:
+def fine_tune(
+    start: NeuralRecommender, fit: InteractionMatrix, users: Sequence, cfg: NeuralConfig
+) -> NeuralRecommender:
     """Copy ``start``'s weights, train them on the rows of ``users`` in ``fit`` (the matrix
     ``start`` was trained on) with ``cfg``, and return a model over all of ``start``'s
     users: the fine-tuned towers and item parameters, the fine-tuned ID embeddings of
@@ -190,8 +216,13 @@ def fine_tune(start: NeuralRecommender, fit: InteractionMatrix, users: Sequence,
     user_dense = state["user_dense"][:-1].numpy()
     item_dense = state["item_dense"].numpy()
     index = torch.as_tensor(rows)
-    sub = InteractionMatrix(sp.csr_matrix(fit.matrix[rows]), fit.user_ids[rows], fit.item_ids,
-                            {u: i for i, u in enumerate(fit.user_ids[rows])}, fit.item_index)
+    sub = InteractionMatrix(
+        sp.csr_matrix(fit.matrix[rows]),
+        fit.user_ids[rows],
+        fit.item_ids,
+        {u: i for i, u in enumerate(fit.user_ids[rows])},
+        fit.item_index,
+    )
     data = NeuralData(sub, user_dense[rows], item_dense, list(start.user_feature_names))
     sub_state = dict(state)
     sub_state["user_id.weight"] = torch.cat([state["user_id.weight"][index], state["user_id.weight"][-1:]])
@@ -205,8 +236,9 @@ def fine_tune(start: NeuralRecommender, fit: InteractionMatrix, users: Sequence,
     user_weight = state["user_id.weight"].clone()
     user_weight[index] = tuned["user_id.weight"][:-1]
     full.load_state_dict(tuned | {"user_id.weight": user_weight, "user_dense": state["user_dense"]})
-    return NeuralRecommender(full, cfg, start.user_ids, start.item_ids, start.user_feature_names,
-                             [r.loss for r in results])
+    return NeuralRecommender(
+        full, cfg, start.user_ids, start.item_ids, start.user_feature_names, [r.loss for r in results]
+    )
 
 
 @dataclass
@@ -220,7 +252,7 @@ class SegmentTuning:
     results: list[dict]
     models: dict[Hashable, NeuralRecommender]
     k: int
-    searches: dict[Hashable, "SegmentSearch"] = field(default_factory=dict)
+    searches: dict[Hashable, SegmentSearch] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         """JSON-ready summary (numpy scalars become Python numbers)."""
@@ -231,7 +263,7 @@ class SegmentTuning:
             "searches": {str(s): v.to_dict() for s, v in self.searches.items()},
         }
 
-    def recommender(self) -> "SegmentedRecommender":
+    def recommender(self) -> SegmentedRecommender:
         return SegmentedRecommender(self.global_model, self.models)
 
 
@@ -240,18 +272,36 @@ def _plain(value: Any) -> Any:
 
 
 def _row(segment: Hashable, users: int, val_users: int) -> dict:
-    return {"segment": segment, "users": users, "validation_users": val_users, "global_ndcg": None,
-            "finetuned_ndcg": None, "gain": None, "kept": False, "reason": None, "params": {}, "seconds": 0.0}
+    return {
+        "segment": segment,
+        "users": users,
+        "validation_users": val_users,
+        "global_ndcg": None,
+        "finetuned_ndcg": None,
+        "gain": None,
+        "kept": False,
+        "reason": None,
+        "params": {},
+        "seconds": 0.0,
+    }
 
 
-def _fine_tune_one(ctx: _Validation, global_rec: NeuralRecommender, starts: Mapping[int, NeuralRecommender],
-                   segment: Hashable, users: list, val_users: list, params: Mapping[str, Any],
-                   tuning: TuningSettings) -> tuple[dict, NeuralRecommender | None]:
+def _fine_tune_one(
+    ctx: _Validation,
+    global_rec: NeuralRecommender,
+    starts: Mapping[int, NeuralRecommender],
+    segment: Hashable,
+    users: list,
+    val_users: list,
+    params: Mapping[str, Any],
+    tuning: TuningSettings,
+) -> tuple[dict, NeuralRecommender | None]:
     """Fine-tune one segment and judge it on ``val_users`` against ``global_rec``."""
     row = _row(segment, len(users), len(val_users))
     if len(val_users) < tuning.min_validation_users:
-        row["reason"] = (f"{len(val_users)} validation users < tuning.min_validation_users "
-                         f"({tuning.min_validation_users})")
+        row["reason"] = (
+            f"{len(val_users)} validation users < tuning.min_validation_users ({tuning.min_validation_users})"
+        )
         return row, None
     started = time.perf_counter()
     dim = int(params.get("embedding_dim", global_rec.cfg.embedding_dim))
@@ -260,10 +310,15 @@ def _fine_tune_one(ctx: _Validation, global_rec: NeuralRecommender, starts: Mapp
     model = fine_tune(start, ctx.fit, users, cfg)
     g, f = ctx.ndcg(global_rec, val_users), ctx.ndcg(model, val_users)
     kept = f - g > tuning.min_gain
-    row |= {"global_ndcg": g, "finetuned_ndcg": f, "gain": f - g, "kept": bool(kept),
-            "reason": None if kept else f"gain {f - g:+.4f} <= tuning.min_gain ({tuning.min_gain:g})",
-            "params": {"lr": cfg.lr, "weight_decay": cfg.weight_decay, "dropout": cfg.dropout, "embedding_dim": dim},
-            "seconds": time.perf_counter() - started}
+    row |= {
+        "global_ndcg": g,
+        "finetuned_ndcg": f,
+        "gain": f - g,
+        "kept": bool(kept),
+        "reason": None if kept else f"gain {f - g:+.4f} <= tuning.min_gain ({tuning.min_gain:g})",
+        "params": {"lr": cfg.lr, "weight_decay": cfg.weight_decay, "dropout": cfg.dropout, "embedding_dim": dim},
+        "seconds": time.perf_counter() - started,
+    }
     return row, model if kept else None
 
 
@@ -295,15 +350,24 @@ def fine_tune_segments(
     params_by_segment = params_by_segment or {}
     starts: dict[int, NeuralRecommender] = {global_rec.cfg.embedding_dim: global_rec} | dict(globals_by_dim or {})
     dims = {int(p.get("embedding_dim", global_rec.cfg.embedding_dim)) for p in params_by_segment.values()}
-    starts = train_global_models(fit_frame, item_ids, settings, sorted(dims | set(starts)), user_features=user_features,
-                                 item_features=item_features, weight_col=weight_col, known=starts)
+    starts = train_global_models(
+        fit_frame,
+        item_ids,
+        settings,
+        sorted(dims | set(starts)),
+        user_features=user_features,
+        item_features=item_features,
+        weight_col=weight_col,
+        known=starts,
+    )
     for start in starts.values():
         _check_global(start, ctx.fit)
     results, models = [], {}
     for segment, users in _segment_users(segment_of, ctx.fit).items():
         val_users = [u for u in users if u in ctx.relevant]
-        row, model = _fine_tune_one(ctx, global_rec, starts, segment, users, val_users,
-                                    params_by_segment.get(segment, {}), settings.tuning)
+        row, model = _fine_tune_one(
+            ctx, global_rec, starts, segment, users, val_users, params_by_segment.get(segment, {}), settings.tuning
+        )
         _log_row(log, row, ctx.k)
         results.append(row)
         if model is not None:
@@ -315,9 +379,11 @@ def _log_row(log: Log, row: dict, k: int) -> None:
     if row["gain"] is None:
         log(f"  segment {row['segment']!r}: skipped ({row['reason']})")
     else:
-        log(f"  segment {row['segment']!r}: ndcg@{k} global {row['global_ndcg']:.4f} → fine-tuned "
+        log(
+            f"  segment {row['segment']!r}: ndcg@{k} global {row['global_ndcg']:.4f} → fine-tuned "
             f"{row['finetuned_ndcg']:.4f} (gain {row['gain']:+.4f}, {row['validation_users']} users) "
-            f"{'kept' if row['kept'] else 'discarded'}")
+            f"{'kept' if row['kept'] else 'discarded'}"
+        )
 
 
 # --------------------------------------------------------------------------- search
@@ -335,8 +401,14 @@ class SegmentSearch:
     study: optuna.Study = field(repr=False)
 
     def to_dict(self) -> dict:
-        return {"segment": _plain(self.segment), "best_params": dict(self.best_params), "best_value": self.best_value,
-                "global_ndcg": self.global_ndcg, "n_trials": self.n_trials, "run_id": self.run_id}
+        return {
+            "segment": _plain(self.segment),
+            "best_params": dict(self.best_params),
+            "best_value": self.best_value,
+            "global_ndcg": self.global_ndcg,
+            "n_trials": self.n_trials,
+            "run_id": self.run_id,
+        }
 
 
 def _suggest(trial: optuna.Trial, tuning: TuningSettings) -> dict[str, Any]:
@@ -356,17 +428,28 @@ def _start_study_run(settings: Settings, segment: Hashable) -> mlflow.ActiveRun:
     if parent is None:
         configure(settings)
         return mlflow.start_run(run_name=f"segment-{segment}-search", tags=tags)
-    return mlflow.start_run(run_name=f"segment-{segment}-search", nested=True,
-                            experiment_id=parent.info.experiment_id, tags=tags)
+    return mlflow.start_run(
+        run_name=f"segment-{segment}-search", nested=True, experiment_id=parent.info.experiment_id, tags=tags
+    )
 
 
-def _search(ctx: _Validation, global_rec: NeuralRecommender, starts: Mapping[int, NeuralRecommender],
-            segment: Hashable, users: list, val_users: list, settings: Settings, log: Log,
-            track: bool) -> SegmentSearch:
+def _search(
+    ctx: _Validation,
+    global_rec: NeuralRecommender,
+    starts: Mapping[int, NeuralRecommender],
+    segment: Hashable,
+    users: list,
+    val_users: list,
+    settings: Settings,
+    log: Log,
+    track: bool,
+) -> SegmentSearch:
     tuning = settings.tuning
     if len(val_users) < tuning.min_validation_users:
-        raise ValueError(f"search_segment: segment {segment!r} has {len(val_users)} validation users "
-                         f"< tuning.min_validation_users ({tuning.min_validation_users})")
+        raise ValueError(
+            f"search_segment: segment {segment!r} has {len(val_users)} validation users "
+            f"< tuning.min_validation_users ({tuning.min_validation_users})"
+        )
     missing = sorted(set(tuning.embedding_dims) - set(starts))
     if missing:
         raise ValueError(f"search_segment: no global model for embedding dimension(s) {missing}")
@@ -381,26 +464,47 @@ def _search(ctx: _Validation, global_rec: NeuralRecommender, starts: Mapping[int
     def on_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         log(f"  segment {segment!r} trial {trial.number}: ndcg@{ctx.k}={trial.value:.4f} {trial.params}")
         if track:
-            mlflow.log_metrics({"trial_value": float(trial.value)} |
-                               {f"trial_{name}": float(value) for name, value in trial.params.items()},
-                               step=trial.number)
+            mlflow.log_metrics(
+                {"trial_value": float(trial.value)}
+                | {f"trial_{name}": float(value) for name, value in trial.params.items()},
+                step=trial.number,
+            )
 
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # trials are logged by on_trial
     try:
-        study = optuna.create_study(direction="maximize", study_name=f"segment-{segment}",
-                                    sampler=optuna.samplers.TPESampler(
-                                        seed=tuning.optuna_seed, n_startup_trials=tuning.optuna_startup_trials))
-        run_id = _optimize(study, objective, on_trial, settings, segment, track, global_ndcg,
-                           {"users": len(users), "search_validation_users": len(val_users), "k": ctx.k})
+        study = optuna.create_study(
+            direction="maximize",
+            study_name=f"segment-{segment}",
+            sampler=optuna.samplers.TPESampler(seed=tuning.optuna_seed, n_startup_trials=tuning.optuna_startup_trials),
+        )
+        run_id = _optimize(
+            study,
+            objective,
+            on_trial,
+            settings,
+            segment,
+            track,
+            global_ndcg,
+            {"users": len(users), "search_validation_users": len(val_users), "k": ctx.k},
+        )
     finally:
         optuna.logging.set_verbosity(verbosity)
-    return SegmentSearch(segment, dict(study.best_params), float(study.best_value), global_ndcg,
-                         len(study.trials), run_id, study)
+    return SegmentSearch(
+        segment, dict(study.best_params), float(study.best_value), global_ndcg, len(study.trials), run_id, study
+    )
 
 
-def _optimize(study: optuna.Study, objective: Callable, on_trial: Callable, settings: Settings,
-              segment: Hashable, track: bool, global_ndcg: float, facts: dict[str, Any]) -> str | None:
+def _optimize(
+    study: optuna.Study,
+    objective: Callable,
+    on_trial: Callable,
+    settings: Settings,
+    segment: Hashable,
+    track: bool,
+    global_ndcg: float,
+    facts: dict[str, Any],
+) -> str | None:
     """Run ``study``; with ``track``, inside a segment study run that gets the search space,
     each trial (step-indexed ``trial_*`` metrics), the best parameters and ``trials.csv``."""
     tuning = settings.tuning
@@ -408,15 +512,26 @@ def _optimize(study: optuna.Study, objective: Callable, on_trial: Callable, sett
         study.optimize(objective, n_trials=tuning.optuna_trials, callbacks=[on_trial])
         return None
     with _start_study_run(settings, segment) as run:
-        mlflow.log_params({"segment": str(segment), "n_trials": tuning.optuna_trials, "sampler": "TPESampler",
-                           "startup_trials": tuning.optuna_startup_trials, "optuna_seed": tuning.optuna_seed,
-                           "lr_range": list(tuning.lr_range), "weight_decay_range": list(tuning.weight_decay_range),
-                           "dropout_range": list(tuning.dropout_range), "embedding_dims": list(tuning.embedding_dims),
-                           "finetune_epochs": tuning.segment_finetune_epochs} | facts)
+        mlflow.log_params(
+            {
+                "segment": str(segment),
+                "n_trials": tuning.optuna_trials,
+                "sampler": "TPESampler",
+                "startup_trials": tuning.optuna_startup_trials,
+                "optuna_seed": tuning.optuna_seed,
+                "lr_range": list(tuning.lr_range),
+                "weight_decay_range": list(tuning.weight_decay_range),
+                "dropout_range": list(tuning.dropout_range),
+                "embedding_dims": list(tuning.embedding_dims),
+                "finetune_epochs": tuning.segment_finetune_epochs,
+            }
+            | facts
+        )
         study.optimize(objective, n_trials=tuning.optuna_trials, callbacks=[on_trial])
         mlflow.log_params({f"best_{name}": value for name, value in study.best_params.items()})
-        mlflow.log_metrics({"best_value": study.best_value, "global_ndcg": global_ndcg,
-                            "best_gain": study.best_value - global_ndcg})
+        mlflow.log_metrics(
+            {"best_value": study.best_value, "global_ndcg": global_ndcg, "best_gain": study.best_value - global_ndcg}
+        )
         mlflow.log_text(study.trials_dataframe().to_csv(index=False), "trials.csv")
         return run.info.run_id
 
@@ -491,24 +606,38 @@ def tune_segments(
     ctx = _Validation.build(fit_frame, val_frame, item_ids, settings.training.k, weight_col)
     _check_global(global_rec, ctx.fit)
     known = {global_rec.cfg.embedding_dim: global_rec} | dict(globals_by_dim or {})
-    starts = train_global_models(fit_frame, item_ids, settings, list(tuning.embedding_dims), user_features=user_features,
-                                 item_features=item_features, weight_col=weight_col, known=known, progress=progress)
+    starts = train_global_models(
+        fit_frame,
+        item_ids,
+        settings,
+        list(tuning.embedding_dims),
+        user_features=user_features,
+        item_features=item_features,
+        weight_col=weight_col,
+        known=known,
+        progress=progress,
+    )
     for start in starts.values():
         _check_global(start, ctx.fit)
     groups = _segment_users(segment_of, ctx.fit)
     results, models, searches = [], {}, {}
     from tqdm.auto import tqdm
 
-    for segment, users in tqdm(groups.items(), desc="segment tuning", unit="segment", disable=not progress, leave=False):
+    for segment, users in tqdm(
+        groups.items(), desc="segment tuning", unit="segment", disable=not progress, leave=False
+    ):
         val_users = [u for u in users if u in ctx.relevant]
-        search_users, decide_users = _split_users(segment, val_users, tuning.search_share,
-                                                  settings.training.validation_seed)
+        search_users, decide_users = _split_users(
+            segment, val_users, tuning.search_share, settings.training.validation_seed
+        )
         smallest = min(len(search_users), len(decide_users))
         if smallest < tuning.min_validation_users:
             row = _row(segment, len(users), len(decide_users)) | {"search_users": len(search_users)}
-            row["reason"] = (f"{len(val_users)} validation users split {len(search_users)} search / "
-                             f"{len(decide_users)} decision; each needs tuning.min_validation_users "
-                             f"({tuning.min_validation_users})")
+            row["reason"] = (
+                f"{len(val_users)} validation users split {len(search_users)} search / "
+                f"{len(decide_users)} decision; each needs tuning.min_validation_users "
+                f"({tuning.min_validation_users})"
+            )
             _log_row(log, row, ctx.k)
             results.append(row)
             continue
@@ -521,11 +650,19 @@ def tune_segments(
         if model is not None:
             models[segment] = model
         if search.run_id is not None:
-            mlflow.MlflowClient().log_batch(search.run_id, metrics=[
-                mlflow.entities.Metric(name, float(value), int(time.time() * 1000), 0)
-                for name, value in (("decision_global_ndcg", row["global_ndcg"]),
-                                    ("finetuned_ndcg", row["finetuned_ndcg"]), ("gain", row["gain"]),
-                                    ("kept", float(row["kept"])), ("decision_users", len(decide_users)))])
+            mlflow.MlflowClient().log_batch(
+                search.run_id,
+                metrics=[
+                    mlflow.entities.Metric(name, float(value), int(time.time() * 1000), 0)
+                    for name, value in (
+                        ("decision_global_ndcg", row["global_ndcg"]),
+                        ("finetuned_ndcg", row["finetuned_ndcg"]),
+                        ("gain", row["gain"]),
+                        ("kept", float(row["kept"])),
+                        ("decision_users", len(decide_users)),
+                    )
+                ],
+            )
     return SegmentTuning(global_rec, results, models, ctx.k, searches)
 
 
@@ -559,8 +696,16 @@ def refit_segment_models(
     _check_global(start, fit)
     own = start.cfg.embedding_dim
     dims = sorted({int(p.get("embedding_dim", own)) for p in params_by_segment.values()} | {own})
-    starts = train_global_models(fit_frame, item_ids, settings, dims, user_features=user_features,
-                                 item_features=item_features, weight_col=weight_col, known={own: start})
+    starts = train_global_models(
+        fit_frame,
+        item_ids,
+        settings,
+        dims,
+        user_features=user_features,
+        item_features=item_features,
+        weight_col=weight_col,
+        known={own: start},
+    )
     groups = _segment_users(segment_of, fit)
     models: dict[Hashable, NeuralRecommender] = {}
     for segment, params in params_by_segment.items():
@@ -571,8 +716,10 @@ def refit_segment_models(
         begin = starts[int(params.get("embedding_dim", own))]
         started = time.perf_counter()
         models[segment] = fine_tune(begin, fit, users, finetune_config(begin.cfg, settings.tuning, params))
-        log(f"  segment {segment!r}: served model fine-tuned on {len(users)} users "
-            f"in {time.perf_counter() - started:.1f}s")
+        log(
+            f"  segment {segment!r}: served model fine-tuned on {len(users)} users "
+            f"in {time.perf_counter() - started:.1f}s"
+        )
     return models
 
 
@@ -583,7 +730,8 @@ class SegmentedRecommender:
     def __init__(self, global_model: NeuralRecommender, models: Mapping[Hashable, NeuralRecommender]):
         for segment, model in models.items():
             if len(model.item_ids) != len(global_model.item_ids) or any(
-                    a != b for a, b in zip(model.item_ids, global_model.item_ids)):
+                a != b for a, b in zip(model.item_ids, global_model.item_ids)
+            ):
                 raise ValueError(f"SegmentedRecommender: segment {segment!r} model has a different item axis")
         self.global_model = global_model
         self.models = dict(models)
@@ -592,8 +740,9 @@ class SegmentedRecommender:
     def model_for(self, segment: Hashable | None) -> NeuralRecommender:
         return self.models.get(segment, self.global_model) if segment is not None else self.global_model
 
-    def score(self, x: sp.csr_matrix, user_ids: Sequence | None = None,
-              segments: Sequence[Hashable | None] | None = None) -> np.ndarray:
+    def score(
+        self, x: sp.csr_matrix, user_ids: Sequence | None = None, segments: Sequence[Hashable | None] | None = None
+    ) -> np.ndarray:
         """users×items scores for history rows ``x``; row r uses the model of
         ``segments[r]`` (None or a segment without a kept model: the global model)."""
         x = sp.csr_matrix(x, dtype=np.float32)
@@ -616,8 +765,13 @@ class SegmentedRecommender:
             out[rows] = chosen[key].score(x[rows], ids)
         return out
 
-    def recommend(self, x: sp.csr_matrix, k: int, user_ids: Sequence | None = None,
-                  segments: Sequence[Hashable | None] | None = None) -> np.ndarray:
+    def recommend(
+        self,
+        x: sp.csr_matrix,
+        k: int,
+        user_ids: Sequence | None = None,
+        segments: Sequence[Hashable | None] | None = None,
+    ) -> np.ndarray:
         """Top-``k`` item indices per history row, best first; seen items excluded."""
         return top_k(self.score(x, user_ids, segments), sp.csr_matrix(x), k)
 
@@ -629,7 +783,7 @@ class SegmentedRecommender:
         return directory
 
     @classmethod
-    def load(cls, directory: str | Path) -> "SegmentedRecommender":
+    def load(cls, directory: str | Path) -> SegmentedRecommender:
         directory = Path(directory)
         return cls(NeuralRecommender.load(directory / "global"), load_segment_models(directory))
 

@@ -16,17 +16,29 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from hyperrec.run_context import RunContext
-from hyperrec.settings import Settings
+from core.run_context import RunContext
+from core.settings import Settings
+from feature_store.stage import read_segment_labels
+from pipelines.split import load_split, split_fingerprint
 from training import registry
 from training.bundle import load_bundle, write_bundle
-from training.candidates import (BASELINES, COMPONENTS, NeuralScorer, as_blend, available, category_multi_hot, component_fitters,
-                                 fit_candidate, fit_once, item_side_features, tune_choice)
+from training.candidates import (
+    BASELINES,
+    COMPONENTS,
+    NeuralScorer,
+    as_blend,
+    available,
+    category_multi_hot,
+    component_fitters,
+    fit_candidate,
+    fit_once,
+    item_side_features,
+    tune_choice,
+)
+from training.evaluation import recommend_ids, relevant_items, score_model
 from training.hybrid import FitContext, WeightedHybrid
 from training.metrics import evaluate_by_segment
 from training.models import InteractionMatrix, popularity
-from pipelines.split import split_fingerprint
-from training.evaluation import load_split, recommend_ids, relevant_items, score_model
 
 CANDIDATES = (*BASELINES, *COMPONENTS, "hybrid")
 WEIGHT_COLUMN = registry.WEIGHT_COLUMN
@@ -36,15 +48,6 @@ LOSS_FILE = "loss.json"
 def _catalogue(run: RunContext) -> pd.DataFrame:
     items = pd.read_parquet(run.clean_dir / "items", columns=["item_id", "title", "categories"])
     return items.sort_values("item_id").reset_index(drop=True)
-
-
-def segment_of(run: RunContext) -> dict:
-    """user_id → segment label from the run's segmentation (empty when there is none)."""
-    path = run.features_dir / "segments" / "segments.parquet"
-    if not path.exists():
-        return {}
-    labels = pd.read_parquet(path)
-    return dict(zip(labels["user_id"].astype(str), labels["segment"].astype(str)))
 
 
 def side_data(settings: Settings, run: RunContext, items: pd.DataFrame) -> dict:
@@ -67,7 +70,7 @@ def side_data(settings: Settings, run: RunContext, items: pd.DataFrame) -> dict:
         users = pd.read_parquet(users_path)
         keep = [c for c in ("user_id", "age", "gender", "occupation", "region") if c in users.columns]
         users = users[keep].copy()
-        segments = segment_of(run)
+        segments = read_segment_labels(run)
         if segments:
             users["segment"] = users["user_id"].astype(str).map(segments)
         side["user_features"] = users
@@ -92,10 +95,16 @@ def train(settings: Settings, run: RunContext) -> dict:
     tuning = tune_neural_segments(settings, run, train_df, item_ids, side)
     choice = tune_choice(context, settings, weight_col=WEIGHT_COLUMN)
     run.write_json("model_selection.json", choice.to_dict())
-    history = {u: matrix.matrix.indices[matrix.matrix.indptr[r]:matrix.matrix.indptr[r + 1]] for u, r in matrix.user_index.items()}
-    weights = {u: matrix.matrix.data[matrix.matrix.indptr[r]:matrix.matrix.indptr[r + 1]] for u, r in matrix.user_index.items()}
+    history = {
+        u: matrix.matrix.indices[matrix.matrix.indptr[r] : matrix.matrix.indptr[r + 1]]
+        for u, r in matrix.user_index.items()
+    }
+    weights = {
+        u: matrix.matrix.data[matrix.matrix.indptr[r] : matrix.matrix.indptr[r + 1]]
+        for u, r in matrix.user_index.items()
+    }
     summary: dict = {}
-    fitters, segments, refitted = fit_once(component_fitters(settings)), segment_of(run), {}
+    fitters, segments, refitted = fit_once(component_fitters(settings)), read_segment_labels(run), {}
     for name in CANDIDATES:
         if name in COMPONENTS and name not in available(side):
             continue
@@ -113,16 +122,23 @@ def train(settings: Settings, run: RunContext) -> dict:
             history=history,
             history_weights=weights,
             popularity=popularity(matrix.matrix),
-            metadata={"version": run.run_id, "k": cfg.k, "metrics": {}, "model_name": name, "fit_seconds": seconds,
-                      "validation": choice.to_dict() if name in ("ease", "hybrid") else {},
-                      "segment_models": served_segments},
+            metadata={
+                "version": run.run_id,
+                "k": cfg.k,
+                "metrics": {},
+                "model_name": name,
+                "fit_seconds": seconds,
+                "validation": choice.to_dict() if name in ("ease", "hybrid") else {},
+                "segment_models": served_segments,
+            },
         )
         write_loss_history(model, run.models_dir / name, name)
         summary[name] = {"fit_seconds": round(seconds, 3), "segment_models": served_segments}
     summary["train_users"], summary["items"] = len(matrix.user_ids), len(matrix.item_ids)
     summary["validation"] = choice.to_dict()
-    summary["segment_tuning"] = {"kept": tuning.get("kept", []), "segments": len(tuning.get("results", []))} \
-        if "results" in tuning else tuning
+    summary["segment_tuning"] = (
+        {"kept": tuning.get("kept", []), "segments": len(tuning.get("results", []))} if "results" in tuning else tuning
+    )
     run.write_json("train.json", summary)
     return summary
 
@@ -141,17 +157,26 @@ def write_loss_history(model: WeightedHybrid, out_dir: Path, name: str) -> Path 
         return None
     component, scorer = neural[0]
     cfg = scorer.model.cfg
-    history = {"model": name, "component": component,
-               "config": {k: getattr(cfg, k) for k in ("epochs", "batch_size", "lr", "weight_decay", "embedding_dim")},
-               **loss_curve(scorer.model),
-               "segments": {str(seg): loss_curve(m) for seg, m in sorted(scorer.segment_models.items())}}
+    history = {
+        "model": name,
+        "component": component,
+        "config": {k: getattr(cfg, k) for k in ("epochs", "batch_size", "lr", "weight_decay", "embedding_dim")},
+        **loss_curve(scorer.model),
+        "segments": {str(seg): loss_curve(m) for seg, m in sorted(scorer.segment_models.items())},
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(history, indent=2))
     return path
 
 
-def attach_segment_models(model: WeightedHybrid, tuning: dict, context: FitContext, segments: dict,
-                          settings: Settings, refitted: dict | None = None) -> dict:
+def attach_segment_models(
+    model: WeightedHybrid,
+    tuning: dict,
+    context: FitContext,
+    segments: dict,
+    settings: Settings,
+    refitted: dict | None = None,
+) -> dict:
     """Give every neural component of ``model`` the segment models validation kept
     (``tuning``, :func:`tune_neural_segments`), refitted from that component's own model on the
     whole train split (:func:`training.segment_tuning.refit_segment_models`), with the user →
@@ -167,16 +192,26 @@ def attach_segment_models(model: WeightedHybrid, tuning: dict, context: FitConte
     refitted = {} if refitted is None else refitted
     for name, scorer in neural.items():
         if id(scorer) not in refitted:
-            models = refit_segment_models(scorer.model, context.frame, context.item_ids, params, segments, settings,
-                                          user_features=context.side.get("user_features"),
-                                          item_features=item_side_features(dict(context.side)), weight_col=None)
+            models = refit_segment_models(
+                scorer.model,
+                context.frame,
+                context.item_ids,
+                params,
+                segments,
+                settings,
+                user_features=context.side.get("user_features"),
+                item_features=item_side_features(dict(context.side)),
+                weight_col=None,
+            )
             refitted[id(scorer)] = NeuralScorer(scorer.model, models, segments)
         model.components[name] = refitted[id(scorer)]
     routed = next(iter(model.components[n] for n in neural))
     return {"segments": sorted(routed.segment_models), "users": len(routed.user_segments)}
 
 
-def tune_neural_segments(settings: Settings, run: RunContext, train_df: pd.DataFrame, item_ids: np.ndarray, side: dict) -> dict:
+def tune_neural_segments(
+    settings: Settings, run: RunContext, train_df: pd.DataFrame, item_ids: np.ndarray, side: dict
+) -> dict:
     """Per-segment Optuna search and fine-tuning of the neural model (article §1b) on a
     validation fold of the train split; every segment's gain, keep decision and chosen
     parameters go to ``segment_tuning.json`` (each study is an MLflow run) and are returned.
@@ -184,7 +219,7 @@ def tune_neural_segments(settings: Settings, run: RunContext, train_df: pd.DataF
     (:func:`attach_segment_models`)."""
     from training.segment_tuning import train_global_models, tune_segments, validation_split
 
-    segments = segment_of(run)
+    segments = read_segment_labels(run)
     if "neural" not in available(side) or len(set(segments.values())) < 2:
         result = {"skipped": "needs the neural component and at least two segments"}
         run.write_json("segment_tuning.json", result)
@@ -195,8 +230,9 @@ def tune_neural_segments(settings: Settings, run: RunContext, train_df: pd.DataF
     # Unweighted, as the neural component is trained and served (NeuralScorer scores binary
     # histories), so the keep decision judges the recipe that is served.
     global_rec = train_global_models(fit_df, item_ids, settings, [dim], weight_col=None, **features)[dim]
-    tuning = tune_segments(global_rec, fit_df, val_df, segments, item_ids, settings, weight_col=None,
-                           progress=False, **features)
+    tuning = tune_segments(
+        global_rec, fit_df, val_df, segments, item_ids, settings, weight_col=None, progress=False, **features
+    )
     result = tuning.to_dict()
     run.write_json("segment_tuning.json", result)
     return result
@@ -210,7 +246,7 @@ def evaluate(settings: Settings, run: RunContext) -> dict:
     them as well (a report; nothing is chosen on it)."""
     k = settings.training.k
     train_df, test_df = load_split(run.split_dir)
-    segments = segment_of(run)
+    segments = read_segment_labels(run)
     results, by_segment, segment_models = {}, {}, {}
     trained = [name for name in CANDIDATES if (run.models_dir / name / "metadata.json").exists()]
     for name in trained:
@@ -225,15 +261,24 @@ def evaluate(settings: Settings, run: RunContext) -> dict:
         plain = without_segment_models(bundle.model)
         if plain is not bundle.model:  # what the served segment models add, reported only
             without = score_model(plain, matrix, relevant, k)[f"ndcg@{k}"]
-            segment_models[name] = {f"ndcg@{k}": results[name][f"ndcg@{k}"], f"ndcg@{k}_global_neural_only": without,
-                                    "gain": results[name][f"ndcg@{k}"] - without,
-                                    **bundle.metadata.get("segment_models", {})}
+            segment_models[name] = {
+                f"ndcg@{k}": results[name][f"ndcg@{k}"],
+                f"ndcg@{k}_global_neural_only": without,
+                "gain": results[name][f"ndcg@{k}"] - without,
+                **bundle.metadata.get("segment_models", {}),
+            }
     best = max(results, key=lambda n: results[n][f"ndcg@{k}"])
     baseline = results["popularity"][f"ndcg@{k}"]
     evaluation = {
-        "k": k, "best": best, "models": results, "split_fingerprint": split_fingerprint(test_df),
-        "lift_over_popularity": {n: (r[f"ndcg@{k}"] / baseline - 1.0) if baseline else None for n, r in results.items()},
-        "segments": by_segment, "cold_start": cold_start_metrics(run, train_df, test_df, k),
+        "k": k,
+        "best": best,
+        "models": results,
+        "split_fingerprint": split_fingerprint(test_df),
+        "lift_over_popularity": {
+            n: (r[f"ndcg@{k}"] / baseline - 1.0) if baseline else None for n, r in results.items()
+        },
+        "segments": by_segment,
+        "cold_start": cold_start_metrics(run, train_df, test_df, k),
         "segment_models": segment_models,
     }
     run.write_json("evaluation.json", evaluation)
@@ -243,10 +288,13 @@ def evaluate(settings: Settings, run: RunContext) -> dict:
 def without_segment_models(model):
     """``model`` with its neural components' segment models removed (``model`` itself when it has none)."""
     if not isinstance(model, WeightedHybrid) or not any(
-            isinstance(c, NeuralScorer) and c.user_segments for c in model.components.values()):
+        isinstance(c, NeuralScorer) and c.user_segments for c in model.components.values()
+    ):
         return model
-    return dataclasses.replace(model, components={
-        n: c.without_segments() if isinstance(c, NeuralScorer) else c for n, c in model.components.items()})
+    return dataclasses.replace(
+        model,
+        components={n: c.without_segments() if isinstance(c, NeuralScorer) else c for n, c in model.components.items()},
+    )
 
 
 def cold_start_metrics(run: RunContext, train_df: pd.DataFrame, test_df: pd.DataFrame, k: int) -> dict:
@@ -262,7 +310,16 @@ def cold_start_metrics(run: RunContext, train_df: pd.DataFrame, test_df: pd.Data
 
 
 def _metric_columns(metrics: dict, k: int) -> list[str]:
-    order = [f"ndcg@{k}", f"precision@{k}", f"recall@{k}", f"map@{k}", f"hit@{k}", f"coverage@{k}", "segment_gap", "users"]
+    order = [
+        f"ndcg@{k}",
+        f"precision@{k}",
+        f"recall@{k}",
+        f"map@{k}",
+        f"hit@{k}",
+        f"coverage@{k}",
+        "segment_gap",
+        "users",
+    ]
     return [c for c in order if c in metrics] + sorted(c for c in metrics if c not in order)
 
 
@@ -274,26 +331,45 @@ def metrics_markdown(evaluation: dict) -> str:
     columns = _metric_columns(models[best], k)
     names = [best, *sorted((n for n in models if n != best), key=lambda n: -models[n][f"ndcg@{k}"])]
     lift = evaluation.get("lift_over_popularity", {})
-    rows = [[f"**{n}**" if n == best else n, *[models[n].get(c) for c in columns],
-             None if lift.get(n) is None else f"{100 * lift[n]:+.1f}%"] for n in names]
-    parts = [f"# Held-out evaluation (k={k})", "",
-             f"Registered: **{best}**, the best NDCG@{k} of {len(models)} candidates on the test split "
-             f"(split fingerprint `{evaluation.get('split_fingerprint')}`).", "",
-             registry.markdown_table(["model", *columns, "lift vs popularity"], rows)]
+    rows = [
+        [
+            f"**{n}**" if n == best else n,
+            *[models[n].get(c) for c in columns],
+            None if lift.get(n) is None else f"{100 * lift[n]:+.1f}%",
+        ]
+        for n in names
+    ]
+    parts = [
+        f"# Held-out evaluation (k={k})",
+        "",
+        f"Registered: **{best}**, the best NDCG@{k} of {len(models)} candidates on the test split "
+        f"(split fingerprint `{evaluation.get('split_fingerprint')}`).",
+        "",
+        registry.markdown_table(["model", *columns, "lift vs popularity"], rows),
+    ]
     per = evaluation.get("segments", {}).get(best, {}).get("segments", {})
     if per:
         seg_columns = _metric_columns(next(iter(per.values())), k)
-        parts += ["", f"## {best} per user segment", "",
-                  registry.markdown_table(["segment", *seg_columns],
-                                          [[seg, *[m.get(c) for c in seg_columns]] for seg, m in sorted(per.items())])]
+        parts += [
+            "",
+            f"## {best} per user segment",
+            "",
+            registry.markdown_table(
+                ["segment", *seg_columns], [[seg, *[m.get(c) for c in seg_columns]] for seg, m in sorted(per.items())]
+            ),
+        ]
         gap = evaluation["segments"][best].get("gap", {}).get(f"ndcg@{k}")
         if gap is not None:
             parts += ["", f"Fairness gap (best − worst segment NDCG@{k}): {gap:.4f}"]
     cold = evaluation.get("cold_start") or {}
     if cold.get("users"):
         cold_columns = _metric_columns(cold, k)
-        parts += ["", "## Cold-start users (popularity fallback)", "",
-                  registry.markdown_table(cold_columns, [[cold.get(c) for c in cold_columns]], "r" * len(cold_columns))]
+        parts += [
+            "",
+            "## Cold-start users (popularity fallback)",
+            "",
+            registry.markdown_table(cold_columns, [[cold.get(c) for c in cold_columns]], "r" * len(cold_columns)),
+        ]
     return "\n".join(parts) + "\n"
 
 
@@ -302,7 +378,11 @@ def write_evaluation_tables(evaluation: dict, out: Path) -> Path:
     ``metrics.md`` (:func:`metrics_markdown`, readable in the MLflow artifact view) under ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     pd.DataFrame.from_dict(evaluation["models"], orient="index").rename_axis("model").to_csv(out / "models.csv")
-    rows = [{"model": name, "segment": seg, **m} for name, per in evaluation["segments"].items() for seg, m in per["segments"].items()]
+    rows = [
+        {"model": name, "segment": seg, **m}
+        for name, per in evaluation["segments"].items()
+        for seg, m in per["segments"].items()
+    ]
     pd.DataFrame(rows).to_csv(out / "segments.csv", index=False)
     (out / "metrics.md").write_text(metrics_markdown(evaluation))
     return out
@@ -320,12 +400,24 @@ def plot_loss(history: dict, path: Path) -> Path:
         steps = np.arange(1, len(history["step_loss"]) + 1) / n
         ax.plot(steps, history["step_loss"], color="tab:blue", alpha=0.25, linewidth=0.8, label="loss per step")
     if history.get("loss"):
-        ax.plot(np.arange(1, len(history["loss"]) + 1), history["loss"], color="tab:blue", marker="o",
-                markersize=3, linewidth=2, label="loss per epoch (global model)")
+        ax.plot(
+            np.arange(1, len(history["loss"]) + 1),
+            history["loss"],
+            color="tab:blue",
+            marker="o",
+            markersize=3,
+            linewidth=2,
+            label="loss per epoch (global model)",
+        )
     for seg, curve in history.get("segments", {}).items():
         if curve.get("loss"):
-            ax.plot(np.arange(1, len(curve["loss"]) + 1), curve["loss"], linestyle="--", marker=".",
-                    label=f"segment {seg} fine-tuning")
+            ax.plot(
+                np.arange(1, len(curve["loss"]) + 1),
+                curve["loss"],
+                linestyle="--",
+                marker=".",
+                label=f"segment {seg} fine-tuning",
+            )
     ax.set_xlabel("epoch")
     ax.set_ylabel("training loss (multinomial NLL per user)")
     ax.set_title(f"Training loss: {history.get('component', 'neural')} component of {history.get('model', '?')}")
@@ -346,8 +438,9 @@ def training_curves(run: RunContext, best: str, out: Path) -> tuple[dict | None,
     (None without one) and its MLflow step metrics (loss per epoch, per step)."""
     if out.exists():
         shutil.rmtree(out)
-    source = next((run.models_dir / n / LOSS_FILE for n in (best, "neural") if (run.models_dir / n / LOSS_FILE).exists()),
-                  None)
+    source = next(
+        (run.models_dir / n / LOSS_FILE for n in (best, "neural") if (run.models_dir / n / LOSS_FILE).exists()), None
+    )
     if source is None:
         return None, {}
     history = json.loads(source.read_text())
@@ -364,14 +457,12 @@ def training_curves(run: RunContext, best: str, out: Path) -> tuple[dict | None,
 
 def drift_files(report: str) -> list[Path]:
     """The drift report behind a drift-triggered run (``params.json`` → ``drift_report``,
-    the JSON the monitor wrote), the HTML report beside it and the monitor run's
+    the JSON the monitor wrote), the HTML reports beside it and the monitor run's
     ``drift.json`` summary, those that exist."""
-    from monitoring.drift import HTML_NAME
-
     if not report:
         return []
     path = Path(report)
-    candidates = [path, path.with_name(HTML_NAME), path.with_suffix(".html"), path.parent.parent / "drift.json"]
+    candidates = [path, *sorted(path.parent.glob("*.html")), path.parent.parent / "drift.json"]
     found: list[Path] = []
     for p in candidates:
         if p.is_file() and p not in found:
@@ -385,8 +476,16 @@ def airflow_run_id(run: RunContext) -> str:
     return run.read_json("airflow_run.json")["run_id"] if recorded.exists() else run.run_id
 
 
-def review_markdown(evaluation: dict, *, run: RunContext, airflow_id: str, reason: str, drift_report: str,
-                    drift_found: bool, loss: dict | None) -> str:
+def review_markdown(
+    evaluation: dict,
+    *,
+    run: RunContext,
+    airflow_id: str,
+    reason: str,
+    drift_report: str,
+    drift_found: bool,
+    loss: dict | None,
+) -> str:
     """The ``## Training run`` section of the version description: what was registered and
     how it scored, why the run started, where it lives, and which artifacts to open."""
     k, best = evaluation["k"], evaluation["best"]
@@ -394,33 +493,60 @@ def review_markdown(evaluation: dict, *, run: RunContext, airflow_id: str, reaso
     popularity = models.get("popularity", {}).get(f"ndcg@{k}")
     lift = evaluation.get("lift_over_popularity", {}).get(best)
     ndcg = f"{m[f'ndcg@{k}']:.4f}" + (f" (popularity {popularity:.4f}, {100 * lift:+.1f}%)" if lift is not None else "")
-    started = reason + (f" (report `{drift_report}`{'' if drift_found else ', not found on this machine'})"
-                        if drift_report else "")
+    started = reason + (
+        f" (report `{drift_report}`{'' if drift_found else ', not found on this machine'})" if drift_report else ""
+    )
     facts = [["model", f"`{best}` (best NDCG@{k} of {len(models)} candidates)"], [f"NDCG@{k}", ndcg]]
     facts += [[c, f"{m[c]:.4f}"] for c in (f"precision@{k}", f"recall@{k}", f"coverage@{k}") if c in m]
     if "segment_gap" in m:
         facts.append([f"segment gap (best − worst NDCG@{k})", f"{m['segment_gap']:.4f}"])
     cold = evaluation.get("cold_start") or {}
     if cold.get("users"):
-        facts.append(["cold-start users", f"{cold['users']} (NDCG@{k} {cold.get(f'ndcg@{k}', 0.0):.4f}, popularity fallback)"])
+        facts.append(
+            ["cold-start users", f"{cold['users']} (NDCG@{k} {cold.get(f'ndcg@{k}', 0.0):.4f}, popularity fallback)"]
+        )
     if loss and loss.get("loss"):
-        facts.append(["neural training loss", f"{loss['loss'][0]:.4f} → {loss['loss'][-1]:.4f} over {len(loss['loss'])} "
-                                               f"epochs ({loss.get('model')})"])
-    facts += [["started because", started], ["Airflow run", f"`{airflow_id}`"], ["run directory", f"`{run.root}`"],
-              ["split fingerprint", f"`{evaluation.get('split_fingerprint')}`"]]
+        facts.append(
+            [
+                "neural training loss",
+                f"{loss['loss'][0]:.4f} → {loss['loss'][-1]:.4f} over {len(loss['loss'])} epochs ({loss.get('model')})",
+            ]
+        )
+    facts += [
+        ["started because", started],
+        ["Airflow run", f"`{airflow_id}`"],
+        ["run directory", f"`{run.root}`"],
+        ["split fingerprint", f"`{evaluation.get('split_fingerprint')}`"],
+    ]
     columns = [c for c in (f"ndcg@{k}", f"recall@{k}", f"coverage@{k}", "segment_gap") if c in m]
     names = [best, *sorted((n for n in models if n != best), key=lambda n: -models[n][f"ndcg@{k}"])]
-    parts = [registry.TRAINING_HEADING, "", registry.markdown_table(["", ""], facts, "ll"), "",
-             f"### Candidates (held-out split, k={k})", "",
-             registry.markdown_table(["model", *columns],
-                                     [[f"**{n}**" if n == best else n, *[models[n].get(c) for c in columns]] for n in names])]
+    parts = [
+        registry.TRAINING_HEADING,
+        "",
+        registry.markdown_table(["", ""], facts, "ll"),
+        "",
+        f"### Candidates (held-out split, k={k})",
+        "",
+        registry.markdown_table(
+            ["model", *columns], [[f"**{n}**" if n == best else n, *[models[n].get(c) for c in columns]] for n in names]
+        ),
+    ]
     per = evaluation.get("segments", {}).get(best, {}).get("segments", {})
     if per:
-        parts += ["", f"### {best} per user segment", "",
-                  registry.markdown_table(["segment", "users", f"ndcg@{k}"],
-                                          [[seg, v.get("users"), v.get(f"ndcg@{k}")] for seg, v in sorted(per.items())])]
-    artifacts = ["`evaluation/metrics.md` (tables; CSV beside it)", "`segments/` (segment pictures)",
-                 "`gx_data_docs/index.html` (data quality)"]
+        parts += [
+            "",
+            f"### {best} per user segment",
+            "",
+            registry.markdown_table(
+                ["segment", "users", f"ndcg@{k}"],
+                [[seg, v.get("users"), v.get(f"ndcg@{k}")] for seg, v in sorted(per.items())],
+            ),
+        ]
+    artifacts = [
+        "`evaluation/metrics.md` (tables; CSV beside it)",
+        "`segments/` (segment pictures)",
+        "`gx_data_docs/index.html` (data quality)",
+    ]
     if loss:
         artifacts.append("`training/loss.png` (training loss curves; also the run's `neural.train_loss` chart)")
     if drift_report:
@@ -453,11 +579,20 @@ def register(settings: Settings, run: RunContext) -> dict:
         metrics["segment_models.gain"] = served["gain"]
     segments = run.read_json("segments.json")
     validation = run.read_json("model_selection.json")
-    params = {"best_model": best, "k": k, "ease_lambda": validation["ease_lambda"], "plain_ease_lambda": validation["plain_ease_lambda"],
-              "temporal_beta": validation["temporal_beta"], "input_alpha": validation["input_alpha"],
-              **{f"blend_weight.{n}": w for n, w in validation["weights"].items()}, "validation_folds": validation["folds"],
-              "knn_neighbours": settings.training.knn_neighbours, "split_fingerprint": evaluation["split_fingerprint"],
-              "segmentation_method": segments["method"], "segmentation_k": segments["k"]}
+    params = {
+        "best_model": best,
+        "k": k,
+        "ease_lambda": validation["ease_lambda"],
+        "plain_ease_lambda": validation["plain_ease_lambda"],
+        "temporal_beta": validation["temporal_beta"],
+        "input_alpha": validation["input_alpha"],
+        **{f"blend_weight.{n}": w for n, w in validation["weights"].items()},
+        "validation_folds": validation["folds"],
+        "knn_neighbours": settings.training.knn_neighbours,
+        "split_fingerprint": evaluation["split_fingerprint"],
+        "segmentation_method": segments["method"],
+        "segmentation_k": segments["k"],
+    }
     metrics.update({f"validation.{n}": v for n, v in validation["validation"].items()})
     tuning = run.read_json("segment_tuning.json")
     for row in tuning.get("results", []):
@@ -473,27 +608,50 @@ def register(settings: Settings, run: RunContext) -> dict:
     drift = drift_files(drift_report)
     loss, step_metrics = training_curves(run, best, run.path("training"))
     airflow_id = airflow_run_id(run)
-    tags = {registry.RUN_DIR_TAG: str(run.root), "hyperrec.model": best, "hyperrec.airflow_run_id": airflow_id,
-            "hyperrec.reason": reason, f"eval.ndcg_at_{k}": f"{evaluation['models'][best][f'ndcg@{k}']:.4f}"}
+    tags = {
+        registry.RUN_DIR_TAG: str(run.root),
+        "hyperrec.model": best,
+        "hyperrec.airflow_run_id": airflow_id,
+        "hyperrec.reason": reason,
+        f"eval.ndcg_at_{k}": f"{evaluation['models'][best][f'ndcg@{k}']:.4f}",
+    }
     if drift_report:
         tags["hyperrec.drift_report"] = drift_report
-    description = review_markdown(evaluation, run=run, airflow_id=airflow_id, reason=reason, drift_report=drift_report,
-                                  drift_found=bool(drift), loss=loss)
+    description = review_markdown(
+        evaluation,
+        run=run,
+        airflow_id=airflow_id,
+        reason=reason,
+        drift_report=drift_report,
+        drift_found=bool(drift),
+        loss=loss,
+    )
     reg = registry.log_and_register(
         settings,
         run_name=run.run_id,
         params=params,
         metrics=metrics,
         bundle_dir=run.models_dir / best,
-        artifact_dirs={"gx_data_docs": run.gx_dir, "reports": run.path("reports"), "segments": run.features_dir / "segments",
-                       "evaluation": tables, "training": run.path("training"), "drift": drift,
-                       "pipeline": [run.path(n) for n in ("params.json", "evaluation.json", "train.json", "timings.json")]},
+        artifact_dirs={
+            "gx_data_docs": run.gx_dir,
+            "reports": run.path("reports"),
+            "segments": run.features_dir / "segments",
+            "evaluation": tables,
+            "training": run.path("training"),
+            "drift": drift,
+            "pipeline": [run.path(n) for n in ("params.json", "evaluation.json", "train.json", "timings.json")],
+        },
         tags=tags,
         description=description,
         step_metrics=step_metrics,
     )
-    result = {"run_id": reg.run_id, "version": reg.version, "model_uri": reg.model_uri, "model": best,
-              "reused": reg.reused}
+    result = {
+        "run_id": reg.run_id,
+        "version": reg.version,
+        "model_uri": reg.model_uri,
+        "model": best,
+        "reused": reg.reused,
+    }
     run.write_json("registration.json", result)
     return result
 
@@ -511,9 +669,13 @@ def promote(settings: Settings, run: RunContext) -> dict:
         test_df=test_df,
         workdir=run.path("gate"),
         challenger_metrics=evaluation["models"][evaluation["best"]],
-        segments=segment_of(run) or None,
+        segments=read_segment_labels(run) or None,
     )
-    result = {"promoted": decision.promote, "reason": decision.reason, "version": decision.challenger_version,
-              "champion": registry.champion_version(settings)}
+    result = {
+        "promoted": decision.promote,
+        "reason": decision.reason,
+        "version": decision.challenger_version,
+        "champion": registry.champion_version(settings),
+    }
     run.write_json("promotion.json", result)
     return result

@@ -4,7 +4,18 @@ import pytest
 
 from hyperrec.orchestration import load_dags
 
-TRAINING_ORDER = ["ingest", "preprocess", "validate", "build_features", "segment", "train", "evaluate", "register", "promote", "publish"]
+TRAINING_ORDER = [
+    "ingest",
+    "preprocess",
+    "validate",
+    "build_features",
+    "segment",
+    "train",
+    "evaluate",
+    "register",
+    "promote",
+    "publish",
+]
 
 
 @pytest.fixture(scope="module")

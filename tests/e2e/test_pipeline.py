@@ -5,9 +5,9 @@ import json
 import pytest
 from fastapi.testclient import TestClient
 
-from hyperrec.datasets.synthetic import generate
+from core.datasets.synthetic import generate
+from core.run_context import RunContext
 from hyperrec.orchestration import dag_runs, run_dag, task_states
-from hyperrec.run_context import RunContext
 
 pytestmark = [pytest.mark.slow, pytest.mark.spark]
 
@@ -25,7 +25,17 @@ def test_training_dag_succeeds(trained):
     state, run, _, _ = trained
     assert state == "success"
     assert set(run.read_json("timings.json")) == {
-        "ingest", "preprocess", "validate", "build_features", "segment", "train", "evaluate", "register", "promote", "publish_champion"}
+        "ingest",
+        "preprocess",
+        "validate",
+        "build_features",
+        "segment",
+        "train",
+        "evaluate",
+        "register",
+        "promote",
+        "publish_champion",
+    }
 
 
 def test_preprocess_counts_match_the_injected_dirt(trained):
@@ -87,7 +97,11 @@ def test_registered_promoted_published_and_served(trained, settings):
     from serving.app import create_app
     from training.registry import champion_version
 
-    registration, promotion, published = run.read_json("registration.json"), run.read_json("promotion.json"), run.read_json("publish.json")
+    registration, promotion, published = (
+        run.read_json("registration.json"),
+        run.read_json("promotion.json"),
+        run.read_json("publish.json"),
+    )
     assert registration["version"] >= 1
     assert promotion["promoted"] and champion_version(settings) == registration["version"]
     assert published["current"] == f"v{registration['version']}"
@@ -144,7 +158,7 @@ def test_poisoned_feed_stops_at_the_gx_gate(settings, tmp_path, capfd):
     # The failed run's Data Docs still reach MLflow.
     from mlflow import MlflowClient
 
-    from hyperrec.tracking import configure
+    from core.tracking import configure
 
     configure(settings)
     attempt = run.read_json("validation-attempt.json")

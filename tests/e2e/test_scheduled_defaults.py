@@ -5,9 +5,9 @@ fail by design."""
 
 import pytest
 
-from hyperrec.datasets import RawDataset
+from core.datasets import RawDataset
+from core.run_context import RunContext
 from hyperrec.orchestration import configure_airflow, dag_runs, migrate_db, run_dag, task_states
-from hyperrec.run_context import RunContext
 
 pytestmark = [pytest.mark.slow, pytest.mark.spark]
 
@@ -30,7 +30,9 @@ def test_scheduled_drift_monitor_without_a_batch_succeeds_and_retrains_nothing(o
     before = len(dag_runs("recsys_training"))
     state, run_id = run_dag(own_settings, "recsys_drift_monitor", {})  # current="": no batch
     assert state == "success"
-    states = {task: str(s).rpartition(".")[2].lower() for task, s in task_states("recsys_drift_monitor", run_id).items()}
+    states = {
+        task: str(s).rpartition(".")[2].lower() for task, s in task_states("recsys_drift_monitor", run_id).items()
+    }
     assert states == {"drift_report": "success", "drift_detected": "success", "trigger_retraining": "skipped"}
     # Skipped before looking for a champion: this home has none yet.
     drift = RunContext.of_airflow_run(own_settings, run_id).read_json("drift.json")
@@ -41,14 +43,25 @@ def test_scheduled_drift_monitor_without_a_batch_succeeds_and_retrains_nothing(o
 def test_scheduled_training_on_ml100k_alone_succeeds(own_settings):
     state, run_id = run_dag(own_settings, "recsys_training", {})  # dataset="ml-100k", synthetic_events=0
     run = RunContext.of_airflow_run(own_settings, run_id)
-    assert state == "success", run.read_json("validation-attempt.json") if run.path("validation-attempt.json").exists() else state
+    assert state == "success", (
+        run.read_json("validation-attempt.json") if run.path("validation-attempt.json").exists() else state
+    )
     params = run.read_json("params.json")
     assert (params["dataset"], params["synthetic_events"]) == ("ml-100k", 0)
     parts = sorted(p.name for p in RawDataset(run.raw_dir).interactions.glob("*.parquet"))
     assert parts and all(name.startswith("ml100k-") for name in parts)  # MovieLens alone
     assert set(run.read_json("timings.json")) == {
-        "ingest", "preprocess", "validate", "build_features", "segment", "train", "evaluate", "register", "promote",
-        "publish_champion"}
+        "ingest",
+        "preprocess",
+        "validate",
+        "build_features",
+        "segment",
+        "train",
+        "evaluate",
+        "register",
+        "promote",
+        "publish_champion",
+    }
     report = run.read_json("report.json")
     assert report["clean"] > 99_000  # MovieLens-100k's ratings, no synthetic sample
     validation = run.read_json("validation.json")

@@ -10,7 +10,6 @@ import signal
 
 import httpx
 import pytest
-
 from up_harness import UpCommand, child_env, processes_of, service_ports, wait_until, write_config
 
 pytestmark = [pytest.mark.slow]

@@ -19,10 +19,10 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
-
-from hyperrec.run_context import RunContext
-from hyperrec.settings import PROJECT_ROOT
 from up_harness import SMALL_MODELS, UpCommand, child_env, processes_of, service_ports, wait_until, write_config
+
+from core.run_context import RunContext
+from core.settings import PROJECT_ROOT
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow, pytest.mark.spark]
 
@@ -31,8 +31,15 @@ REDIS_URL = "redis://127.0.0.1:6379/9"
 SCREENSHOTS = PROJECT_ROOT / "out" / "screenshots"
 RUN_TIMEOUT_S = 1200
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 def require_stack_servers() -> None:
@@ -43,11 +50,11 @@ def require_stack_servers() -> None:
         import psycopg2
 
         psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname="postgres", connect_timeout=3).close()
-    except Exception as exc:  # noqa: BLE001 - reported below
+    except Exception as exc:
         problems.append(f"PostgreSQL at 127.0.0.1:5432: {exc}")
     try:
         redis.Redis.from_url(REDIS_URL, socket_timeout=3).ping()
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         problems.append(f"Redis at 127.0.0.1:6379: {exc}")
     if problems:
         message = "stack-mode servers missing: " + "; ".join(problems)
@@ -70,7 +77,7 @@ def drop_database(name: str) -> None:
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    from hyperrec.datasets.synthetic import generate
+    from core.datasets.synthetic import generate
 
     return generate(tmp_path_factory.mktemp("stack-data") / "raw", events=6000, seed=21, progress=False).root
 
@@ -81,29 +88,40 @@ def s3(tmp_path_factory):
     import boto3
     from moto.server import ThreadedMotoServer
 
-    from training.ddp import free_port
+    from core.net import free_port
 
     creds = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
     server.start()
     host, port = server.get_host_and_port()
     endpoint = f"http://{host}:{port}"
-    boto3.client("s3", endpoint_url=endpoint, **{k.lower(): v for k, v in creds.items()
-                                                  if k != "AWS_DEFAULT_REGION"}, region_name="us-east-1"
-                 ).create_bucket(Bucket="hyperrec")
+    boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        **{k.lower(): v for k, v in creds.items() if k != "AWS_DEFAULT_REGION"},
+        region_name="us-east-1",
+    ).create_bucket(Bucket="hyperrec")
     yield endpoint, creds
     server.stop()
 
 
 def stack_overrides(home: Path, dataset: Path, s3_endpoint: str, suffix: str, **airflow) -> dict:
     ports = service_ports()
-    ports["airflow"].update(sql_alchemy_conn=f"postgresql+psycopg2://{PG}/hyperrec_test_airflow_{suffix}",
-                            training_schedule=None, password="stack-test-password", **airflow)
+    ports["airflow"].update(
+        sql_alchemy_conn=f"postgresql+psycopg2://{PG}/hyperrec_test_airflow_{suffix}",
+        training_schedule=None,
+        password="stack-test-password",
+        **airflow,
+    )
     ports["mlflow"].update(backend_store_uri=f"postgresql+psycopg2://{PG}/hyperrec_test_mlflow_{suffix}")
     ports["online_store"] = {"url": REDIS_URL}
-    return {**SMALL_MODELS, **ports, "home": str(home),
-            "training": {**SMALL_MODELS["training"], "dataset": str(dataset)},
-            "object_store": {"uri": "s3://hyperrec/bundles", "s3_endpoint_url": s3_endpoint}}
+    return {
+        **SMALL_MODELS,
+        **ports,
+        "home": str(home),
+        "training": {**SMALL_MODELS["training"], "dataset": str(dataset)},
+        "object_store": {"uri": "s3://hyperrec/bundles", "s3_endpoint_url": s3_endpoint},
+    }
 
 
 @pytest.fixture(scope="module")
@@ -168,8 +186,13 @@ def test_stack_services_are_healthy_on_postgresql_and_redis(stack):
 
 
 def test_rest_trigger_runs_every_task_under_the_scheduler_and_serving_follows(stack, dataset):
-    done = stack.run("trigger", "recsys_training", "--conf", json.dumps({"dataset": str(dataset), "seed": 3}),
-                     timeout=RUN_TIMEOUT_S + 60)
+    done = stack.run(
+        "trigger",
+        "recsys_training",
+        "--conf",
+        json.dumps({"dataset": str(dataset), "seed": 3}),
+        timeout=RUN_TIMEOUT_S + 60,
+    )
     assert "recsys_training run manual__" in done.stdout and ": success" in done.stdout
     with stack.client() as client:
         run = client.dag_runs("recsys_training")[0]

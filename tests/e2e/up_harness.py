@@ -11,26 +11,34 @@ import time
 from pathlib import Path
 
 import psutil
+
+from core.net import free_port
+from core.settings import PROJECT_ROOT, Settings, load_settings
 from hyperrec.orchestration import write_settings
-from hyperrec.settings import PROJECT_ROOT, Settings, load_settings
-from training.ddp import free_port
 
 HYPERREC = str(Path(sys.executable).parent / "hyperrec")
 # Small model search, as in tests/conftest.py: the services run whole DAGs on it.
 SMALL_MODELS = {
     "spark": {"master": "local[2]", "shuffle_partitions": 2, "driver_memory": "1g"},
-    "training": {"validation_folds": 2, "ease_lambdas": [100.0, 400.0], "temporal_betas": [0.0, 1.0],
-                 "blend_weight_grid": [0.0, 0.3, 1.0]},
+    "training": {
+        "validation_folds": 2,
+        "ease_lambdas": [100.0, 400.0],
+        "temporal_betas": [0.0, 1.0],
+        "blend_weight_grid": [0.0, 0.3, 1.0],
+    },
     "neural": {"epochs": 4, "hidden": [32], "embedding_dim": 16},
     "tuning": {"optuna_trials": 2, "optuna_startup_trials": 1, "embedding_dims": [16], "min_validation_users": 5},
 }
 
 
 def service_ports() -> dict:
-    return {"airflow": {"port": free_port()}, "mlflow": {"port": free_port()},
-            "serving": {"port": free_port(), "reload_interval_s": 2.0},
-            "services": {"metrics_port": free_port(), "start_timeout_s": 420.0},
-            "online_store": {"embedded_port": free_port()}}
+    return {
+        "airflow": {"port": free_port()},
+        "mlflow": {"port": free_port()},
+        "serving": {"port": free_port(), "reload_interval_s": 2.0},
+        "services": {"metrics_port": free_port(), "start_timeout_s": 420.0},
+        "online_store": {"embedded_port": free_port()},
+    }
 
 
 def child_env(**extra: str) -> dict[str, str]:
@@ -53,11 +61,18 @@ class UpCommand:
         return load_settings(self.config)
 
     def run(self, *args: str, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
-        done = subprocess.run([HYPERREC, *args, "--config", str(self.config)], env=self.env, capture_output=True,
-                              text=True, timeout=timeout)
+        done = subprocess.run(
+            [HYPERREC, *args, "--config", str(self.config)],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
         if check and done.returncode != 0:
-            raise AssertionError(f"hyperrec {' '.join(args)} exited {done.returncode}:\n{done.stdout[-3000:]}\n"
-                                 f"{done.stderr[-3000:]}\n{self.log_tail('supervisor')}")
+            raise AssertionError(
+                f"hyperrec {' '.join(args)} exited {done.returncode}:\n{done.stdout[-3000:]}\n"
+                f"{done.stderr[-3000:]}\n{self.log_tail('supervisor')}"
+            )
         return done
 
     def up(self, owner_pid: int | None = None) -> subprocess.CompletedProcess:
@@ -76,9 +91,9 @@ class UpCommand:
         return f"--- {log} ---\n" + "".join(log.read_text(errors="replace").splitlines(keepends=True)[-lines:])
 
     def client(self):
-        from hyperrec.airflow_api import AirflowClient
+        from hyperrec.up import airflow_client
 
-        return AirflowClient.from_settings(self.settings)
+        return airflow_client(self.settings)
 
 
 def write_config(path: Path, base: str | None, **overrides) -> Path:

@@ -16,7 +16,7 @@ import re
 import shutil
 import subprocess
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[2]
 PROMETHEUS_DIR = ROOT / "docker" / "prometheus"
 DASHBOARD = ROOT / "docker" / "grafana" / "dashboards" / "hyperrec.json"
 SERVING_FIXTURES = ROOT / "tests" / "unit" / "serving"
-CREATED_AT = datetime(2025, 1, 2, 3, 4, 5, 500000, tzinfo=timezone.utc)
+CREATED_AT = datetime(2025, 1, 2, 3, 4, 5, 500000, tzinfo=UTC)
 BUILTIN = {"up"}
 """Series Prometheus adds to every scrape itself (not in any /metrics text)."""
 SCRAPE_LABELS = {"job", "instance"}
@@ -55,15 +55,28 @@ def test_promtool_checks_config_rules_and_rule_unit_tests() -> None:
 
 
 def test_every_alert_has_a_promtool_unit_test() -> None:
-    tested = {case["alertname"] for test in yaml.safe_load((PROMETHEUS_DIR / "alerts_test.yml").read_text())["tests"]
-              for case in test.get("alert_rule_test", []) if case.get("exp_alerts")}
+    tested = {
+        case["alertname"]
+        for test in yaml.safe_load((PROMETHEUS_DIR / "alerts_test.yml").read_text())["tests"]
+        for case in test.get("alert_rule_test", [])
+        if case.get("exp_alerts")
+    }
     assert set(alert_names()) == tested
 
 
 def test_dashboard_queries_parse(tmp_path: Path) -> None:
     """Every dashboard query, with Grafana's interval variables filled in, is valid PromQL."""
-    rules = {"groups": [{"name": "dashboard", "rules": [
-        {"record": f"dashboard:query_{n}", "expr": grafana_to_promql(expr)} for n, expr in enumerate(dashboard_exprs())]}]}
+    rules = {
+        "groups": [
+            {
+                "name": "dashboard",
+                "rules": [
+                    {"record": f"dashboard:query_{n}", "expr": grafana_to_promql(expr)}
+                    for n, expr in enumerate(dashboard_exprs())
+                ],
+            }
+        ]
+    }
     (tmp_path / "dashboard_rules.yml").write_text(yaml.safe_dump(rules))
     promtool("check", "rules", "dashboard_rules.yml", cwd=tmp_path)
 
@@ -95,16 +108,38 @@ def grafana_to_promql(expr: str) -> str:
     return re.sub(r"\$__\w+|\$\{__\w+\}", "5m", expr)
 
 
-_TOKEN = re.compile(r"""
+_TOKEN = re.compile(
+    r"""
     (?P<string>"(?:[^"\\]|\\.)*"|'(?:[^'\\]|\\.)*'|`[^`]*`)
   | (?P<number>\d+(?:\.\d+)?(?:[eE][+-]?\d+)?(?:ms|[smhdwy])*)
   | (?P<ident>[A-Za-z_:][A-Za-z0-9_:]*)
   | (?P<op>=~|!~|!=|==|<=|>=|[-+*/%^<>=(){}\[\],])
   | (?P<space>\s+)
-""", re.VERBOSE)
+""",
+    re.VERBOSE,
+)
 _LABEL_LIST_KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right"}
-_KEYWORDS = _LABEL_LIST_KEYWORDS | {"and", "or", "unless", "bool", "offset", "inf", "nan", "sum", "min", "max", "avg",
-                                    "count", "stddev", "stdvar", "topk", "bottomk", "quantile", "count_values", "group"}
+_KEYWORDS = _LABEL_LIST_KEYWORDS | {
+    "and",
+    "or",
+    "unless",
+    "bool",
+    "offset",
+    "inf",
+    "nan",
+    "sum",
+    "min",
+    "max",
+    "avg",
+    "count",
+    "stddev",
+    "stdvar",
+    "topk",
+    "bottomk",
+    "quantile",
+    "count_values",
+    "group",
+}
 
 
 def selectors(expr: str) -> list[tuple[str, list[tuple[str, str, str]]]]:
@@ -119,7 +154,7 @@ def selectors(expr: str) -> list[tuple[str, list[tuple[str, str, str]]]]:
     while pos < len(expr):
         m = _TOKEN.match(expr, pos)
         if m is None:
-            raise ValueError(f"cannot lex {expr[pos:pos + 20]!r} in {expr!r}")
+            raise ValueError(f"cannot lex {expr[pos : pos + 20]!r} in {expr!r}")
         pos = m.end()
         if m.lastgroup != "space":
             tokens.append((m.lastgroup, m.group()))
@@ -136,9 +171,9 @@ def selectors(expr: str) -> list[tuple[str, list[tuple[str, str, str]]]]:
             i += 1
             if following == "{":
                 close = next(j for j in range(i, len(tokens)) if tokens[j][1] == "}")
-                inner = [t for t in tokens[i + 1:close] if t[1] != ","]
+                inner = [t for t in tokens[i + 1 : close] if t[1] != ","]
                 for n in range(0, len(inner), 3):
-                    label, op, value = (t[1] for t in inner[n:n + 3])
+                    label, op, value = (t[1] for t in inner[n : n + 3])
                     matchers.append((label, op, json.loads(value) if value.startswith('"') else value[1:-1]))
                 i = close + 1
             found.append((text, matchers))
@@ -147,13 +182,20 @@ def selectors(expr: str) -> list[tuple[str, list[tuple[str, str, str]]]]:
     return found
 
 
-@pytest.mark.parametrize("expr, expected", [
-    ('histogram_quantile(0.99, sum by (le, route) (rate(a_bucket{route=~"/v1/{x}", m!="b"}[5m]))) > 0.05',
-     [("a_bucket", [("route", "=~", "/v1/{x}"), ("m", "!=", "b")])]),
-    ("(sum(rate(x_total[$__rate_interval])) or vector(0)) / ignoring(status) group_left sum without (pid) (y)",
-     [("x_total", []), ("y", [])]),
-    ("max by (job) (time() - (g > 0)) > 2 * 86400 and on(job) up == 0", [("g", []), ("up", [])]),
-])
+@pytest.mark.parametrize(
+    "expr, expected",
+    [
+        (
+            'histogram_quantile(0.99, sum by (le, route) (rate(a_bucket{route=~"/v1/{x}", m!="b"}[5m]))) > 0.05',
+            [("a_bucket", [("route", "=~", "/v1/{x}"), ("m", "!=", "b")])],
+        ),
+        (
+            "(sum(rate(x_total[$__rate_interval])) or vector(0)) / ignoring(status) group_left sum without (pid) (y)",
+            [("x_total", []), ("y", [])],
+        ),
+        ("max by (job) (time() - (g > 0)) > 2 * 86400 and on(job) up == 0", [("g", []), ("up", [])]),
+    ],
+)
 def test_selector_extraction(expr: str, expected: list) -> None:
     assert selectors(grafana_to_promql(expr)) == expected
 
@@ -170,12 +212,16 @@ def scrape_serving(work: Path, created_at: str) -> dict:
     from fastapi.testclient import TestClient
     from fixtures_serving import tiny_bundle
 
-    from hyperrec.settings import load_settings
+    from core.settings import load_settings
     from serving.app import create_app
     from serving.store import ObjectStore, publish
 
-    settings = load_settings(home=str(work / "home"), object_store={"uri": str(work / "store")},
-                             online_store={"url": None}, serving={"reload_interval_s": 0})
+    settings = load_settings(
+        home=str(work / "home"),
+        object_store={"uri": str(work / "store")},
+        online_store={"url": None},
+        serving={"reload_interval_s": 0},
+    )
     bundle = tiny_bundle(work / "build", "v1")
     meta_path = bundle / "metadata.json"
     meta_path.write_text(json.dumps({**json.loads(meta_path.read_text()), "created_at": created_at}))
@@ -187,7 +233,9 @@ def scrape_serving(work: Path, created_at: str) -> dict:
         miss = client.get("/v1/recommendations/u1", params={"k": 3})
         hit = client.get("/v1/recommendations/u1", params={"k": 3})
         statuses["cache"] = [miss.headers.get("x-cache"), hit.headers.get("x-cache")]
-        statuses["event"] = client.post("/v1/events", json={"user_id": "u1", "item_id": "i4", "event_type": "click"}).status_code
+        statuses["event"] = client.post(
+            "/v1/events", json={"user_id": "u1", "item_id": "i4", "event_type": "click"}
+        ).status_code
         metrics = client.get("/metrics")
         statuses["metrics"] = metrics.status_code
         return {"statuses": statuses, "text": metrics.text}
@@ -199,8 +247,9 @@ def platform_text() -> str:
     platform = PlatformMetrics()
     platform.set_service("serving", up=True, restarts=1, pid=4242)
     platform.set_service("airflow-scheduler", up=False, restarts=3, pid=None)
-    platform.set_dag_runs({("recsys_training", "failed"): 1, ("recsys_training", "success"): 2,
-                           ("recsys_drift_monitor", "success"): 24})
+    platform.set_dag_runs(
+        {("recsys_training", "failed"): 1, ("recsys_training", "success"): 2, ("recsys_drift_monitor", "success"): 24}
+    )
     body, content_type = platform.render()
     assert content_type.startswith("text/plain")
     return body.decode()
@@ -214,8 +263,12 @@ def samples(text: str) -> list[tuple[str, dict[str, str], float]]:
 
 def _matches(labels: dict[str, str], label: str, op: str, value: str) -> bool:
     actual = labels.get(label, "")
-    return {"=": actual == value, "!=": actual != value,
-            "=~": re.fullmatch(value, actual) is not None, "!~": re.fullmatch(value, actual) is None}[op]
+    return {
+        "=": actual == value,
+        "!=": actual != value,
+        "=~": re.fullmatch(value, actual) is not None,
+        "!~": re.fullmatch(value, actual) is None,
+    }[op]
 
 
 @pytest.fixture(scope="module")
@@ -230,11 +283,15 @@ def multiprocess_scrape(tmp_path_factory: pytest.TempPathFactory) -> dict:
     ``PROMETHEUS_MULTIPROC_DIR`` set; ``created_at`` is given naive (meaning UTC)."""
     work = tmp_path_factory.mktemp("multi")
     (work / "prom").mkdir()
-    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(work / "prom"),
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    env = {
+        **os.environ,
+        "PROMETHEUS_MULTIPROC_DIR": str(work / "prom"),
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    }
     naive = CREATED_AT.replace(tzinfo=None).isoformat()
-    done = subprocess.run([sys.executable, __file__, str(work), naive], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, __file__, str(work), naive], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads((work / "scrape.json").read_text())
 
@@ -244,17 +301,31 @@ def test_every_metric_in_rules_and_dashboard_is_exported(mode: str, request: pyt
     """Each selector of the alert rules and the dashboard names a sample of a real /metrics
     (serving or platform), and its label matchers select at least one of those samples."""
     scrape = request.getfixturevalue(mode)
-    assert scrape["statuses"] == {"before_publish": 503, "ready": 200, "cache": ["miss", "hit"], "event": 202,
-                                  "metrics": 200}
+    assert scrape["statuses"] == {
+        "before_publish": 503,
+        "ready": 200,
+        "cache": ["miss", "hit"],
+        "event": 202,
+        "metrics": 200,
+    }
     exported = samples(scrape["text"]) + samples(platform_text())
     names = {name for name, _, _ in exported}
-    used = [(source, expr, name, matchers)
-            for source, exprs in (("alerts.yml", rule_exprs()), ("hyperrec.json", dashboard_exprs()))
-            for expr in exprs for name, matchers in selectors(grafana_to_promql(expr))]
+    used = [
+        (source, expr, name, matchers)
+        for source, exprs in (("alerts.yml", rule_exprs()), ("hyperrec.json", dashboard_exprs()))
+        for expr in exprs
+        for name, matchers in selectors(grafana_to_promql(expr))
+    ]
     used_names = {name for _, _, name, _ in used}
-    assert {"hyperrec_request_latency_seconds_bucket", "hyperrec_requests_total", "hyperrec_cache_requests_total",
-            "hyperrec_model_created_timestamp_seconds", "hyperrec_dag_runs", "hyperrec_service_up",
-            "hyperrec_service_restarts_total"} <= used_names
+    assert {
+        "hyperrec_request_latency_seconds_bucket",
+        "hyperrec_requests_total",
+        "hyperrec_cache_requests_total",
+        "hyperrec_model_created_timestamp_seconds",
+        "hyperrec_dag_runs",
+        "hyperrec_service_up",
+        "hyperrec_service_restarts_total",
+    } <= used_names
     missing = sorted({f"{name} ({source})" for source, _, name, _ in used if name not in names | BUILTIN})
     assert not missing, f"used but not exported: {missing}"
     unmatched = []
@@ -269,8 +340,11 @@ def test_every_metric_in_rules_and_dashboard_is_exported(mode: str, request: pyt
 
 @pytest.mark.parametrize("mode", ["serving_scrape", "multiprocess_scrape"])
 def test_model_age_gauge_is_the_bundle_created_at(mode: str, request: pytest.FixtureRequest) -> None:
-    values = [(labels, value) for name, labels, value in samples(request.getfixturevalue(mode)["text"])
-              if name == "hyperrec_model_created_timestamp_seconds"]
+    values = [
+        (labels, value)
+        for name, labels, value in samples(request.getfixturevalue(mode)["text"])
+        if name == "hyperrec_model_created_timestamp_seconds"
+    ]
     assert len(values) == 1, values
     labels, value = values[0]
     assert value == pytest.approx(CREATED_AT.timestamp(), abs=1e-3)

@@ -25,16 +25,20 @@ def home(tmp_path, monkeypatch):
 
 def test_features_get_prints_the_online_profile(home):
     home_dir, config = home
-    profiles = pd.DataFrame({"user_id": ["u1", "u2"], "events_7d": [3, 0], "cat_Drama": [0.125, 0.0],
-                             "mean_dwell": [12.3456789, 0.0]})
+    profiles = pd.DataFrame(
+        {"user_id": ["u1", "u2"], "events_7d": [3, 0], "cat_Drama": [0.125, 0.0], "mean_dwell": [12.3456789, 0.0]}
+    )
     with OnlineStore(None, data_dir=home_dir / "online") as store:
         store.materialize(profiles, version="run-42")
 
     result = runner.invoke(app, ["features", "get", "u1", "--config", str(config)])
     assert result.exit_code == 0, result.output
     assert "user u1 (version run-42)" in result.output
-    rows = {line.split("│")[1].strip(): line.split("│")[2].strip()
-            for line in result.output.splitlines() if line.count("│") == 3}
+    rows = {
+        line.split("│")[1].strip(): line.split("│")[2].strip()
+        for line in result.output.splitlines()
+        if line.count("│") == 3
+    }
     assert rows == {"cat_Drama": "0.125", "events_7d": "3", "mean_dwell": "12.3457"}
 
     missing = runner.invoke(app, ["features", "get", "nobody", "--config", str(config)])

@@ -1,7 +1,7 @@
 import pytest
 
+from core.schemas import DEVICES
 from feature_store.definitions import USER_FEATURES, FeatureDef, feature_columns
-from hyperrec.schemas import DEVICES
 
 
 def test_definition_names_are_unique():
@@ -15,10 +15,24 @@ def test_expanded_columns_cover_the_spec():
     assert len(cols) == len(set(cols))
     expected = {f"{f}_{d}d" for f in ("events", "clicks") for d in (1, 7, 30)}
     expected |= {f"mean_{f}_{d}d" for f in ("dwell", "scroll") for d in (7, 30)}
-    expected |= {"decayed_activity", "decayed_clicks", "cat_Comedy", "cat_Drama",
-                 "events_total", "click_rate", "mean_dwell", "mean_scroll",
-                 "ratings_total", "mean_rating", "mean_implicit_confidence", "decayed_implicit_strength",
-                 "age", "gender_F", "gender_M", "region_north"}
+    expected |= {
+        "decayed_activity",
+        "decayed_clicks",
+        "cat_Comedy",
+        "cat_Drama",
+        "events_total",
+        "click_rate",
+        "mean_dwell",
+        "mean_scroll",
+        "ratings_total",
+        "mean_rating",
+        "mean_implicit_confidence",
+        "decayed_implicit_strength",
+        "age",
+        "gender_F",
+        "gender_M",
+        "region_north",
+    }
     expected |= {f"share_{d}" for d in DEVICES} | {f"share_{t}" for t in ("morning", "afternoon", "evening", "night")}
     expected |= {"share_weekday", "share_weekend"}
     assert set(cols) == expected
@@ -42,23 +56,28 @@ def test_family_without_values_needs_observed_values():
 
 
 def test_duplicate_expanded_columns_are_rejected():
-    defs = (FeatureDef("a", "share", "device", template="x_{value}", values=("tv",)),
-            FeatureDef("b", "share", "event_type", template="x_{value}", values=("tv",)))
+    defs = (
+        FeatureDef("a", "share", "device", template="x_{value}", values=("tv",)),
+        FeatureDef("b", "share", "event_type", template="x_{value}", values=("tv",)),
+    )
     with pytest.raises(ValueError, match="duplicate feature columns: \\['x_tv'\\]"):
         feature_columns(defs, {})
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(name="m", aggregation="mean"), "needs a column"),
-    (dict(name="s", aggregation="share", column="device"), "need a template"),
-    (dict(name="c", aggregation="count", window_days=0), "window_days must be > 0"),
-    (dict(name="c", aggregation="count", decayed=True, dtype="int"), "dtype 'int'"),
-    (dict(name="x", aggregation="median", column="rating"), "unknown aggregation"),
-    (dict(name="p", aggregation="passthrough", column="age"), "source 'users'"),
-    (dict(name="o", aggregation="onehot", column="gender", source="users"), "need a template"),
-    (dict(name="w", aggregation="passthrough", column="age", source="users", window_days=7), "no window"),
-    (dict(name="m", aggregation="mean", column="rating", dtype="int"), "dtype 'int'"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(name="m", aggregation="mean"), "needs a column"),
+        (dict(name="s", aggregation="share", column="device"), "need a template"),
+        (dict(name="c", aggregation="count", window_days=0), "window_days must be > 0"),
+        (dict(name="c", aggregation="count", decayed=True, dtype="int"), "dtype 'int'"),
+        (dict(name="x", aggregation="median", column="rating"), "unknown aggregation"),
+        (dict(name="p", aggregation="passthrough", column="age"), "source 'users'"),
+        (dict(name="o", aggregation="onehot", column="gender", source="users"), "need a template"),
+        (dict(name="w", aggregation="passthrough", column="age", source="users", window_days=7), "no window"),
+        (dict(name="m", aggregation="mean", column="rating", dtype="int"), "dtype 'int'"),
+    ],
+)
 def test_invalid_definitions_raise(kwargs, message):
     with pytest.raises(ValueError, match=message):
         FeatureDef(**kwargs)

@@ -38,8 +38,9 @@ CORPUS = [
 
 
 def _items(rows=CORPUS) -> pd.DataFrame:
-    return pd.DataFrame({"item_id": [f"i{k}" for k in range(len(rows))],
-                         "title": [t for t, _ in rows], "text": [x for _, x in rows]})
+    return pd.DataFrame(
+        {"item_id": [f"i{k}" for k in range(len(rows))], "title": [t for t, _ in rows], "text": [x for _, x in rows]}
+    )
 
 
 def _cos(m: np.ndarray, a: int, b: int) -> float:
@@ -50,8 +51,12 @@ def _cos(m: np.ndarray, a: int, b: int) -> float:
 
 
 def test_item_texts_joins_title_and_text_without_repeating_the_title():
-    items = pd.DataFrame({"title": ["Alpha", "Beta", "Toy Story (1995)"],
-                          "text": ["About a.", None, "Toy Story (1995). Genres: Animation"]})
+    items = pd.DataFrame(
+        {
+            "title": ["Alpha", "Beta", "Toy Story (1995)"],
+            "text": ["About a.", None, "Toy Story (1995). Genres: Animation"],
+        }
+    )
     assert item_texts(items) == ["Alpha. About a.", "Beta", "Toy Story (1995). Genres: Animation"]
 
 
@@ -143,20 +148,29 @@ def _event(user, item, days_ago):
 
 
 def _frames():
-    items = pd.DataFrame({
-        "item_id": ["a", "b", "c"],
-        "title": ["A", "B", "C"],
-        "categories": [["Drama", "Comedy"], None, ["News"]],
-        "published_at": [AS_OF - pd.Timedelta(days=100), pd.NaT, AS_OF - pd.Timedelta(days=2.5)],
-    })
-    events = pd.DataFrame([
-        _event("u1", "a", 1), _event("u1", "a", 2), _event("u2", "a", 3),   # last week: 3 events, 2 users
-        _event("u3", "a", 10),                                               # week before: 1 event
-        _event("u4", "a", 40),                                               # outside the 30-day window
-        _event("u1", "b", 8), _event("u2", "b", 9), _event("u3", "b", 12),   # week before only
-        _event("u9", "c", -1), _event("u9", "a", -5),                        # after as_of: ignored
-        _event("u5", "zz", 1),                                               # unknown item: ignored
-    ])
+    items = pd.DataFrame(
+        {
+            "item_id": ["a", "b", "c"],
+            "title": ["A", "B", "C"],
+            "categories": [["Drama", "Comedy"], None, ["News"]],
+            "published_at": [AS_OF - pd.Timedelta(days=100), pd.NaT, AS_OF - pd.Timedelta(days=2.5)],
+        }
+    )
+    events = pd.DataFrame(
+        [
+            _event("u1", "a", 1),
+            _event("u1", "a", 2),
+            _event("u2", "a", 3),  # last week: 3 events, 2 users
+            _event("u3", "a", 10),  # week before: 1 event
+            _event("u4", "a", 40),  # outside the 30-day window
+            _event("u1", "b", 8),
+            _event("u2", "b", 9),
+            _event("u3", "b", 12),  # week before only
+            _event("u9", "c", -1),
+            _event("u9", "a", -5),  # after as_of: ignored
+            _event("u5", "zz", 1),  # unknown item: ignored
+        ]
+    )
     return events, items
 
 
@@ -185,12 +199,14 @@ def test_item_features_are_point_in_time():
     events, items = _frames()
     base = build_item_features(events, items, as_of=AS_OF, half_life_days=7.0)
     future = pd.DataFrame([_event("u7", "b", -0.5), _event("u8", "c", -3), _event("u1", "a", -0.01)])
-    with_future = build_item_features(pd.concat([events, future], ignore_index=True), items,
-                                      as_of=AS_OF, half_life_days=7.0)
+    with_future = build_item_features(
+        pd.concat([events, future], ignore_index=True), items, as_of=AS_OF, half_life_days=7.0
+    )
     pd.testing.assert_frame_equal(base, with_future)
     # An earlier as_of drops the later events: at as_of - 5 days item a's events at 1-3 days ago vanish.
-    earlier = build_item_features(events, items, as_of=AS_OF - pd.Timedelta(days=5),
-                                  half_life_days=7.0).set_index("item_id")
+    earlier = build_item_features(events, items, as_of=AS_OF - pd.Timedelta(days=5), half_life_days=7.0).set_index(
+        "item_id"
+    )
     assert earlier.loc["a", "popularity"] == 1  # only u3 (now 5 days old); u4 is 35 days old
     assert earlier.loc["a", "last_interaction_days"] == pytest.approx(5.0)
 

@@ -12,18 +12,29 @@ AS_OF = pd.Timestamp("2024-03-31", tz="UTC")
 def profiles():
     rng = np.random.default_rng(1)
     n = 2000
-    items = pd.DataFrame({"item_id": [f"i{i}" for i in range(50)], "title": "t",
-                          "categories": [["Sci-Fi", "Children's"][: 1 + i % 2] for i in range(50)]})
-    users = pd.DataFrame({"user_id": [f"u{i}" for i in range(120)], "age": [None if i % 5 == 0 else 20 + i for i in range(120)]})
-    interactions = pd.DataFrame({
-        "user_id": np.char.add("u", rng.integers(0, 100, n).astype(str)),
-        "item_id": np.char.add("i", rng.integers(0, 50, n).astype(str)),
-        "event_type": rng.choice(["view", "click", "rate"], n),
-        "rating": np.where(rng.random(n) < 0.3, rng.integers(1, 6, n), np.nan),
-        "dwell_time_s": rng.exponential(30, n), "scroll_depth": rng.random(n),
-        "device": rng.choice(["mobile", "desktop", "tablet", "tv"], n), "session_id": "s",
-        "timestamp": AS_OF - pd.to_timedelta(rng.integers(0, 60 * 86400, n), unit="s"),
-    })
+    items = pd.DataFrame(
+        {
+            "item_id": [f"i{i}" for i in range(50)],
+            "title": "t",
+            "categories": [["Sci-Fi", "Children's"][: 1 + i % 2] for i in range(50)],
+        }
+    )
+    users = pd.DataFrame(
+        {"user_id": [f"u{i}" for i in range(120)], "age": [None if i % 5 == 0 else 20 + i for i in range(120)]}
+    )
+    interactions = pd.DataFrame(
+        {
+            "user_id": np.char.add("u", rng.integers(0, 100, n).astype(str)),
+            "item_id": np.char.add("i", rng.integers(0, 50, n).astype(str)),
+            "event_type": rng.choice(["view", "click", "rate"], n),
+            "rating": np.where(rng.random(n) < 0.3, rng.integers(1, 6, n), np.nan),
+            "dwell_time_s": rng.exponential(30, n),
+            "scroll_depth": rng.random(n),
+            "device": rng.choice(["mobile", "desktop", "tablet", "tv"], n),
+            "session_id": "s",
+            "timestamp": AS_OF - pd.to_timedelta(rng.integers(0, 60 * 86400, n), unit="s"),
+        }
+    )
     return build_user_profiles(interactions, items, users, as_of=AS_OF, half_life_days=14.0)
 
 

@@ -4,11 +4,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from core.datasets.synthetic import generate
 from feature_store.definitions import USER_FEATURES
 from feature_store.offline import read_offline_snapshot, write_offline_snapshot
 from feature_store.online import OnlineStore
 from feature_store.profiles import build_user_profiles
-from hyperrec.datasets.synthetic import generate
 
 VERSION = "parity-run"
 
@@ -20,8 +20,9 @@ def dataset(tmp_path_factory):
     interactions = pd.read_parquet(raw.interactions)
     if "confidence" not in interactions.columns:
         # A non-trivial confidence in (0, 1] so the weighted features are exercised.
-        interactions["confidence"] = np.where(interactions["event_type"] == "rate",
-                                              interactions["rating"].fillna(5.0) / 5.0, 0.5)
+        interactions["confidence"] = np.where(
+            interactions["event_type"] == "rate", interactions["rating"].fillna(5.0) / 5.0, 0.5
+        )
     return interactions, pd.read_parquet(raw.items), pd.read_parquet(raw.users)
 
 
@@ -61,8 +62,9 @@ def test_online_values_equal_the_offline_snapshot(tmp_path, dataset):
 
 def test_definitions_cover_every_offline_column(dataset):
     interactions, items, users = dataset
-    profiles = build_user_profiles(interactions, items, users, as_of=interactions["timestamp"].max(),
-                                   half_life_days=14.0)
+    profiles = build_user_profiles(
+        interactions, items, users, as_of=interactions["timestamp"].max(), half_life_days=14.0
+    )
     plain = {d.name for d in USER_FEATURES if not d.is_family}
     prefixes = tuple(d.template.split("{")[0] for d in USER_FEATURES if d.is_family)
     for column in profiles.columns.drop("user_id"):

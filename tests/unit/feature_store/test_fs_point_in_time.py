@@ -4,12 +4,12 @@ import pandas as pd
 import pytest
 
 from feature_store.offline import (
-    build_snapshots,
     list_snapshots,
     point_in_time_join,
     read_all_snapshots,
     read_offline_snapshot,
 )
+from feature_store.profiles import build_snapshots
 
 DAY0 = pd.Timestamp("2024-01-01", tz="UTC")
 HL = 14.0
@@ -20,8 +20,17 @@ def day(d: float) -> pd.Timestamp:
 
 
 def _click(user: str, ts: pd.Timestamp) -> dict:
-    return dict(user_id=user, item_id="i1", event_type="click", rating=None, dwell_time_s=5.0, scroll_depth=0.5,
-                device="mobile", session_id="s", timestamp=ts)
+    return dict(
+        user_id=user,
+        item_id="i1",
+        event_type="click",
+        rating=None,
+        dwell_time_s=5.0,
+        scroll_depth=0.5,
+        device="mobile",
+        session_id="s",
+        timestamp=ts,
+    )
 
 
 @pytest.fixture
@@ -37,8 +46,9 @@ def tables():
 @pytest.fixture
 def root(tmp_path, tables):
     interactions, items, users = tables
-    paths = build_snapshots(interactions, items, users, as_of_dates=[day(2), day(4), day(6)], half_life_days=HL,
-                            root=tmp_path / "offline")
+    paths = build_snapshots(
+        interactions, items, users, as_of_dates=[day(2), day(4), day(6)], half_life_days=HL, root=tmp_path / "offline"
+    )
     assert [p.parent.name for p in paths] == ["date=2024-01-03", "date=2024-01-05", "date=2024-01-07"]
     return tmp_path / "offline"
 
@@ -73,10 +83,13 @@ def test_point_in_time_join_does_not_leak_what_a_naive_join_does(root):
 
 
 def test_join_is_strict_keeps_label_order_and_nulls_without_a_snapshot(root):
-    labels = pd.DataFrame({
-        "user_id": ["u1", "u1", "ghost", "u1", "u2", "u1"],
-        "timestamp": [day(7), day(4), day(7), day(1.5), day(3), day(4) + pd.Timedelta(microseconds=1)],
-    }, index=[10, 11, 12, 13, 14, 15])
+    labels = pd.DataFrame(
+        {
+            "user_id": ["u1", "u1", "ghost", "u1", "u2", "u1"],
+            "timestamp": [day(7), day(4), day(7), day(1.5), day(3), day(4) + pd.Timedelta(microseconds=1)],
+        },
+        index=[10, 11, 12, 13, 14, 15],
+    )
     out = point_in_time_join(labels, root)
     assert list(out.index) == [10, 11, 12, 13, 14, 15]
     assert out["user_id"].tolist() == labels["user_id"].tolist()

@@ -4,29 +4,36 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from feature_store.profiles import (
-    build_user_profiles,
-    decay_weights,
-    read_offline_snapshot,
-    time_of_day,
-    write_offline_snapshot,
-)
+from feature_store.offline import read_offline_snapshot, write_offline_snapshot
+from feature_store.profiles import build_user_profiles, decay_weights, time_of_day
 
 AS_OF = pd.Timestamp("2024-03-31 12:00", tz="UTC")
 HL = 14.0
 
 
 def _event(user, item, days_ago, event_type="view", device="mobile", rating=None, dwell=10.0, scroll=0.5, **extra):
-    return dict(user_id=user, item_id=item, event_type=event_type, rating=rating, dwell_time_s=dwell,
-                scroll_depth=scroll, device=device, session_id="s", timestamp=AS_OF - pd.Timedelta(days=days_ago), **extra)
+    return dict(
+        user_id=user,
+        item_id=item,
+        event_type=event_type,
+        rating=rating,
+        dwell_time_s=dwell,
+        scroll_depth=scroll,
+        device=device,
+        session_id="s",
+        timestamp=AS_OF - pd.Timedelta(days=days_ago),
+        **extra,
+    )
 
 
 def _items():
-    return pd.DataFrame({
-        "item_id": ["i1", "i2", "i3"],
-        "title": ["one", "two", "three"],
-        "categories": [["Comedy"], ["Comedy", "Drama"], None],
-    })
+    return pd.DataFrame(
+        {
+            "item_id": ["i1", "i2", "i3"],
+            "title": ["one", "two", "three"],
+            "categories": [["Comedy"], ["Comedy", "Drama"], None],
+        }
+    )
 
 
 def _users():
@@ -34,12 +41,14 @@ def _users():
 
 
 def _interactions():
-    return pd.DataFrame([
-        _event("a", "i1", 1, "click", "mobile", dwell=10.0, scroll=0.2),
-        _event("a", "i2", 10, "view", "desktop", dwell=30.0, scroll=None),
-        _event("a", "i1", 40, "rate", "tv", rating=4.0, dwell=100.0),
-        _event("b", "i3", 0.5, "rate", None, rating=2.0),
-    ])
+    return pd.DataFrame(
+        [
+            _event("a", "i1", 1, "click", "mobile", dwell=10.0, scroll=0.2),
+            _event("a", "i2", 10, "view", "desktop", dwell=30.0, scroll=None),
+            _event("a", "i1", 40, "rate", "tv", rating=4.0, dwell=100.0),
+            _event("b", "i3", 0.5, "rate", None, rating=2.0),
+        ]
+    )
 
 
 def _build(interactions, items=None, users=None, as_of=AS_OF):
@@ -118,7 +127,9 @@ def test_device_and_time_of_day_shares():
     assert p.loc["b"][["share_mobile", "share_desktop", "share_tablet", "share_tv"]].sum() == 0  # null device
     tod = [c for c in p.columns if c in ("share_morning", "share_afternoon", "share_evening", "share_night")]
     assert p.loc[["a", "b"], tod].sum(axis=1).tolist() == pytest.approx([1.0, 1.0])
-    hours = pd.Series(pd.to_datetime(["2024-01-01 00:30", "2024-01-01 06:00", "2024-01-01 13:00", "2024-01-01 23:59"], utc=True))
+    hours = pd.Series(
+        pd.to_datetime(["2024-01-01 00:30", "2024-01-01 06:00", "2024-01-01 13:00", "2024-01-01 23:59"], utc=True)
+    )
     assert time_of_day(hours).tolist() == ["night", "morning", "afternoon", "evening"]
 
 
@@ -137,19 +148,30 @@ def test_missing_columns_are_named():
 def test_100k_events_is_fast():
     rng = np.random.default_rng(0)
     n, n_users, n_items = 100_000, 3000, 1000
-    items = pd.DataFrame({"item_id": [f"i{i}" for i in range(n_items)], "title": "t",
-                          "categories": [["c%d" % (i % 7), "c%d" % (i % 3)] for i in range(n_items)]})
-    users = pd.DataFrame({"user_id": [f"u{i}" for i in range(n_users)], "age": rng.integers(18, 70, n_users).astype(float)})
-    interactions = pd.DataFrame({
-        "user_id": np.char.add("u", rng.integers(0, n_users, n).astype(str)),
-        "item_id": np.char.add("i", rng.integers(0, n_items, n).astype(str)),
-        "event_type": rng.choice(["view", "click", "rate"], n),
-        "rating": np.where(rng.random(n) < 0.3, rng.integers(1, 6, n), np.nan),
-        "dwell_time_s": rng.exponential(30, n), "scroll_depth": rng.random(n),
-        "device": rng.choice(["mobile", "desktop", "tablet", "tv"], n), "session_id": "s",
-        "timestamp": AS_OF - pd.to_timedelta(rng.integers(0, 90 * 86400, n), unit="s"),
-        "confidence": rng.uniform(0.1, 1.0, n),
-    })
+    items = pd.DataFrame(
+        {
+            "item_id": [f"i{i}" for i in range(n_items)],
+            "title": "t",
+            "categories": [["c%d" % (i % 7), "c%d" % (i % 3)] for i in range(n_items)],
+        }
+    )
+    users = pd.DataFrame(
+        {"user_id": [f"u{i}" for i in range(n_users)], "age": rng.integers(18, 70, n_users).astype(float)}
+    )
+    interactions = pd.DataFrame(
+        {
+            "user_id": np.char.add("u", rng.integers(0, n_users, n).astype(str)),
+            "item_id": np.char.add("i", rng.integers(0, n_items, n).astype(str)),
+            "event_type": rng.choice(["view", "click", "rate"], n),
+            "rating": np.where(rng.random(n) < 0.3, rng.integers(1, 6, n), np.nan),
+            "dwell_time_s": rng.exponential(30, n),
+            "scroll_depth": rng.random(n),
+            "device": rng.choice(["mobile", "desktop", "tablet", "tv"], n),
+            "session_id": "s",
+            "timestamp": AS_OF - pd.to_timedelta(rng.integers(0, 90 * 86400, n), unit="s"),
+            "confidence": rng.uniform(0.1, 1.0, n),
+        }
+    )
     start = time.perf_counter()
     p = build_user_profiles(interactions, items, users, as_of=AS_OF, half_life_days=HL)
     assert time.perf_counter() - start < 3.0
@@ -208,8 +230,14 @@ def test_explicit_and_implicit_signals():
 
 
 def test_demographics_pass_through_and_one_hot():
-    users = pd.DataFrame({"user_id": ["a", "b", "c"], "age": [20.0, None, 40.0],
-                          "gender": ["F", None, "M"], "region": ["north", "south", "north"]})
+    users = pd.DataFrame(
+        {
+            "user_id": ["a", "b", "c"],
+            "age": [20.0, None, 40.0],
+            "gender": ["F", None, "M"],
+            "region": ["north", "south", "north"],
+        }
+    )
     events = pd.concat([_interactions(), pd.DataFrame([_event("z", "i1", 2, "rate", rating=3.0)])], ignore_index=True)
     p = _build(events, users=users)
     assert p.loc["a", ["gender_F", "gender_M", "region_north", "region_south"]].tolist() == [1, 0, 1, 0]

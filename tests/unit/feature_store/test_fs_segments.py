@@ -9,7 +9,6 @@ from feature_store.segments import (
     behavioural_columns,
     dbscan_params,
     knee_index,
-    segment_summary,
     segment_users,
     segmentation_features,
 )
@@ -31,7 +30,7 @@ def _blobs(per_group=60, seed=0):
     for g in range(3):
         for i in range(per_group):
             affinity = rng.uniform(0.0, 0.05, len(CATEGORIES))
-            affinity[2 * g: 2 * g + 2] += rng.uniform(0.35, 0.45, 2)
+            affinity[2 * g : 2 * g + 2] += rng.uniform(0.35, 0.45, 2)
             affinity /= affinity.sum()
             devices = rng.dirichlet([5, 5, 5, 5])
             row = {"user_id": f"g{g}-u{i}", "events_30d": 10 * (g + 1) + int(rng.integers(0, 3)), "age": 30.0}

@@ -9,9 +9,9 @@ import pytest
 from sklearn.metrics import adjusted_rand_score
 from threadpoolctl import threadpool_limits
 
+from core.datasets.synthetic import generate
 from feature_store.profiles import build_user_profiles
 from feature_store.segments import METHODS, plot_segments, segment_users
-from hyperrec.datasets.synthetic import generate
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -33,8 +33,9 @@ def synthetic(tmp_path_factory):
         interactions["confidence"] = 1.0
     items = pd.read_parquet(root / "items.parquet")
     users = pd.read_parquet(root / "users.parquet")
-    profiles = build_user_profiles(interactions, items, users, as_of=interactions["timestamp"].max(),
-                                   half_life_days=14.0)
+    profiles = build_user_profiles(
+        interactions, items, users, as_of=interactions["timestamp"].max(), half_life_days=14.0
+    )
     truth = pd.read_parquet(root / "ground_truth" / "users.parquet")
     return profiles, truth.set_index(truth["user_id"].astype(str))["group"]
 
@@ -83,9 +84,9 @@ def test_plot_rejects_users_without_a_segment(synthetic, segmentation, tmp_path)
 
 
 def test_segment_stage_writes_reports_and_pictures(settings, synthetic, monkeypatch):
+    from core.run_context import RunContext
     from feature_store import stage
-    from feature_store.profiles import write_offline_snapshot
-    from hyperrec.run_context import RunContext
+    from feature_store.offline import write_offline_snapshot
 
     profiles, _ = synthetic
     run = RunContext.create(settings, "segments-stage-test")
@@ -110,7 +111,10 @@ def test_segment_stage_writes_reports_and_pictures(settings, synthetic, monkeypa
     assert record == json.loads(json.dumps(result))
     assert record["method"] in METHODS and record["k"] >= 2
     assert set(record["methods"]) == set(METHODS)
-    assert len(record["methods"]["kmeans"]["silhouette_by_k"]) == settings.segmentation.k_max - settings.segmentation.k_min + 1
+    assert (
+        len(record["methods"]["kmeans"]["silhouette_by_k"])
+        == settings.segmentation.k_max - settings.segmentation.k_min + 1
+    )
     assert record["methods"]["gmm"]["bic_by_k"]
     assert sum(record["sizes"]) == len(profiles)
     summary = pd.read_csv(out / "summary.csv")

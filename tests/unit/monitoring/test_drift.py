@@ -136,7 +136,9 @@ def test_drift_features_on_crafted_frame() -> None:
 
 def test_drift_features_rejects_missing_columns() -> None:
     with pytest.raises(ValueError, match="timestamp"):
-        drift_features(pd.DataFrame({"user_id": ["u1"], "dwell_time_s": [1.0], "scroll_depth": [0.1], "rating": [None]}))
+        drift_features(
+            pd.DataFrame({"user_id": ["u1"], "dwell_time_s": [1.0], "scroll_depth": [0.1], "rating": [None]})
+        )
 
 
 def test_should_retrain_follows_drifted(tmp_path: Path) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 import monitoring.stage as stage
-from hyperrec.run_context import RunContext
+from core.run_context import RunContext
 
 
 def _no_champion(settings):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 import shutil
 from collections import Counter
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pandas as pd
@@ -27,7 +27,7 @@ pytestmark = pytest.mark.spark
 BAD_DIR = Path(__file__).resolve().parents[2] / "data" / "bad"
 CORPUS = sorted((BAD_DIR / "interactions").iterdir())
 USERS_CSV, ITEMS_CSV = BAD_DIR / "users.csv", BAD_DIR / "items.csv"
-NOW = datetime(2026, 6, 1, tzinfo=timezone.utc)
+NOW = datetime(2026, 6, 1, tzinfo=UTC)
 MARKER = "BAD#"
 
 
@@ -167,17 +167,34 @@ def dims(spark, settings, tmp_path_factory) -> tuple[PreprocessReport, Path]:
         "u2,i3,click,,5,0.5,mobile,s4,2026-03-01T10:03:00Z\n",  # i3 has no title: unknown item
         encoding="utf-8",
     )
-    report = preprocess(spark, events, root / "out", settings.preprocess,
-                        users=BAD_DIR / "users_bad.csv", items=BAD_DIR / "items_bad.csv", now=NOW)
+    report = preprocess(
+        spark,
+        events,
+        root / "out",
+        settings.preprocess,
+        users=BAD_DIR / "users_bad.csv",
+        items=BAD_DIR / "items_bad.csv",
+        now=NOW,
+    )
     return report, root / "out"
 
 
 def test_bad_users_and_items_are_quarantined_with_reasons(dims):
     report, out = dims
-    assert report.users.quarantined == {"missing_user_id": 2, "duplicate_user_id": 1, "invalid_id": 2, "unparseable_record": 1}
+    assert report.users.quarantined == {
+        "missing_user_id": 2,
+        "duplicate_user_id": 1,
+        "invalid_id": 2,
+        "unparseable_record": 1,
+    }
     assert (report.users.in_, report.users.clean) == (9, 3)
-    assert report.items.quarantined == {"missing_item_id": 1, "missing_title": 2, "duplicate_item_id": 1,
-                                        "invalid_id": 1, "unparseable_record": 1}
+    assert report.items.quarantined == {
+        "missing_item_id": 1,
+        "missing_title": 2,
+        "duplicate_item_id": 1,
+        "invalid_id": 1,
+        "unparseable_record": 1,
+    }
     assert (report.items.in_, report.items.clean) == (8, 2)
     for table in (report.users, report.items):
         assert table.in_ == table.clean + sum(table.quarantined.values())
@@ -195,13 +212,13 @@ def test_bad_users_and_items_are_quarantined_with_reasons(dims):
     assert report.clean == 2 and report.in_ == report.clean + report.quarantined_total + report.duplicates
 
 
-
 def test_first_of_duplicate_ids_in_file_order_is_kept(dims):
     _, out = dims
     items = pd.read_parquet(out / "clean" / "items").set_index("item_id")
     assert items.loc["i1", "title"] == "Rates rise again"
     users = pd.read_parquet(out / "clean" / "users").set_index("user_id")
     assert users.loc["u1", "age"] == 34
+
 
 def test_quoted_newline_in_item_text_keeps_the_item(spark, settings, tmp_path):
     events = tmp_path / "events.csv"
@@ -211,8 +228,15 @@ def test_quoted_newline_in_item_text_keeps_the_item(spark, settings, tmp_path):
         "u1,i2,click,,5,0.5,mobile,s2,2026-03-01T10:01:00Z\n",
         encoding="utf-8",
     )
-    report = preprocess(spark, events, tmp_path / "out", settings.preprocess,
-                        users=USERS_CSV, items=BAD_DIR / "items_multiline.csv", now=NOW)
+    report = preprocess(
+        spark,
+        events,
+        tmp_path / "out",
+        settings.preprocess,
+        users=USERS_CSV,
+        items=BAD_DIR / "items_multiline.csv",
+        now=NOW,
+    )
     assert report.items.quarantined == {}, report.items.to_json()
     assert (report.items.in_, report.items.clean) == (3, 3)
     assert report.quarantined == {} and report.clean == 2

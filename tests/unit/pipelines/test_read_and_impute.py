@@ -1,24 +1,41 @@
 """Reading raw tables in every supported format and place, KNN imputation, decay weights."""
 
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import boto3
 import pandas as pd
 import pytest
-from pyspark.sql import functions as F
 
-from hyperrec.schemas import INTERACTIONS, USERS
+from core.schemas import INTERACTIONS, USERS
 from pipelines.preprocess import decay_weight, knn_impute_age, parse_interactions, preprocess
 from pipelines.read import detect_format, read_raw_table
 
 pytestmark = pytest.mark.spark
-NOW = datetime(2026, 6, 1, tzinfo=timezone.utc)
+NOW = datetime(2026, 6, 1, tzinfo=UTC)
 ROWS = [
-    {"user_id": "u1", "item_id": "i1", "event_type": "click", "rating": None, "dwell_time_s": 12.5, "scroll_depth": 0.5,
-     "device": "mobile", "session_id": "s1", "timestamp": "2026-03-01T10:00:00+02:00"},
-    {"user_id": "u2", "item_id": "i2", "event_type": "rate", "rating": 4, "dwell_time_s": None, "scroll_depth": None,
-     "device": "tv", "session_id": "s2", "timestamp": "1772352000"},
+    {
+        "user_id": "u1",
+        "item_id": "i1",
+        "event_type": "click",
+        "rating": None,
+        "dwell_time_s": 12.5,
+        "scroll_depth": 0.5,
+        "device": "mobile",
+        "session_id": "s1",
+        "timestamp": "2026-03-01T10:00:00+02:00",
+    },
+    {
+        "user_id": "u2",
+        "item_id": "i2",
+        "event_type": "rate",
+        "rating": 4,
+        "dwell_time_s": None,
+        "scroll_depth": None,
+        "device": "tv",
+        "session_id": "s2",
+        "timestamp": "1772352000",
+    },
 ]
 
 
@@ -57,10 +74,14 @@ def test_s3_input_is_staged_through_boto3(spark, settings, tmp_path, s3_endpoint
     s3 = boto3.client("s3", endpoint_url=s3_endpoint)
     s3.upload_file(str(paths["json"]), "raw", "feeds/2026-03-01/events.jsonl")
     s3.upload_file(str(paths["json"]), "raw", "feeds/2026-03-02/events.jsonl")
-    report = preprocess(spark, "s3://raw/feeds/", tmp_path / "out", settings.preprocess, now=NOW, s3_endpoint_url=s3_endpoint)
+    report = preprocess(
+        spark, "s3://raw/feeds/", tmp_path / "out", settings.preprocess, now=NOW, s3_endpoint_url=s3_endpoint
+    )
     assert (report.in_, report.duplicates, report.clean) == (4, 2, 2)  # the same two events in two daily files
     with pytest.raises(FileNotFoundError, match="nothing found"):
-        preprocess(spark, "s3://raw/missing/", tmp_path / "out2", settings.preprocess, now=NOW, s3_endpoint_url=s3_endpoint)
+        preprocess(
+            spark, "s3://raw/missing/", tmp_path / "out2", settings.preprocess, now=NOW, s3_endpoint_url=s3_endpoint
+        )
 
 
 def test_knn_imputes_age_from_similar_users(spark):
@@ -74,9 +95,13 @@ def test_knn_imputes_age_from_similar_users(spark):
 
 
 def test_decay_weight_halves_every_half_life(spark):
-    as_of = datetime(2026, 1, 15, tzinfo=timezone.utc)
+    as_of = datetime(2026, 1, 15, tzinfo=UTC)
     df = spark.createDataFrame(
-        [(datetime(2026, 1, 15, tzinfo=timezone.utc),), (datetime(2026, 1, 8, tzinfo=timezone.utc),), (datetime(2026, 1, 1, tzinfo=timezone.utc),)],
+        [
+            (datetime(2026, 1, 15, tzinfo=UTC),),
+            (datetime(2026, 1, 8, tzinfo=UTC),),
+            (datetime(2026, 1, 1, tzinfo=UTC),),
+        ],
         "timestamp timestamp",
     )
     weights = [r.w for r in df.select(decay_weight(as_of, 7.0).alias("w")).collect()]
@@ -87,12 +112,26 @@ def test_preprocess_cli_writes_clean_quarantine_and_report(settings, tmp_path):
     import subprocess
     import sys
 
-    from hyperrec.datasets.synthetic import generate
+    from core.datasets.synthetic import generate
 
-    raw = generate(tmp_path / "raw", events=2000, seed=4, malformed_fraction=0.02, duplicate_fraction=0.01, progress=False)
+    raw = generate(
+        tmp_path / "raw", events=2000, seed=4, malformed_fraction=0.02, duplicate_fraction=0.01, progress=False
+    )
     out = tmp_path / "out"
-    cli = [sys.executable, "-m", "hyperrec.cli", "preprocess", "--interactions", str(raw.interactions),
-           "--users", str(raw.users), "--items", str(raw.items), "--out", str(out)]
+    cli = [
+        sys.executable,
+        "-m",
+        "hyperrec.cli",
+        "preprocess",
+        "--interactions",
+        str(raw.interactions),
+        "--users",
+        str(raw.users),
+        "--items",
+        str(raw.items),
+        "--out",
+        str(out),
+    ]
     env = {"HYPERREC_HOME": str(tmp_path / "home"), "HYPERREC_SPARK__MASTER": "local[1]", "PATH": "/usr/bin:/bin"}
     done = subprocess.run(cli, capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]

@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from hyperrec.datasets.movielens import read_ratings
-from hyperrec.settings import load_settings
+from core.datasets.movielens import read_ratings
+from core.settings import load_settings
 from pipelines.split import U75_SEED, split_fingerprint, u75_split, u75_train_size
 
 ML = load_settings().data_dir / "ml-100k"
@@ -28,13 +28,15 @@ def ml_split(ml_ratings) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 def _frame(users: list[int]) -> pd.DataFrame:
     n = len(users)
-    return pd.DataFrame({
-        "user_id": users,
-        "item_id": list(range(100, 100 + n)),
-        "rating": [3] * n,
-        "timestamp": list(range(1000, 1000 + n)),
-        "source": ["hand"] * n,
-    })
+    return pd.DataFrame(
+        {
+            "user_id": users,
+            "item_id": list(range(100, 100 + n)),
+            "rating": [3] * n,
+            "timestamp": list(range(1000, 1000 + n)),
+            "source": ["hand"] * n,
+        }
+    )
 
 
 def test_ml100k_fingerprint_is_the_published_one(ml_split):

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pandas as pd
 import pytest
 from pyspark.sql import functions as F
 
-from hyperrec.schemas import INTERACTIONS, ITEMS, USERS
+from core.schemas import INTERACTIONS, ITEMS, USERS
 from pipelines.validate import (
     IMPLICIT_EVENTS,
     NOT_APPLICABLE_META,
@@ -25,11 +25,13 @@ from pipelines.validate import (
     validate_users,
 )
 
-T0 = datetime(2024, 5, 1, 12, 0, tzinfo=timezone.utc)
+T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 KEY = list(INTERACTIONS.key)
 
 
-def _event(user="u1", item="i1", event="view", rating=None, dwell=12.5, scroll=0.4, device="mobile", session="s1", minute=0):
+def _event(
+    user="u1", item="i1", event="view", rating=None, dwell=12.5, scroll=0.4, device="mobile", session="s1", minute=0
+):
     ts = T0.replace(minute=minute)
     return (user, item, event, rating, dwell, scroll, device, session, ts)
 
@@ -53,8 +55,12 @@ def test_clean_interactions_pass_and_render_docs(spark, tmp_path):
     df = _interactions(spark, _clean_rows())
     docs = tmp_path / "docs"
     gate = validate_interactions(
-        df, stage="processed", docs_dir=docs,
-        known_users=["u1", "u2", "u3"], known_items=["i1", "i2", "i3"], unique_key=KEY,
+        df,
+        stage="processed",
+        docs_dir=docs,
+        known_users=["u1", "u2", "u3"],
+        known_items=["i1", "i2", "i3"],
+        unique_key=KEY,
     )
     assert isinstance(gate, GateResult)
     assert gate.success and gate.failed == []
@@ -88,7 +94,9 @@ def test_out_of_range_and_unknown_event_fail_with_named_expectations(spark, tmp_
 @pytest.mark.spark
 def test_no_raise_returns_failed_gate(spark, tmp_path):
     rows = _clean_rows() + [_event(dwell=-3.0, rating=7.0, event="rate", minute=9)]
-    gate = validate_interactions(_interactions(spark, rows), stage="raw", docs_dir=tmp_path / "d", raise_on_failure=False)
+    gate = validate_interactions(
+        _interactions(spark, rows), stage="raw", docs_dir=tmp_path / "d", raise_on_failure=False
+    )
     assert not gate.success
     assert sorted(f["column"] for f in gate.failed) == ["dwell_time_s", "rating"]
     assert gate.docs_index is not None and gate.docs_index.exists()
@@ -99,8 +107,11 @@ def test_referential_miss_is_caught(spark, tmp_path):
     rows = _clean_rows() + [_event("ghost", "i1", minute=7)]
     with pytest.raises(ValidationFailed) as info:
         validate_interactions(
-            _interactions(spark, rows), stage="processed", docs_dir=tmp_path / "docs",
-            known_users=["u1", "u2", "u3"], known_items=["i1", "i2", "i3"],
+            _interactions(spark, rows),
+            stage="processed",
+            docs_dir=tmp_path / "docs",
+            known_users=["u1", "u2", "u3"],
+            known_items=["i1", "i2", "i3"],
         )
     (failure,) = info.value.results
     assert failure["expectation"] == "expect_column_values_to_be_in_set"
@@ -144,7 +155,9 @@ def test_users_and_items_gates(spark, tmp_path):
         ("expect_column_values_to_be_unique", "user_id"),
         ("expect_column_values_to_be_between", "age"),
     }
-    bad_items = spark.createDataFrame([("i1", "t", None, None, None)], ITEMS.spark()).withColumn("title", F.lit(None).cast("string"))
+    bad_items = spark.createDataFrame([("i1", "t", None, None, None)], ITEMS.spark()).withColumn(
+        "title", F.lit(None).cast("string")
+    )
     gate = validate_items(bad_items, stage="processed", docs_dir=docs, raise_on_failure=False)
     assert [(f["expectation"], f["column"]) for f in gate.failed] == [("expect_column_values_to_not_be_null", "title")]
     index = (docs / "index.html").read_text()
@@ -175,12 +188,18 @@ def test_quarantine_gate_fails_above_threshold_with_reason_counts(spark, tmp_pat
 @pytest.mark.spark
 def test_quarantine_gate_passes_below_threshold(spark, tmp_path):
     docs = tmp_path / "docs"
-    gate = validate_quarantine(_reasons(spark, 999, {"bad_timestamp": 1}), stage="clean", docs_dir=docs, max_fraction=0.05)
+    gate = validate_quarantine(
+        _reasons(spark, 999, {"bad_timestamp": 1}), stage="clean", docs_dir=docs, max_fraction=0.05
+    )
     assert gate.success and gate.row_count == 1000 and gate.evaluated == 2
     assert "quarantine_clean" in (docs / "index.html").read_text()
     # the same frame at a zero tolerance fails, returned rather than raised
     strict = validate_quarantine(
-        _reasons(spark, 999, {"bad_timestamp": 1}), stage="strict", docs_dir=docs, max_fraction=0.0, raise_on_failure=False
+        _reasons(spark, 999, {"bad_timestamp": 1}),
+        stage="strict",
+        docs_dir=docs,
+        max_fraction=0.0,
+        raise_on_failure=False,
     )
     assert not strict.success
     assert strict.failed[0]["details"]["reason_counts"] == {"bad_timestamp": 1}
@@ -200,8 +219,12 @@ def test_interactions_row_count_and_mean_bounds(spark, tmp_path):
     df = _interactions(spark, _clean_rows())
     docs = tmp_path / "docs"
     gate = validate_interactions(
-        df, stage="processed", docs_dir=docs,
-        row_count_between=(4, 6), dwell_mean_between=(9.0, 9.5), scroll_mean_between=(0.58, 0.62),
+        df,
+        stage="processed",
+        docs_dir=docs,
+        row_count_between=(4, 6),
+        dwell_mean_between=(9.0, 9.5),
+        scroll_mean_between=(0.58, 0.62),
     )
     assert gate.success and gate.evaluated == 14  # 11 base + 3 optional
     assert gate.not_applicable == []
@@ -226,8 +249,10 @@ MEANS = dict(dwell_mean_between=(1.0, 3600.0), scroll_mean_between=(0.05, 0.95))
 
 def _ratings(n=20, dwell=None, scroll=None):
     """A ratings-only feed like MovieLens: explicit 'rate' events, no implicit signals."""
-    return [_event(f"u{i % 4}", f"i{i}", "rate", rating=float(1 + i % 5), dwell=dwell, scroll=scroll, device=None, minute=i)
-            for i in range(n)]
+    return [
+        _event(f"u{i % 4}", f"i{i}", "rate", rating=float(1 + i % 5), dwell=dwell, scroll=scroll, device=None, minute=i)
+        for i in range(n)
+    ]
 
 
 def test_mean_expectations_are_conditioned_on_implicit_events():
@@ -243,7 +268,9 @@ def test_mean_expectations_are_conditioned_on_implicit_events():
     assert (stand_in.min_value, stand_in.max_value, stand_in.row_condition) == (0, 0, IMPLICIT_EVENTS)
     left_out = stand_in.meta[NOT_APPLICABLE_META]["expectations"]
     assert [(e["column"], e["min_value"], e["max_value"]) for e in left_out] == [
-        ("dwell_time_s", 1.0, 3600.0), ("scroll_depth", 0.05, 0.95)]
+        ("dwell_time_s", 1.0, 3600.0),
+        ("scroll_depth", 0.05, 0.95),
+    ]
     assert "Not applicable" in stand_in.description and "dwell_time_s" in stand_in.description
     # Without mean bounds there is nothing to record as not applicable.
     assert interactions_expectations(implicit_events=False) == interactions_expectations()
@@ -254,10 +281,18 @@ def test_ratings_only_feed_records_mean_checks_as_not_applicable(spark, tmp_path
     df = _interactions(spark, _ratings())
     docs = tmp_path / "docs"
     # What the gate did before: the means of columns explicit ratings never carry fail.
-    old = run_suite(df, table="interactions", stage="old", expectations=interactions_expectations(**MEANS),
-                    docs_dir=docs, raise_on_failure=False)
+    old = run_suite(
+        df,
+        table="interactions",
+        stage="old",
+        expectations=interactions_expectations(**MEANS),
+        docs_dir=docs,
+        raise_on_failure=False,
+    )
     assert {(f["expectation"], f["column"]) for f in old.failed} == {
-        ("expect_column_mean_to_be_between", "dwell_time_s"), ("expect_column_mean_to_be_between", "scroll_depth")}
+        ("expect_column_mean_to_be_between", "dwell_time_s"),
+        ("expect_column_mean_to_be_between", "scroll_depth"),
+    }
     assert all(f["details"].get("observed_value") is None for f in old.failed)
 
     gate = validate_interactions(df, stage="clean", docs_dir=docs, unique_key=KEY, **MEANS)
@@ -275,8 +310,14 @@ def test_ratings_only_feed_records_mean_checks_as_not_applicable(spark, tmp_path
 def test_not_applicable_record_is_itself_checked(spark, tmp_path):
     # Built for a ratings-only feed but run on one with an implicit event: it fails.
     df = _interactions(spark, _ratings() + [_event("u1", "i1", "view", minute=59)])
-    gate = run_suite(df, table="interactions", stage="clean", docs_dir=tmp_path / "docs", raise_on_failure=False,
-                     expectations=interactions_expectations(**MEANS, implicit_events=False))
+    gate = run_suite(
+        df,
+        table="interactions",
+        stage="clean",
+        docs_dir=tmp_path / "docs",
+        raise_on_failure=False,
+        expectations=interactions_expectations(**MEANS, implicit_events=False),
+    )
     assert not gate.success and gate.not_applicable == [] and gate.row_count == 21
     (failure,) = gate.failed
     assert failure["expectation"] == "expect_table_row_count_to_be_between"
@@ -287,10 +328,16 @@ def test_not_applicable_record_is_itself_checked(spark, tmp_path):
 def test_mean_checks_skip_ratings_but_still_fail_implicit_events_out_of_range(spark, tmp_path):
     docs = tmp_path / "docs"
     # Ratings with wild signals do not move the means of the implicit events (dwell 10, scroll 0.5).
-    mixed = _ratings(dwell=9000.0, scroll=0.0) + [_event(f"u{i}", "i1", "view", dwell=10.0, scroll=0.5, minute=40 + i)
-                                                  for i in range(4)]
-    gate = validate_interactions(_interactions(spark, mixed), stage="mixed", docs_dir=docs,
-                                 dwell_mean_between=(5.0, 20.0), scroll_mean_between=(0.4, 0.6))
+    mixed = _ratings(dwell=9000.0, scroll=0.0) + [
+        _event(f"u{i}", "i1", "view", dwell=10.0, scroll=0.5, minute=40 + i) for i in range(4)
+    ]
+    gate = validate_interactions(
+        _interactions(spark, mixed),
+        stage="mixed",
+        docs_dir=docs,
+        dwell_mean_between=(5.0, 20.0),
+        scroll_mean_between=(0.4, 0.6),
+    )
     assert gate.success and gate.not_applicable == []
 
     # Implicit events whose means are out of range fail, with or without ratings alongside.

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from core.net import free_port
 from training.bundle import write_bundle
 from training.models import InteractionMatrix, fit_ease, fit_popularity, popularity
 
@@ -57,8 +58,6 @@ def tiny_bundle(
     )
 
 
-
-
 HYBRID_CATEGORIES = ("action", "comedy", "drama", "news")
 
 
@@ -70,7 +69,9 @@ def hybrid_frames(seed: int = 0, n_users: int = 60, n_items: int = 40):
 
     rng = np.random.default_rng(seed)
     item_ids = [f"m{n:02d}" for n in range(n_items)]
-    cats = [[HYBRID_CATEGORIES[n % 4]] + ([HYBRID_CATEGORIES[(n + 1) % 4]] if n % 7 == 0 else []) for n in range(n_items)]
+    cats = [
+        [HYBRID_CATEGORIES[n % 4]] + ([HYBRID_CATEGORIES[(n + 1) % 4]] if n % 7 == 0 else []) for n in range(n_items)
+    ]
     emb = np.zeros((n_items, 8), dtype=np.float32)
     for n, cs in enumerate(cats):
         for c in cs:
@@ -80,21 +81,38 @@ def hybrid_frames(seed: int = 0, n_users: int = 60, n_items: int = 40):
     for u in range(n_users):
         young = u % 2 == 0
         liked = {"action", "comedy"} if young else {"drama", "news"}
-        users.append({"user_id": f"u{u}", "age": int(rng.integers(18, 29) if young else rng.integers(40, 70)),
-                      "gender": "F" if u % 4 < 2 else "M"})
+        users.append(
+            {
+                "user_id": f"u{u}",
+                "age": int(rng.integers(18, 29) if young else rng.integers(40, 70)),
+                "gender": "F" if u % 4 < 2 else "M",
+            }
+        )
         weights = np.array([4.0 if set(c) & liked else 0.5 for c in cats])
         weights *= np.linspace(2.0, 0.5, n_items)  # a popularity slope
         chosen = rng.choice(n_items, size=int(rng.integers(5, 12)), replace=False, p=weights / weights.sum())
         for t, i in enumerate(chosen):
-            rows.append({"user_id": f"u{u}", "item_id": item_ids[i], "rating": float(rng.integers(1, 6)),
-                         "timestamp": pd.Timestamp("2024-01-01") + pd.Timedelta(hours=t)})
+            rows.append(
+                {
+                    "user_id": f"u{u}",
+                    "item_id": item_ids[i],
+                    "rating": float(rng.integers(1, 6)),
+                    "timestamp": pd.Timestamp("2024-01-01") + pd.Timedelta(hours=t),
+                }
+            )
     items = pd.DataFrame({"item_id": item_ids, "title": [f"Movie {i}" for i in item_ids], "categories": cats})
     items["embedding"] = list(emb)
     return pd.DataFrame(rows), items, pd.DataFrame(users)
 
 
-def hybrid_bundle(out_dir: Path, version: str = "v1", seed: int = 0, segments: bool = True,
-                  als: bool = False, segment_models: bool = False) -> Path:
+def hybrid_bundle(
+    out_dir: Path,
+    version: str = "v1",
+    seed: int = 0,
+    segments: bool = True,
+    als: bool = False,
+    segment_models: bool = False,
+) -> Path:
     """A bundle of a real :class:`training.hybrid.WeightedHybrid` (EASE anchor + neural +
     content + popularity, optionally a hand-made ALS component) fitted on :func:`hybrid_frames`;
     with ``segments``, the serving segment files (young/old segments) are added; with
@@ -102,7 +120,7 @@ def hybrid_bundle(out_dir: Path, version: str = "v1", seed: int = 0, segments: b
     segment (``old`` users stay on the global model)."""
     import numpy as np
 
-    from hyperrec.settings import load_settings
+    from core.settings import load_settings
     from serving.segments import write_segment_profiles
     from training.candidates import ALSScorer, component_fitters
     from training.hybrid import HybridChoice, fit_hybrid
@@ -121,8 +139,13 @@ def hybrid_bundle(out_dir: Path, version: str = "v1", seed: int = 0, segments: b
         from training.als import FactorModel
 
         rng = np.random.default_rng(seed + 1)
-        factors = FactorModel(np.array(matrix.user_ids, dtype=object), rng.normal(0, 1, (len(matrix.user_ids), 3)).astype(np.float32),
-                              rng.normal(0, 1, (len(item_ids), 3)).astype(np.float32), 0.1, 1.0)
+        factors = FactorModel(
+            np.array(matrix.user_ids, dtype=object),
+            rng.normal(0, 1, (len(matrix.user_ids), 3)).astype(np.float32),
+            rng.normal(0, 1, (len(item_ids), 3)).astype(np.float32),
+            0.1,
+            1.0,
+        )
         model.components["als"] = ALSScorer(factors)
         model.weights["als"], model.scales["als"] = 0.2, 2.0
     seg = {row.user_id: "young" if row.age < 30 else "old" for row in users.itertuples()}
@@ -131,15 +154,28 @@ def hybrid_bundle(out_dir: Path, version: str = "v1", seed: int = 0, segments: b
         from training.segment_tuning import refit_segment_models
 
         start = model.components["neural"].model
-        young = refit_segment_models(start, frame, item_ids, {"young": {"lr": 0.02}}, seg, settings,
-                                     item_features=item_side_features(side), log=lambda _: None)
+        young = refit_segment_models(
+            start,
+            frame,
+            item_ids,
+            {"young": {"lr": 0.02}},
+            seg,
+            settings,
+            item_features=item_side_features(side),
+            log=lambda _: None,
+        )
         model.components["neural"] = NeuralScorer(start, young, seg)
     x = matrix.matrix
     write_bundle(
-        out_dir, model=model, item_ids=item_ids, titles=items["title"].tolist(), categories=items["categories"].tolist(),
+        out_dir,
+        model=model,
+        item_ids=item_ids,
+        titles=items["title"].tolist(),
+        categories=items["categories"].tolist(),
         history={u: x[r].indices.tolist() for u, r in matrix.user_index.items()},
         history_weights={u: x[r].data.tolist() for u, r in matrix.user_index.items()},
-        popularity=popularity(x), metadata={"version": version, "k": 10, "metrics": {}, "model_name": "hybrid"},
+        popularity=popularity(x),
+        metadata={"version": version, "k": 10, "metrics": {}, "model_name": "hybrid"},
     )
     if segments:
         write_segment_profiles(out_dir, item_ids, frame, seg, users=users)
@@ -150,19 +186,16 @@ class LiveServer:
     """A real uvicorn server for ``app`` on a free loopback port, in a background thread."""
 
     def __init__(self, app) -> None:
-        import socket
-
         import uvicorn
 
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
-                                                   access_log=False, lifespan="on"))
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", access_log=False, lifespan="on")
+        )
         self.thread = None
 
-    def __enter__(self) -> "LiveServer":
+    def __enter__(self) -> LiveServer:
         import threading
         import time
 

@@ -6,13 +6,13 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from fixtures_serving import tiny_bundle
 
-from hyperrec.settings import Settings, load_settings
+from core.net import free_port
+from core.settings import Settings, load_settings
 from serving.app import NO_BUNDLE, create_app
 from serving.store import ObjectStore, publish
 from training.bundle import load_bundle
-
-from fixtures_serving import tiny_bundle
 
 
 def build_bundle(out_dir: Path, version: str) -> Path:
@@ -20,7 +20,9 @@ def build_bundle(out_dir: Path, version: str) -> Path:
     return tiny_bundle(out_dir, version, registered_model_version="1", categories=[[]] * 6, metrics={})
 
 
-def make_settings(tmp_path: Path, valkey_url: str | None = None, namespace: str = "hyperrec", **object_store: str) -> Settings:
+def make_settings(
+    tmp_path: Path, valkey_url: str | None = None, namespace: str = "hyperrec", **object_store: str
+) -> Settings:
     return load_settings(
         home=str(tmp_path / "home"),
         object_store={"uri": str(tmp_path / "store"), **object_store},
@@ -128,8 +130,10 @@ def test_probes_metrics_and_docs(client: TestClient) -> None:
     assert 'route="/v1/recommendations/{user_id}"' in text and 'route="/v1/recommendations/u1"' not in text
     assert 'hyperrec_requests_total{method="GET",route="/v1/recommendations/{user_id}",status="200"} 2.0' in text
     assert 'hyperrec_requests_total{method="GET",route="/v1/recommendations/{user_id}",status="422"} 1.0' in text
-    assert ('hyperrec_model_info{ann="none",model_name="ease",quantized="false",registered_model_version="1",'
-            'version="v1"} 1.0') in text
+    assert (
+        'hyperrec_model_info{ann="none",model_name="ease",quantized="false",registered_model_version="1",'
+        'version="v1"} 1.0'
+    ) in text
     assert 'hyperrec_cache_requests_total{result="miss"} 2.0' in text
     assert client.get("/docs").status_code == 200
     assert "/v1/events" in client.get("/openapi.json").json()["paths"]
@@ -172,7 +176,10 @@ def test_live_history_is_bounded_and_events_reach_the_stream(tmp_path: Path, val
     publish(build_bundle(tmp_path / "b", "v1"), ObjectStore(settings.object_store_uri), "v1")
     with TestClient(create_app(settings)) as client:
         for item in ("i1", "i2", "i3", "i4", "i5"):
-            assert client.post("/v1/events", json={"user_id": "a", "item_id": item, "event_type": "view"}).status_code == 202
+            assert (
+                client.post("/v1/events", json={"user_id": "a", "item_id": item, "event_type": "view"}).status_code
+                == 202
+            )
         client.post("/v1/events", json={"user_id": "b", "item_id": "i6", "event_type": "rate", "rating": 4.5})
         events = client.app.state.events
         assert client.portal.call(events.recent_items, "a") == ["i3", "i4", "i5"]
@@ -181,7 +188,9 @@ def test_live_history_is_bounded_and_events_reach_the_stream(tmp_path: Path, val
     assert stream[-1]["event_type"] == "rate" and float(stream[-1]["rating"]) == 4.5 and stream[0]["rating"] == ""
 
 
-def test_serves_from_s3_store_named_in_settings(tmp_path: Path, s3_endpoint: str, valkey_url: str, namespace: str) -> None:
+def test_serves_from_s3_store_named_in_settings(
+    tmp_path: Path, s3_endpoint: str, valkey_url: str, namespace: str
+) -> None:
     endpoint = s3_endpoint
     settings = make_settings(tmp_path, valkey_url, namespace, uri="s3://models/serving", s3_endpoint_url=endpoint)
     publish(build_bundle(tmp_path / "b", "v7"), ObjectStore(settings.object_store_uri, endpoint), "v7")
@@ -199,7 +208,6 @@ def test_two_worker_server_reports_every_worker_in_metrics(tmp_path: Path) -> No
     import os
     import re
     import signal
-    import socket
     import subprocess
     import sys
     import time
@@ -209,18 +217,20 @@ def test_two_worker_server_reports_every_worker_in_metrics(tmp_path: Path) -> No
     home, store_dir = tmp_path / "home", tmp_path / "store"
     publish(build_bundle(tmp_path / "build", "v1"), ObjectStore(str(store_dir)), "v1")
     config = tmp_path / "serve.yaml"
-    config.write_text(json.dumps({"home": str(home), "object_store": {"uri": str(store_dir)},
-                                  "serving": {"reload_interval_s": 0}}))
+    config.write_text(
+        json.dumps({"home": str(home), "object_store": {"uri": str(store_dir)}, "serving": {"reload_interval_s": 0}})
+    )
     stale = home / "serving" / "prometheus" / "counter_999999.db"
     stale.parent.mkdir(parents=True)
     stale.write_bytes(b"left by an earlier server")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
-    server = subprocess.Popen([sys.executable, "-m", "hyperrec.cli", "serve", "--port", str(port), "--workers", "2",
-                               "--config", str(config)], env=env, start_new_session=True)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "hyperrec.cli", "serve", "--port", str(port), "--workers", "2", "--config", str(config)],
+        env=env,
+        start_new_session=True,
+    )
     try:
         pids: set[str] = set()
         deadline = time.time() + 120
@@ -238,8 +248,11 @@ def test_two_worker_server_reports_every_worker_in_metrics(tmp_path: Path) -> No
         for i in range(n):  # a new connection each: the kernel spreads them over the workers
             assert httpx.get(f"{url}/v1/recommendations/u{i % 5 + 1}", params={"k": 2}, timeout=10).status_code == 200
         text = httpx.get(f"{url}/metrics", timeout=5).text
-        total = re.search(r'hyperrec_requests_total\{method="GET",route="/v1/recommendations/\{user_id\}",'
-                          r'status="200"\} ([0-9.]+)', text)
+        total = re.search(
+            r'hyperrec_requests_total\{method="GET",route="/v1/recommendations/\{user_id\}",'
+            r'status="200"\} ([0-9.]+)',
+            text,
+        )
         assert total is not None and float(total.group(1)) == n
         versions = re.findall(r'hyperrec_model_info\{[^}]*pid="(\d+)"[^}]*version="v1"\} 1\.0', text)
         assert set(versions) == pids

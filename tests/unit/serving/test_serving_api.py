@@ -13,14 +13,13 @@ import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from fixtures_serving import LiveServer, hybrid_bundle
 
-from hyperrec.settings import Settings, load_settings
+from core.settings import Settings, load_settings
 from serving.app import create_app
 from serving.store import ObjectStore, current_version, fetch, publish
 from training.bundle import load_bundle
 from training.hybrid import WeightedHybrid
-
-from fixtures_serving import LiveServer, hybrid_bundle
 
 TOKEN = "s3cret-token"
 
@@ -32,9 +31,12 @@ def built(tmp_path_factory) -> dict[str, Path]:
 
 
 def make_settings(tmp_path: Path, valkey_url: str, namespace: str, **serving) -> Settings:
-    return load_settings(home=str(tmp_path / "home"), object_store={"uri": str(tmp_path / "store")},
-                         online_store={"url": valkey_url},
-                         serving={"namespace": namespace, "reload_interval_s": 0, "candidates": 10, **serving})
+    return load_settings(
+        home=str(tmp_path / "home"),
+        object_store={"uri": str(tmp_path / "store")},
+        online_store={"url": valkey_url},
+        serving={"namespace": namespace, "reload_interval_s": 0, "candidates": 10, **serving},
+    )
 
 
 @pytest.fixture
@@ -79,7 +81,9 @@ def test_second_call_is_a_cache_hit_and_an_event_invalidates(client: TestClient)
     text = client.get("/metrics").text
     assert 'hyperrec_cache_requests_total{result="hit"} 3.0' in text
     assert 'hyperrec_cache_requests_total{result="miss"} 4.0' in text
-    assert 'hyperrec_request_latency_seconds_bucket{le="0.005",method="GET",route="/v1/recommendations/{user_id}"}' in text
+    assert (
+        'hyperrec_request_latency_seconds_bucket{le="0.005",method="GET",route="/v1/recommendations/{user_id}"}' in text
+    )
 
 
 def test_events_shape_the_next_recommendations(client: TestClient) -> None:
@@ -210,7 +214,11 @@ def test_blend_bundle_round_trips_through_s3(tmp_path: Path, s3_endpoint: str, b
     assert "v1/blend/blend.json" in keys and "v1/blend/neural/neural/model.pt" in keys
     assert "v1/serving/segments.json" in keys
     loaded = load_bundle(fetch(store, "v1", tmp_path / "cache" / "v1"))
-    assert isinstance(loaded.model, WeightedHybrid) and set(loaded.model.components) == {"content", "neural", "popularity"}
+    assert isinstance(loaded.model, WeightedHybrid) and set(loaded.model.components) == {
+        "content",
+        "neural",
+        "popularity",
+    }
     original = load_bundle(built["v1"])
     row = original._row("u3", np.array([], dtype=np.int32))
     np.testing.assert_allclose(loaded.model.score(row, ["u3"]), original.model.score(row, ["u3"]), rtol=1e-6)
@@ -235,14 +243,24 @@ def test_schemathesis_finds_no_server_errors(settings: Settings) -> None:
         schema = schemathesis.openapi.from_url(f"{server.url}/openapi.json")
         operations = [result.ok() for result in schema.get_all_operations()]
         assert {f"{op.method.upper()} {op.path}" for op in operations} >= {
-            "GET /v1/recommendations/{user_id}", "POST /v1/events", "POST /admin/reload", "POST /admin/cache/flush"}
+            "GET /v1/recommendations/{user_id}",
+            "POST /v1/events",
+            "POST /admin/reload",
+            "POST /admin/cache/flush",
+        }
         calls: dict[str, int] = {}
         statuses: set[int] = set()
         for operation in operations:
             for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+
                 @given(case=operation.as_strategy(generation_mode=mode))
-                @hsettings(max_examples=30, deadline=None, database=None, derandomize=True,
-                           suppress_health_check=list(HealthCheck))
+                @hsettings(
+                    max_examples=30,
+                    deadline=None,
+                    database=None,
+                    derandomize=True,
+                    suppress_health_check=list(HealthCheck),
+                )
                 def check(case) -> None:
                     # Positive cases carry the admin token, so admin routes run for real too.
                     headers = {"Authorization": f"Bearer {TOKEN}"} if mode == GenerationMode.POSITIVE else None
@@ -264,7 +282,9 @@ def test_cache_hit_fast_path_agrees_with_the_route(client: TestClient) -> None:
     first = get(client, "u4", k=4, diversity=0.5)
     fast = get(client, "u4", diversity="0.5", k="4")  # same query, other order and spelling: the lean path hits
     assert first.headers["x-cache"] == "miss" and fast.headers["x-cache"] == "hit" and fast.content == first.content
-    routed = get(client, "u4", k=4, diversity=0.5, utm_source="mail")  # unknown parameter: FastAPI answers, from the cache
+    routed = get(
+        client, "u4", k=4, diversity=0.5, utm_source="mail"
+    )  # unknown parameter: FastAPI answers, from the cache
     assert routed.headers["x-cache"] == "hit" and routed.content == first.content
     assert client.get("/v1/recommendations/u4?k=4&k=5").status_code == 200
     assert client.get("/v1/recommendations/u4?k=400").status_code == 422

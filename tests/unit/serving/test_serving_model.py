@@ -8,15 +8,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fixtures_serving import hybrid_bundle, hybrid_frames
 
-from hyperrec.settings import ServingSettings
+from core.settings import ServingSettings
 from serving.recommender import RecommendationRequest, RequestError, ServedModel
 from serving.rerank import intra_list_diversity, mmr, normalize_rows
 from serving.retrieval import AnnIndex, HybridScorer, ItemSpace, is_quantized, served_model
 from serving.segments import SegmentProfiles
 from training.bundle import Bundle, load_bundle
-
-from fixtures_serving import hybrid_bundle, hybrid_frames
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +64,9 @@ def test_int8_model_is_served_in_place_of_the_float_one(bundle: Bundle) -> None:
     f_scores = bundle.model.score(row, ["u3"])[0]
     assert not np.allclose(q_scores, f_scores, atol=1e-7)  # really a different network
     scorer = HybridScorer(quantized, bundle.n_items)
-    np.testing.assert_allclose(scorer.score(scorer.prepare(row, "u3"), np.arange(bundle.n_items)), q_scores,
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        scorer.score(scorer.prepare(row, "u3"), np.arange(bundle.n_items)), q_scores, rtol=1e-5, atol=1e-5
+    )
     assert np.corrcoef(q_scores, f_scores)[0, 1] > 0.99
     model = served(bundle, None, quantized=True)
     assert model.quantized and model.describe()["quantized"] is True
@@ -102,8 +102,12 @@ def test_hnsw_index_finds_the_true_inner_product_neighbours(bundle: Bundle) -> N
     scorer = HybridScorer(bundle.model, bundle.n_items)
     space = ItemSpace.of(scorer)
     assert space.source == "neural" and space.vectors.shape[1] == 9  # 8 dims + the item bias
-    samples = np.stack([space.query(scorer.prepare(bundle._row(u, np.array([], dtype=np.int32)), u))
-                        for u in ("u10", "u11", "u12", "u13")])
+    samples = np.stack(
+        [
+            space.query(scorer.prepare(bundle._row(u, np.array([], dtype=np.int32)), u))
+            for u in ("u10", "u11", "u12", "u13")
+        ]
+    )
     index = AnnIndex(space.vectors, samples, 10)
     assert index.recall >= 0.95 and index.kind in ("hnsw-ip", "hnsw-lifted-l2")
     for user in ("u1", "u2", "u7"):
@@ -233,7 +237,9 @@ def test_cold_start_by_segment_then_by_session(bundle: Bundle, bundle_dir: Path)
     fallback = no_segments.recommend(req("new-5", 6, attributes={"age": 21}), [])
     assert fallback["strategy"] == "global_popularity"
     assert fallback["strategy_detail"] == "bundle has no segment popularity"
-    assert [bundle.item_index[i] for i in ids(fallback)] == sorted(range(bundle.n_items), key=lambda i: (-bundle.popularity[i], i))[:6]
+    assert [bundle.item_index[i] for i in ids(fallback)] == sorted(
+        range(bundle.n_items), key=lambda i: (-bundle.popularity[i], i)
+    )[:6]
 
 
 def test_nearest_segment_is_the_naive_bayes_map(bundle_dir: Path, bundle: Bundle) -> None:
@@ -267,9 +273,12 @@ def test_segment_models_travel_in_the_bundle_and_rank_their_users(segmented_dir:
             row = bundle._row(user, np.array(extra, dtype=np.int32))
             state = scorer.prepare(row, user)
             assert ("neural" in state.segment_vectors) == (user == "u0")
-            np.testing.assert_allclose(scorer.score(state, np.arange(bundle.n_items)), model.score(row, [user])[0],
-                                       rtol=1e-5, atol=1e-5)
-    global_only = dataclasses.replace(bundle.model, components=bundle.model.components | {"neural": neural.without_segments()})
+            np.testing.assert_allclose(
+                scorer.score(state, np.arange(bundle.n_items)), model.score(row, [user])[0], rtol=1e-5, atol=1e-5
+            )
+    global_only = dataclasses.replace(
+        bundle.model, components=bundle.model.components | {"neural": neural.without_segments()}
+    )
     row = bundle._row("u0", np.array([], dtype=np.int32))
     assert not np.allclose(bundle.model.score(row, ["u0"])[0], global_only.score(row, ["u0"])[0], atol=1e-4)
     model = served(bundle, segmented_dir)

@@ -7,28 +7,31 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from fixtures_serving import PAIRS, tiny_bundle
 
-from hyperrec.run_context import RunContext
+from core.run_context import RunContext
 from serving.publish import add_serving_extras
 from serving.segments import SegmentProfiles
 from training.bundle import load_bundle
 from training.models import InteractionMatrix, popularity
 
-from fixtures_serving import PAIRS, tiny_bundle
-
 
 def _run_with_segments(root: Path) -> RunContext:
     run = RunContext.open(root) if root.exists() else RunContext(run_id="r1", root=root)
-    train = pd.DataFrame(PAIRS, columns=["user_id", "item_id"]).assign(confidence=1.0, timestamp=pd.Timestamp("2024-01-01", tz="UTC"))
+    train = pd.DataFrame(PAIRS, columns=["user_id", "item_id"]).assign(
+        confidence=1.0, timestamp=pd.Timestamp("2024-01-01", tz="UTC")
+    )
     for name, frame in (("train", train), ("test", train.head(2))):
         (run.split_dir / name).mkdir(parents=True)
         frame.to_parquet(run.split_dir / name / "part-0.parquet")
     (run.features_dir / "segments").mkdir(parents=True)
     pd.DataFrame({"user_id": ["u1", "u2", "u3", "u4", "u5"], "segment": [0, 0, 1, 0, 1]}).to_parquet(
-        run.features_dir / "segments" / "segments.parquet")
+        run.features_dir / "segments" / "segments.parquet"
+    )
     (run.clean_dir / "users").mkdir(parents=True)
-    pd.DataFrame({"user_id": ["u1", "u2", "u3", "u4", "u5"], "age": [20, 22, 60, 25, 70],
-                  "gender": ["F", "F", "M", "F", "M"]}).to_parquet(run.clean_dir / "users" / "part-0.parquet")
+    pd.DataFrame(
+        {"user_id": ["u1", "u2", "u3", "u4", "u5"], "age": [20, 22, 60, 25, 70], "gender": ["F", "F", "M", "F", "M"]}
+    ).to_parquet(run.clean_dir / "users" / "part-0.parquet")
     (run.clean_dir / "interactions").mkdir(parents=True)
     train.assign(device=["mobile"] * 10 + ["tv"] * 4).to_parquet(run.clean_dir / "interactions" / "part-0.parquet")
     return run
@@ -60,10 +63,10 @@ def test_publish_stores_the_ann_indexes_serving_then_reads(tmp_path: Path, caplo
     """The float and INT8 indexes are written at publish; serving reads the one whose key
     (vectors + candidate count) matches, answers as with a freshly built index, and rebuilds
     when the key differs or the stored file is damaged."""
-    from hyperrec.settings import ServingSettings
-    from serving.recommender import RecommendationRequest, ServedModel
-
     from fixtures_serving import hybrid_bundle
+
+    from core.settings import ServingSettings
+    from serving.recommender import RecommendationRequest, ServedModel
 
     bundle_dir = hybrid_bundle(tmp_path / "bundle", segments=False)
     serving = ServingSettings(candidates=10)

@@ -9,12 +9,11 @@ import boto3
 import numpy as np
 import pandas as pd
 import pytest
+from fixtures_serving import PAIRS, tiny_bundle
 
 from serving.store import ObjectStore, current_version, fetch, publish
 from training.bundle import BUNDLE_FILES, Bundle, load_bundle, write_bundle
 from training.models import InteractionMatrix, fit_popularity, popularity
-
-from fixtures_serving import PAIRS, tiny_bundle
 
 
 def assert_same_bundle(a: Bundle, b: Bundle) -> None:

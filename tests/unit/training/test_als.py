@@ -4,9 +4,8 @@ import pytest
 import scipy.sparse as sp
 
 from training.als import ITERATIONS_PER_STACK_MIB, FactorModel, _task_thread_stack_mib, fit_als, thread_stack_mib
-from training.models import top_k
 from training.metrics import evaluate
-from training.models import InteractionMatrix, fit_popularity
+from training.models import InteractionMatrix, fit_popularity, top_k
 
 N_USERS, N_ITEMS, N_GROUPS = 200, 120, 4
 
@@ -66,7 +65,7 @@ def test_indices_follow_the_interaction_matrix_and_unseen_items_get_zeros(plante
     assert np.all(model.item_factors[-1] == 0) and np.all(np.abs(model.item_factors[:-1]).sum(axis=1) > 0)
     # A user of group g scores group g's items highest on average.
     scores = model.score(np.array([m.user_index["u002"]]))[0]
-    group_means = [scores[g * 30:(g + 1) * 30].mean() for g in range(N_GROUPS)]
+    group_means = [scores[g * 30 : (g + 1) * 30].mean() for g in range(N_GROUPS)]
     assert int(np.argmax(group_means)) == 2
 
 

@@ -65,7 +65,7 @@ def test_hybrid_beats_tuned_ease_on_u75(ml100k):
 
 
 def test_generic_dataset_directory(settings, tmp_path):
-    from hyperrec.datasets.synthetic import generate
+    from core.datasets.synthetic import generate
 
     raw = generate(tmp_path / "raw", events=6000, seed=9, progress=False)
     export_raw_dataset(raw, tmp_path / "ds")
@@ -75,8 +75,9 @@ def test_generic_dataset_directory(settings, tmp_path):
     assert len(exported) == len(events.drop_duplicates(["user_id", "item_id"]))
     assert exported["rating"].between(0.5, 5).all() and exported["timestamp"].between(1.5e9, 2.1e9).all()
     assert {"items.csv", "users.csv"} <= {p.name for p in (tmp_path / "ds").iterdir()}
-    metrics = run_benchmark(settings, dataset=str(tmp_path / "ds"), protocol="u75", k=5, out=tmp_path / "out",
-                            models=("popularity", "ease"))
+    metrics = run_benchmark(
+        settings, dataset=str(tmp_path / "ds"), protocol="u75", k=5, out=tmp_path / "out", models=("popularity", "ease")
+    )
     assert set(metrics["models"]) == {"popularity", "ease"}
     assert metrics["models"]["ease"]["ndcg"] > metrics["models"]["popularity"]["ndcg"]
     with pytest.raises(ValueError, match="unknown model"):

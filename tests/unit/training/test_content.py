@@ -20,11 +20,16 @@ def _catalogue():
 def test_content_model_ranks_the_favoured_category_first():
     emb = _catalogue()
     # user 0: three A items and one B item; user 1: B only; user 2 weighs B 5x over A.
-    x = sp.csr_matrix(np.array([
-        [1, 1, 1, 0, 1, 0, 0, 0, 0],
-        [0, 0, 0, 0, 1, 1, 0, 0, 0],
-        [1, 0, 0, 0, 5, 0, 0, 0, 0],
-    ], dtype=np.float32))
+    x = sp.csr_matrix(
+        np.array(
+            [
+                [1, 1, 1, 0, 1, 0, 0, 0, 0],
+                [0, 0, 0, 0, 1, 1, 0, 0, 0],
+                [1, 0, 0, 0, 5, 0, 0, 0, 0],
+            ],
+            dtype=np.float32,
+        )
+    )
     model = fit_content(x, emb, weighting="none")
     top = model.recommend(x, k=3)
     assert top[0][0] == 3  # the only unseen A item

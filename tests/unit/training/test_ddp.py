@@ -10,7 +10,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from hyperrec.datasets.movielens import read_ratings
+from core.datasets.movielens import read_ratings
 from training.ddp import DDPError, launch, read_training_data, write_training_data
 from training.neural import NeuralConfig, NeuralData, NeuralRecommender, fit_neural
 
@@ -102,7 +102,9 @@ def test_pipeline_neural_component_trains_with_ddp_when_configured(settings):
     ctx = FitContext(frame, InteractionMatrix.from_frame(frame, item_ids=item_ids), item_ids, {})
     neural = CFG.model_dump() | {"epochs": 2}
     local = component_fitters(settings.model_copy(update={"neural": NeuralConfig(**neural)}))["neural"](ctx)
-    ddp = component_fitters(settings.model_copy(update={"neural": NeuralConfig(**neural | {"nproc": 2})}))["neural"](ctx)
+    ddp = component_fitters(settings.model_copy(update={"neural": NeuralConfig(**neural | {"nproc": 2})}))["neural"](
+        ctx
+    )
     x = ctx.matrix.matrix[:10]
     users = list(ctx.matrix.user_ids[:10])
     np.testing.assert_allclose(ddp.score(x, users), local.score(x, users), rtol=1e-3, atol=1e-4)
@@ -110,5 +112,9 @@ def test_pipeline_neural_component_trains_with_ddp_when_configured(settings):
     from training.neural import loss_curve
 
     ddp_curve, local_curve = loss_curve(ddp.model), loss_curve(local.model)
-    assert len(ddp_curve["loss"]) == 2 and ddp_curve["weighted"] and ddp_curve["steps_per_epoch"] == local_curve["steps_per_epoch"]
+    assert (
+        len(ddp_curve["loss"]) == 2
+        and ddp_curve["weighted"]
+        and ddp_curve["steps_per_epoch"] == local_curve["steps_per_epoch"]
+    )
     np.testing.assert_allclose(ddp_curve["loss"], local_curve["loss"], rtol=RTOL)

@@ -7,7 +7,7 @@ import scipy.sparse as sp
 
 from pipelines.split import user_kfold
 from training.bundle import load_bundle, write_bundle
-from training.hybrid import FitContext, PopularityScorer, Scorer, fit_hybrid, tune_hybrid
+from training.hybrid import PopularityScorer, Scorer, fit_hybrid, tune_hybrid
 from training.models import InteractionMatrix, fit_ease, temporal_gram
 
 
@@ -26,8 +26,9 @@ def test_user_kfold_holds_out_each_row_once_and_every_user_in_every_fold():
 
 
 def test_temporal_gram_weights_neighbours_by_distance():
-    frame = pd.DataFrame({"user_id": ["u"] * 4 + ["v"] * 2, "item_id": ["a", "b", "c", "d", "d", "a"],
-                          "timestamp": [1, 2, 3, 4, 10, 11]})
+    frame = pd.DataFrame(
+        {"user_id": ["u"] * 4 + ["v"] * 2, "item_id": ["a", "b", "c", "d", "d", "a"], "timestamp": [1, 2, 3, 4, 10, 11]}
+    )
     gram = temporal_gram(frame, np.array(["a", "b", "c", "d"], dtype=object), window=2)
     # u: a-b (1), b-c (1), c-d (1), a-c (1/2), b-d (1/2); v: d-a (1).
     expected = np.array([[0, 1, 0.5, 1], [1, 0, 1, 0.5], [0.5, 1, 0, 1], [1, 0.5, 1, 0]])
@@ -66,14 +67,26 @@ class NoiseScorer(Scorer):
 def test_tuning_uses_validation_and_gives_noise_no_weight(settings):
     frame = _clustered()
     items = np.array(sorted(frame["item_id"].unique()), dtype=object)
-    cfg = settings.training.model_copy(update={"validation_folds": 2, "ease_lambdas": [1.0, 50.0], "temporal_betas": [0.0, 1.0],
-                                               "blend_components": ["noise", "popularity"], "blend_weight_grid": [0.0, 0.5, 2.0]})
-    fitters = {"noise": lambda ctx: NoiseScorer(len(ctx.item_ids)), "popularity": lambda ctx: PopularityScorer(ctx.matrix.matrix)}
+    cfg = settings.training.model_copy(
+        update={
+            "validation_folds": 2,
+            "ease_lambdas": [1.0, 50.0],
+            "temporal_betas": [0.0, 1.0],
+            "blend_components": ["noise", "popularity"],
+            "blend_weight_grid": [0.0, 0.5, 2.0],
+        }
+    )
+    fitters = {
+        "noise": lambda ctx: NoiseScorer(len(ctx.item_ids)),
+        "popularity": lambda ctx: PopularityScorer(ctx.matrix.matrix),
+    }
     logs = []
     choice = tune_hybrid(frame, items, cfg, fitters, k=5, weight_col="rating", log=logs.append)
     assert choice.weights["noise"] == 0.0
     assert choice.ease_lambda in (1.0, 50.0) and choice.temporal_beta in (0.0, 1.0)
-    assert choice.validation["hybrid"] >= choice.validation["weighted_input"] >= choice.validation["temporal_ease"] - 1e-12
+    assert (
+        choice.validation["hybrid"] >= choice.validation["weighted_input"] >= choice.validation["temporal_ease"] - 1e-12
+    )
     assert any("noise alone" in line for line in logs)
     again = tune_hybrid(frame, items, cfg, fitters, k=5, weight_col="rating", log=lambda _: None)
     assert again.to_dict() | {"seconds": 0} == choice.to_dict() | {"seconds": 0}
@@ -82,9 +95,16 @@ def test_tuning_uses_validation_and_gives_noise_no_weight(settings):
 def test_hybrid_bundle_round_trip_scores_like_the_model(settings, tmp_path):
     frame = _clustered(seed=3)
     items = np.array(sorted(frame["item_id"].unique()), dtype=object)
-    cfg = settings.training.model_copy(update={"validation_folds": 2, "ease_lambdas": [10.0], "temporal_betas": [0.5],
-                                               "input_alphas": [0.2], "blend_components": ["popularity"],
-                                               "blend_weight_grid": [0.3]})
+    cfg = settings.training.model_copy(
+        update={
+            "validation_folds": 2,
+            "ease_lambdas": [10.0],
+            "temporal_betas": [0.5],
+            "input_alphas": [0.2],
+            "blend_components": ["popularity"],
+            "blend_weight_grid": [0.3],
+        }
+    )
     fitters = {"popularity": lambda ctx: PopularityScorer(ctx.matrix.matrix)}
     choice = tune_hybrid(frame, items, cfg, fitters, k=5, weight_col="rating", log=lambda _: None)
     choice.weights["popularity"] = 0.3  # force a two-part blend for the round trip
@@ -92,8 +112,17 @@ def test_hybrid_bundle_round_trip_scores_like_the_model(settings, tmp_path):
     matrix = InteractionMatrix.from_frame(frame, item_ids=items, weight_col="rating")
     history = {u: matrix.matrix[r].indices for u, r in matrix.user_index.items()}
     weights = {u: matrix.matrix[r].data for u, r in matrix.user_index.items()}
-    write_bundle(tmp_path / "b", model=hybrid, item_ids=items, titles=items, categories=[[]] * len(items), history=history,
-                 history_weights=weights, popularity=np.ones(len(items), np.float32), metadata={"version": "v1", "k": 5, "metrics": {}})
+    write_bundle(
+        tmp_path / "b",
+        model=hybrid,
+        item_ids=items,
+        titles=items,
+        categories=[[]] * len(items),
+        history=history,
+        history_weights=weights,
+        popularity=np.ones(len(items), np.float32),
+        metadata={"version": "v1", "k": 5, "metrics": {}},
+    )
     bundle = load_bundle(tmp_path / "b")
     assert bundle.metadata["has_blend"] and bundle.model.name == "hybrid"
     for user in ("u0", "u1", "u7"):
@@ -103,7 +132,9 @@ def test_hybrid_bundle_round_trip_scores_like_the_model(settings, tmp_path):
         order = [str(items[i]) for i in np.lexsort((np.arange(len(items)), -expected))[:5]]
         recs, cold = bundle.recommend(user, 5)
         assert not cold and [r["item_id"] for r in recs] == order
-        np.testing.assert_allclose([r["score"] for r in recs], np.sort(expected[np.isfinite(expected)])[::-1][:5], rtol=1e-5)
+        np.testing.assert_allclose(
+            [r["score"] for r in recs], np.sort(expected[np.isfinite(expected)])[::-1][:5], rtol=1e-5
+        )
 
 
 def test_every_candidate_bundles_as_a_blend(tmp_path):
@@ -115,14 +146,29 @@ def test_every_candidate_bundles_as_a_blend(tmp_path):
     history = {u: matrix.matrix[r].indices for u, r in matrix.user_index.items()}
     for name, scorer in (("popularity", PopularityScorer(matrix.matrix)), ("ease", fit_ease(matrix.matrix, 5.0))):
         blend = as_blend(name, scorer, len(items))
-        write_bundle(tmp_path / name, model=blend, item_ids=items, titles=items, categories=[[]] * len(items), history=history,
-                     popularity=np.ones(len(items), np.float32), metadata={"version": "v1", "k": 5, "metrics": {}})
+        write_bundle(
+            tmp_path / name,
+            model=blend,
+            item_ids=items,
+            titles=items,
+            categories=[[]] * len(items),
+            history=history,
+            popularity=np.ones(len(items), np.float32),
+            metadata={"version": "v1", "k": 5, "metrics": {}},
+        )
         bundle = load_bundle(tmp_path / name)
         assert bundle.model.name == name
         row = matrix.matrix[matrix.user_index["u3"]]
         np.testing.assert_allclose(bundle.model.score(row, ["u3"]), blend.score(row, ["u3"]), rtol=1e-6)
     # Only the project's own component kinds can be saved.
     with pytest.raises(TypeError, match="cannot save"):
-        write_bundle(tmp_path / "noise", model=as_blend("noise", NoiseScorer(len(items)), len(items)), item_ids=items, titles=items,
-                     categories=[[]] * len(items), history=history, popularity=np.ones(len(items), np.float32),
-                     metadata={"version": "v1", "k": 5, "metrics": {}})
+        write_bundle(
+            tmp_path / "noise",
+            model=as_blend("noise", NoiseScorer(len(items)), len(items)),
+            item_ids=items,
+            titles=items,
+            categories=[[]] * len(items),
+            history=history,
+            popularity=np.ones(len(items), np.float32),
+            metadata={"version": "v1", "k": 5, "metrics": {}},
+        )

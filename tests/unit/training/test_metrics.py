@@ -44,7 +44,13 @@ def test_catalog_coverage():
 def test_beyond_accuracy_by_hand():
     import numpy as np
 
-    from training.metrics import exposure_entropy, exposure_gini, intra_list_diversity, mean_popularity_percentile, novelty
+    from training.metrics import (
+        exposure_entropy,
+        exposure_gini,
+        intra_list_diversity,
+        mean_popularity_percentile,
+        novelty,
+    )
 
     vectors = {"a": np.array([1.0, 0.0]), "b": np.array([0.0, 1.0]), "c": np.array([1.0, 0.0])}
     assert intra_list_diversity({"u": ["a", "b"]}, vectors, 2) == pytest.approx(1.0)

@@ -10,14 +10,14 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from hyperrec.datasets.movielens import GENRES, read_items, read_ratings, read_users
+from core.datasets.movielens import GENRES, read_items, read_ratings, read_users
 from pipelines.split import u75_split
 from training.metrics import evaluate
 from training.models import fit_popularity
 from training.neural import NeuralConfig, NeuralData, NeuralRecommender, fit_neural, is_quantized, quantize_int8
 
-USERS = 400          # the first 400 users of ml-100k
-COLD_EVERY = 10      # every 10th of them is left out of training entirely (cold start)
+USERS = 400  # the first 400 users of ml-100k
+COLD_EVERY = 10  # every 10th of them is left out of training entirely (cold start)
 CFG = NeuralConfig(epochs=30, batch_size=64, seed=0)
 
 
@@ -42,8 +42,9 @@ def corpus(settings):
     items = read_items(source).assign(item_id=lambda f: f["item_id"].astype(int)).set_index("item_id")
     genres = np.array([[g in cats for g in GENRES] for cats in items.loc[list(item_ids), "categories"]], np.float32)
     users = read_users(source).assign(user_id=lambda f: f["user_id"].astype(int))
-    data = NeuralData.build(train[~train["user_id"].isin(cold)], item_ids,
-                            users[["user_id", "age", "gender", "occupation"]], genres)
+    data = NeuralData.build(
+        train[~train["user_id"].isin(cold)], item_ids, users[["user_id", "age", "gender", "occupation"]], genres
+    )
     return {"train": train, "test": test, "cold": sorted(cold), "data": data}
 
 
@@ -57,9 +58,13 @@ def _history(corpus, users: list) -> sp.csr_matrix:
     index = corpus["data"].interactions.item_index
     train = corpus["train"][corpus["train"]["user_id"].isin(users)]
     row = {u: r for r, u in enumerate(users)}
-    return sp.csr_matrix((np.ones(len(train), np.float32),
-                          (train["user_id"].map(row).to_numpy(), train["item_id"].map(index).to_numpy())),
-                         shape=(len(users), len(index)))
+    return sp.csr_matrix(
+        (
+            np.ones(len(train), np.float32),
+            (train["user_id"].map(row).to_numpy(), train["item_id"].map(index).to_numpy()),
+        ),
+        shape=(len(users), len(index)),
+    )
 
 
 def _ndcg(scores: np.ndarray, x: sp.csr_matrix, users: list, corpus) -> float:
@@ -154,14 +159,17 @@ def test_user_features_are_encoded_and_missing_users_get_zeros():
     np.testing.assert_allclose(dense["c"], [0.0, 0.0, 0.0])  # no feature row: zeros
 
 
-@pytest.mark.parametrize("fields, message", [
-    ({"embedding_dim": 0}, "embedding_dim"),
-    ({"hidden": [64, 0]}, "hidden"),
-    ({"dropout": 1.0}, "dropout"),
-    ({"input_dropout": -0.1}, "input_dropout"),
-    ({"batch_size": 0}, "batch_size"),
-    ({"epocs": 3}, "epocs"),
-])
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"embedding_dim": 0}, "embedding_dim"),
+        ({"hidden": [64, 0]}, "hidden"),
+        ({"dropout": 1.0}, "dropout"),
+        ({"input_dropout": -0.1}, "input_dropout"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"epocs": 3}, "epocs"),
+    ],
+)
 def test_bad_config_raises_a_clear_error(fields, message):
     with pytest.raises(pydantic.ValidationError, match=message):
         NeuralConfig(**fields)

@@ -20,8 +20,8 @@ import yaml
 from mlflow import MlflowClient
 from typer.testing import CliRunner
 
+from core.settings import Settings
 from hyperrec.cli import app
-from hyperrec.settings import Settings
 from training.bundle import write_bundle
 from training.evaluation import history_of, recommend_ids, relevant_items
 from training.metrics import ndcg_at_k
@@ -59,8 +59,11 @@ def _interactions(seed: int = 7) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, 
         held_out = set(rng.choice(12, size=3, replace=False).tolist())
         rows += [(f"u{u:02d}", f"i{i:02d}", j in held_out) for j, i in enumerate(items)]
     frame = pd.DataFrame(rows, columns=["user_id", "item_id", "test"])
-    return (frame[~frame.test].drop(columns="test").reset_index(drop=True),
-            frame[frame.test].drop(columns="test").reset_index(drop=True), segments)
+    return (
+        frame[~frame.test].drop(columns="test").reset_index(drop=True),
+        frame[frame.test].drop(columns="test").reset_index(drop=True),
+        segments,
+    )
 
 
 TRAIN, TEST, SEGMENTS = _interactions()
@@ -83,8 +86,13 @@ def bundles(tmp_path_factory) -> dict[str, Path]:
     }
     return {
         name: write_bundle(
-            out / name, model=model, item_ids=matrix.item_ids, titles=[f"Title {i}" for i in matrix.item_ids],
-            categories=[[] for _ in matrix.item_ids], history=history_of(matrix), popularity=popularity(matrix.matrix),
+            out / name,
+            model=model,
+            item_ids=matrix.item_ids,
+            titles=[f"Title {i}" for i in matrix.item_ids],
+            categories=[[] for _ in matrix.item_ids],
+            history=history_of(matrix),
+            popularity=popularity(matrix.matrix),
             metadata={"version": f"test-{name}", "k": K, "metrics": {}, "model_name": name},
         )
         for name, model in models.items()
@@ -105,14 +113,28 @@ def _fresh(settings: Settings, **promotion) -> Settings:
 
 def _register(settings: Settings, bundles: dict[str, Path], holdout: dict[str, dict], name: str) -> int:
     metrics = {m: v for m, v in holdout[name].items() if isinstance(v, float)}
-    reg = log_and_register(settings, run_name=f"test-{name}", params={"model": name}, metrics=metrics,
-                           bundle_dir=bundles[name], artifact_dirs={}, tags={"hyperrec.model": name})
+    reg = log_and_register(
+        settings,
+        run_name=f"test-{name}",
+        params={"model": name},
+        metrics=metrics,
+        bundle_dir=bundles[name],
+        artifact_dirs={},
+        tags={"hyperrec.model": name},
+    )
     return reg.version
 
 
 def _gate(settings: Settings, holdout: dict[str, dict], version: int, name: str, workdir: Path, **kwargs):
-    return promotion_gate(settings, challenger_version=version, challenger_ndcg=holdout[name][f"ndcg@{K}"],
-                          train_df=TRAIN, test_df=TEST, workdir=workdir, **kwargs)
+    return promotion_gate(
+        settings,
+        challenger_version=version,
+        challenger_ndcg=holdout[name][f"ndcg@{K}"],
+        train_df=TRAIN,
+        test_df=TEST,
+        workdir=workdir,
+        **kwargs,
+    )
 
 
 def _tags(settings: Settings, version: int) -> dict[str, str]:
@@ -159,7 +181,10 @@ def test_first_version_is_promoted_and_a_worse_one_stays_challenger(settings, bu
     assert checks["ndcg"].passed is False and checks["fairness"].passed is None
     assert checks["coverage"].challenger == pytest.approx(holdout["popularity"][f"coverage@{K}"])
     pop, ease = holdout["popularity"][f"ndcg@{K}"], holdout["ease"][f"ndcg@{K}"]
-    assert f"ndcg@{K} {pop:.4f} vs champion {ease:.4f}: gain {pop - ease:+.4f} < required +0.0000 -> FAIL" in decision.reason
+    assert (
+        f"ndcg@{K} {pop:.4f} vs champion {ease:.4f}: gain {pop - ease:+.4f} < required +0.0000 -> FAIL"
+        in decision.reason
+    )
     tags = _tags(s, v2)
     assert tags["gate.decision"] == "rejected" and tags["gate.reason"] == decision.reason
     assert [c["name"] for c in json.loads(tags["gate.checks"])] == ["ndcg", "coverage", "fairness"]
@@ -198,7 +223,10 @@ def test_better_ndcg_that_loses_coverage_is_rejected(settings, bundles, holdout,
     assert checks["ndcg"].passed is True and checks["coverage"].passed is False
     assert decision.reason.startswith(f"rejected against champion v{v1} (failed: coverage): ")
     new, old = holdout["popularity"][f"coverage@{K}"], holdout["random"][f"coverage@{K}"]
-    assert f"coverage@{K} {new:.4f} vs champion {old:.4f}: drop {old - new:+.4f} > allowed 0.0500 -> FAIL" in decision.reason
+    assert (
+        f"coverage@{K} {new:.4f} vs champion {old:.4f}: drop {old - new:+.4f} > allowed 0.0500 -> FAIL"
+        in decision.reason
+    )
     # The limit is configuration: allowing the measured drop promotes the same challenger.
     lenient = s.model_copy(update={"promotion": s.promotion.model_copy(update={"max_coverage_drop": old - new + 0.01})})
     assert _gate(lenient, holdout, v2, "popularity", tmp_path / "g3", challenger_metrics=holdout["popularity"]).promote
@@ -215,8 +243,10 @@ def test_better_ndcg_that_widens_the_segment_gap_is_rejected(settings, bundles, 
     assert [c.passed for c in decision.checks] == [True, True, False] and champion_version(s) == v1
     gap_new, gap_old = holdout["item_knn"]["segment_gap"], holdout["ease"]["segment_gap"]
     assert decision.reason.startswith(f"rejected against champion v{v1} (failed: fairness): ")
-    assert (f"gap (best-worst) {gap_new:.4f} vs champion {gap_old:.4f}: increase {gap_new - gap_old:+.4f} > allowed "
-            "0.0500 -> FAIL") in decision.reason
+    assert (
+        f"gap (best-worst) {gap_new:.4f} vs champion {gap_old:.4f}: increase {gap_new - gap_old:+.4f} > allowed "
+        "0.0500 -> FAIL"
+    ) in decision.reason
     with pytest.raises(ValueError, match=f"must include 'coverage@{K}'"):
         _gate(s, holdout, v2, "item_knn", tmp_path / "g3", challenger_metrics={f"ndcg@{K}": 0.9})
 
@@ -234,7 +264,11 @@ def test_manual_promote_then_rollback(settings, bundles, holdout, tmp_path):
     tags = _tags(s, v2)
     assert tags["gate.decision"] == "manual" and tags["gate.auto_decision"] == "rejected"
     assert tags["gate.reason"] == "manual promotion by alice: won the online A/B test"
-    assert (tags["promotion.previous_champion"], tags["promotion.user"], tags["promotion.by"]) == (str(v1), "alice", "manual")
+    assert (tags["promotion.previous_champion"], tags["promotion.user"], tags["promotion.by"]) == (
+        str(v1),
+        "alice",
+        "manual",
+    )
     with pytest.raises(RegistryError, match=f"version {v2} of .* is already the champion"):
         promote_version(s, v2, "again")
     with pytest.raises(RegistryError, match="has no version 99"):
@@ -292,8 +326,9 @@ def test_model_cli_list_promote_rollback(settings, bundles, holdout, tmp_path):
     assert "challenger" in lines[str(v2)] and "rejected" in lines[str(v2)]
     assert f"{holdout['popularity'][f'ndcg@{K}']:.4f}" in lines[str(v2)]
 
-    promoted = runner.invoke(app, ["model", "promote", str(v2), "--reason", "editorial review", "--by", "dana",
-                                   "--config", str(config)])
+    promoted = runner.invoke(
+        app, ["model", "promote", str(v2), "--reason", "editorial review", "--by", "dana", "--config", str(config)]
+    )
     assert promoted.exit_code == 0, promoted.output
     assert f"champion: v{v2} (was v{v1}), by dana: editorial review" in promoted.output and champion_version(s) == v2
     rolled = runner.invoke(app, ["model", "rollback", "--config", str(config)])

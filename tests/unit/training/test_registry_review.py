@@ -14,24 +14,24 @@ import shutil
 import uuid
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pandas as pd
 import pytest
-import mlflow
 import torch
 from mlflow import MlflowClient
 from mlflow.entities import ViewType
 
-from hyperrec.run_context import RunContext
-from hyperrec.settings import Settings
-from hyperrec.tracking import configure
+from core.run_context import RunContext
+from core.settings import Settings
+from core.tracking import configure
 from training import stage
 from training.bundle import write_bundle
 from training.candidates import NeuralScorer, as_blend
 from training.evaluation import history_of
 from training.models import InteractionMatrix, fit_ease, fit_popularity, popularity
-from training.pyfunc import RecommenderPyfunc
 from training.neural import NeuralConfig, NeuralData, NeuralRecommender, fit_neural, loss_curve
+from training.pyfunc import RecommenderPyfunc
 from training.registry import (
     ABANDONED_TAG,
     CHALLENGER,
@@ -63,8 +63,11 @@ def _interactions(seed: int = 5) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, 
         held_out = set(rng.choice(8, size=2, replace=False).tolist())
         rows += [(f"u{u:02d}", f"i{i:02d}", j in held_out) for j, i in enumerate(items)]
     frame = pd.DataFrame(rows, columns=["user_id", "item_id", "test"])
-    return (frame[~frame.test].drop(columns="test").reset_index(drop=True),
-            frame[frame.test].drop(columns="test").reset_index(drop=True), segments)
+    return (
+        frame[~frame.test].drop(columns="test").reset_index(drop=True),
+        frame[frame.test].drop(columns="test").reset_index(drop=True),
+        segments,
+    )
 
 
 TRAIN, TEST, SEGMENTS = _interactions()
@@ -73,10 +76,16 @@ ITEMS = np.array([f"i{i:02d}" for i in range(PER_CLUSTER * GROUPS)], dtype=objec
 
 def _write(out: Path, name: str, model) -> Path:
     matrix = InteractionMatrix.from_frame(TRAIN, item_ids=ITEMS)
-    return write_bundle(out / name, model=model, item_ids=matrix.item_ids, titles=[f"T {i}" for i in matrix.item_ids],
-                        categories=[[] for _ in matrix.item_ids], history=history_of(matrix),
-                        popularity=popularity(matrix.matrix),
-                        metadata={"version": f"test-{name}", "k": K, "metrics": {}, "model_name": name})
+    return write_bundle(
+        out / name,
+        model=model,
+        item_ids=matrix.item_ids,
+        titles=[f"T {i}" for i in matrix.item_ids],
+        categories=[[] for _ in matrix.item_ids],
+        history=history_of(matrix),
+        popularity=popularity(matrix.matrix),
+        metadata={"version": f"test-{name}", "k": K, "metrics": {}, "model_name": name},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -94,9 +103,11 @@ def bundles(tmp_path_factory, neural_model) -> dict[str, Path]:
     out = tmp_path_factory.mktemp("review-bundles")
     matrix = InteractionMatrix.from_frame(TRAIN, item_ids=ITEMS)
     hybrid = as_blend("neural", NeuralScorer(neural_model), len(ITEMS))
-    paths = {"popularity": _write(out, "popularity", fit_popularity(matrix.matrix)),
-             "ease": _write(out, "ease", fit_ease(matrix.matrix, lam=5.0)),
-             "neural": _write(out, "neural", hybrid)}
+    paths = {
+        "popularity": _write(out, "popularity", fit_popularity(matrix.matrix)),
+        "ease": _write(out, "ease", fit_ease(matrix.matrix, lam=5.0)),
+        "neural": _write(out, "neural", hybrid),
+    }
     stage.write_loss_history(hybrid, paths["neural"], "neural")
     return paths
 
@@ -113,8 +124,16 @@ def _fresh(settings: Settings) -> Settings:
 
 def _register(s: Settings, bundle: Path, run_dir: str | None = None, description: str = ""):
     tags = {"hyperrec.model": bundle.name, **({RUN_DIR_TAG: run_dir} if run_dir else {})}
-    return log_and_register(s, run_name="test", params={"model": bundle.name}, metrics={"ndcg@10": 0.5},
-                            bundle_dir=bundle, artifact_dirs={}, tags=tags, description=description)
+    return log_and_register(
+        s,
+        run_name="test",
+        params={"model": bundle.name},
+        metrics={"ndcg@10": 0.5},
+        bundle_dir=bundle,
+        artifact_dirs={},
+        tags=tags,
+        description=description,
+    )
 
 
 def _versions(s: Settings) -> list:
@@ -124,8 +143,7 @@ def _versions(s: Settings) -> list:
 def _runs(s: Settings, run_dir: str, view=ViewType.ACTIVE_ONLY) -> list:
     client = MlflowClient()
     experiment = client.get_experiment_by_name(s.mlflow.experiment).experiment_id
-    return [r for r in client.search_runs([experiment], run_view_type=view)
-            if r.data.tags.get(RUN_DIR_TAG) == run_dir]
+    return [r for r in client.search_runs([experiment], run_view_type=view) if r.data.tags.get(RUN_DIR_TAG) == run_dir]
 
 
 def _alias(s: Settings, alias: str) -> int | None:
@@ -146,7 +164,12 @@ def test_register_retried_for_one_run_dir_keeps_one_version(settings, bundles, t
     client.delete_registered_model_alias(s.mlflow.registered_model, CHALLENGER)
     client.update_run(first.run_id, status="RUNNING")
     again = _register(s, bundles["ease"], run_dir)
-    assert (again.version, again.run_id, again.model_uri, again.reused) == (first.version, first.run_id, first.model_uri, True)
+    assert (again.version, again.run_id, again.model_uri, again.reused) == (
+        first.version,
+        first.run_id,
+        first.model_uri,
+        True,
+    )
     assert [int(mv.version) for mv in _versions(s)] == [first.version]
     assert _alias(s, CHALLENGER) == first.version
     assert [r.info.run_id for r in _runs(s, run_dir)] == [first.run_id]
@@ -169,8 +192,9 @@ def test_half_done_attempt_is_replaced_by_exactly_one_version(settings, bundles,
     dead = client.create_run(experiment, tags={RUN_DIR_TAG: run_dir, DIGEST_TAG: bundle_digest(bundles["ease"])})
     with mlflow.start_run(run_id=dead.info.run_id):  # it got as far as logging the model
         mlflow.log_param("model", "ease")
-        logged = mlflow.pyfunc.log_model(name="model", python_model=RecommenderPyfunc(),
-                                         artifacts={"bundle": str(bundles["ease"])})
+        logged = mlflow.pyfunc.log_model(
+            name="model", python_model=RecommenderPyfunc(), artifacts={"bundle": str(bundles["ease"])}
+        )
     client.update_run(dead.info.run_id, status="RUNNING")  # killed: the run never ended
     reg = _register(s, bundles["ease"], run_dir)
     assert not reg.reused and reg.run_id != dead.info.run_id
@@ -212,17 +236,30 @@ def test_description_and_tags_show_the_gate_decision(settings, bundles, holdout,
     assert pending.description.endswith(summary)
     assert MlflowClient().get_run(pending.run_id).data.tags["mlflow.note.content"] == summary
 
-    first = promotion_gate(s, challenger_version=v1, challenger_ndcg=holdout["ease"][f"ndcg@{K}"], train_df=TRAIN,
-                           test_df=TEST, workdir=tmp_path / "g1")
+    first = promotion_gate(
+        s,
+        challenger_version=v1,
+        challenger_ndcg=holdout["ease"][f"ndcg@{K}"],
+        train_df=TRAIN,
+        test_df=TEST,
+        workdir=tmp_path / "g1",
+    )
     assert first.promote
     described = _mv(s, v1).description
     assert described.startswith("## Promotion gate: promoted") and "no champion yet" in described
     assert described.endswith(summary)
 
     v2 = _register(s, bundles["popularity"], str(tmp_path / "r2"), description=summary).version
-    decision = promotion_gate(s, challenger_version=v2, challenger_ndcg=holdout["popularity"][f"ndcg@{K}"],
-                              train_df=TRAIN, test_df=TEST, workdir=tmp_path / "g2",
-                              challenger_metrics=holdout["popularity"], segments=SEGMENTS)
+    decision = promotion_gate(
+        s,
+        challenger_version=v2,
+        challenger_ndcg=holdout["popularity"][f"ndcg@{K}"],
+        train_df=TRAIN,
+        test_df=TEST,
+        workdir=tmp_path / "g2",
+        challenger_metrics=holdout["popularity"],
+        segments=SEGMENTS,
+    )
     assert not decision.promote
     mv = _mv(s, v2)
     assert mv.tags["gate.decision"] == "rejected" and mv.tags["gate.reason"] == decision.reason
@@ -231,8 +268,10 @@ def test_description_and_tags_show_the_gate_decision(settings, bundles, holdout,
     assert text.startswith("## Promotion gate: rejected") and f"Reason: {decision.reason}" in text
     assert "| check | metric | challenger | champion | change | limit | result |" in text
     ndcg = decision.checks[0]
-    assert (f"| ndcg | `ndcg@{K}` | {ndcg.challenger:.4f} | {ndcg.champion:.4f} | "
-            f"{ndcg.challenger - ndcg.champion:+.4f} | gain ≥ +0.0000 | FAIL |") in text
+    assert (
+        f"| ndcg | `ndcg@{K}` | {ndcg.challenger:.4f} | {ndcg.champion:.4f} | "
+        f"{ndcg.challenger - ndcg.champion:+.4f} | gain ≥ +0.0000 | FAIL |"
+    ) in text
     assert "| fairness |" in text and text.endswith(summary) and text.count("## Training run") == 1
     assert len(text) <= 5000
     # A manual promotion and a rollback put their note on top; the gate's record stays.
@@ -255,8 +294,14 @@ def test_promote_retried_after_a_crash_inside_the_champion_move(settings, bundle
     client.set_model_version_tag(name, str(v2), "gate.decision", "promoted")
     client.set_model_version_tag(name, str(v2), "gate.reason", f"promoted over champion v{v1}: ...")
     client.set_registered_model_alias(name, CHAMPION, str(v2))
-    again = promotion_gate(s, challenger_version=v2, challenger_ndcg=holdout["ease"][f"ndcg@{K}"], train_df=TRAIN,
-                           test_df=TEST, workdir=tmp_path / "g2")
+    again = promotion_gate(
+        s,
+        challenger_version=v2,
+        challenger_ndcg=holdout["ease"][f"ndcg@{K}"],
+        train_df=TRAIN,
+        test_df=TEST,
+        workdir=tmp_path / "g2",
+    )
     assert again.promote and "already the champion" in again.reason
     assert json.loads(client.get_registered_model(name).tags[STACK_TAG]) == [v1, v2]
     tags = _mv(s, v2).tags
@@ -302,19 +347,39 @@ def _pipeline_run(s: Settings, bundles: dict[str, Path], holdout: dict[str, dict
     for name in ("popularity", "ease", "neural"):
         m = holdout[name]
         models[name] = {key: v for key, v in m.items() if key not in ("segment_ndcg",)}
-        segments[name] = {"segments": {seg: {f"ndcg@{K}": v, "users": 10} for seg, v in m["segment_ndcg"].items()},
-                          "gap": {f"ndcg@{K}": m["segment_gap"]}}
-    evaluation = {"k": K, "best": "neural", "models": models, "split_fingerprint": "abc123",
-                  "lift_over_popularity": {n: models[n][f"ndcg@{K}"] / models["popularity"][f"ndcg@{K}"] - 1 for n in models},
-                  "segments": segments, "cold_start": {"users": 0}, "segment_models": {}}
+        segments[name] = {
+            "segments": {seg: {f"ndcg@{K}": v, "users": 10} for seg, v in m["segment_ndcg"].items()},
+            "gap": {f"ndcg@{K}": m["segment_gap"]},
+        }
+    evaluation = {
+        "k": K,
+        "best": "neural",
+        "models": models,
+        "split_fingerprint": "abc123",
+        "lift_over_popularity": {n: models[n][f"ndcg@{K}"] / models["popularity"][f"ndcg@{K}"] - 1 for n in models},
+        "segments": segments,
+        "cold_start": {"users": 0},
+        "segment_models": {},
+    }
     run.write_json("evaluation.json", evaluation)
     run.write_json("segments.json", {"method": "kmeans", "k": 4})
-    run.write_json("model_selection.json", {"ease_lambda": 5.0, "plain_ease_lambda": 5.0, "temporal_beta": 0.0,
-                                            "input_alpha": 1.0, "weights": {"ease": 1.0}, "folds": 2,
-                                            "validation": {"ease": 0.3}})
+    run.write_json(
+        "model_selection.json",
+        {
+            "ease_lambda": 5.0,
+            "plain_ease_lambda": 5.0,
+            "temporal_beta": 0.0,
+            "input_alpha": 1.0,
+            "weights": {"ease": 1.0},
+            "folds": 2,
+            "validation": {"ease": 0.3},
+        },
+    )
     run.write_json("segment_tuning.json", {"skipped": "test"})
-    run.write_json("params.json", {"dataset": "ml-100k", "reason": "drift",
-                                   "drift_report": str(drift_dir / "drift" / "drift_report.json")})
+    run.write_json(
+        "params.json",
+        {"dataset": "ml-100k", "reason": "drift", "drift_report": str(drift_dir / "drift" / "drift_report.json")},
+    )
     (run.features_dir / "segments").mkdir(parents=True)
     (run.features_dir / "segments" / "summary.md").write_text("# segments\n")
     shutil.copy(run.models_dir / "neural" / "metadata.json", run.features_dir / "segments" / "segments_tsne.png")
@@ -342,9 +407,19 @@ def test_register_stage_logs_review_artifacts_once(settings, bundles, holdout, t
         return found
 
     files = listing()
-    assert {"evaluation/metrics.md", "evaluation/models.csv", "evaluation/segments.csv", "training/loss.png",
-            "training/loss.json", "drift/drift_report.json", "drift/drift_report.html", "drift/drift.json",
-            "segments/segments_tsne.png", "gx_data_docs/index.html", "pipeline/params.json"} <= files
+    assert {
+        "evaluation/metrics.md",
+        "evaluation/models.csv",
+        "evaluation/segments.csv",
+        "training/loss.png",
+        "training/loss.json",
+        "drift/drift_report.json",
+        "drift/drift_report.html",
+        "drift/drift.json",
+        "segments/segments_tsne.png",
+        "gx_data_docs/index.html",
+        "pipeline/params.json",
+    } <= files
     metrics_md = (run.path("evaluation") / "metrics.md").read_text()
     assert "| **neural** |" in metrics_md and f"ndcg@{K}" in metrics_md
     history = client.get_metric_history(result["run_id"], "neural.train_loss")

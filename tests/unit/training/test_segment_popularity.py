@@ -8,15 +8,20 @@ from training.models import fit_segment_popularity, popularity, segment_populari
 def _two_tastes():
     """Segment 0 (4 users) loves item 0, segment 1 (2 users) loves item 2; item 0 is the
     global favourite. Segment 7 has one user with an empty row."""
-    x = sp.csr_matrix(np.array([
-        [1, 1, 0, 0],
-        [1, 0, 0, 0],
-        [1, 0, 0, 1],
-        [1, 1, 0, 0],
-        [0, 0, 1, 1],
-        [0, 0, 1, 0],
-        [0, 0, 0, 0],
-    ], dtype=np.float32))
+    x = sp.csr_matrix(
+        np.array(
+            [
+                [1, 1, 0, 0],
+                [1, 0, 0, 0],
+                [1, 0, 0, 1],
+                [1, 1, 0, 0],
+                [0, 0, 1, 1],
+                [0, 0, 1, 0],
+                [0, 0, 0, 0],
+            ],
+            dtype=np.float32,
+        )
+    )
     return x, np.array([0, 0, 0, 0, 1, 1, 7])
 
 

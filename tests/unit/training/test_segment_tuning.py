@@ -13,8 +13,8 @@ import scipy.sparse as sp
 import torch
 from pydantic import ValidationError
 
-from hyperrec.datasets.synthetic import generate
-from hyperrec.settings import NeuralSettings, TuningSettings
+from core.datasets.synthetic import generate
+from core.settings import NeuralSettings, TuningSettings
 from training.metrics import ndcg_at_k
 from training.models import InteractionMatrix
 from training.neural import NeuralData, fit_neural
@@ -54,17 +54,31 @@ def world(tmp_path_factory, settings):
     segment_of = dict(zip(truth["user_id"], truth["group"].astype(int)))
     for user in sorted(u for u, g in segment_of.items() if g == 0)[:3]:
         segment_of[user] = TINY
-    cfg = settings.model_copy(update={
-        "neural": NeuralSettings(embedding_dim=16, hidden=[32], epochs=40, batch_size=64, lr=3e-3, seed=0),
-        "tuning": TuningSettings(segment_finetune_epochs=5, min_validation_users=5, optuna_trials=4,
-                                 optuna_startup_trials=2, embedding_dims=[8, 16]),
-    })
+    cfg = settings.model_copy(
+        update={
+            "neural": NeuralSettings(embedding_dim=16, hidden=[32], epochs=40, batch_size=64, lr=3e-3, seed=0),
+            "tuning": TuningSettings(
+                segment_finetune_epochs=5,
+                min_validation_users=5,
+                optuna_trials=4,
+                optuna_startup_trials=2,
+                embedding_dims=[8, 16],
+            ),
+        }
+    )
     item_ids = np.array(sorted(frame["item_id"].unique()), dtype=object)
     fit, val = validation_split(frame, cfg)
     global_rec = fit_neural(NeuralData.build(fit, item_ids), cfg.neural, progress=False)
     snapshot = {name: v.clone() for name, v in global_rec.net.state_dict().items()}
-    return {"settings": cfg, "fit": fit, "val": val, "segment_of": segment_of, "item_ids": item_ids,
-            "global": global_rec, "snapshot": snapshot}
+    return {
+        "settings": cfg,
+        "fit": fit,
+        "val": val,
+        "segment_of": segment_of,
+        "item_ids": item_ids,
+        "global": global_rec,
+        "snapshot": snapshot,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +86,16 @@ def tuned(world):
     """fine_tune_segments with defaults, except segment 3 gets lr 1e-9 (a copy that ranks
     exactly like the global model: gain 0)."""
     messages: list[str] = []
-    result = fine_tune_segments(world["global"], world["fit"], world["val"], world["segment_of"], world["item_ids"],
-                                world["settings"], params_by_segment={3: {"lr": 1e-9}}, log=messages.append)
+    result = fine_tune_segments(
+        world["global"],
+        world["fit"],
+        world["val"],
+        world["segment_of"],
+        world["item_ids"],
+        world["settings"],
+        params_by_segment={3: {"lr": 1e-9}},
+        log=messages.append,
+    )
     return result, messages
 
 
@@ -117,8 +139,10 @@ def test_one_row_per_segment_and_the_gain_recomputed_by_hand(world, tuned):
     members = [u for u, s in world["segment_of"].items() if s == 1]
     relevant = _relevant_by_hand(world["fit"], world["val"], members)
     assert len(relevant) == rows[1]["validation_users"]
-    by_hand = {name: _ndcg_by_hand(model, world["fit"], world["item_ids"], relevant)
-               for name, model in (("global_ndcg", world["global"]), ("finetuned_ndcg", result.models[1]))}
+    by_hand = {
+        name: _ndcg_by_hand(model, world["fit"], world["item_ids"], relevant)
+        for name, model in (("global_ndcg", world["global"]), ("finetuned_ndcg", result.models[1]))
+    }
     assert by_hand == pytest.approx({name: rows[1][name] for name in by_hand}, abs=1e-9)
     print({s: round(r["gain"], 4) for s, r in rows.items() if r["gain"] is not None})
 
@@ -137,8 +161,9 @@ def test_a_segment_model_is_kept_only_when_it_gains(world, tuned):
     bar = float(np.median([rows[s]["gain"] for s in kept]))
     s = world["settings"]
     strict = s.model_copy(update={"tuning": s.tuning.model_copy(update={"min_gain": bar})})
-    again = fine_tune_segments(world["global"], world["fit"], world["val"], world["segment_of"], world["item_ids"],
-                               strict, log=lambda m: None)
+    again = fine_tune_segments(
+        world["global"], world["fit"], world["val"], world["segment_of"], world["item_ids"], strict, log=lambda m: None
+    )
     gains = {r["segment"]: r["gain"] for r in again.results if r["gain"] is not None}
     assert set(again.models) == {seg for seg, g in gains.items() if g > bar}
     assert 0 < len(again.models) < len(gains)
@@ -174,8 +199,9 @@ def test_segmented_recommender_routes_rows_and_round_trips(world, tuned, tmp_pat
     x[np.arange(6), np.arange(6)] = 1.0
     scores = rec.score(x, users, segments)
     np.testing.assert_allclose(scores[[0, 3]], result.models[kept].score(x[[0, 3]], [users[0], users[3]]), rtol=1e-6)
-    np.testing.assert_allclose(scores[[1, 2, 4, 5]], world["global"].score(x[[1, 2, 4, 5]], [users[i] for i in (1, 2, 4, 5)]),
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        scores[[1, 2, 4, 5]], world["global"].score(x[[1, 2, 4, 5]], [users[i] for i in (1, 2, 4, 5)]), rtol=1e-6
+    )
     assert not np.allclose(scores[0], world["global"].score(x[[0]], [users[0]])[0])
     loaded = SegmentedRecommender.load(rec.save(tmp_path / "bundle"))
     assert set(loaded.models) == set(result.models)
@@ -188,8 +214,7 @@ def test_segmented_recommender_routes_rows_and_round_trips(world, tuned, tmp_pat
 
 @pytest.fixture(scope="module")
 def globals_by_dim(world):
-    return train_global_models(world["fit"], world["item_ids"], world["settings"], [8, 16],
-                               known={16: world["global"]})
+    return train_global_models(world["fit"], world["item_ids"], world["settings"], [8, 16], known={16: world["global"]})
 
 
 def test_search_is_reproducible_and_logged_to_mlflow(world, globals_by_dim):
@@ -209,8 +234,9 @@ def test_search_is_reproducible_and_logged_to_mlflow(world, globals_by_dim):
     third = search_segment(*args, other, track=False, log=lambda m: None)
     assert third.study.trials[0].params != first.study.trials[0].params
 
-    runs = mlflow.search_runs(experiment_names=[world["settings"].mlflow.experiment],
-                              filter_string=f"attributes.run_id = '{first.run_id}'")
+    runs = mlflow.search_runs(
+        experiment_names=[world["settings"].mlflow.experiment], filter_string=f"attributes.run_id = '{first.run_id}'"
+    )
     assert len(runs) == 1
     run = runs.iloc[0]
     assert run["tags.mlflow.parentRunId"] == parent.info.run_id
@@ -222,7 +248,9 @@ def test_search_is_reproducible_and_logged_to_mlflow(world, globals_by_dim):
     client = mlflow.MlflowClient()
     history = client.get_metric_history(first.run_id, "trial_value")
     assert [m.step for m in sorted(history, key=lambda m: m.step)] == [0, 1, 2, 3]
-    assert [m.value for m in sorted(history, key=lambda m: m.step)] == pytest.approx([t.value for t in first.study.trials])
+    assert [m.value for m in sorted(history, key=lambda m: m.step)] == pytest.approx(
+        [t.value for t in first.study.trials]
+    )
     assert len(client.get_metric_history(first.run_id, "trial_lr")) == 4
     trials = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=first.run_id, artifact_path="trials.csv"))
     assert len(trials) == 4 and trials["value"].max() == pytest.approx(first.best_value)
@@ -235,7 +263,7 @@ class _parent:
         self.settings = settings
 
     def __enter__(self):
-        from hyperrec.tracking import configure
+        from core.tracking import configure
 
         configure(self.settings)
         self.run = mlflow.start_run(run_name="segment-tuning-parent")
@@ -246,8 +274,17 @@ class _parent:
 
 
 def test_tune_segments_searches_then_judges_on_other_users(world, globals_by_dim):
-    result = tune_segments(world["global"], world["fit"], world["val"], world["segment_of"], world["item_ids"],
-                           world["settings"], globals_by_dim=globals_by_dim, progress=False, log=lambda m: None)
+    result = tune_segments(
+        world["global"],
+        world["fit"],
+        world["val"],
+        world["segment_of"],
+        world["item_ids"],
+        world["settings"],
+        globals_by_dim=globals_by_dim,
+        progress=False,
+        log=lambda m: None,
+    )
     rows = {r["segment"]: r for r in result.results}
     assert set(rows) == {0, 1, 2, 3, TINY} and set(result.searches) == {0, 1, 2, 3}
     assert rows[TINY]["gain"] is None and "min_validation_users" in rows[TINY]["reason"]
@@ -263,16 +300,28 @@ def test_tune_segments_searches_then_judges_on_other_users(world, globals_by_dim
         metrics = client.get_run(search.run_id).data.metrics
         assert metrics["gain"] == pytest.approx(row["gain"]) and metrics["kept"] == float(row["kept"])
     assert result.to_dict()["searches"]["0"]["n_trials"] == 4
-    print("segment: (search best, decision global, decision fine-tuned, kept, params)",
-          {s: (round(r["search_value"], 4), round(r["global_ndcg"], 4), round(r["finetuned_ndcg"], 4), r["kept"],
-               {k: round(v, 5) for k, v in r["params"].items()}) for s, r in rows.items() if r["gain"] is not None})
+    print(
+        "segment: (search best, decision global, decision fine-tuned, kept, params)",
+        {
+            s: (
+                round(r["search_value"], 4),
+                round(r["global_ndcg"], 4),
+                round(r["finetuned_ndcg"], 4),
+                r["kept"],
+                {k: round(v, 5) for k, v in r["params"].items()},
+            )
+            for s, r in rows.items()
+            if r["gain"] is not None
+        },
+    )
 
 
 def test_misuse_raises_clear_errors(world, globals_by_dim):
     s = world["settings"]
     other_users = world["fit"][world["fit"]["user_id"] != world["fit"]["user_id"].iloc[0]]
-    stranger = fit_neural(NeuralData.build(other_users, world["item_ids"]),
-                          s.neural.model_copy(update={"epochs": 1}), progress=False)
+    stranger = fit_neural(
+        NeuralData.build(other_users, world["item_ids"]), s.neural.model_copy(update={"epochs": 1}), progress=False
+    )
     with pytest.raises(ValueError, match="must be trained on fit_frame"):
         fine_tune_segments(stranger, world["fit"], world["val"], world["segment_of"], world["item_ids"], s)
     with pytest.raises(ValueError, match="unknown parameter"):
@@ -280,8 +329,16 @@ def test_misuse_raises_clear_errors(world, globals_by_dim):
     with pytest.raises(ValueError, match="embedding_dim 8 differs"):
         finetune_config(world["global"].cfg, s.tuning, {"embedding_dim": 8})
     with pytest.raises(ValueError, match="validation users"):
-        search_segment(TINY, [u for u, g in world["segment_of"].items() if g == TINY], world["fit"], world["val"],
-                       globals_by_dim, world["item_ids"], s, track=False)
+        search_segment(
+            TINY,
+            [u for u, g in world["segment_of"].items() if g == TINY],
+            world["fit"],
+            world["val"],
+            globals_by_dim,
+            world["item_ids"],
+            s,
+            track=False,
+        )
     with pytest.raises(ValueError, match="no user"):
         fine_tune(world["global"], None, [], world["global"].cfg)
     with pytest.raises(ValidationError, match="lr_range"):
@@ -296,16 +353,22 @@ def test_segment_fine_tuning_beats_the_same_recipe_on_all_users(tmp_path, settin
     frame = pd.read_parquet(tmp_path / "interactions", columns=["user_id", "item_id"]).drop_duplicates()
     truth = pd.read_parquet(tmp_path / "ground_truth" / "users.parquet")
     segment_of = dict(zip(truth["user_id"], truth["group"].astype(int)))
-    s = settings.model_copy(update={
-        "neural": NeuralSettings(embedding_dim=16, hidden=[32], epochs=60, batch_size=64, lr=3e-3, seed=0),
-        "tuning": TuningSettings(segment_finetune_epochs=5, min_validation_users=10),
-    })
+    s = settings.model_copy(
+        update={
+            "neural": NeuralSettings(embedding_dim=16, hidden=[32], epochs=60, batch_size=64, lr=3e-3, seed=0),
+            "tuning": TuningSettings(segment_finetune_epochs=5, min_validation_users=10),
+        }
+    )
     item_ids = np.array(sorted(frame["item_id"].unique()), dtype=object)
     fit, val = validation_split(frame, s)
     global_rec = fit_neural(NeuralData.build(fit, item_ids), s.neural, progress=False)
     result = fine_tune_segments(global_rec, fit, val, segment_of, item_ids, s, log=lambda m: None)
-    everyone = fine_tune(global_rec, InteractionMatrix.from_frame(fit, item_ids=item_ids), list(global_rec.user_ids),
-                         finetune_config(global_rec.cfg, s.tuning))
+    everyone = fine_tune(
+        global_rec,
+        InteractionMatrix.from_frame(fit, item_ids=item_ids),
+        list(global_rec.user_ids),
+        finetune_config(global_rec.cfg, s.tuning),
+    )
     lift = {}
     for row in result.results:
         members = [u for u, g in segment_of.items() if g == row["segment"]]
@@ -321,16 +384,21 @@ def test_refit_segment_models_fine_tunes_each_kept_segment_with_its_parameters(w
     another dimension trained when a segment chose it; the start model is not modified."""
     from training.segment_tuning import kept_params, refit_segment_models
 
-    tuning = {"results": [{"segment": 0, "kept": True, "params": {"lr": 3e-3, "embedding_dim": 16}},
-                          {"segment": 1, "kept": True, "params": {"embedding_dim": 8, "dropout": 0.2}},
-                          {"segment": 2, "kept": False, "params": {"lr": 1e-2}},
-                          {"segment": "nobody", "kept": True, "params": {}}]}
+    tuning = {
+        "results": [
+            {"segment": 0, "kept": True, "params": {"lr": 3e-3, "embedding_dim": 16}},
+            {"segment": 1, "kept": True, "params": {"embedding_dim": 8, "dropout": 0.2}},
+            {"segment": 2, "kept": False, "params": {"lr": 1e-2}},
+            {"segment": "nobody", "kept": True, "params": {}},
+        ]
+    }
     params = kept_params(tuning)
     assert set(params) == {"0", "1", "nobody"}
     segment_of = {u: str(s) for u, s in world["segment_of"].items()}
     messages: list[str] = []
-    models = refit_segment_models(world["global"], world["fit"], world["item_ids"], params, segment_of,
-                                  world["settings"], log=messages.append)
+    models = refit_segment_models(
+        world["global"], world["fit"], world["item_ids"], params, segment_of, world["settings"], log=messages.append
+    )
     assert set(models) == {"0", "1"} and any("'nobody': no user" in m for m in messages)
     state = world["global"].net.state_dict()
     assert all(torch.equal(state[name], world["snapshot"][name]) for name in state)

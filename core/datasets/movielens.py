@@ -10,15 +10,31 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from hyperrec.datasets import RawDataset
-from hyperrec.schemas import INTERACTIONS, ITEMS, USERS
+from core.datasets import RawDataset
+from core.schemas import INTERACTIONS, ITEMS, USERS
 
 ML100K_NAME = "ml-100k"  # the bundled copy: <data_dir>/ml-100k
 U_DATA_MD5 = "6e47046882bad158b0efbb84cd5cb987"
 GENRES = (
-    "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime",
-    "Documentary", "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery",
-    "Romance", "Sci-Fi", "Thriller", "War", "Western",
+    "unknown",
+    "Action",
+    "Adventure",
+    "Animation",
+    "Children's",
+    "Comedy",
+    "Crime",
+    "Documentary",
+    "Drama",
+    "Fantasy",
+    "Film-Noir",
+    "Horror",
+    "Musical",
+    "Mystery",
+    "Romance",
+    "Sci-Fi",
+    "Thriller",
+    "War",
+    "Western",
 )
 
 
@@ -55,25 +71,29 @@ def read_items(source: Path) -> pd.DataFrame:
     flags = raw[list(GENRES)].to_numpy()
     categories = [[g for g, on in zip(GENRES, row) if on] for row in flags]
     published = pd.to_datetime(raw["release_date"], format="%d-%b-%Y", errors="coerce", utc=True)
-    return pd.DataFrame({
-        "item_id": raw["item_id"].astype(str),
-        "title": raw["title"].fillna("").astype(str),
-        "text": [f"{t}. Genres: {', '.join(c)}" for t, c in zip(raw["title"].fillna(""), categories)],
-        "categories": categories,
-        "published_at": published,
-    })
+    return pd.DataFrame(
+        {
+            "item_id": raw["item_id"].astype(str),
+            "title": raw["title"].fillna("").astype(str),
+            "text": [f"{t}. Genres: {', '.join(c)}" for t, c in zip(raw["title"].fillna(""), categories)],
+            "categories": categories,
+            "published_at": published,
+        }
+    )
 
 
 def read_users(source: Path) -> pd.DataFrame:
     raw = pd.read_csv(source / "u.user", sep="|", names=["user_id", "age", "gender", "occupation", "zip"])
-    return pd.DataFrame({
-        "user_id": raw["user_id"].astype(str),
-        "age": raw["age"].astype("int32"),
-        "gender": raw["gender"].str.upper(),
-        "occupation": raw["occupation"].str.lower(),
-        # US zip codes: the first digit is the postal region (0 = north-east ... 9 = west coast).
-        "region": "zip" + raw["zip"].astype(str).str[0],
-    })
+    return pd.DataFrame(
+        {
+            "user_id": raw["user_id"].astype(str),
+            "age": raw["age"].astype("int32"),
+            "gender": raw["gender"].str.upper(),
+            "occupation": raw["occupation"].str.lower(),
+            # US zip codes: the first digit is the postal region (0 = north-east ... 9 = west coast).
+            "region": "zip" + raw["zip"].astype(str).str[0],
+        }
+    )
 
 
 def to_raw_dataset(source: Path, out: Path) -> RawDataset:
@@ -82,17 +102,19 @@ def to_raw_dataset(source: Path, out: Path) -> RawDataset:
     dataset = RawDataset(out)
     dataset.interactions.mkdir(parents=True, exist_ok=True)
     ratings = read_ratings(source)
-    interactions = pd.DataFrame({
-        "user_id": ratings["user_id"].astype(str),
-        "item_id": ratings["item_id"].astype(str),
-        "event_type": "rate",
-        "rating": ratings["rating"].astype(float),
-        "dwell_time_s": None,
-        "scroll_depth": None,
-        "device": None,
-        "session_id": None,
-        "timestamp": pd.to_datetime(ratings["timestamp"], unit="s", utc=True),
-    })
+    interactions = pd.DataFrame(
+        {
+            "user_id": ratings["user_id"].astype(str),
+            "item_id": ratings["item_id"].astype(str),
+            "event_type": "rate",
+            "rating": ratings["rating"].astype(float),
+            "dwell_time_s": None,
+            "scroll_depth": None,
+            "device": None,
+            "session_id": None,
+            "timestamp": pd.to_datetime(ratings["timestamp"], unit="s", utc=True),
+        }
+    )
     for schema, frame, target in (
         (INTERACTIONS, interactions, dataset.interactions / "part-00000.parquet"),
         (USERS, read_users(source), dataset.users),
@@ -101,5 +123,3 @@ def to_raw_dataset(source: Path, out: Path) -> RawDataset:
         table = schema.conform(pa.Table.from_pandas(frame, preserve_index=False))
         pq.write_table(table, target)
     return dataset
-
-

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from hyperrec.settings import Settings
+from core.settings import Settings
 
 
 def _safe(run_id: str) -> str:
@@ -24,19 +24,19 @@ class RunContext:
     root: Path
 
     @classmethod
-    def create(cls, settings: Settings, run_id: str | None = None) -> "RunContext":
-        run_id = _safe(run_id or datetime.now(timezone.utc).strftime("run_%Y%m%dT%H%M%S_%f"))
+    def create(cls, settings: Settings, run_id: str | None = None) -> RunContext:
+        run_id = _safe(run_id or datetime.now(UTC).strftime("run_%Y%m%dT%H%M%S_%f"))
         root = settings.runs_dir / run_id
         root.mkdir(parents=True, exist_ok=True)
         return cls(run_id=run_id, root=root)
 
     @classmethod
-    def of_airflow_run(cls, settings: Settings, run_id: str) -> "RunContext":
+    def of_airflow_run(cls, settings: Settings, run_id: str) -> RunContext:
         """The run directory :meth:`create` made for an Airflow run id."""
         return cls.open(settings.runs_dir / _safe(run_id))
 
     @classmethod
-    def open(cls, root: str | Path) -> "RunContext":
+    def open(cls, root: str | Path) -> RunContext:
         root = Path(root)
         if not root.is_dir():
             raise FileNotFoundError(f"run directory not found: {root}")

@@ -27,19 +27,20 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from hyperrec.datasets import RawDataset
-from hyperrec.schemas import DEVICES, EVENT_TYPES, INTERACTIONS, ITEMS, USERS
+from core.datasets import RawDataset
+from core.schemas import DEVICES, EVENT_TYPES, INTERACTIONS, ITEMS, USERS
 
 BLOCK = 16_384
 """Good events per generator block; fixed so that output is independent of ``chunk_size``."""
@@ -47,28 +48,164 @@ ROWS_PER_PART = 5_000_000
 """A new ``part-NNNNN.parquet`` file is started once a part holds this many rows."""
 WORLD_SEED = 20260101
 """Seed of the world parameters (group profiles); deliberately not the user's ``seed``."""
-DEFAULT_START = datetime(2026, 1, 1, tzinfo=timezone.utc)
-FUTURE_EPOCH = datetime(2100, 1, 1, tzinfo=timezone.utc)
+DEFAULT_START = datetime(2026, 1, 1, tzinfo=UTC)
+FUTURE_EPOCH = datetime(2100, 1, 1, tzinfo=UTC)
 UNKNOWN_IDS = 100
 """Number of out-of-range ids used by the ``unknown_user`` / ``unknown_item`` kinds."""
 
 TOPIC_WORDS: dict[str, tuple[str, ...]] = {
-    "news": ("election", "government", "policy", "report", "minister", "crisis", "vote", "parliament", "breaking", "summit"),
-    "sports": ("match", "goal", "league", "coach", "tournament", "striker", "season", "victory", "stadium", "championship"),
+    "news": (
+        "election",
+        "government",
+        "policy",
+        "report",
+        "minister",
+        "crisis",
+        "vote",
+        "parliament",
+        "breaking",
+        "summit",
+    ),
+    "sports": (
+        "match",
+        "goal",
+        "league",
+        "coach",
+        "tournament",
+        "striker",
+        "season",
+        "victory",
+        "stadium",
+        "championship",
+    ),
     "music": ("album", "concert", "guitar", "melody", "band", "singer", "tour", "lyrics", "festival", "playlist"),
-    "tech": ("software", "startup", "chip", "cloud", "smartphone", "algorithm", "robot", "developer", "network", "gadget"),
-    "movies": ("film", "director", "premiere", "actor", "sequel", "trailer", "cinema", "screenplay", "oscar", "blockbuster"),
-    "gaming": ("console", "quest", "multiplayer", "level", "esports", "controller", "boss", "speedrun", "arcade", "guild"),
+    "tech": (
+        "software",
+        "startup",
+        "chip",
+        "cloud",
+        "smartphone",
+        "algorithm",
+        "robot",
+        "developer",
+        "network",
+        "gadget",
+    ),
+    "movies": (
+        "film",
+        "director",
+        "premiere",
+        "actor",
+        "sequel",
+        "trailer",
+        "cinema",
+        "screenplay",
+        "oscar",
+        "blockbuster",
+    ),
+    "gaming": (
+        "console",
+        "quest",
+        "multiplayer",
+        "level",
+        "esports",
+        "controller",
+        "boss",
+        "speedrun",
+        "arcade",
+        "guild",
+    ),
     "food": ("recipe", "chef", "kitchen", "flavor", "baking", "restaurant", "spice", "dessert", "vegan", "dinner"),
-    "travel": ("destination", "flight", "beach", "hotel", "itinerary", "passport", "island", "backpacking", "museum", "journey"),
-    "fashion": ("runway", "designer", "outfit", "trend", "fabric", "collection", "style", "sneakers", "couture", "wardrobe"),
-    "science": ("research", "galaxy", "molecule", "experiment", "climate", "genome", "physics", "telescope", "fossil", "laboratory"),
-    "finance": ("market", "stocks", "investor", "inflation", "bank", "portfolio", "earnings", "crypto", "budget", "interest"),
-    "health": ("fitness", "nutrition", "sleep", "workout", "doctor", "wellness", "vaccine", "therapy", "running", "meditation"),
+    "travel": (
+        "destination",
+        "flight",
+        "beach",
+        "hotel",
+        "itinerary",
+        "passport",
+        "island",
+        "backpacking",
+        "museum",
+        "journey",
+    ),
+    "fashion": (
+        "runway",
+        "designer",
+        "outfit",
+        "trend",
+        "fabric",
+        "collection",
+        "style",
+        "sneakers",
+        "couture",
+        "wardrobe",
+    ),
+    "science": (
+        "research",
+        "galaxy",
+        "molecule",
+        "experiment",
+        "climate",
+        "genome",
+        "physics",
+        "telescope",
+        "fossil",
+        "laboratory",
+    ),
+    "finance": (
+        "market",
+        "stocks",
+        "investor",
+        "inflation",
+        "bank",
+        "portfolio",
+        "earnings",
+        "crypto",
+        "budget",
+        "interest",
+    ),
+    "health": (
+        "fitness",
+        "nutrition",
+        "sleep",
+        "workout",
+        "doctor",
+        "wellness",
+        "vaccine",
+        "therapy",
+        "running",
+        "meditation",
+    ),
 }
 TOPICS: tuple[str, ...] = tuple(TOPIC_WORDS)
-FILLER_WORDS = ("the", "a", "new", "how", "why", "today", "inside", "best", "with", "about", "after", "guide", "week", "story")
-OCCUPATIONS = ("student", "engineer", "artist", "healthcare", "educator", "sales", "retired", "executive", "writer", "technician")
+FILLER_WORDS = (
+    "the",
+    "a",
+    "new",
+    "how",
+    "why",
+    "today",
+    "inside",
+    "best",
+    "with",
+    "about",
+    "after",
+    "guide",
+    "week",
+    "story",
+)
+OCCUPATIONS = (
+    "student",
+    "engineer",
+    "artist",
+    "healthcare",
+    "educator",
+    "sales",
+    "retired",
+    "executive",
+    "writer",
+    "technician",
+)
 REGIONS = ("north", "south", "east", "west", "central")
 GENDERS = ("F", "M")
 
@@ -96,7 +233,32 @@ GROUP_AGE_MEANS = (24.0, 33.0, 45.0, 58.0)
 GROUP_FEMALE_SHARE = (0.35, 0.65, 0.5, 0.4)
 # Share of events per hour of day common to all groups (morning, lunch and evening peaks).
 COMMON_HOUR_PROFILE = np.array(
-    [1, 0.6, 0.4, 0.3, 0.3, 0.5, 1.2, 2.2, 3.0, 2.6, 2.2, 2.4, 3.0, 2.8, 2.4, 2.3, 2.5, 3.0, 3.6, 4.2, 4.6, 4.4, 3.4, 2.0]
+    [
+        1,
+        0.6,
+        0.4,
+        0.3,
+        0.3,
+        0.5,
+        1.2,
+        2.2,
+        3.0,
+        2.6,
+        2.2,
+        2.4,
+        3.0,
+        2.8,
+        2.4,
+        2.3,
+        2.5,
+        3.0,
+        3.6,
+        4.2,
+        4.6,
+        4.4,
+        3.4,
+        2.0,
+    ]
 )
 EXPLORATION = 0.10
 DRIFT_DWELL_SCALE = 0.8
@@ -162,10 +324,17 @@ class Params:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "events": self.events, "users": self.users, "items": self.items, "groups": self.groups,
-            "seed": self.seed, "drift": self.drift, "malformed_fraction": self.malformed_fraction,
-            "duplicate_fraction": self.duplicate_fraction, "chunk_size": self.chunk_size,
-            "start": self.start.isoformat(), "days": self.days,
+            "events": self.events,
+            "users": self.users,
+            "items": self.items,
+            "groups": self.groups,
+            "seed": self.seed,
+            "drift": self.drift,
+            "malformed_fraction": self.malformed_fraction,
+            "duplicate_fraction": self.duplicate_fraction,
+            "chunk_size": self.chunk_size,
+            "start": self.start.isoformat(),
+            "days": self.days,
         }
 
 
@@ -189,7 +358,7 @@ def _check_params(p: Params) -> None:
 def _utc(start: datetime | None) -> datetime:
     if start is None:
         return DEFAULT_START
-    return start.replace(tzinfo=timezone.utc) if start.tzinfo is None else start.astimezone(timezone.utc)
+    return start.replace(tzinfo=UTC) if start.tzinfo is None else start.astimezone(UTC)
 
 
 def _epoch_us(moment: datetime) -> int:
@@ -203,12 +372,12 @@ def make_world(groups: int) -> World:
     n_topics = len(TOPICS)
     pref = np.full((groups, n_topics), 0.15 / n_topics)
     for g in range(groups):
-        focus = (
-            np.arange(3 * g, 3 * g + 3) % n_topics if g < n_topics // 3 else rng.choice(n_topics, 3, replace=False)
-        )
+        focus = np.arange(3 * g, 3 * g + 3) % n_topics if g < n_topics // 3 else rng.choice(n_topics, 3, replace=False)
         pref[g, focus] += 0.85 * np.array([0.5, 0.3, 0.2])
     index = np.arange(groups)
-    device_base = np.array([[0.6, 0.25, 0.1, 0.05], [0.3, 0.55, 0.1, 0.05], [0.35, 0.2, 0.3, 0.15], [0.3, 0.1, 0.2, 0.4]])
+    device_base = np.array(
+        [[0.6, 0.25, 0.1, 0.05], [0.3, 0.55, 0.1, 0.05], [0.35, 0.2, 0.3, 0.15], [0.3, 0.1, 0.2, 0.4]]
+    )
     return World(
         group_pref=pref,
         peak_hour=np.array([(GROUP_PEAK_HOURS[g % 4] + g // 4) % 24 for g in index]),
@@ -226,7 +395,9 @@ def _categorical(rng: np.random.Generator, probs: np.ndarray) -> np.ndarray:
     return np.minimum((rng.random((probs.shape[0], 1)) > cdf).sum(axis=1), probs.shape[1] - 1)
 
 
-def sample_users(rng: np.random.Generator, world: World, n_users: int) -> tuple[pa.Table, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def sample_users(
+    rng: np.random.Generator, world: World, n_users: int
+) -> tuple[pa.Table, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Users table (USERS schema) plus group, preference, primary device and activity arrays."""
     groups = world.group_pref.shape[0]
     group = rng.permutation(np.arange(n_users) % groups)
@@ -244,13 +415,17 @@ def sample_users(rng: np.random.Generator, world: World, n_users: int) -> tuple[
         if members.any():
             activity[members] /= activity[members].sum()
     activity /= activity.sum()
-    table = USERS.conform(pa.table({
-        "user_id": _ids("u", n_users),
-        "age": pa.array(age, pa.int32()),
-        "gender": pa.array(np.array(GENDERS)[gender]),
-        "occupation": pa.array(np.array(OCCUPATIONS)[occupation]),
-        "region": pa.array(np.array(REGIONS)[region]),
-    }))
+    table = USERS.conform(
+        pa.table(
+            {
+                "user_id": _ids("u", n_users),
+                "age": pa.array(age, pa.int32()),
+                "gender": pa.array(np.array(GENDERS)[gender]),
+                "occupation": pa.array(np.array(OCCUPATIONS)[occupation]),
+                "region": pa.array(np.array(REGIONS)[region]),
+            }
+        )
+    )
     return table, group, pref, device, activity
 
 
@@ -262,15 +437,19 @@ def _item_text(rng: np.random.Generator, main: int, second: int) -> tuple[str, s
     n_words = int(rng.integers(25, 41))
     source = rng.choice(3, n_words, p=[0.7, 0.15, 0.15])
     words = [
-        main_words[rng.integers(len(main_words))] if s == 0
-        else second_words[rng.integers(len(second_words))] if s == 1
+        main_words[rng.integers(len(main_words))]
+        if s == 0
+        else second_words[rng.integers(len(second_words))]
+        if s == 1
         else FILLER_WORDS[rng.integers(len(FILLER_WORDS))]
         for s in source
     ]
     return title, " ".join(words).capitalize() + "."
 
 
-def sample_items(rng: np.random.Generator, n_items: int, start_us: int, days: int) -> tuple[pa.Table, np.ndarray, np.ndarray, np.ndarray]:
+def sample_items(
+    rng: np.random.Generator, n_items: int, start_us: int, days: int
+) -> tuple[pa.Table, np.ndarray, np.ndarray, np.ndarray]:
     """Items table (ITEMS schema) plus main topic, second topic (-1 = none) and popularity arrays."""
     n_topics = len(TOPICS)
     topic = rng.permutation(np.arange(n_items) % n_topics)
@@ -283,13 +462,17 @@ def sample_items(rng: np.random.Generator, n_items: int, start_us: int, days: in
     texts = [_item_text(rng, int(topic[i]), int(second[i])) for i in range(n_items)]
     published = start_us - days * US_PER_DAY + rng.integers(0, days * US_PER_DAY, n_items)
     categories = [[TOPICS[t]] + ([TOPICS[s]] if s >= 0 else []) for t, s in zip(topic, second)]
-    table = ITEMS.conform(pa.table({
-        "item_id": _ids("i", n_items),
-        "title": pa.array([t for t, _ in texts]),
-        "text": pa.array([x for _, x in texts]),
-        "categories": pa.array(categories, pa.list_(pa.string())),
-        "published_at": pa.array(published, pa.timestamp("us", tz="UTC")),
-    }))
+    table = ITEMS.conform(
+        pa.table(
+            {
+                "item_id": _ids("i", n_items),
+                "title": pa.array([t for t, _ in texts]),
+                "text": pa.array([x for _, x in texts]),
+                "categories": pa.array(categories, pa.list_(pa.string())),
+                "published_at": pa.array(published, pa.timestamp("us", tz="UTC")),
+            }
+        )
+    )
     return table, topic, second, popularity
 
 
@@ -317,21 +500,35 @@ def build_population(p: Params, world: World) -> tuple[Population, pa.Table, pa.
         cdf = np.cumsum(popularity[members])
         gcdf[positions] = t + cdf / cdf[-1]
     population = Population(
-        user_ids=_ids("u", p.users + UNKNOWN_IDS), item_ids=_ids("i", p.items + UNKNOWN_IDS),
-        n_users=p.users, n_items=p.items, user_group=group, user_pref=pref, user_device=device,
-        user_cdf=np.cumsum(activity), pref_eff=_effective_pref(pref, p.drift, available),
-        item_topic=topic, item_order=order, item_gcdf=gcdf,
+        user_ids=_ids("u", p.users + UNKNOWN_IDS),
+        item_ids=_ids("i", p.items + UNKNOWN_IDS),
+        n_users=p.users,
+        n_items=p.items,
+        user_group=group,
+        user_pref=pref,
+        user_device=device,
+        user_cdf=np.cumsum(activity),
+        pref_eff=_effective_pref(pref, p.drift, available),
+        item_topic=topic,
+        item_order=order,
+        item_gcdf=gcdf,
     )
-    truth_users = pa.table({
-        "user_id": users.column("user_id"), "group": pa.array(group, pa.int32()),
-        **{f"pref_{t}": pa.array(pref[:, j]) for j, t in enumerate(TOPICS)},
-        "activity": pa.array(activity),
-    })
-    truth_items = pa.table({
-        "item_id": items.column("item_id"), "topic": pa.array(np.array(TOPICS)[topic]),
-        "second_topic": pa.array([TOPICS[s] if s >= 0 else None for s in second], pa.string()),
-        "popularity": pa.array(popularity),
-    })
+    truth_users = pa.table(
+        {
+            "user_id": users.column("user_id"),
+            "group": pa.array(group, pa.int32()),
+            **{f"pref_{t}": pa.array(pref[:, j]) for j, t in enumerate(TOPICS)},
+            "activity": pa.array(activity),
+        }
+    )
+    truth_items = pa.table(
+        {
+            "item_id": items.column("item_id"),
+            "topic": pa.array(np.array(TOPICS)[topic]),
+            "second_topic": pa.array([TOPICS[s] if s >= 0 else None for s in second], pa.string()),
+            "popularity": pa.array(popularity),
+        }
+    )
     return population, users, items, truth_users, truth_items
 
 
@@ -370,8 +567,15 @@ def sample_events(rng: np.random.Generator, pop: Population, world: World, p: Pa
     switch = rng.random(n) < DRIFT_DEVICE_SWITCH * p.drift
     device = np.where(switch, DEVICES.index("tablet") + rng.integers(0, 2, n), device)
     return {
-        "user": user, "session_user": user, "item": item, "event": event, "rating": rating,
-        "dwell": dwell, "scroll": scroll, "device": device, "ts": ts,
+        "user": user,
+        "session_user": user,
+        "item": item,
+        "event": event,
+        "rating": rating,
+        "dwell": dwell,
+        "scroll": scroll,
+        "device": device,
+        "ts": ts,
         "session_hour": (ts - start_us) // US_PER_H,
     }
 
@@ -384,7 +588,9 @@ def _hour_device_probs() -> np.ndarray:
     return probs
 
 
-def corrupt(rng: np.random.Generator, good: dict[str, np.ndarray], kinds: np.ndarray, p: Params, pop: Population) -> dict[str, np.ndarray]:
+def corrupt(
+    rng: np.random.Generator, good: dict[str, np.ndarray], kinds: np.ndarray, p: Params, pop: Population
+) -> dict[str, np.ndarray]:
     """Copies of random good rows, each broken in exactly one way: ``MALFORMED_KINDS[kinds[j]]``."""
     n_good = len(good["user"])
     source = rng.integers(0, n_good, len(kinds))
@@ -416,23 +622,26 @@ def corrupt(rng: np.random.Generator, good: dict[str, np.ndarray], kinds: np.nda
 
 def to_table(cols: dict[str, np.ndarray], pop: Population) -> pa.Table:
     """Arrow table in RAW_INTERACTIONS_SCHEMA column order; index -1 becomes a null id."""
+
     def ids(vocab: pa.Array, index: np.ndarray) -> pa.Array:
         return vocab.take(pa.array(index, pa.int64(), mask=index < 0))
 
     events = pa.array((*EVENT_TYPES, UNKNOWN_EVENT_TYPE))
     session_user = ids(pop.user_ids, cols["session_user"])
     session = pc.binary_join_element_wise(session_user, pc.cast(pa.array(cols["session_hour"]), pa.string()), "-h")
-    return pa.table({
-        "user_id": ids(pop.user_ids, cols["user"]),
-        "item_id": ids(pop.item_ids, cols["item"]),
-        "event_type": events.take(pa.array(cols["event"], pa.int64())),
-        "rating": pa.array(cols["rating"], pa.float64(), mask=np.isnan(cols["rating"])),
-        "dwell_time_s": pa.array(cols["dwell"], pa.float64()),
-        "scroll_depth": pa.array(cols["scroll"], pa.float64()),
-        "device": pa.array(DEVICES).take(pa.array(cols["device"], pa.int64())),
-        "session_id": session,
-        "timestamp": pa.array(cols["ts"], pa.int64()).cast(pa.timestamp("us", tz="UTC")),
-    })
+    return pa.table(
+        {
+            "user_id": ids(pop.user_ids, cols["user"]),
+            "item_id": ids(pop.item_ids, cols["item"]),
+            "event_type": events.take(pa.array(cols["event"], pa.int64())),
+            "rating": pa.array(cols["rating"], pa.float64(), mask=np.isnan(cols["rating"])),
+            "dwell_time_s": pa.array(cols["dwell"], pa.float64()),
+            "scroll_depth": pa.array(cols["scroll"], pa.float64()),
+            "device": pa.array(DEVICES).take(pa.array(cols["device"], pa.int64())),
+            "session_id": session,
+            "timestamp": pa.array(cols["ts"], pa.int64()).cast(pa.timestamp("us", tz="UTC")),
+        }
+    )
 
 
 def _share(fraction: float, upto: int) -> int:
@@ -509,7 +718,9 @@ def _progress(enabled: bool, total: int) -> Iterator[Callable[[int], None]]:
     """A rich progress bar over ``total`` events (hidden when disabled); yields ``advance(n)``."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    with Progress(TextColumn("synthetic events"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), disable=not enabled) as bar:
+    with Progress(
+        TextColumn("synthetic events"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), disable=not enabled
+    ) as bar:
         task = bar.add_task("events", total=total)
         yield lambda n: bar.advance(task, n)
 
@@ -542,10 +753,17 @@ def generate(
     ``interactions/`` and ``ground_truth/`` under ``out`` are replaced.
     """
     p = Params(
-        events=events, users=users if users is not None else max(50, events // 50),
-        items=items if items is not None else max(50, events // 100), groups=groups, seed=seed,
-        drift=float(drift), malformed_fraction=float(malformed_fraction),
-        duplicate_fraction=float(duplicate_fraction), chunk_size=chunk_size, start=_utc(start), days=days,
+        events=events,
+        users=users if users is not None else max(50, events // 50),
+        items=items if items is not None else max(50, events // 100),
+        groups=groups,
+        seed=seed,
+        drift=float(drift),
+        malformed_fraction=float(malformed_fraction),
+        duplicate_fraction=float(duplicate_fraction),
+        chunk_size=chunk_size,
+        start=_utc(start),
+        days=days,
     )
     _check_params(p)
     dataset = RawDataset(Path(out))
@@ -575,7 +793,7 @@ def generate(
     writer.close()
 
     manifest = {
-        "generator": "hyperrec.datasets.synthetic",
+        "generator": "core.datasets.synthetic",
         "parameters": p.to_json(),
         "topics": list(TOPICS),
         "malformed_kinds": list(MALFORMED_KINDS),

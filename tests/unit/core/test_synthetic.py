@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -12,11 +12,11 @@ import pyarrow.parquet as pq
 import pytest
 from scipy.stats import ks_2samp
 
-from hyperrec.datasets import RawDataset
-from hyperrec.datasets.synthetic import MALFORMED_KINDS, RAW_INTERACTIONS_SCHEMA, TOPIC_WORDS, TOPICS, generate
-from hyperrec.schemas import DEVICES, EVENT_TYPES, INTERACTIONS, ITEMS, USERS
+from core.datasets import RawDataset
+from core.datasets.synthetic import MALFORMED_KINDS, RAW_INTERACTIONS_SCHEMA, TOPIC_WORDS, TOPICS, generate
+from core.schemas import DEVICES, EVENT_TYPES, INTERACTIONS, ITEMS, USERS
 
-START = datetime(2026, 1, 1, tzinfo=timezone.utc)
+START = datetime(2026, 1, 1, tzinfo=UTC)
 DAYS = 30
 N = 12_000
 
@@ -41,23 +41,27 @@ def _files(ds: RawDataset) -> dict[str, bytes]:
 def _defects(df: pd.DataFrame, users: set[str], items: set[str]) -> pd.DataFrame:
     """One boolean column per malformed kind, computed from the data alone."""
     end = pd.Timestamp(START + timedelta(days=DAYS))
-    return pd.DataFrame({
-        "missing_user_id": df.user_id.isna(),
-        "missing_item_id": df.item_id.isna(),
-        "unknown_event_type": ~df.event_type.isin(EVENT_TYPES),
-        "rating_out_of_range": df.rating.notna() & ~df.rating.between(1.0, 5.0),
-        "scroll_depth_out_of_range": ~df.scroll_depth.between(0.0, 1.0),
-        "negative_dwell_time": df.dwell_time_s < 0,
-        "future_timestamp": df.timestamp >= end,
-        "unknown_user": df.user_id.notna() & ~df.user_id.isin(users),
-        "unknown_item": df.item_id.notna() & ~df.item_id.isin(items),
-    })
+    return pd.DataFrame(
+        {
+            "missing_user_id": df.user_id.isna(),
+            "missing_item_id": df.item_id.isna(),
+            "unknown_event_type": ~df.event_type.isin(EVENT_TYPES),
+            "rating_out_of_range": df.rating.notna() & ~df.rating.between(1.0, 5.0),
+            "scroll_depth_out_of_range": ~df.scroll_depth.between(0.0, 1.0),
+            "negative_dwell_time": df.dwell_time_s < 0,
+            "future_timestamp": df.timestamp >= end,
+            "unknown_user": df.user_id.notna() & ~df.user_id.isin(users),
+            "unknown_item": df.item_id.notna() & ~df.item_id.isin(items),
+        }
+    )
 
 
 @pytest.fixture(scope="module")
 def dirty(tmp_path_factory: pytest.TempPathFactory) -> RawDataset:
     """Two generator blocks (BLOCK = 16384) with malformed rows and duplicates."""
-    return _gen(tmp_path_factory.mktemp("dirty"), events=20_000, seed=7, malformed_fraction=0.02, duplicate_fraction=0.03)
+    return _gen(
+        tmp_path_factory.mktemp("dirty"), events=20_000, seed=7, malformed_fraction=0.02, duplicate_fraction=0.03
+    )
 
 
 @pytest.fixture(scope="module")
@@ -221,7 +225,12 @@ def test_drift_zero_matches_across_seeds_and_drift_half_shifts(clean: RawDataset
 
 @pytest.mark.parametrize(
     ("kwargs", "name"),
-    [({"events": 0}, "events"), ({"drift": 1.5}, "drift"), ({"malformed_fraction": -0.1}, "malformed_fraction"), ({"seed": -1}, "seed")],
+    [
+        ({"events": 0}, "events"),
+        ({"drift": 1.5}, "drift"),
+        ({"malformed_fraction": -0.1}, "malformed_fraction"),
+        ({"seed": -1}, "seed"),
+    ],
 )
 def test_invalid_arguments_name_the_parameter(tmp_path: Path, kwargs: dict, name: str) -> None:
     args = {"events": 100, **kwargs}

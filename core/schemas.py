@@ -53,7 +53,7 @@ class TableSchema:
     def arrow(self) -> pa.Schema:
         return pa.schema([pa.field(c.name, _ARROW[c.dtype], nullable=c.nullable) for c in self.columns])
 
-    def spark(self) -> "StructType":
+    def spark(self) -> StructType:
         from pyspark.sql import types as T
 
         spark_types = {

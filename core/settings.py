@@ -84,14 +84,21 @@ class PreprocessSettings(_Section):
     test_fraction: float = Field(0.2, gt=0, lt=1)
     # Strategy per column: mean/median (numeric), mode (any), knn (users.age, from the
     # other demographics), none. Interaction columns are imputed for implicit events only.
-    impute: dict[str, ImputeStrategy] = Field(default_factory=lambda: {
-        "dwell_time_s": "median", "scroll_depth": "median", "device": "mode",
-        "age": "knn", "gender": "mode", "occupation": "mode", "region": "mode",
-    })
+    impute: dict[str, ImputeStrategy] = Field(
+        default_factory=lambda: {
+            "dwell_time_s": "median",
+            "scroll_depth": "median",
+            "device": "mode",
+            "age": "knn",
+            "gender": "mode",
+            "occupation": "mode",
+            "region": "mode",
+        }
+    )
     knn_neighbours: int = Field(5, ge=1)
 
     @model_validator(mode="after")
-    def _strategies_fit_columns(self) -> "PreprocessSettings":
+    def _strategies_fit_columns(self) -> PreprocessSettings:
         for column, strategy in self.impute.items():
             if column not in IMPUTABLE:
                 raise ValueError(f"preprocess.impute: unknown column {column!r} (imputable: {sorted(IMPUTABLE)})")
@@ -141,7 +148,9 @@ class TrainingSettings(_Section):
     temporal_betas: list[float] = Field(default_factory=lambda: [0.0, 0.5, 1.0])
     input_alphas: list[float] = Field(default_factory=lambda: [0.0, 0.15])
     blend_components: list[str] = Field(default_factory=lambda: ["neural", "als", "content", "popularity"])
-    blend_weight_grid: list[float] = Field(default_factory=lambda: [0.0, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5, 2.0])
+    blend_weight_grid: list[float] = Field(
+        default_factory=lambda: [0.0, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5, 2.0]
+    )
 
 
 class NeuralSettings(_Section):
@@ -167,7 +176,7 @@ class NeuralSettings(_Section):
     device: Literal["cpu", "cuda"] = "cpu"
 
     @model_validator(mode="after")
-    def _positive_widths(self) -> "NeuralSettings":
+    def _positive_widths(self) -> NeuralSettings:
         bad = [w for w in self.hidden if w < 1]
         if bad:
             raise ValueError(f"neural.hidden: every width must be >= 1, got {self.hidden}")
@@ -197,7 +206,7 @@ class TuningSettings(_Section):
     embedding_dims: list[int] = Field(default_factory=lambda: [32, 64])
 
     @model_validator(mode="after")
-    def _valid_ranges(self) -> "TuningSettings":
+    def _valid_ranges(self) -> TuningSettings:
         for name in ("lr_range", "weight_decay_range"):
             low, high = getattr(self, name)
             if not 0 < low <= high:
@@ -299,12 +308,14 @@ class Settings(BaseSettings):
     synthetic: SyntheticSettings = SyntheticSettings()
 
     @classmethod
-    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings):
+    def settings_customise_sources(
+        cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings
+    ):
         # Environment variables override the YAML values passed in as init kwargs.
         return (env_settings, init_settings)
 
     @model_validator(mode="after")
-    def _absolute_paths(self) -> "Settings":
+    def _absolute_paths(self) -> Settings:
         if not self.home.is_absolute():
             self.home = (PROJECT_ROOT / self.home).resolve()
         if not self.data_dir.is_absolute():

@@ -4,9 +4,9 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from hyperrec.datasets.movielens import GENRES, ChecksumError, to_raw_dataset, verify
-from hyperrec.schemas import INTERACTIONS, ITEMS, USERS
-from hyperrec.settings import load_settings
+from core.datasets.movielens import GENRES, ChecksumError, to_raw_dataset, verify
+from core.schemas import INTERACTIONS, ITEMS, USERS
+from core.settings import load_settings
 
 ML = load_settings().data_dir / "ml-100k"
 

@@ -34,7 +34,7 @@ class RawDataset:
     def ground_truth(self) -> Path:
         return self.root / "ground_truth"
 
-    def check(self) -> "RawDataset":
+    def check(self) -> RawDataset:
         missing = [p for p in (self.interactions, self.users, self.items) if not p.exists()]
         if missing:
             raise FileNotFoundError(f"raw dataset {self.root} lacks {', '.join(str(m) for m in missing)}")

@@ -8,7 +8,7 @@ from pathlib import Path
 import mlflow
 from mlflow import MlflowClient
 
-from hyperrec.settings import Settings
+from core.settings import Settings
 
 
 def configure(settings: Settings) -> MlflowClient:

@@ -1,10 +1,8 @@
-from pathlib import Path
-
 import pytest
 from pydantic import ValidationError
 
-from hyperrec.run_context import RunContext
-from hyperrec.settings import PROJECT_ROOT, load_settings
+from core.run_context import RunContext
+from core.settings import PROJECT_ROOT, load_settings
 
 
 def test_defaults_come_from_default_yaml():

@@ -1,0 +1,1 @@
+"""The foundation every layer imports: settings, schemas, run directories, datasets, files."""
