@@ -75,6 +75,16 @@ class ObjectStoreSettings(_Section):
 ImputeStrategy = Literal["mean", "median", "mode", "knn", "none"]
 NUMERIC_IMPUTABLE = {"dwell_time_s", "scroll_depth", "age"}
 IMPUTABLE = NUMERIC_IMPUTABLE | {"device", "gender", "occupation", "region"}
+# Typed as strategies (not plain str) so that the field's default_factory type-checks.
+DEFAULT_IMPUTE: dict[str, ImputeStrategy] = {
+    "dwell_time_s": "median",
+    "scroll_depth": "median",
+    "device": "mode",
+    "age": "knn",
+    "gender": "mode",
+    "occupation": "mode",
+    "region": "mode",
+}
 
 
 class PreprocessSettings(_Section):
@@ -84,17 +94,7 @@ class PreprocessSettings(_Section):
     test_fraction: float = Field(0.2, gt=0, lt=1)
     # Strategy per column: mean/median (numeric), mode (any), knn (users.age, from the
     # other demographics), none. Interaction columns are imputed for implicit events only.
-    impute: dict[str, ImputeStrategy] = Field(
-        default_factory=lambda: {
-            "dwell_time_s": "median",
-            "scroll_depth": "median",
-            "device": "mode",
-            "age": "knn",
-            "gender": "mode",
-            "occupation": "mode",
-            "region": "mode",
-        }
-    )
+    impute: dict[str, ImputeStrategy] = Field(default_factory=lambda: dict(DEFAULT_IMPUTE))
     knn_neighbours: int = Field(5, ge=1)
 
     @model_validator(mode="after")

@@ -11,17 +11,8 @@ every value seen in the data when ``values`` is None: item categories from the
 items table, demographics from the users table), named
 ``template.format(value=...)``.
 
-Event weights. Every event used by a definition has weight
-
-    w = c^[weighted] * 0.5 ** (age_days / half_life_days)^[decayed]
-
-where ``c`` is the event's ``confidence`` (1.0 when the column is absent),
-``age_days = (as_of - timestamp) / 1 day`` and the half-life is
-``settings.features.half_life_days`` passed to the builder. Without either flag
-``w = 1``. Only events with ``timestamp <= as_of`` and, for windowed features,
-``timestamp > as_of - window_days`` are used (point-in-time correctness). The
-``decay_weight`` column that preprocessing writes is relative to the newest
-clean event, not to ``as_of``, so it is not used here.
+The event weights (confidence and half-life decay relative to ``as_of``) and the
+point-in-time rule every definition follows are in docs/models.md ("User features").
 """
 
 from __future__ import annotations

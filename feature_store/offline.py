@@ -1,18 +1,10 @@
-"""The offline feature store: dated Parquet snapshots of user profiles and
-point-in-time joins of training labels against them.
+"""The offline feature store: dated Parquet snapshots of user profiles (this module is the
+one writer and reader of their files) and point-in-time joins of training labels against them.
 
-Layout. ``<root>/date=YYYY-MM-DD/profiles.parquet``, one partition per UTC date.
-Every row carries ``as_of`` (a UTC timestamp): the snapshot holds each user's
-features computed only from events with ``timestamp <= as_of``
-(:func:`feature_store.profiles.build_user_profiles`). A re-run of the same date
-replaces its file atomically, so writes are idempotent.
-
-Point-in-time correctness. A label of user ``u`` at time ``t`` is given the
-features of the latest snapshot with ``as_of < t`` (strictly earlier) that holds
-``u``. Every event behind those features is therefore strictly older than the
-label, so no training example sees its own future. A naive join on the latest
-snapshot per user would instead hand older labels features computed from events
-after them.
+Layout: ``<root>/date=YYYY-MM-DD/profiles.parquet``, one partition per UTC date; every row
+carries ``as_of``, and its features come only from events with ``timestamp <= as_of``. A
+re-run of the same date replaces its file atomically. :func:`point_in_time_join` gives a
+label at time ``t`` the latest snapshot with ``as_of < t`` (docs/models.md, "User features").
 """
 
 from __future__ import annotations

@@ -1,38 +1,13 @@
-"""User segmentation on behavioural profile features (article §1b step 1, §3c).
+"""User segmentation on behavioural profile features.
 
-Features (:func:`segmentation_features`): the category affinities (``cat_*``), the
-context shares (``share_*``: device, time of day, ...) and activity
-(``log1p(decayed_activity)``) of every user, each column standardized to zero mean
-and unit variance (constant columns dropped).
-
-Noise reduction (:func:`principal_components`): the standardized features are projected on
-their principal components whose eigenvalue (of the correlation matrix) exceeds the
-Marchenko-Pastur edge ``(1 + sqrt(d / n))**2``, the largest eigenvalue that d independent
-noise columns over n users reach; at least two components are kept. Clustering and the
-pictures use these component scores, so sparse users' noisy shares weigh less.
-
-Sample: a deterministic sample of at most :data:`SILHOUETTE_SAMPLE` users
-(``numpy.random.default_rng(seed)``; all users when there are fewer). Every
-silhouette (Euclidean, on the component scores) is computed on that sample.
-
-Methods, each fitted with fixed seeds:
-
-* ``kmeans``: K-Means for every k in [k_min, k_max], fitted on all users; k maximizes the silhouette.
-* ``gmm``: Gaussian mixture (diagonal covariances) for every k, fitted on all users; k minimizes
-  the BIC; the silhouette of every k is reported too.
-* ``agglomerative``: Ward linkage on the sample, cut at every k; k maximizes the silhouette.
-* ``dbscan``: on the sample with ``min_samples = 2 * dimension`` of the component space (clipped
-  to [3, n / 10]) and
-  ``eps`` at the knee of the sorted ``min_samples``-distance curve (the point farthest below the
-  chord of the normalized curve), or its 90% quantile when the curve has no clear knee.
-  Noise points are assigned to the nearest cluster centroid; the noise share is reported.
-
-A labeling is *eligible* when its smallest segment holds at least :data:`MIN_SEGMENT_SHARE` of
-the users (at least 2): a handful of outlying users must not become a segment of their own.
-k is chosen among eligible labelings (among all when none is). Users outside the sample
-(agglomerative, dbscan) take the label of the nearest centroid of the sample clusters. The kept
-method is the eligible one with the highest silhouette (ties: the order of :data:`METHODS`).
-Labels are renumbered by size: 0 is the largest segment.
+:func:`segment_users` standardizes the users' category affinities, context shares and
+activity, keeps the principal components above the Marchenko-Pastur noise edge, runs
+K-Means, a Gaussian mixture, Ward agglomerative clustering and DBSCAN, and keeps the eligible
+labeling with the best silhouette (labels renumbered by size: 0 is the largest segment);
+:func:`plot_segments` and :func:`segment_summary` give the pictures and the table for review.
+Segments feed per-segment fine-tuning, per-segment metrics and cold-start serving. Every
+definition (features, noise reduction, sample, methods, eligibility, choice) is in
+docs/models.md ("Segmentation").
 """
 
 from __future__ import annotations
@@ -132,7 +107,7 @@ def behavioural_columns(profiles: pd.DataFrame) -> list[str]:
 
 
 def segmentation_features(profiles: pd.DataFrame) -> tuple[np.ndarray, list[str]]:
-    """(users, features) standardized matrix and its column names (see the module docstring).
+    """(users, features) standardized matrix and its column names (docs/models.md, "Segmentation").
 
     Activity columns enter as ``log1p`` and are named ``log1p(<column>)``."""
     columns = behavioural_columns(profiles)
@@ -329,7 +304,7 @@ def _fit_dbscan(
 def segment_users(
     profiles: pd.DataFrame, *, k_min: int = 2, k_max: int = 8, seed: int = 0, sample_size: int = SILHOUETTE_SAMPLE
 ) -> Segmentation:
-    """Segment users by their standardized behavioural features (see the module docstring)."""
+    """Segment users by their standardized behavioural features (docs/models.md, "Segmentation")."""
     n = len(profiles)
     if k_min < 2 or k_max < k_min:
         raise ValueError(f"need 2 <= k_min <= k_max, got k_min={k_min}, k_max={k_max}")

@@ -1,5 +1,9 @@
-"""Feature stages of ``recsys_training``: user profiles (offline snapshot + online
-store) and segmentation."""
+"""Feature stages of ``recsys_training``: ``build_features`` (user profiles as an offline
+snapshot and in the online store, item features and content embeddings) and ``segment``.
+
+The segment labels file (``features/segments/segments.parquet``: ``user_id``, ``segment``)
+is written by :func:`segment` and read only through :func:`read_segment_labels`.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ from feature_store.online import OnlineStore
 from feature_store.profiles import build_user_profiles
 from feature_store.segments import plot_segments, segment_summary, segment_users, summary_markdown
 from pipelines.spark import get_spark
+from pipelines.split import load_split_part
 from pipelines.validate import validate_features
 
 SEGMENTS_DIR = "segments"
@@ -38,7 +43,7 @@ def build_features(settings: Settings, run: RunContext) -> dict:
     gated by the ``user_features_features`` GX suite, written as an offline snapshot and
     materialized to the online store; item features (same split and as_of) and content
     embeddings of the clean items written as an item snapshot under ``features/items``."""
-    train = pd.read_parquet(run.split_dir / "train")
+    train = load_split_part(run.split_dir, "train", columns=None)
     items = pd.read_parquet(run.clean_dir / "items")
     users = pd.read_parquet(run.clean_dir / "users")
     as_of = train["timestamp"].max()

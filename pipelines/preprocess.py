@@ -1,5 +1,5 @@
-"""Spark preprocessing (article §2b): parse and normalize, quarantine malformed rows,
-hash-dedup, impute, sessionize, confidence and time-decay weights, temporal split.
+"""Spark preprocessing: parse and normalize, quarantine malformed rows, hash-dedup, impute,
+sessionize, confidence and time-decay weights, temporal split (docs/models.md, "Inputs").
 
 Row accounting for interactions always satisfies ``in = clean + quarantined + duplicates``;
 users and items keep their own ``in = clean + quarantined``. Every quarantined row keeps
@@ -419,7 +419,7 @@ def sessionize(df: DataFrame, gap_s: int = SESSION_GAP_S) -> DataFrame:
 
 
 def confidence() -> Column:
-    """Confidence in (0, 1] that an interaction expresses a preference (article §3b).
+    """Confidence in (0, 1] that an interaction expresses a preference.
 
     Explicit ratings dominate: ``rating / 5``. Implicit events start from their event
     type's base weight plus up to 0.1 for scroll depth and 0.1 for dwell (saturating at

@@ -2,7 +2,7 @@
 
 Every schema column comes back as a string (missing columns as null) so that parsing,
 and the quarantine of what does not parse, happens in one place
-(:mod:`pipelines.preprocess`). Two extra columns travel with each row:
+(:mod:`pipelines.preprocess`). Three extra columns travel with each row:
 
 - ``_raw``: the record as it arrived (JSON of its fields, or the unparseable line);
 - ``_corrupt``: true when the line itself could not be parsed (bad JSON, wrong

@@ -1,13 +1,12 @@
-"""Train/test splits: the temporal per-user split of the nightly pipeline, the u75
-benchmark split and the split fingerprint (DESIGN.md, "Contracts the checks rely on").
+"""Train/test splits and their file format.
 
-u75: every rating, in file order, draws one number from numpy's legacy global RNG
-seeded 42 (``np.random.seed(42); np.random.rand(n)``). Within each user with n
-ratings, the ``round(0.75 * n)`` ratings with the lowest draws are train, the rest test.
-``round`` is round-half-to-even (Python ``round`` / ``np.round``): a user with 2, 6, 10,
-... ratings keeps 2, 4, 8, ... in train. Half-up rounding (``floor(x + 0.5)``) gives a
-different split, whose fingerprint on ml-100k is 47d88459bad347b2, not the published
-a29e96aa82063170.
+The temporal per-user split of the nightly pipeline (:func:`temporal_split`), the u75
+split and split fingerprint that ``hyperrec benchmark`` (:mod:`training.benchmark`) and its
+tests rely on, and the per-user k-fold that validation carves from a train split
+(:func:`user_kfold`). Every stage reads the ``split/{train,test}`` Parquet files that
+:mod:`pipelines.preprocess` writes through :func:`load_split` / :func:`load_split_part`.
+The protocols, with u75's rounding rule and the published ml-100k fingerprint, are in
+docs/models.md ("Splits").
 """
 
 from __future__ import annotations
@@ -150,11 +149,19 @@ def user_kfold(frame: pd.DataFrame, k: int, seed: int = 0) -> list[tuple[pd.Data
 
 
 SPLIT_COLUMNS = ["user_id", "item_id", "confidence", "timestamp"]
+SPLIT_PARTS = ("train", "test")
+
+
+def load_split_part(split_dir: Path, part: str, columns: Sequence[str] | None = SPLIT_COLUMNS) -> pd.DataFrame:
+    """One part (``train`` or ``test``) that :mod:`pipelines.preprocess` wrote under
+    ``split_dir``: the ``columns`` given (default :data:`SPLIT_COLUMNS`), or every
+    INTERACTIONS column plus ``confidence`` and ``decay_weight`` when ``columns`` is None."""
+    if part not in SPLIT_PARTS:
+        raise ValueError(f"load_split_part: unknown part {part!r}; expected one of {SPLIT_PARTS}")
+    return pd.read_parquet(split_dir / part, columns=None if columns is None else list(columns))
 
 
 def load_split(split_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The train and test parts that :mod:`pipelines.preprocess` wrote under ``split_dir``."""
-    return (
-        pd.read_parquet(split_dir / "train", columns=SPLIT_COLUMNS),
-        pd.read_parquet(split_dir / "test", columns=SPLIT_COLUMNS),
-    )
+    """The train and test parts that :mod:`pipelines.preprocess` wrote under ``split_dir``,
+    with :data:`SPLIT_COLUMNS`."""
+    return load_split_part(split_dir, "train"), load_split_part(split_dir, "test")

@@ -1,26 +1,12 @@
 """Seeded synthetic content platform: users with latent taste groups, topical items,
-and a stream of interaction events written to Parquet in bounded memory.
+and a stream of interaction events written to Parquet in bounded memory (:func:`generate`,
+``hyperrec generate``), with optional drift, malformed rows and duplicates for the
+cleaning, validation and drift stages to find.
 
-The generative story (everything drawn from ``numpy.random.Generator`` seeded by ``seed``):
-
-* **World** (independent of ``seed``): each latent group ``g`` concentrates on three
-  content topics, has a preferred hour of day, a device mix and a demographic profile.
-  Two seeds therefore sample the *same* distributions; only ``drift`` changes them.
-* **Users**: an equal share of users per group; a user's topic preference is
-  ``Dirichlet(40 * group_vector)``; demographics are drawn from the group's profile;
-  activity is lognormal, normalized so every group produces the same expected share
-  of events.
-* **Items**: a balanced main topic, sometimes a second category, title and text from
-  the topic's vocabulary, Zipf popularity (exponent 1.1) within the topic, and
-  ``published_at`` in the ``days`` before ``start`` (no event precedes its item).
-* **Events**: user ~ activity; topic ~ the user's preference (10% uniform exploration);
-  item ~ popularity within the topic. Affinity ``a = pref[topic] / max(pref)`` in [0, 1]
-  drives the event type mix, rating, dwell time and scroll depth.
-
-Good events are generated in fixed blocks of :data:`BLOCK` rows, each with its own
-generator ``default_rng([seed, 1, block])``, so the content never depends on
-``chunk_size``; ``chunk_size`` only sets the Parquet row-group size (and memory bound).
-Malformed rows and duplicates are *extra* rows on top of the ``events`` good rows.
+Good events come in fixed blocks of :data:`BLOCK` rows, each from its own generator
+``default_rng([seed, 1, block])``, so the same arguments give byte-identical files whatever
+``chunk_size`` is. The generative story (world, users, items, events, drift) is in
+docs/models.md ("Synthetic data").
 """
 
 from __future__ import annotations
