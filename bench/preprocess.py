@@ -12,6 +12,7 @@ million rows (flat when the cost grows linearly).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -28,10 +29,8 @@ import psutil
 def tree_rss(proc: psutil.Process) -> int:
     total = 0
     for p in [proc, *proc.children(recursive=True)]:
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             total += p.memory_info().rss
-        except psutil.NoSuchProcess:
-            pass
     return total
 
 
@@ -109,7 +108,8 @@ def main() -> None:
             report = json.loads((out / "report.json").read_text())
             rows = report["in"]
             print(
-                f"| {n:,} | {rows:,} | {report['clean']:,} | {report['quarantined_total']:,} | {report['duplicates']:,} "
+                f"| {n:,} | {rows:,} | {report['clean']:,} | {report['quarantined_total']:,} "
+                f"| {report['duplicates']:,} "
                 f"| {wall:.0f} | {rows / wall:,.0f} | {wall / (rows / 1e6):.1f} | {peak / 2**30:.2f} |",
                 flush=True,
             )

@@ -1,12 +1,13 @@
-"""Hourly drift monitor: an Evidently KS report of recent events against the
-champion's training data; drift past the threshold triggers recsys_training."""
+"""Hourly drift monitor: an Evidently KS report of recent events (param ``current``)
+against the champion's training data; drift past the threshold triggers
+recsys_training with reason "drift". No ``current`` batch: the check skips."""
 
 from __future__ import annotations
 
 from datetime import datetime, timedelta
 
 from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
-from airflow.sdk import Param, dag, get_current_context, task
+from airflow.sdk import Param, dag, task
 
 from core.settings import load_settings
 from hyperrec.tasks import check_drift
@@ -34,20 +35,21 @@ DEFAULT_ARGS = {"retries": 2, "retry_delay": timedelta(seconds=30)}
 def recsys_drift_monitor():
     @task
     def drift_report() -> dict:
-        context = get_current_context()
-        return check_drift(context["run_id"], context["params"]["current"])
+        from monitoring import stage  # inside the task: parsing this file stays cheap
+
+        return check_drift(stage.check_drift)
 
     @task.short_circuit
     def drift_detected(report: dict) -> bool:
         return bool(report["retrain"])
 
-    report = drift_report()
-    drift_detected(report) >> TriggerDagRunOperator(
+    trigger_retraining = TriggerDagRunOperator(
         task_id="trigger_retraining",
         trigger_dag_id="recsys_training",
         conf={"reason": "drift", "drift_report": "{{ ti.xcom_pull(task_ids='drift_report')['json_path'] }}"},
         wait_for_completion=False,
     )
+    drift_detected(drift_report()) >> trigger_retraining
 
 
 recsys_drift_monitor()

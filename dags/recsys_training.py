@@ -1,12 +1,12 @@
-"""Nightly training: ingest → preprocess → validate → build_features → segment →
-train → evaluate → register → promote → publish. Wiring only: every task calls
-one stage function and passes the run directory on."""
+"""Nightly training: ingest → preprocess → validate → build_features → segment → train →
+evaluate → register → promote → publish, one task per stage passing the run directory on.
+A failed data-quality gate fails its task at once; other failures are retried."""
 
 from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-from airflow.sdk import Param, dag, get_current_context, task
+from airflow.sdk import Param, dag, task
 
 from core.settings import load_settings
 from hyperrec.tasks import run_stage, start_run
@@ -14,19 +14,6 @@ from hyperrec.tasks import run_stage, start_run
 SETTINGS = load_settings()
 
 DEFAULT_ARGS = {"retries": 2, "retry_delay": timedelta(seconds=30)}
-
-# task id → the stage function it runs, in pipeline order after ingest.
-STAGES = {
-    "preprocess": "pipelines.stage:preprocess",
-    "validate": "pipelines.stage:validate",
-    "build_features": "feature_store.stage:build_features",
-    "segment": "feature_store.stage:segment",
-    "train": "training.stage:train",
-    "evaluate": "training.stage:evaluate",
-    "register": "training.stage:register",
-    "promote": "training.stage:promote",
-    "publish": "serving.publish:publish_champion",
-}
 
 
 @dag(
@@ -60,14 +47,70 @@ STAGES = {
     doc_md=__doc__,
 )
 def recsys_training():
+    # Stage modules are imported inside the tasks: parsing this file stays cheap.
     @task
     def ingest() -> str:
-        context = get_current_context()
-        return start_run(context["run_id"], dict(context["params"]), run_type=str(context["dag_run"].run_type))
+        from pipelines import ingest
+
+        return start_run(ingest.ingest)
+
+    @task
+    def preprocess(run_dir: str) -> str:
+        from pipelines import stage
+
+        return run_stage(stage.preprocess, run_dir)
+
+    @task
+    def validate(run_dir: str) -> str:
+        from pipelines import stage
+
+        return run_stage(stage.validate, run_dir)
+
+    @task
+    def build_features(run_dir: str) -> str:
+        from feature_store import stage
+
+        return run_stage(stage.build_features, run_dir)
+
+    @task
+    def segment(run_dir: str) -> str:
+        from feature_store import stage
+
+        return run_stage(stage.segment, run_dir)
+
+    @task
+    def train(run_dir: str) -> str:
+        from training import stage
+
+        return run_stage(stage.train, run_dir)
+
+    @task
+    def evaluate(run_dir: str) -> str:
+        from training import stage
+
+        return run_stage(stage.evaluate, run_dir)
+
+    @task
+    def register(run_dir: str) -> str:
+        from serving import publish  # registers the serving tier's pyfunc
+
+        return run_stage(publish.register, run_dir)
+
+    @task
+    def promote(run_dir: str) -> str:
+        from training import stage
+
+        return run_stage(stage.promote, run_dir)
+
+    @task
+    def publish(run_dir: str) -> str:
+        from serving import publish
+
+        return run_stage(publish.publish_champion, run_dir)
 
     run_dir = ingest()
-    for task_id, target in STAGES.items():
-        run_dir = task(task_id=task_id)(run_stage)(target, run_dir)
+    for stage_task in (preprocess, validate, build_features, segment, train, evaluate, register, promote, publish):
+        run_dir = stage_task(run_dir)
 
 
 recsys_training()

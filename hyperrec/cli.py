@@ -84,7 +84,7 @@ def preprocess(
 @app.command()
 def benchmark(
     dataset: str = typer.Option("ml-100k", "--dataset", help="'ml-100k' or a directory with interactions.csv"),
-    protocol: str = typer.Option("u75", "--protocol", help="split protocol (DESIGN.md): u75"),
+    protocol: str = typer.Option("u75", "--protocol", help="split protocol (pipelines/split.py, docs/models.md): u75"),
     k: int = typer.Option(10, "--k", min=1, help="list length"),
     out: Path = typer.Option(..., "--out", help="output directory"),
     models: str = typer.Option(
@@ -161,9 +161,7 @@ def drift_check(
 def serve(
     host: str | None = typer.Option(None, "--host"),
     port: int | None = typer.Option(None, "--port"),
-    workers: int | None = typer.Option(
-        None, "--workers", help="uvicorn worker processes (default: serving.workers)"
-    ),
+    workers: int | None = typer.Option(None, "--workers", help="uvicorn worker processes (default: serving.workers)"),
     config: Path | None = ConfigOpt,
 ) -> None:
     """Serve the champion that was published last (hot-reloads newly published versions)."""

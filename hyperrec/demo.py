@@ -18,20 +18,8 @@ from rich.table import Table
 from core.net import free_port
 from core.run_context import RunContext
 from core.settings import Settings
-from hyperrec.orchestration import run_dag
+from hyperrec.orchestration import execute_dag, get_dag, task_order
 
-TRAINING_STAGES = (
-    "ingest",
-    "preprocess",
-    "validate",
-    "build_features",
-    "segment",
-    "train",
-    "evaluate",
-    "register",
-    "promote",
-    "publish_champion",
-)
 console = Console()
 
 
@@ -40,9 +28,12 @@ def _newest_run(settings: Settings, since: float) -> Path | None:
     return max(runs, key=lambda p: p.stat().st_mtime) if runs else None
 
 
-def _run_with_progress(settings: Settings, dag_id: str, conf: dict, stages: tuple[str, ...]) -> tuple[str, RunContext]:
+def _run_with_progress(settings: Settings, dag_id: str, conf: dict) -> tuple[RunContext, list[str]]:
     """Run a DAG in-process (Airflow needs the main thread) while a watcher thread moves a
-    progress bar along the stages the run directory records as finished."""
+    progress bar along its tasks as the run directory's ``timings.json`` records them
+    finished; return the run and the DAG's task ids in order."""
+    dag = get_dag(settings, dag_id)
+    stages = task_order(dag)
     started = time.time()
     finished = threading.Event()
     with Progress(
@@ -73,7 +64,7 @@ def _run_with_progress(settings: Settings, dag_id: str, conf: dict, stages: tupl
         watcher = threading.Thread(target=watch, daemon=True)
         watcher.start()
         try:
-            state, run_id = run_dag(settings, dag_id, conf)
+            state, run_id = execute_dag(dag, conf)
         finally:
             finished.set()
             watcher.join()
@@ -82,15 +73,15 @@ def _run_with_progress(settings: Settings, dag_id: str, conf: dict, stages: tupl
     if state != "success":
         console.print(f"[red]{dag_id} ended {state}[/red]: see the task logs above; run directory {run.root}")
         raise SystemExit(1)
-    return state, run
+    return run, stages
 
 
-def _stage_table(run: RunContext) -> Table:
+def _stage_table(run: RunContext, stages: list[str]) -> tuple[Table, Table]:
     timings, report = run.read_json("timings.json"), run.read_json("report.json")
     table = Table(title="recsys_training stages")
     table.add_column("stage")
     table.add_column("seconds", justify="right")
-    for stage in TRAINING_STAGES:
+    for stage in stages:
         table.add_row(stage, f"{timings.get(stage, float('nan')):.1f}")
     table.add_row("[bold]total", f"[bold]{sum(timings.values()):.1f}")
     rows = Table(title="rows")
@@ -148,9 +139,8 @@ def _serve_and_show(settings: Settings, users: list[str], k: int) -> None:
                 time.sleep(0.3)
         for user in users:
             answer = httpx.get(f"{base}/v1/recommendations/{user}", params={"k": k}, timeout=10).json()
-            table = Table(
-                title=f"GET /v1/recommendations/{user}?k={k}  (model {answer['model_version']}, cold start: {answer['cold_start']})"
-            )
+            model, cold = answer["model_version"], answer["cold_start"]
+            table = Table(title=f"GET /v1/recommendations/{user}?k={k}  (model {model}, cold start: {cold})")
             table.add_column("rank", justify="right")
             table.add_column("item")
             table.add_column("title")
@@ -170,31 +160,31 @@ def run_demo(settings: Settings, synthetic_events: int | None = None, show_users
     events = synthetic_events if synthetic_events is not None else settings.synthetic.demo_events
     console.rule("[bold]hyperrec demo")
     console.print(f"state under {settings.home} (mode: {settings.mode}); Airflow metadata DB: {settings.airflow_conn}")
-    _, run = _run_with_progress(
-        settings,
-        "recsys_training",
-        {"dataset": "ml-100k", "synthetic_events": events, "reason": "demo"},
-        TRAINING_STAGES,
+    run, training_stages = _run_with_progress(
+        settings, "recsys_training", {"dataset": "ml-100k", "synthetic_events": events, "reason": "demo"}
     )
 
     batch = settings.home / "incoming" / "batch-no-drift"
     with console.status("generating a fresh synthetic batch for the drift monitor"):
         generate(batch, events=max(events // 5, 2000), seed=101, progress=False)
-    _, drift_run = _run_with_progress(settings, "recsys_drift_monitor", {"current": str(batch)}, ("drift",))
+    drift_run, _ = _run_with_progress(settings, "recsys_drift_monitor", {"current": str(batch)})
 
-    stages, rows = _stage_table(run)
+    stages, rows = _stage_table(run, training_stages)
     console.print(stages)
     console.print(rows)
     console.print(_model_table(run))
     registration, promotion = run.read_json("registration.json"), run.read_json("promotion.json")
     drift = drift_run.read_json("drift.json")
     published = run.read_json("publish.json")
+    outcome = "promoted" if promotion["promoted"] else "kept as challenger"
     lines = {
         "registered model": f"{settings.mlflow.registered_model} v{registration['version']} ({registration['model']})",
-        "promotion gate": f"{'promoted' if promotion['promoted'] else 'kept as challenger'}: {promotion['reason']}; champion is v{champion_version(settings)}",
-        "MLflow store": f"{settings.mlflow_tracking_uri}  (browse it and the Airflow UI: `hyperrec up --config config/demo.yaml`)",
+        "promotion gate": f"{outcome}: {promotion['reason']}; champion is v{champion_version(settings)}",
+        "MLflow store": f"{settings.mlflow_tracking_uri}  "
+        "(browse it and the Airflow UI: `hyperrec up --config config/demo.yaml`)",
         "GX Data Docs": str(run.gx_dir / "index.html"),
-        "Evidently report": f"{drift['html_path']}  (drift share {drift['share_drifted']:.0%}, retrain: {drift['retrain']})",
+        "Evidently report": f"{drift['html_path']}  "
+        f"(drift share {drift['share_drifted']:.0%}, retrain: {drift['retrain']})",
         "serving bundle": f"{published['store']} @ {published['current']}",
         "run directory": str(run.root),
     }

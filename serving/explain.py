@@ -1,15 +1,6 @@
-"""Why an item was recommended.
-
-For a user with history ``H`` (training history plus live events) and a recommended item
-``i``, the link strength of a history item ``h`` is ``L[h, i]``: the served model's
-item-item weight ``W[h, i]`` (the EASE anchor) when it has one, else the cosine of the two
-items' vectors (neural item-tower outputs or content embeddings). Reasons, in order:
-
-1. ``liked``: "because you liked <title of argmax_h L[h, i]>" when that maximum is > 0;
-2. ``segment``: "popular in your segment" for a cold user scored by segment popularity alone;
-3. ``popular``: "popular right now" for an item in the top :data:`POPULAR_SHARE` of the
-   catalogue by popularity, or any item of a popularity-only list;
-4. ``profile``: "matches your interests" otherwise (the model's user vector drove it).
+"""Why an item was recommended: a ``liked`` / ``segment`` / ``popular`` / ``profile`` reason
+per item, from the link between the user's history items and the item (the served model's
+item-item weight, else the cosine of item vectors). See docs/models.md.
 """
 
 from __future__ import annotations
@@ -20,7 +11,7 @@ POPULAR_SHARE = 0.05
 
 
 class Explainer:
-    """Reasons for one served model's recommendations (module docstring)."""
+    """Reasons for one served model's recommendations (:meth:`reasons`)."""
 
     def __init__(
         self,
@@ -49,7 +40,9 @@ class Explainer:
             return self.vectors[history] @ self.vectors[items].T
         return None
 
-    def reasons(self, history: np.ndarray, items: np.ndarray, popularity_only: str | None) -> list[dict]:
+    def reasons(
+        self, history: np.ndarray, items: np.ndarray, popularity_only: str | None
+    ) -> list[dict[str, str | None]]:
         """One ``{"reason", "reason_kind", "because_item_id"}`` per item of ``items``.
 
         ``popularity_only`` is ``"segment"`` or ``"global"`` for a list ranked by popularity
@@ -65,7 +58,7 @@ class Explainer:
             )
             return [{"reason": text, "reason_kind": kind, "because_item_id": None} for _ in items]
         link = self.links(history, items)
-        out = []
+        out: list[dict[str, str | None]] = []
         for col, item in enumerate(items):
             if link is not None:
                 column = np.where(history == item, -np.inf, link[:, col])  # never "because you liked" itself

@@ -1,4 +1,8 @@
-"""Publish the registry's champion to the object store the serving tier reads."""
+"""Register and publish what serving answers with: the ``register`` stage logs the best
+model as :class:`ServedPyfunc` (the API's own :class:`serving.recommender.ServedModel` over
+the bundle, so the registered model ranks exactly as the API), and ``publish_champion``
+copies the registry's champion to the object store the serving tier reads.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import json
 import logging
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -13,8 +18,47 @@ from core.run_context import RunContext
 from core.settings import ServingSettings, Settings
 from serving.store import ObjectStore, current_version, publish
 from training import registry
+from training.pyfunc import Recommend, RecommenderPyfunc
 
 log = logging.getLogger(__name__)
+
+ANSWER_SETTINGS = ("candidates", "mmr_pool", "cold_popularity_weight", "quantized")
+"""The serving settings that shape an answer; the registered model keeps their values."""
+
+
+class ServedPyfunc(RecommenderPyfunc):
+    """The registered pyfunc: :meth:`ServedModel.recommend` for ``(user_id, k)`` with no live
+    events, built from the logged bundle with the serving settings given at registration
+    (only :data:`ANSWER_SETTINGS`; no secret travels with the model)."""
+
+    def __init__(self, serving: ServingSettings) -> None:
+        self.serving: dict[str, Any] = {name: getattr(serving, name) for name in ANSWER_SETTINGS}
+
+    def open(self, bundle_dir: Path) -> Recommend:
+        from serving.recommender import RecommendationRequest, ServedModel
+        from training.bundle import load_bundle
+
+        served = ServedModel(load_bundle(bundle_dir), Path(bundle_dir), ServingSettings(**self.serving))
+
+        def recommend(user_id: str, k: int) -> list[dict[str, Any]]:
+            body = served.recommend(RecommendationRequest(user_id, k), [])
+            return [{"item_id": it.item_id, "rank": it.rank, "score": it.score} for it in body.items]
+
+        return recommend
+
+
+def register(settings: Settings, run: RunContext) -> dict:
+    """The ``register`` stage: the best candidate's bundle gets its serving files
+    (:func:`add_serving_extras`, so the registered artifact is the one served) and is
+    registered as :class:`ServedPyfunc` (:func:`training.stage.register`)."""
+    from training.stage import register as register_run
+
+    best = run.read_json("evaluation.json")["best"]
+    try:
+        add_serving_extras(run.models_dir / best, run, settings.serving)
+    except Exception as exc:  # the served model then builds its index at load, as publishing would
+        log.warning("no serving extras for the registered %s bundle: %s", best, exc)
+    return register_run(settings, run, python_model=ServedPyfunc(settings.serving))
 
 
 def object_store(settings: Settings) -> ObjectStore:
@@ -99,15 +143,13 @@ def write_ann_indexes(bundle_dir: Path, serving: ServingSettings) -> list[Path]:
     from training.bundle import load_bundle
 
     bundle = load_bundle(bundle_dir)
-    written = []
+    written: list[Path] = []
     for quantized in (False, True):
         served = ServedModel(bundle, bundle_dir, serving.model_copy(update={"quantized": quantized}))
-        if served.ann_origin == "built":
-            written.append(served.save_ann_index(bundle_dir))
+        path = served.save_ann_index(bundle_dir) if served.ann_origin == "built" else None
+        if path is not None and served.index is not None:
+            written.append(path)
             log.info(
-                "stored the %s ANN index (%s) in %s",
-                "INT8" if quantized else "float",
-                served.index.describe(),
-                written[-1],
+                "stored the %s ANN index (%s) in %s", "INT8" if quantized else "float", served.index.describe(), path
             )
     return written

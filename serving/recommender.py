@@ -1,34 +1,8 @@
-"""One served bundle with everything derived from it, and the recommendation logic.
-
-A :class:`ServedModel` is built once per loaded bundle (the served, possibly INT8, model;
-its restricted scorer; the ANN index, read from the bundle's ``ann/`` when publishing stored
-one for these vectors; MMR vectors; segment profiles; the explainer) and is immutable
-afterwards, so a request holding one is unaffected by a hot swap.
-
-:meth:`ServedModel.recommend` for a request (user, k, filters, diversity, explain, cold-start
-attributes) and the user's live events (oldest first):
-
-1. history ``H`` = training history ∪ live items known to the bundle; the allowed items are
-   the catalogue minus ``H`` (``exclude_seen``), minus ``exclude_items``, restricted to items
-   in any of ``categories``;
-2. relevance, by strategy:
-
-   - ``personalized`` (known user): the hybrid score of the user's row (training history with
-     its weights, live items at the neutral weight) on the candidates of
-     :func:`serving.retrieval.candidate_items` (ANN over the item space, or all allowed items);
-     when the user's segment has a fine-tuned neural model, its neural part comes from that
-     model (``segment`` names it);
-   - ``session_content+<pop>`` / ``session+<pop>`` (unknown user with live events):
-     ``(1 − w)·z(s) + w·z(p)`` with ``s`` the content cosine of the session profile (the
-     hybrid score of the session row when the bundle has no content component), ``p`` the
-     popularity below, ``w = serving.cold_popularity_weight`` and ``z`` the standardization
-     over the scored items;
-   - ``segment_popularity`` (unknown user, no events, the bundle has segment popularity and
-     the request's attributes point to a segment: :mod:`serving.segments`), else
-     ``global_popularity`` (``strategy_detail`` says why);
-3. the top ``k`` by relevance (ties: lower item index), or with ``diversity > 0`` MMR over the
-   top ``max(k, serving.mmr_pool)`` (:mod:`serving.rerank`);
-4. with ``explain``, a reason per item (:mod:`serving.explain`).
+"""The recommendation logic behind the API and the registered MLflow model: a
+:class:`ServedModel` is one loaded bundle prepared for serving (the served, possibly INT8,
+model; its ANN index, read from the bundle's ``ann/`` when publishing stored one; MMR
+vectors; segment profiles; the explainer). It is immutable once built, so a request holding
+one is unaffected by a hot swap.
 """
 
 from __future__ import annotations
@@ -43,10 +17,11 @@ import numpy as np
 from core.settings import ServingSettings
 from serving.explain import Explainer
 from serving.rerank import category_vectors, intra_list_diversity, mmr, normalize_rows, similarity_vectors
-from serving.retrieval import AnnIndex, HybridScorer, ItemSpace, candidate_items, is_quantized, served_model
+from serving.retrieval import AnnIndex, CandidateScorer, ItemSpace, candidate_items
+from serving.schemas import Recommendations
 from serving.segments import SegmentProfiles
 from training.bundle import Bundle
-from training.candidates import ContentScorer
+from training.hybrid import as_hybrid
 
 ANN_DIR = "ann"
 """The bundle's folder of stored ANN indexes (one per :meth:`serving.retrieval.AnnIndex.key`)."""
@@ -93,50 +68,47 @@ def _z(values: np.ndarray) -> np.ndarray:
 
 
 class ServedModel:
-    """A loaded bundle prepared for serving (module docstring)."""
+    """A loaded bundle prepared for serving; the constructor takes the
+    bundle, its directory (None: no stored ANN index or segment files) and the settings."""
 
     def __init__(self, bundle: Bundle, bundle_dir: Path | None, settings: ServingSettings) -> None:
         self.bundle = bundle
         self.settings = settings
         self.version = bundle.version
         n = bundle.n_items
-        self.model = served_model(bundle.model, settings.quantized)
-        self.quantized = is_quantized(self.model)
-        self.scorer = HybridScorer(self.model, n)
-        self.space = ItemSpace.of(self.scorer)
-        self.index, self.ann_origin = None, "none"
+        model = as_hybrid(bundle.model)
+        self.model = model.quantized() if settings.quantized else model
+        self.quantized = self.model.is_quantized()
+        self.scorer = CandidateScorer(self.model)
+        self.space = ItemSpace.of(self.model)
+        self.index: AnnIndex | None = None
+        self.ann_origin = "none"
         if self.space is not None and n > settings.candidates:
-            self.index, self.ann_origin = self._ann_index(bundle_dir)
-        content = self.scorer.component(ContentScorer)
-        self.content = content[0] if content else None
-        content_vectors = self.scorer._item_side[self.content][0] if self.content else None
+            self.index, self.ann_origin = self._ann_index(self.space, bundle_dir)
+        self.content = self.model.component_of_kind("content")
+        content_space = self.model.components[self.content].retrieval_space() if self.content else None
+        content_vectors = content_space.vectors if content_space is not None else None
         self.sim_vectors, self.sim_source = similarity_vectors(content_vectors, bundle.categories)
         cats, labels = category_vectors(bundle.categories)
         self.category_masks = {label: cats[:, j] > 0 for j, label in enumerate(labels)}
         self.popularity = np.asarray(bundle.popularity, dtype=np.float32)
         self.segments = SegmentProfiles.load(bundle_dir, n) if bundle_dir is not None else None
-        link_vectors = (
-            normalize_rows(
-                self.space.vectors[:, :-1] if self.space and self.space.source == "neural" else self.space.vectors
-            )
-            if self.space is not None
-            else None
-        )
+        link_vectors = normalize_rows(self.space.item_vectors) if self.space is not None else None
         self.explainer = Explainer(
-            bundle.titles, bundle.item_ids, self.popularity, self.scorer.anchor_weights, link_vectors
+            bundle.titles, bundle.item_ids, self.popularity, self.model.anchor.weights, link_vectors
         )
 
-    def _ann_index(self, bundle_dir: Path | None) -> tuple[AnnIndex, str]:
+    def _ann_index(self, space: ItemSpace, bundle_dir: Path | None) -> tuple[AnnIndex, str]:
         """The index stored under ``bundle_dir/ann/<key>/`` for these vectors and candidate
         count (``"stored"``), else one built and calibrated now (``"built"``)."""
-        self.ann_key = AnnIndex.key(self.space.vectors, self.settings.candidates)
+        self.ann_key = AnnIndex.key(space.vectors, self.settings.candidates)
         stored = bundle_dir / ANN_DIR / self.ann_key if bundle_dir else None
         if stored is not None and (stored / "index.json").is_file():
             try:
                 return AnnIndex.load(stored), "stored"
             except ValueError as exc:
                 log.warning("%s: rebuilding", exc)
-        return AnnIndex(self.space.vectors, self._sample_queries(), self.settings.candidates), "built"
+        return AnnIndex(space.vectors, self._sample_queries(space), self.settings.candidates), "built"
 
     def save_ann_index(self, bundle_dir: Path) -> Path | None:
         """Store this model's ANN index in ``bundle_dir`` (where :meth:`_ann_index` looks); None without one."""
@@ -144,20 +116,20 @@ class ServedModel:
             return None
         return self.index.save(Path(bundle_dir) / ANN_DIR / self.ann_key)
 
-    def _sample_queries(self, count: int = 32) -> np.ndarray:
+    def _sample_queries(self, space: ItemSpace, count: int = 32) -> np.ndarray:
         """Query vectors of up to ``count`` training users (evenly spaced in id order) for
         calibrating the ANN index; random vectors when the bundle has no users."""
         users = sorted(self.bundle.history)
         picked = [users[i] for i in np.linspace(0, len(users) - 1, min(count, len(users))).astype(int)] if users else []
         empty = np.empty(0, dtype=np.int32)
-        queries = [self.space.query(self.scorer.prepare(self.bundle._row(u, empty), u)) for u in picked]
+        queries = [space.query(self.scorer.prepare(self.bundle.row(u, empty), u)) for u in picked]
         if not queries:
-            return np.random.default_rng(0).normal(size=(count, self.space.vectors.shape[1])).astype(np.float32)
+            return np.random.default_rng(0).normal(size=(count, space.vectors.shape[1])).astype(np.float32)
         return np.stack(queries).astype(np.float32)
 
     @property
     def ann_source(self) -> str:
-        return self.space.source if self.index is not None else "none"
+        return self.space.source if self.space is not None and self.index is not None else "none"
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -168,7 +140,7 @@ class ServedModel:
             "ann_origin": self.ann_origin,
             **({"ann_" + k: v for k, v in self.index.describe().items()} if self.index else {}),
             "segments": len(self.segments.labels) if self.segments else 0,
-            "segment_models": self.scorer.segment_models(),
+            "segment_models": len(self.model.segment_labels()),
             "n_items": self.bundle.n_items,
         }
 
@@ -208,8 +180,26 @@ class ServedModel:
             f"nearest segment {label} by {', '.join(used)}",
         )
 
-    def recommend(self, request: RecommendationRequest, recent: list[str]) -> dict[str, Any]:
-        """The response body for ``request`` given the user's live items ``recent``."""
+    def recommend(self, request: RecommendationRequest, recent: list[str]) -> Recommendations:
+        """The response body for ``request`` given the user's live items ``recent`` (oldest first).
+
+        1. history ``H`` = training history ∪ live items known to the bundle; the allowed
+           items are the catalogue minus ``H`` (``exclude_seen``), minus ``exclude_items``,
+           restricted to items in any of ``categories``;
+        2. relevance: ``personalized`` (known user) is the model's score of the user's row
+           (training history with its weights, live items at the neutral weight) on the
+           candidates of :func:`serving.retrieval.candidate_items` (``segment`` names the
+           segment whose fine-tuned model scored); ``session_content+<pop>`` /
+           ``session+<pop>`` (unknown user with live events) is ``(1 − w)·z(s) + w·z(p)``
+           with ``s`` the content score of the session (the model's score without a content
+           component), ``p`` the popularity below, ``w = serving.cold_popularity_weight`` and
+           ``z`` the standardization over the scored items; ``segment_popularity`` (unknown
+           user, no events, attributes pointing to a segment: :mod:`serving.segments`), else
+           ``global_popularity`` (``strategy_detail`` says why);
+        3. the top ``k`` by relevance (ties: lower item index), or with ``diversity > 0`` MMR
+           over the top ``max(k, serving.mmr_pool)`` (:mod:`serving.rerank`);
+        4. with ``explain``, a reason per item (:mod:`serving.explain`).
+        """
         self.validate(request)
         bundle, settings = self.bundle, self.settings
         user = request.user_id
@@ -228,19 +218,20 @@ class ServedModel:
         detail, segment, retrieved = "", None, False
         popularity_only: str | None = None
         if known or len(extra):
-            state = self.scorer.prepare(bundle._row(user if known else None, extra), user if known else None)
+            state = self.scorer.prepare(bundle.row(user if known else None, extra), user if known else None)
             query = self.space.query(state) if self.space is not None else None
             n_excluded = len(history) if request.exclude_seen else 0
             items, retrieved = candidate_items(allowed, self.index, query, settings.candidates, n_excluded, need)
             if known:
                 scores = self.scorer.score(state, items).astype(np.float64)
                 strategy = "personalized"
-                segment = self.scorer.segment_model_of(user)
+                segment = self.model.segment_of(user)
                 if segment is not None:
                     detail = f"neural scores from the model fine-tuned for segment {segment}"
             else:
                 if self.content is not None:
-                    session = self.scorer._item_side[self.content][0][items] @ state.vectors[self.content]
+                    content = self.model.components[self.content]
+                    session = content.score_items(state.parts[self.content], items)[0]
                     source = "session_content"
                 else:
                     session = self.scorer.score(state, items)
@@ -269,18 +260,18 @@ class ServedModel:
             if reasons is not None:
                 entry.update(reasons[rank - 1])
             out_items.append(entry)
-        return {
-            "user_id": user,
-            "model_version": self.version,
-            "cold_start": not known,
-            "strategy": strategy,
-            "strategy_detail": detail or None,
-            "segment": segment,
-            "retrieval": "ann" if retrieved else "exact",
-            "diversity": request.diversity,
-            "intra_list_diversity": intra_list_diversity(picked, self.sim_vectors),
-            "items": out_items,
-        }
+        return Recommendations(
+            user_id=user,
+            model_version=self.version,
+            cold_start=not known,
+            strategy=strategy,
+            strategy_detail=detail or None,
+            segment=segment,
+            retrieval="ann" if retrieved else "exact",
+            diversity=request.diversity,
+            intra_list_diversity=intra_list_diversity(picked, self.sim_vectors),
+            items=out_items,
+        )
 
     def _rank(self, items: np.ndarray, scores: np.ndarray, k: int, diversity: float, need: int) -> np.ndarray:
         """Top ``k`` by score (ties: lower item index), or MMR over the top ``need``."""

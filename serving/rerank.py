@@ -1,20 +1,6 @@
-"""Diversity re-ranking by Maximal Marginal Relevance, and intra-list diversity.
-
-Similarity between items ``i, j`` is the cosine ``sim(i, j) = ê_i · ê_j`` of their
-L2-normalised item vectors (:func:`similarity_vectors`): the content embeddings when the
-served model has a content component, else the category multi-hot vectors. An item without
-content or categories has the zero vector (similarity 0 to everything).
-
-MMR (:func:`mmr`) with diversity ``d`` ∈ [0, 1] and ``λ = 1 − d`` picks greedily from a pool
-of candidates ranked by relevance ``r`` (min-max scaled to [0, 1] over the pool)::
-
-    next = argmax_{i ∉ S} λ · r_i − (1 − λ) · max_{j ∈ S} sim(i, j)
-
-(the first pick is the most relevant item; ties go to the more relevant item). ``d = 0``
-returns the relevance order unchanged.
-
-Intra-list diversity (:func:`intra_list_diversity`): the mean of ``1 − sim(i, j)`` over the
-unordered pairs of a list; 0 for lists shorter than two.
+"""Diversity re-ranking by Maximal Marginal Relevance (:func:`mmr`) over content-embedding
+or category similarity (:func:`similarity_vectors`), and intra-list diversity (the mean
+``1 − cosine`` over the pairs of a list). See docs/models.md.
 """
 
 from __future__ import annotations
@@ -80,12 +66,12 @@ def mmr(pool: np.ndarray, relevance: np.ndarray, vectors: np.ndarray, k: int, di
     return pool[picked]
 
 
-def intra_list_diversity(items: Sequence[int], vectors: np.ndarray) -> float:
-    """Mean pairwise ``1 − cosine`` of ``items`` (module docstring)."""
-    items = np.asarray(items, dtype=np.int64)
-    n = len(items)
+def intra_list_diversity(items: Sequence[int] | np.ndarray, vectors: np.ndarray) -> float:
+    """Mean pairwise ``1 − cosine`` of ``items`` under ``vectors`` (0 for fewer than two)."""
+    picked = np.asarray(items, dtype=np.int64)
+    n = len(picked)
     if n < 2:
         return 0.0
-    sims = vectors[items] @ vectors[items].T
+    sims = vectors[picked] @ vectors[picked].T
     upper = sims[np.triu_indices(n, k=1)]
     return float(np.mean(1.0 - upper))

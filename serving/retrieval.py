@@ -1,36 +1,11 @@
-"""Candidate retrieval (faiss inner-product ANN) and hybrid scoring restricted to candidates.
-
-Scoring: :class:`HybridScorer` computes, for any candidate item set ``C``, exactly
-``model.score(x, [user])[0][C]`` of the served :class:`training.hybrid.WeightedHybrid`
-(or :class:`training.models.ItemItemModel`), without scoring the other items:
-
-- anchor: ``(w(x)[h] · W[h, C] + b[C]) · ω_ease/σ_ease`` over the history items ``h``;
-- neural: ``(u · v_C + b_C) · ω/σ`` with ``u`` the user-tower output of the binary history
-  (for a user whose segment has a fine-tuned model, ``u``, ``v`` and ``b`` are that model's);
-- ALS: ``f_u · Y_Cᵀ · ω/σ`` (learned factors for known users, fold-in for others);
-- content: ``cos(p_u, ê_C) · ω/σ``; popularity: ``pop[C] · ω/σ``;
-- any other component: its full score row, restricted to ``C``.
-
-Retrieval: :class:`ItemSpace` holds the item vectors of an inner-product index: the neural
-component's (global model's) item-tower outputs with the item bias appended (the query is
-``[u, 1]`` with ``u`` the global user vector, so the inner product *is* the global neural
-score; segment models only re-rank the candidates), else the content embeddings (query: the user's content
-profile), else none (every item is scored). :class:`AnnIndex` is a faiss HNSW index over them,
-calibrated on sample users' query vectors (its docstring). Publishing stores it in the bundle
-under ``ann/<key>/`` (:meth:`AnnIndex.key`: a hash of the vectors and the candidate count,
-so the INT8 model's vectors get their own); serving loads the one whose key matches and
-builds it only when none does.
-
-Rule (:func:`candidate_items`): when the items allowed by the request's filters number at
-most ``candidates``, all of them are scored exactly; otherwise the index returns the top
-``candidates + |excluded seen items|`` items for the user's query vector, the filters are
-applied, and those are scored. If fewer than ``need`` survive the filters (a narrow filter
-the index cannot see), every allowed item is scored exactly.
+"""Candidate retrieval for serving: a faiss inner-product ANN index (:class:`AnnIndex`) over
+the served model's retrieval space (:meth:`training.models.Scorer.retrieval_space`), and the
+rule (:func:`candidate_items`) choosing which items the model scores. Scoring is the model's
+own (:class:`CandidateScorer`); this module knows no component class. See docs/models.md.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass
@@ -41,193 +16,57 @@ import faiss
 import numpy as np
 import scipy.sparse as sp
 
-from training.candidates import ALSScorer, ContentScorer, NeuralScorer, binary
-from training.hybrid import InputWeighting, PopularityScorer, WeightedHybrid
-from training.models import ItemItemModel
+from training.hybrid import HybridState, WeightedHybrid
 
 HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 200
 
 
-def served_model(model: WeightedHybrid | ItemItemModel, quantized: bool) -> WeightedHybrid | ItemItemModel:
-    """``model`` as served: with ``quantized``, a copy whose neural components use
-    :func:`training.neural.quantize_int8` (the bundle's own model is left untouched)."""
-    if not quantized or not isinstance(model, WeightedHybrid):
-        return model
-    from training.neural import quantize_int8
+class CandidateScorer:
+    """One user's scores on candidate items, through the served model's own scoring."""
 
-    components = {
-        name: NeuralScorer(
-            quantize_int8(s.model), {seg: quantize_int8(m) for seg, m in s.segment_models.items()}, s.user_segments
-        )
-        if isinstance(s, NeuralScorer)
-        else s
-        for name, s in model.components.items()
-    }
-    return dataclasses.replace(model, components=components)
-
-
-def is_quantized(model: WeightedHybrid | ItemItemModel) -> bool:
-    """Whether a neural component of ``model`` holds INT8-quantized layers."""
-    from training.neural import _is_quantized
-
-    return isinstance(model, WeightedHybrid) and any(
-        isinstance(s, NeuralScorer) and _is_quantized(s.model.net) for s in model.components.values()
-    )
-
-
-@dataclass
-class UserState:
-    """Per-request intermediate results of one user's history row ``x``."""
-
-    x: sp.csr_matrix
-    user_id: str | None
-    anchor_idx: np.ndarray
-    anchor_val: np.ndarray
-    vectors: dict[str, np.ndarray]
-    segment_vectors: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = dataclasses.field(default_factory=dict)
-    """neural component → (user vector, item vectors, item biases) of the user's segment model."""
-
-
-class HybridScorer:
-    """Restricted scores of a served model (module docstring)."""
-
-    def __init__(self, model: WeightedHybrid | ItemItemModel, n_items: int) -> None:
+    def __init__(self, model: WeightedHybrid) -> None:
         self.model = model
-        self.n_items = n_items
-        if isinstance(model, WeightedHybrid):
-            self.anchor = model.anchor
-            self.weighting: InputWeighting | None = model.weighting
-            self.anchor_factor = model.weights.get("ease", 1.0) / model.scales["ease"]
-            self.components = [
-                (name, s, model.weights.get(name, 0.0) / model.scales[name])
-                for name, s in model.components.items()
-                if model.weights.get(name, 0.0)
-            ]
-        else:
-            self.anchor, self.weighting, self.anchor_factor, self.components = model, None, 1.0, []
-        self.anchor_bias = np.asarray(self.anchor.bias, dtype=np.float32)
-        self.anchor_weights = None if self.anchor.weights is None else np.asarray(self.anchor.weights, dtype=np.float32)
-        self._item_side: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
-        self._segment_side: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
-        for name, scorer, _ in self.components:
-            if isinstance(scorer, NeuralScorer):
-                self._item_side[name] = _neural_item_side(scorer.model)
-                self._segment_side[name] = {seg: _neural_item_side(m) for seg, m in scorer.segment_models.items()}
-            elif isinstance(scorer, ContentScorer):
-                self._item_side[name] = (np.asarray(scorer.model.item_embeddings, dtype=np.float32), None)
-            elif isinstance(scorer, ALSScorer):
-                self._item_side[name] = (np.asarray(scorer.model.item_factors, dtype=np.float32), None)
 
-    def component(self, kind: type) -> tuple[str, Any] | None:
-        """The first blended component of scorer class ``kind`` as ``(name, scorer)``."""
-        for name, scorer, _ in self.components:
-            if isinstance(scorer, kind):
-                return name, scorer
-        return None
+    def prepare(self, x: sp.csr_matrix, user_id: str | None) -> HybridState:
+        """Everything about the user of history row ``x`` that does not depend on the candidates."""
+        return self.model.prepare(x, [user_id])
 
-    def segment_model_of(self, user_id: str | None) -> str | None:
-        """The segment whose fine-tuned neural model scores ``user_id`` (None: the global model)."""
-        found = self.component(NeuralScorer)
-        return found[1].segment_of(user_id) if found is not None else None
-
-    def segment_models(self) -> int:
-        found = self.component(NeuralScorer)
-        return len(found[1].segment_models) if found is not None else 0
-
-    def prepare(self, x: sp.csr_matrix, user_id: str | None) -> UserState:
-        """Everything about the user that does not depend on the candidate items."""
-        x = sp.csr_matrix(x, dtype=np.float32)
-        anchor_in = self.weighting.apply(x) if self.weighting is not None else x
-        vectors: dict[str, np.ndarray] = {}
-        segment_vectors: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
-        for name, scorer, _ in self.components:
-            if isinstance(scorer, NeuralScorer):
-                # The global model's user vector queries the ANN index even when a segment model ranks.
-                vectors[name] = scorer.model.user_embeddings(binary(x), [user_id])[0].astype(np.float32)
-                segment = scorer.segment_of(user_id)
-                if segment is not None:
-                    own = scorer.segment_models[segment].user_embeddings(binary(x), [user_id])[0].astype(np.float32)
-                    segment_vectors[name] = (own, *self._segment_side[name][segment])
-            elif isinstance(scorer, ContentScorer):
-                vectors[name] = _content_profile(scorer.model, x).astype(np.float32)
-            elif isinstance(scorer, ALSScorer):
-                row = scorer.row_of.get(user_id, -1)
-                vectors[name] = (
-                    scorer.model.user_factors[row] if row >= 0 else scorer.model.fold_in(binary(x))[0]
-                ).astype(np.float32)
-        return UserState(
-            x, user_id, anchor_in.indices.astype(np.int64), anchor_in.data.astype(np.float32), vectors, segment_vectors
-        )
-
-    def score(self, state: UserState, items: np.ndarray) -> np.ndarray:
-        """``model.score(x, [user])[0][items]`` (float32)."""
-        items = np.asarray(items, dtype=np.int64)
-        out = self.anchor_bias[items].copy()
-        if self.anchor_weights is not None and len(state.anchor_idx):
-            if self.n_items <= 8 * len(items):  # whole rows: contiguous reads beat a scattered gather
-                out += (state.anchor_val @ self.anchor_weights[state.anchor_idx])[items]
-            else:
-                out += state.anchor_val @ self.anchor_weights[np.ix_(state.anchor_idx, items)]
-        out *= self.anchor_factor
-        for name, scorer, factor in self.components:
-            if name in state.segment_vectors:
-                user, emb, bias = state.segment_vectors[name]
-                part = emb[items] @ user + bias[items]
-            elif name in state.vectors:
-                emb, bias = self._item_side[name]
-                part = emb[items] @ state.vectors[name]
-                if bias is not None:
-                    part = part + bias[items]
-            elif isinstance(scorer, PopularityScorer):
-                part = np.asarray(scorer.values, dtype=np.float32)[items]
-            else:
-                part = scorer.score(state.x, [state.user_id])[0][items]
-            out += np.asarray(part, dtype=np.float32) * np.float32(factor)
-        return out.astype(np.float32, copy=False)
-
-
-def _neural_item_side(rec: Any) -> tuple[np.ndarray, np.ndarray]:
-    """A neural recommender's item-tower outputs and item biases."""
-    return rec.item_embeddings().astype(np.float32), rec.item_biases().astype(np.float32)
-
-
-def _content_profile(model: Any, x: sp.csr_matrix) -> np.ndarray:
-    """:meth:`training.content.ContentModel.profiles` of the single row ``x``, computed on
-    the row's items only: ``p = Σ_i w_i ê_i / Σ_i w_i`` with ``w_i = max(x_i · idf_i, 0)``,
-    L2-normalised (all-zero for an empty or all-negative row)."""
-    idx = x.indices
-    w = np.clip(x.data.astype(np.float64) * np.asarray(model.item_weights, dtype=np.float64)[idx], 0.0, None)
-    total = w.sum()
-    if total <= 0:
-        return np.zeros(model.item_embeddings.shape[1])
-    mean = (w @ np.asarray(model.item_embeddings[idx], dtype=np.float64)) / total
-    norm = np.linalg.norm(mean)
-    return mean / norm if norm > 0 else mean
+    def score(self, state: HybridState, items: np.ndarray) -> np.ndarray:
+        """The model's scores of ``items`` for the prepared user (float32)."""
+        return self.model.score_items(state, np.asarray(items, dtype=np.int64))[0]
 
 
 @dataclass
 class ItemSpace:
-    """Item vectors for inner-product retrieval and which user vector queries them."""
+    """The vectors of the ANN index (the retrieval space's item vectors, with the item bias
+    as an extra column when it has one) and how a prepared user queries them."""
 
-    source: str  # "neural" or "content"
-    component: str
+    source: str
     vectors: np.ndarray
+    model: WeightedHybrid
+    biased: bool
 
     @classmethod
-    def of(cls, scorer: HybridScorer) -> ItemSpace | None:
-        """The neural space (item-tower outputs ⊕ item bias), else the content space, else None."""
-        for kind, source in ((NeuralScorer, "neural"), (ContentScorer, "content")):
-            found = scorer.component(kind)
-            if found is not None:
-                emb, bias = scorer._item_side[found[0]]
-                vectors = np.hstack([emb, bias[:, None]]) if bias is not None else emb
-                return cls(source, found[0], np.ascontiguousarray(vectors, dtype=np.float32))
-        return None
+    def of(cls, model: WeightedHybrid) -> ItemSpace | None:
+        space = model.retrieval_space()
+        if space is None:
+            return None
+        biased = space.bias is not None
+        vectors = np.hstack([space.vectors, space.bias[:, None]]) if space.bias is not None else space.vectors
+        return cls(space.source, np.ascontiguousarray(vectors, dtype=np.float32), model, biased)
 
-    def query(self, state: UserState) -> np.ndarray:
-        u = state.vectors[self.component]
-        return np.append(u, np.float32(1.0)) if self.source == "neural" else u
+    @property
+    def item_vectors(self) -> np.ndarray:
+        """The item vectors without the bias column."""
+        return self.vectors[:, :-1] if self.biased else self.vectors
+
+    def query(self, state: HybridState) -> np.ndarray:
+        query = self.model.query(state)
+        if query is None:
+            raise ValueError("the served model has no retrieval space to query")
+        u = np.asarray(query[0], dtype=np.float32)
+        return np.append(u, np.float32(1.0)) if self.biased else u
 
 
 class AnnIndex:
@@ -259,7 +98,8 @@ class AnnIndex:
         }
         built = {name: (_hnsw(x, metric), lifted) for name, (metric, x, lifted) in options.items()}
         self.kind, self.ef_factor, self.recall = "flat-ip", 0, 1.0
-        self.index, self.lifted = faiss.IndexFlatIP(self.dim), False
+        self.index: Any = faiss.IndexFlatIP(self.dim)
+        self.lifted = False
         for factor in EF_FACTORS:
             for name, (index, lifted) in built.items():
                 recall = _recall(index, lifted, samples, truth, n, factor)
@@ -342,7 +182,8 @@ def _search(index: Any, lifted: bool, query: np.ndarray, n: int, ef_factor: int)
     q = np.append(query, np.float32(0.0)) if lifted else query
     q = np.ascontiguousarray(q[None, :], dtype=np.float32)
     if ef_factor:
-        _, found = index.search(q, n, params=faiss.SearchParametersHNSW(efSearch=max(ef_factor * n, 64)))
+        params = faiss.SearchParametersHNSW(efSearch=max(ef_factor * n, 64))  # type: ignore[attr-defined]
+        _, found = index.search(q, n, params=params)
     else:
         _, found = index.search(q, n)
     return found[0][found[0] >= 0].astype(np.int64)
@@ -360,7 +201,10 @@ def _recall(index: Any, lifted: bool, samples: np.ndarray, truth: list[set], n: 
 def candidate_items(
     allowed: np.ndarray, index: AnnIndex | None, query: np.ndarray | None, candidates: int, n_excluded: int, need: int
 ) -> tuple[np.ndarray, bool]:
-    """Items to score under the rule of the module docstring, and whether the index chose them.
+    """Items to score, and whether the index chose them: every allowed item when they number at
+    most ``candidates`` (or without an index); else the index's top ``candidates + n_excluded``
+    for ``query`` that are allowed, unless fewer than ``need`` of them survive (a narrow filter
+    the index cannot see), when every allowed item is scored.
 
     ``allowed`` is a boolean mask over the catalogue (filters and seen items applied).
     """

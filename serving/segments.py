@@ -1,20 +1,7 @@
-"""Segment popularity for cold-start users, and the nearest segment of a new user.
-
-Files (written into a bundle's ``serving/`` folder at publish time by
-:func:`write_segment_profiles`):
-
-- ``segment_popularity.npy``: segments × items, each row :func:`training.models.popularity`
-  over the segment's users (scaled to [0, 1] by the segment's maximum);
-- ``segments.json``: ``labels``, ``sizes`` and, per demographic/context attribute, each
-  segment's profile: numeric attributes (``age``) a mean and standard deviation, categorical
-  ones (``gender``, ``occupation``, ``region``, ``device``) Laplace-smoothed value shares
-  ``(count + 1) / (n + |values|)`` (device: shares of the segment's events).
-
-Nearest segment (:meth:`SegmentProfiles.nearest`): the maximum a-posteriori segment under a
-naive-Bayes model, ``argmax_s log(size_s) + Σ_a log p_s(a)``, over the attributes ``a`` the
-request gives: a Gaussian density (standard deviation floored at 10% of the overall one)
-for numeric attributes, the smoothed share for categorical ones. Values a segment profile
-never saw, and attributes the bundle has no profile for, carry no evidence and are skipped.
+"""Segment popularity for cold-start users, and the nearest segment of a new user (the
+naive-Bayes MAP segment of the request's attributes, :meth:`SegmentProfiles.nearest`).
+:func:`write_segment_profiles` writes ``segment_popularity.npy`` and ``segments.json`` into a
+bundle's ``serving/`` folder. See docs/models.md.
 """
 
 from __future__ import annotations
@@ -23,6 +10,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import SupportsFloat, cast
 
 import numpy as np
 import pandas as pd
@@ -112,7 +100,7 @@ def _share_profile(frame: pd.DataFrame, column: str, labels: list[str]) -> dict:
 
 @dataclass
 class SegmentProfiles:
-    """A bundle's segment popularity and profiles (module docstring)."""
+    """A bundle's segment popularity and profiles (:func:`write_segment_profiles`)."""
 
     labels: list[str]
     sizes: np.ndarray
@@ -157,7 +145,7 @@ class SegmentProfiles:
                 spec = self.numeric[name]
                 mean, std = np.asarray(spec["mean"]), np.asarray(spec["std"])
                 std = np.maximum(std, 0.1 * float(spec["overall_std"]))
-                logp = logp - 0.5 * ((float(value) - mean) / std) ** 2 - np.log(std)
+                logp = logp - 0.5 * ((float(cast(SupportsFloat, value)) - mean) / std) ** 2 - np.log(std)
                 used.append(name)
             elif name in self.categorical:
                 spec = self.categorical[name]

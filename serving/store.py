@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from functools import partial
 from pathlib import Path
 
 from core.files import write_atomic
@@ -26,7 +27,6 @@ class ObjectStore:
 
     def __init__(self, uri: str, s3_endpoint_url: str | None = None) -> None:
         self.uri = str(uri)
-        self.s3_endpoint_url = s3_endpoint_url
         if self.uri.startswith("s3://"):
             bucket, _, prefix = self.uri[len("s3://") :].partition("/")
             if not bucket:
@@ -194,5 +194,5 @@ def fetch(store: ObjectStore, version: str, dest: Path) -> Path:
     for name in sorted(names, key=lambda n: n == "metadata.json"):
         target = dest.joinpath(*name.split("/"))
         target.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(target, lambda tmp, name=name: store.download(f"{version}/{name}", tmp))
+        write_atomic(target, partial(store.download, f"{version}/{name}"))
     return dest

@@ -1,28 +1,12 @@
 """Implicit-feedback matrix factorisation (Hu, Koren & Volinsky 2008) trained with Spark
-MLlib's ALS, plus a least-squares fold-in that scores users ALS never saw.
+MLlib's ALS, plus a least-squares fold-in that scores users ALS never saw. See
+docs/models.md for the objective and the fold-in.
 
-Objective (Spark's implicit ALS, which this module's fold-in solves exactly): for a user
-with interaction weights ``r_ui`` (the values of the interaction matrix),
-
-    min_u  Σ_i c_ui (p_ui − u·y_i)² + reg · n_u · |u|²,
-
-with preference ``p_ui = 1`` when ``r_ui > 0`` else 0, confidence ``c_ui = 1 + alpha·|r_ui|``
-(1 for unobserved items) and ``n_u`` the user's number of positive interactions (Spark
-scales the regularisation by it). Its solution, given the item factors ``Y``, is
-
-    u = (YᵀY + Yᵀ(C_u − I)Y + reg·n_u·I)⁻¹ Yᵀ C_u p_u.
-
-Spark's last half-step recomputes every user this way from the final item factors, so the
-fold-in of a training user's own row reproduces its learned factors.
-
-Lineage: without a checkpoint directory Spark keeps the whole ALS lineage, and every
-iteration deepens the task graph that executor threads deserialize recursively. With the
-JVM's default 1 MiB thread stack, 14 iterations ran and 15 overflowed (ml-100k, local
-mode; 50 ran with 4 MiB). A ``StackOverflowError`` in local mode kills the JVM and with it
-the Spark session, so :func:`fit_als` refuses more than :data:`ITERATIONS_PER_STACK_MIB`
-iterations per MiB of thread stack unless a checkpoint directory is set. Raise the stack
-with ``-Xss16m`` in ``spark.driver.extraJavaOptions`` (local mode) or
-``spark.executor.extraJavaOptions`` (cluster), or pass ``checkpoint_dir``.
+Without a checkpoint directory Spark keeps the whole ALS lineage, and deep lineages
+overflow the JVM's thread stack (which kills a local-mode Spark session), so
+:func:`fit_als` refuses more than :data:`ITERATIONS_PER_STACK_MIB` iterations per MiB of
+thread stack unless a checkpoint directory is set; raise the stack with ``-Xss16m`` in
+``spark.driver.extraJavaOptions`` (local mode) or ``spark.executor.extraJavaOptions``.
 """
 
 from __future__ import annotations
@@ -74,11 +58,18 @@ class FactorModel:
         if rows.size and (rows.min() < 0 or rows.max() >= len(self.user_ids)):
             bad = rows[(rows < 0) | (rows >= len(self.user_ids))][0]
             raise IndexError(f"user row {bad} out of range: the model has {len(self.user_ids)} users")
-        return (self.user_factors[rows] @ self.item_factors.T).astype(np.float32)
+        return self.score_factors(self.user_factors[rows])
+
+    def score_factors(self, factors: np.ndarray) -> np.ndarray:
+        """Scores (rows of ``factors``×n_items) of users with the factors ``factors``."""
+        return (factors @ self.item_factors.T).astype(np.float32)
 
     def fold_in(self, x: sp.csr_matrix | np.ndarray) -> np.ndarray:
-        """User factors (rows of ``x``×rank) solving the implicit-ALS least squares of the
-        module docstring against the fixed item factors; an empty row gives zeros."""
+        """User factors (rows of ``x``×rank) solving Spark's implicit-ALS least squares
+        ``u = (YᵀY + Yᵀ(C_u − I)Y + reg·n_u·I)⁻¹ Yᵀ C_u p_u`` against the fixed item factors
+        ``Y`` (``c_ui = 1 + alpha·|r_ui|``, ``p_ui = [r_ui > 0]``, ``n_u`` the user's positive
+        interactions); an empty row gives zeros. A training user's own row reproduces its
+        learned factors."""
         x = sp.csr_matrix(x, dtype=np.float64)
         y = self.item_factors.astype(np.float64)
         if x.shape[1] != y.shape[0]:
@@ -102,7 +93,7 @@ class FactorModel:
     def score_history(self, x: sp.csr_matrix | np.ndarray) -> np.ndarray:
         """Scores (rows of ``x``×n_items) of users given only their interaction rows, via
         :meth:`fold_in`: works for unknown users and histories updated by live events."""
-        return (self.fold_in(x) @ self.item_factors.T).astype(np.float32)
+        return self.score_factors(self.fold_in(x))
 
     def recommend(
         self, x: sp.csr_matrix, k: int, user_rows: np.ndarray | None = None, exclude_seen: bool = True
@@ -134,7 +125,7 @@ def thread_stack_mib(java_options: str) -> float:
     return size
 
 
-def _task_thread_stack_mib(spark: SparkSession) -> float:
+def task_thread_stack_mib(spark: SparkSession) -> float:
     """Stack size of the threads that run tasks: the driver JVM's own arguments in local
     mode, ``spark.executor.extraJavaOptions`` otherwise."""
     sc = spark.sparkContext
@@ -165,7 +156,7 @@ def fit_als(
     items in ``item_ids`` order; events on items outside ``item_ids`` are dropped.
 
     Checkpoint-free by default: no checkpoint directory is needed, and ``max_iter`` is then
-    limited by the task threads' stack (module docstring; ValueError beyond it). With
+    limited by the task threads' stack (:data:`ITERATIONS_PER_STACK_MIB` per MiB; ValueError beyond it). With
     ``checkpoint_dir`` (set on the Spark context) or a context that already has one, the
     lineage is cut every :data:`CHECKPOINT_INTERVAL` iterations and any ``max_iter`` runs.
     """
@@ -183,7 +174,7 @@ def fit_als(
         spark.sparkContext.setCheckpointDir(str(checkpoint_dir))
     checkpointed = spark.sparkContext.getCheckpointDir() is not None
     if not checkpointed:
-        stack = _task_thread_stack_mib(spark)
+        stack = task_thread_stack_mib(spark)
         limit = int(ITERATIONS_PER_STACK_MIB * stack)
         if max_iter > limit:
             raise ValueError(

@@ -1,12 +1,8 @@
-"""``hyperrec benchmark``: offline evaluation on a fixed protocol (DESIGN.md contract).
-
-Writes ``train.csv`` and ``test.csv`` (user_id,item_id,rating,timestamp), one
-``recommendations-<model>.csv`` (user_id,item_id,rank; k rows per test user) per model,
-and ``metrics.json`` with ``protocol``, ``split_fingerprint``, per-model
-precision/recall/ndcg/map/hit at k plus the beyond-accuracy metrics of
-:func:`training.metrics.beyond_accuracy` and the training time, and ``best``. The metrics are computed from the
-recommendation files as written, so the two always agree. Every held-out rating is
-relevant and items seen in train are never recommended.
+"""``hyperrec benchmark``: offline evaluation of the candidates on a fixed protocol (e.g.
+ml-100k u75). Writes ``train.csv``, ``test.csv``, one ``recommendations-<model>.csv`` per
+model and ``metrics.json`` (computed from the recommendation files as written, so the two
+always agree); every held-out rating is relevant and items seen in train are never
+recommended.
 """
 
 from __future__ import annotations
@@ -153,6 +149,12 @@ def side_data(
 def run_benchmark(
     settings: Settings, *, dataset: str, protocol: str, k: int, out: Path, models: tuple[str, ...] = MODELS, log=print
 ) -> dict:
+    """Fit and score ``models`` on ``protocol``'s split of ``dataset``; write to ``out``
+    ``train.csv`` and ``test.csv`` (user_id,item_id,rating,timestamp), one
+    ``recommendations-<model>.csv`` (user_id,item_id,rank; ``k`` rows per test user) per model
+    and ``metrics.json`` (``protocol``, ``split_fingerprint``, per model precision/recall/ndcg/
+    map/hit at ``k``, the beyond-accuracy metrics of :func:`training.metrics.beyond_accuracy`
+    and the training time, and ``best``), which is returned."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; known: {', '.join(PROTOCOLS)}")
     unknown = [m for m in models if m not in MODELS]

@@ -1,24 +1,5 @@
-"""The serving bundle: the on-disk form of a trained model that serving loads.
-
-A bundle is one directory holding :data:`BUNDLE_FILES`:
-
-- ``metadata.json``: ``version``, ``model_name``, ``registered_model_version``, ``created_at``,
-  ``metrics`` (dict), ``k``, plus ``n_items``/``n_users``/``has_weights``/``format_version``;
-- ``bias.npy`` (float32, n_items) and optionally ``weights.npy`` (float32, n_items×n_items):
-  the :class:`training.models.ItemItemModel` ``score = x·W + b``;
-- ``popularity.npy`` (float32, n_items): the cold-start ranking;
-- ``items.parquet``: ``item_id``, ``title``, ``categories`` in item-index order;
-- ``user_history.parquet``: ``user_id``, ``item_idx`` (list of int32 item indices seen in
-  training) and ``weight`` (list of float32 interaction weights, same order; 1.0 when absent);
-- ``blend/`` (a :class:`training.hybrid.WeightedHybrid` only): ``blend.json`` (input weighting,
-  blend weights and scales) and one directory per component
-  (:func:`training.candidates.save_scorer`; a neural component's served segment models sit
-  in its ``segments/``). The anchor's blend weight and scale are folded into
-  ``weights.npy``/``bias.npy``.
-
-Publishing adds serving-only folders the loader here ignores: ``serving/`` (segment
-popularity and profiles, :mod:`serving.segments`) and ``ann/`` (stored ANN indexes,
-:mod:`serving.retrieval`).
+"""The serving bundle: the on-disk form of a trained model (model, item metadata, user
+histories) that registration logs and serving loads; :func:`write_bundle` names its files.
 """
 
 from __future__ import annotations
@@ -88,7 +69,9 @@ def validate_version(version: str) -> str:
 
 @dataclass
 class Bundle:
-    """A loaded serving bundle: the model, item metadata and each known user's history."""
+    """A loaded serving bundle: the model, item metadata and each known user's history.
+    Serving (:class:`serving.recommender.ServedModel`) ranks with it; so does the registered
+    MLflow model, which builds the same served model."""
 
     version: str
     metadata: dict
@@ -111,39 +94,12 @@ class Bundle:
     def has_item(self, item_id: str) -> bool:
         return item_id in self.item_index
 
-    def recommend(
-        self,
-        user_id: str,
-        k: int,
-        extra_items: Sequence[str] = (),
-        exclude_seen: bool = True,
-    ) -> tuple[list[dict], bool]:
-        """Top-``k`` items for ``user_id`` as ``[{"item_id", "title", "score", "rank"}]`` and
-        whether it is a cold start.
-
-        A known user is scored by the model from the training history plus ``extra_items``
-        (live events; ids this bundle does not know are ignored). An unknown user is a cold
-        start: with usable ``extra_items`` the model scores those alone, otherwise the list is
-        popularity order. With ``exclude_seen`` every history/extra item is left out, so the
-        list may hold fewer than ``k`` items. Ties are broken by item index.
-        """
-        if k < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
-        known = user_id in self.history
-        extra = np.array([self.item_index[i] for i in extra_items if i in self.item_index], dtype=np.int32)
-        seen = np.unique(np.concatenate([self.history[user_id], extra])) if known else np.unique(extra)
-        if known or len(seen):
-            scores = self.model.score(self._row(user_id if known else None, extra), [user_id if known else None])[0]
-        else:
-            scores = self.popularity.astype(np.float32, copy=True)
-        if exclude_seen and len(seen):
-            scores[seen] = -np.inf
-        return self._top(scores, k), not known
-
-    def _row(self, user_id: str | None, extra: np.ndarray) -> sp.csr_matrix:
-        """One user's interaction row: training history with its stored weights, plus live
-        events at the neutral weight (the mean training weight for a blend, else 1)."""
-        neutral = self.model.weighting.mean if isinstance(self.model, WeightedHybrid) else 1.0
+    def row(self, user_id: str | None, extra: np.ndarray) -> sp.csr_matrix:
+        """One user's interaction row: the training history of ``user_id`` (None: none) with
+        its stored weights, plus the live items ``extra`` (item indices) at the neutral weight
+        (the mean training weight for a blend with input weighting, else 1)."""
+        weighting = self.model.weighting if isinstance(self.model, WeightedHybrid) else None
+        neutral = weighting.mean if weighting is not None else 1.0
         weights: dict[int, float] = {}
         if user_id is not None:
             stored = self.history_weights.get(user_id)
@@ -155,18 +111,6 @@ class Bundle:
         data = np.array([weights[i] for i in indices], dtype=np.float32)
         return sp.csr_matrix((data, indices, [0, len(indices)]), shape=(1, self.n_items))
 
-    def _top(self, scores: np.ndarray, k: int) -> list[dict]:
-        candidates = np.flatnonzero(np.isfinite(scores))
-        k = min(k, len(candidates))
-        if k == 0:
-            return []
-        if k < len(candidates):
-            candidates = candidates[np.argpartition(-scores[candidates], k - 1)[:k]]
-        order = candidates[np.lexsort((candidates, -scores[candidates]))]
-        return [
-            {"item_id": str(self.item_ids[i]), "title": str(self.titles[i]), "score": float(scores[i]), "rank": r}
-            for r, i in enumerate(order, start=1)
-        ]
 
 
 def _as_str(values: Sequence[Any]) -> np.ndarray:
@@ -205,6 +149,19 @@ def write_bundle(
     history_weights: dict[str, Sequence[float]] | None = None,
 ) -> Path:
     """Write a bundle to ``out_dir`` (created; a re-run overwrites it) and return ``out_dir``.
+
+    Files (:data:`BUNDLE_FILES`): ``metadata.json`` (``version``, ``model_name``,
+    ``registered_model_version``, ``created_at``, ``metrics``, ``k``, ``n_items``, ``n_users``,
+    ``has_weights``, ``has_blend``, ``format_version``; written last, so its presence marks a
+    complete bundle); ``bias.npy`` and optionally ``weights.npy`` (float32: the
+    :class:`training.models.ItemItemModel` ``x·W + b``; for a blend, its anchor with the
+    anchor's blend weight and scale folded in); ``popularity.npy`` (the cold-start ranking);
+    ``items.parquet`` (``item_id``, ``title``, ``categories`` in item-index order);
+    ``user_history.parquet`` (``user_id``, ``item_idx`` and ``weight`` lists); for a
+    :class:`training.hybrid.WeightedHybrid`, ``blend/`` (``blend.json`` with the input
+    weighting, blend weights and scales, and one directory per component,
+    :func:`training.candidates.save_scorer`). Serving adds folders this module ignores:
+    ``serving/`` (segment popularity) and ``ann/`` (stored ANN indexes).
 
     ``metadata`` must hold ``version``, ``k`` and ``metrics``; ``model_name`` (default
     ``model.name``), ``created_at`` (default now, UTC ISO-8601) and
@@ -298,7 +255,7 @@ def _write_blend(directory: Path, hybrid: WeightedHybrid | None) -> None:
     for name, scorer in hybrid.components.items():
         save_scorer(scorer, directory / name)
     spec = {
-        "weighting": asdict(hybrid.weighting),
+        "weighting": asdict(hybrid.weighting) if hybrid.weighting is not None else None,
         "weights": hybrid.weights,
         "scales": hybrid.scales,
         "components": sorted(hybrid.components),
@@ -318,7 +275,8 @@ def _load_blend(directory: Path, anchor: ItemItemModel) -> WeightedHybrid:
     # The anchor's weight and scale are folded into weights.npy/bias.npy at write time.
     weights = dict(spec["weights"]) | {"ease": 1.0}
     scales = dict(spec["scales"]) | {"ease": 1.0}
-    return WeightedHybrid(anchor, InputWeighting(**spec["weighting"]), components, weights, scales, name=anchor.name)
+    weighting = InputWeighting(**spec["weighting"]) if spec["weighting"] is not None else None
+    return WeightedHybrid(anchor, weighting, components, weights, scales, name=anchor.name)
 
 
 def _load_npy(path: Path) -> np.ndarray:

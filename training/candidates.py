@@ -1,22 +1,16 @@
-"""The candidate recommenders, fitted the same way by the benchmark and the nightly DAG.
-
-Each fitter takes a :class:`training.hybrid.FitContext` and returns a
-:class:`training.hybrid.Scorer`. Side data in ``FitContext.side``:
-
-- ``item_embeddings``: content embeddings, one row per item id (content model, neural item tower);
-- ``item_categories``: category multi-hot, one row per item id (neural item tower);
-- ``user_features``: a frame with ``user_id`` and demographic/context/segment columns (neural user tower);
-- ``spark``: the Spark session (ALS).
-
-A component whose side data is missing is not offered (:func:`available`).
+"""The candidate recommenders (baselines, blend components, the hybrid), fitted the same way
+by the benchmark and the nightly DAG, and the persistence of blend components. Every
+candidate is a :class:`training.models.Scorer`; :func:`component_fitters` says which side
+data each component needs.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
@@ -34,7 +28,7 @@ from training.hybrid import (
     fit_hybrid,
     tune_hybrid,
 )
-from training.models import ItemItemModel, fit_ease, fit_item_knn
+from training.models import ItemItemModel, RetrievalSpace, fit_ease, fit_item_knn, rows_dot
 
 BASELINES = ("popularity", "item_knn", "ease")
 COMPONENTS = ("als", "content", "neural")
@@ -50,44 +44,109 @@ def binary(x: sp.csr_matrix) -> sp.csr_matrix:
 class ItemItemScorer(Scorer):
     """An :class:`ItemItemModel` fed the binary history."""
 
+    kind: ClassVar[str] = "item_item"
+
     def __init__(self, model: ItemItemModel) -> None:
         self.model = model
 
-    def score(self, x: sp.csr_matrix, user_ids: Sequence) -> np.ndarray:
-        return self.model.score(binary(x))
+    def prepare(self, x: sp.csr_matrix, user_ids: Sequence | None = None) -> sp.csr_matrix:
+        return self.model.prepare(binary(x))
+
+    def score_items(self, state: sp.csr_matrix, items: np.ndarray | None = None) -> np.ndarray:
+        return self.model.score_items(state, items)
+
+
+@dataclass
+class ALSState:
+    """Users' rows in the ALS model (-1: unknown) and the folded-in factors of the unknown ones."""
+
+    rows: np.ndarray
+    folded: np.ndarray
 
 
 class ALSScorer(Scorer):
     """Implicit ALS: a known user's learned factors, an unknown user folded in from history."""
 
+    kind: ClassVar[str] = "als"
+
     def __init__(self, model) -> None:
         self.model = model
         self.row_of = {u: r for r, u in enumerate(model.user_ids)}
+        self._item_factors: np.ndarray | None = None
 
-    def score(self, x: sp.csr_matrix, user_ids: Sequence) -> np.ndarray:
-        rows = np.array([self.row_of.get(u, -1) for u in user_ids], dtype=np.int64)
-        out = np.empty((x.shape[0], self.model.item_factors.shape[0]), dtype=np.float32)
-        known = rows >= 0
-        if known.any():
-            out[known] = self.model.score(rows[known])
-        if (~known).any():
-            out[~known] = self.model.score_history(binary(x)[~known])
+    def prepare(self, x: sp.csr_matrix, user_ids: Sequence | None = None) -> ALSState:
+        ids = [None] * x.shape[0] if user_ids is None else user_ids
+        rows = np.array([self.row_of.get(u, -1) for u in ids], dtype=np.int64)
+        unknown = rows < 0
+        folded = self.model.fold_in(binary(x)[unknown]) if unknown.any() else np.empty((0, self.model.rank), np.float32)
+        return ALSState(rows, folded)
+
+    def query(self, state: ALSState) -> np.ndarray:
+        out = np.empty((len(state.rows), self.model.rank), dtype=np.float32)
+        known = state.rows >= 0
+        out[known] = self.model.user_factors[state.rows[known]]
+        out[~known] = state.folded
         return out
+
+    def score_items(self, state: ALSState, items: np.ndarray | None = None) -> np.ndarray:
+        if items is not None:
+            return rows_dot(self.query(state), self.retrieval_space().vectors[np.asarray(items)])
+        out = np.empty((len(state.rows), self.model.item_factors.shape[0]), dtype=np.float32)
+        known = state.rows >= 0
+        if known.any():
+            out[known] = self.model.score(state.rows[known])
+        if (~known).any():
+            out[~known] = self.model.score_factors(state.folded)
+        return out
+
+    def retrieval_space(self) -> RetrievalSpace:
+        if self._item_factors is None:
+            self._item_factors = np.asarray(self.model.item_factors, dtype=np.float32)
+        return RetrievalSpace(self.kind, self._item_factors)
 
 
 class ContentScorer(Scorer):
+    """The content model (:class:`training.content.ContentModel`): cosine between the user's
+    content profile and each item's embedding."""
+
+    kind: ClassVar[str] = "content"
+    retrieval_rank: ClassVar[int | None] = 1
+
     def __init__(self, model) -> None:
         self.model = model
 
-    def score(self, x: sp.csr_matrix, user_ids: Sequence) -> np.ndarray:
-        return self.model.score(x)
+    def prepare(self, x: sp.csr_matrix, user_ids: Sequence | None = None) -> np.ndarray:
+        return self.model.profiles(x)
+
+    def score_items(self, state: np.ndarray, items: np.ndarray | None = None) -> np.ndarray:
+        return self.model.score_profiles(state, items)
+
+    def retrieval_space(self) -> RetrievalSpace:
+        return RetrievalSpace(self.kind, self.model.item_vectors())
+
+    def query(self, state: np.ndarray) -> np.ndarray:
+        return state.astype(np.float32)
+
+
+@dataclass
+class NeuralState:
+    """The binary history rows, their user ids and, per group of rows scored by one model
+    (the global one: segment None), the user-tower outputs of those rows."""
+
+    x: sp.csr_matrix
+    user_ids: list
+    groups: list[tuple[str | None, list[int], Any]]
 
 
 class NeuralScorer(Scorer):
     """The neural recommender ``model``. With ``segment_models`` (segment → a model fine-tuned
     for it, :func:`training.segment_tuning.refit_segment_models`), a user whose segment in
     ``user_segments`` (user id → segment) has a model is scored by that model; every other
-    user, and an unknown one, by ``model``."""
+    user, and an unknown one, by ``model``. Candidates are retrieved in the global model's
+    space (item-tower outputs and item biases)."""
+
+    kind: ClassVar[str] = "neural"
+    retrieval_rank: ClassVar[int | None] = 0
 
     def __init__(
         self, model, segment_models: Mapping[str, Any] | None = None, user_segments: Mapping[str, str] | None = None
@@ -105,14 +164,62 @@ class NeuralScorer(Scorer):
         """The segment whose model scores ``user_id``; None when that is the global model."""
         return None if user_id is None else self.user_segments.get(str(user_id))
 
+    def segment_labels(self) -> list[str]:
+        return sorted(self.segment_models)
+
     def without_segments(self) -> NeuralScorer:
         return NeuralScorer(self.model)
 
-    def score(self, x: sp.csr_matrix, user_ids: Sequence) -> np.ndarray:
-        user_ids = list(user_ids)
+    def _model(self, segment: str | None):
+        return self.model if segment is None else self.segment_models[segment]
+
+    def prepare(self, x: sp.csr_matrix, user_ids: Sequence | None = None) -> NeuralState:
+        x = binary(x)
+        ids = [None] * x.shape[0] if user_ids is None else list(user_ids)
         if self._routed is None:
-            return self.model.score(binary(x), user_ids)
-        return self._routed.score(binary(x), user_ids, [self.segment_of(u) for u in user_ids])
+            return NeuralState(x, ids, [(None, list(range(x.shape[0])), self.model.user_tensor(x, ids))])
+        segments = [self.segment_of(u) for u in ids]
+        groups = []
+        for segment, rows in self._routed.groups(segments):
+            model = self._model(segment)
+            groups.append((segment, rows, model.user_tensor(x[rows], [ids[r] for r in rows])))
+        return NeuralState(x, ids, groups)
+
+    def score_items(self, state: NeuralState, items: np.ndarray | None = None) -> np.ndarray:
+        if len(state.groups) == 1 and state.groups[0][0] is None:
+            return self.model.score_users(state.groups[0][2], items)
+        n_items = len(self.model.item_ids) if items is None else len(items)
+        out = np.empty((len(state.user_ids), n_items), dtype=np.float32)
+        for segment, rows, users in state.groups:
+            out[rows] = self._model(segment).score_users(users, items)
+        return out
+
+    def query(self, state: NeuralState) -> np.ndarray:
+        """The global model's user vectors (segment models only re-rank the candidates)."""
+        out = np.empty((len(state.user_ids), self.model.cfg.embedding_dim), dtype=np.float32)
+        for segment, rows, users in state.groups:
+            if segment is not None:
+                users = self.model.user_tensor(state.x[rows], [state.user_ids[r] for r in rows])
+            out[rows] = users.numpy()
+        return out
+
+    def retrieval_space(self) -> RetrievalSpace:
+        vectors, bias = self.model.item_side()
+        return RetrievalSpace(self.kind, vectors, bias)
+
+    def quantized(self) -> NeuralScorer:
+        from training.neural import quantize_int8
+
+        return NeuralScorer(
+            quantize_int8(self.model),
+            {segment: quantize_int8(m) for segment, m in self.segment_models.items()},
+            self.user_segments,
+        )
+
+    def is_quantized(self) -> bool:
+        from training.neural import is_quantized
+
+        return is_quantized(self.model.net)
 
 
 def category_multi_hot(categories: Sequence[Sequence[str] | None]) -> np.ndarray:
@@ -136,7 +243,12 @@ def item_side_features(side: dict) -> np.ndarray | None:
 
 
 def component_fitters(settings: Settings, progress: bool = False) -> dict[str, ComponentFitter]:
-    """Fitters for the blendable components (ALS, content, neural) and popularity."""
+    """Fitters for the blendable components (ALS, content, neural) and popularity. Side data
+    they read from ``FitContext.side``: ``item_embeddings`` (content embeddings, one row per item
+    id: content model, neural item tower), ``item_categories`` (category multi-hot: neural item
+    tower), ``user_features`` (a frame with ``user_id`` and demographic/context/segment
+    columns: neural user tower) and ``spark`` (the Spark session: ALS). A component whose side
+    data is missing is not offered (:func:`available`)."""
     cfg = settings.training
 
     def als(ctx: FitContext) -> Scorer:
@@ -323,9 +435,7 @@ def load_scorer(directory: Path) -> Scorer:
     meta = json.loads(path.read_text())
     kind = meta.get("kind")
     if kind == "popularity":
-        scorer = PopularityScorer.__new__(PopularityScorer)
-        scorer.values = np.load(directory / "popularity.npy")
-        return scorer
+        return PopularityScorer.of(np.load(directory / "popularity.npy"))
     if kind == "als":
         from training.als import FactorModel
 

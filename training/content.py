@@ -1,32 +1,18 @@
-"""Content-based recommender: a user's profile is the weighted mean of the content
-embeddings of the items in their history, and an item's score is the cosine between that
-profile and the item's embedding.
-
-Definitions, for a history row ``x_u`` (confidence weights) and item embeddings ``e_i``
-L2-normalised to ``ê_i``:
-
-- weight ``w_ui = x_ui · idf_i`` (``weighting="idf"``) or ``x_ui`` (``weighting="none"``),
-  with ``idf_i = log((1 + n_users) / (1 + df_i)) + 1`` over the users of the fitting
-  matrix (``df_i``: users with ``x_ui > 0``; sklearn's smoothed idf), so blockbusters
-  shape a profile less than niche items;
-- profile ``p_u = Σ_i w_ui ê_i / Σ_i w_ui``;
-- score ``s_ui = cos(p_u, ê_i)``; 0 when the profile or the embedding is all zero
-  (empty history, item without content).
-
-Item embeddings come from :func:`feature_store.items.content_embeddings`;
-:func:`item_embeddings_for` aligns them to an interaction matrix's item axis.
+"""Content-based recommender: a user's profile is the (idf-)weighted mean of the content
+embeddings of their history items, an item's score the cosine between profile and item
+embedding. See docs/models.md.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from training.models import top_k
+from training.models import rows_dot, top_k
 
 Weighting = Literal["idf", "none"]
 
@@ -43,6 +29,7 @@ class ContentModel:
     item_embeddings: np.ndarray
     item_weights: np.ndarray
     name: str = "content"
+    _vectors: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)
 
     def profiles(self, x: sp.csr_matrix | np.ndarray) -> np.ndarray:
         """Unit-norm user profiles (rows of ``x``×dim); all-zero for empty histories."""
@@ -56,10 +43,25 @@ class ContentModel:
         mean = np.divide(mean, total[:, None], out=np.zeros_like(mean), where=total[:, None] > 0)
         return _l2_rows(mean)
 
+    def item_vectors(self) -> np.ndarray:
+        """The normalised item embeddings as float32 (computed once, read-only)."""
+        if self._vectors is None:
+            self._vectors = np.asarray(self.item_embeddings, dtype=np.float32)
+            if self._vectors is not self.item_embeddings:
+                self._vectors.flags.writeable = False
+        return self._vectors
+
+    def score_profiles(self, profiles: np.ndarray, items: np.ndarray | None = None) -> np.ndarray:
+        """Cosine scores of user ``profiles`` (:meth:`profiles`) on the item indices ``items``
+        (None: every item) as float32."""
+        if items is None:
+            return (profiles @ self.item_embeddings.T).astype(np.float32)
+        return rows_dot(profiles.astype(np.float32), self.item_vectors()[np.asarray(items, dtype=np.int64)])
+
     def score(self, x: sp.csr_matrix | np.ndarray) -> np.ndarray:
         """Cosine scores (rows of ``x``×n_items) for any history rows, so cold users with
         only session events are scored too."""
-        return (self.profiles(x) @ self.item_embeddings.T).astype(np.float32)
+        return self.score_profiles(self.profiles(x))
 
     def recommend(self, x: sp.csr_matrix, k: int, exclude_seen: bool = True) -> np.ndarray:
         """Top-``k`` item indices per row of ``x``, best first; seen items excluded."""
@@ -67,8 +69,9 @@ class ContentModel:
 
 
 def fit_content(x: sp.csr_matrix, item_embeddings: np.ndarray, *, weighting: Weighting = "idf") -> ContentModel:
-    """Content model over ``item_embeddings`` (row ``i`` = item column ``i`` of ``x``); the idf
-    weights (module docstring) are computed from ``x``."""
+    """Content model over ``item_embeddings`` (row ``i`` = item column ``i`` of ``x``). With
+    ``weighting="idf"`` a history item weighs ``log((1 + n_users) / (1 + df_i)) + 1`` (sklearn's
+    smoothed idf over the users of ``x``), so blockbusters shape a profile less than niche items."""
     x = sp.csr_matrix(x)
     emb = np.asarray(item_embeddings, dtype=np.float64)
     if emb.ndim != 2 or emb.shape[0] != x.shape[1]:

@@ -1,20 +1,10 @@
-"""Training the neural hybrid with PyTorch DistributedDataParallel (one code path for 1..N ranks).
-
-Worker (one process per rank, started by torchrun)::
+"""Training the neural recommender with PyTorch DistributedDataParallel (one code path for
+1..N ranks; gloo on CPU, nccl on CUDA). A worker per rank, started by torchrun::
 
     torchrun --nproc_per_node 2 -m training.ddp --data DIR --out DIR [--epochs N] [--device cuda]
-    torchrun --nnodes 2 --node_rank i --nproc_per_node 1 --rdzv-backend c10d \\
-        --rdzv-endpoint HOST:PORT -m training.ddp --data DIR --out DIR
 
-The backend is gloo on CPU and nccl on CUDA (one GPU per local rank). Every rank runs
-:func:`training.neural.train`, which draws all randomness over the global batch and
-takes the rank's contiguous shard, so any world size follows the same loss curve. Rank 0
-writes ``--out``: ``model/`` (:meth:`NeuralRecommender.save`), ``losses.json`` (the
-all-reduced loss of every step) and ``throughput.json`` (samples/s, world size, backend).
-
-:func:`launch` starts torchrun as a child process (``nnodes > 1`` simulates several
-nodes on this host over loopback) and returns those outputs; a failure raises
-:class:`DDPError` with the failing ranks' stderr tails.
+:func:`launch` starts torchrun as a child process and returns what rank 0 wrote (``model/``,
+``losses.json``, ``throughput.json``). See docs/models.md.
 """
 
 from __future__ import annotations
@@ -388,7 +378,7 @@ def launch(
             for i in range(nnodes)
         ]
     logs = [out_dir / f"torchrun-node{i}.log" for i in range(len(commands))]
-    handles = [open(path, "w") for path in logs]
+    handles = [open(path, "w") for path in logs]  # noqa: SIM115 - closed in the finally below
     procs = []
     try:
         for command, handle in zip(commands, handles):

@@ -1,22 +1,16 @@
-"""Weighted hybrid (article §1a): a blend of component recommenders' scores.
-
-``score(u) = Σ_c w_c · s_c(u) / σ_c`` where ``s_c`` is component c's score row, ``σ_c``
-the standard deviation of c's scores over the users it was fitted on (a label-free
-scale) and ``w_c`` the blend weight. The anchor component is (temporal) EASE with
-weight 1, fed the user's interactions weighted by ``1 + α·(w − μ)/σ`` (``w`` the rating
-or confidence, ``μ``/``σ`` its mean and spread in train, floored at 0.05).
-
-Every choice (EASE λ, temporal β, input α, the blend weights) is made by
-:func:`tune_hybrid` on a per-user k-fold carved from the train split
-(:func:`pipelines.split.user_kfold`); test data is never seen.
+"""The weighted hybrid: a blend of component scorers' scores on an EASE-family anchor, and
+the validation search (:func:`tune_hybrid`) that chooses its λ, β, α and blend weights on a
+per-user k-fold of the train split. See docs/models.md.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
@@ -26,17 +20,33 @@ from core.settings import TrainingSettings
 from pipelines.split import user_kfold
 from training.evaluation import relevant_items
 from training.metrics import evaluate
-from training.models import InteractionMatrix, ItemItemModel, fit_ease, popularity, temporal_gram, top_k
+from training.models import (
+    InteractionMatrix,
+    ItemItemModel,
+    RetrievalSpace,
+    Scorer,
+    fit_ease,
+    popularity,
+    temporal_gram,
+    top_k,
+)
+
+__all__ = [
+    "ComponentFitter",
+    "FitContext",
+    "HybridChoice",
+    "HybridState",
+    "InputWeighting",
+    "PopularityScorer",
+    "Scorer",
+    "WeightedHybrid",
+    "as_hybrid",
+    "fit_hybrid",
+    "score_scale",
+    "tune_hybrid",
+]
 
 INPUT_FLOOR = 0.05
-
-
-class Scorer:
-    """A fitted component: ``score(x, user_ids)`` → users×items scores for the history rows
-    ``x`` (weighted interactions over the hybrid's items) of ``user_ids`` (None = unknown)."""
-
-    def score(self, x: sp.csr_matrix, user_ids: Sequence) -> np.ndarray:  # pragma: no cover - interface
-        raise NotImplementedError
 
 
 @dataclass
@@ -55,11 +65,25 @@ ComponentFitter = Callable[[FitContext], Scorer]
 class PopularityScorer(Scorer):
     """Item popularity (share of users), the same row for everyone."""
 
+    kind: ClassVar[str] = "popularity"
+
     def __init__(self, x: sp.csr_matrix) -> None:
         self.values = popularity(x)
 
-    def score(self, x: sp.csr_matrix, user_ids: Sequence) -> np.ndarray:
-        return np.tile(self.values, (x.shape[0], 1))
+    @classmethod
+    def of(cls, values: np.ndarray) -> PopularityScorer:
+        """The scorer of stored popularity ``values``."""
+        scorer = cls.__new__(cls)
+        scorer.values = values
+        return scorer
+
+    def prepare(self, x: sp.csr_matrix, user_ids: Sequence | None = None) -> int:
+        """The number of rows: popularity knows nothing else about a user."""
+        return x.shape[0]
+
+    def score_items(self, state: int, items: np.ndarray | None = None) -> np.ndarray:
+        values = self.values if items is None else np.asarray(self.values, dtype=np.float32)[np.asarray(items)]
+        return np.tile(values, (state, 1))
 
 
 @dataclass
@@ -85,29 +109,93 @@ class InputWeighting:
 
 
 @dataclass
-class WeightedHybrid:
-    """The blended recommender; ``anchor`` is the (temporal) EASE item-item model."""
+class HybridState:
+    """:meth:`WeightedHybrid.prepare` of some users: the anchor's state and each blended
+    component's, by component name."""
+
+    anchor: Any
+    parts: dict[str, Any]
+    user_ids: list
+
+
+@dataclass
+class WeightedHybrid(Scorer):
+    """The blend ``Σ_c w_c · s_c / σ_c`` of the anchor (an :class:`ItemItemModel`, fed the
+    history through ``weighting``; None: as given) and ``components`` (name → scorer), with
+    blend weights ``weights`` and label-free scales ``scales`` (the anchor's under "ease")."""
+
+    kind: ClassVar[str] = "hybrid"
 
     anchor: ItemItemModel
-    weighting: InputWeighting
+    weighting: InputWeighting | None
     components: dict[str, Scorer]
     weights: dict[str, float]
     scales: dict[str, float]
     name: str = "hybrid"
 
-    def score(self, x: sp.csr_matrix, user_ids: Sequence | None = None) -> np.ndarray:
-        if user_ids is None:
-            user_ids = [None] * x.shape[0]
-        total = self.anchor.score(self.weighting.apply(x)) * (self.weights.get("ease", 1.0) / self.scales["ease"])
-        for name, scorer in self.components.items():
-            w = self.weights.get(name, 0.0)
-            if w:
-                total += scorer.score(x, user_ids) * (w / self.scales[name])
+    def blended(self) -> dict[str, Scorer]:
+        """The components with a non-zero blend weight, in blend order."""
+        return {name: s for name, s in self.components.items() if self.weights.get(name, 0.0)}
+
+    def prepare(self, x: sp.csr_matrix | np.ndarray, user_ids: Sequence | None = None) -> HybridState:
+        x = sp.csr_matrix(x)
+        ids = [None] * x.shape[0] if user_ids is None else list(user_ids)
+        anchor_in = self.weighting.apply(x) if self.weighting is not None else x
+        parts = {name: scorer.prepare(x, ids) for name, scorer in self.blended().items()}
+        return HybridState(self.anchor.prepare(anchor_in), parts, ids)
+
+    def score_items(self, state: HybridState, items: np.ndarray | None = None) -> np.ndarray:
+        total = self.anchor.score_items(state.anchor, items) * (self.weights.get("ease", 1.0) / self.scales["ease"])
+        for name, scorer in self.blended().items():
+            total += scorer.score_items(state.parts[name], items) * (self.weights[name] / self.scales[name])
         return total
 
     def recommend(self, x: sp.csr_matrix, k: int, user_ids: Sequence | None = None) -> np.ndarray:
         """Top-``k`` item indices per row of ``x``, best first; seen items excluded."""
         return top_k(self.score(x, user_ids), x, k)
+
+    # ------------------------------------------------------------------ serving
+    def component_of_kind(self, kind: str) -> str | None:
+        """The name of the first blended component of ``kind`` (e.g. "content"); None when none."""
+        return next((name for name, s in self.blended().items() if s.kind == kind), None)
+
+    def retrieval_component(self) -> str | None:
+        """The blended component whose inner-product space candidates are retrieved from:
+        the lowest ``retrieval_rank``, ties in blend order; None when none offers one."""
+        offered = [(s.retrieval_rank, n, name) for n, (name, s) in enumerate(self.blended().items())]
+        ranked = sorted((rank, n, name) for rank, n, name in offered if rank is not None)
+        return ranked[0][2] if ranked else None
+
+    def retrieval_space(self) -> RetrievalSpace | None:
+        name = self.retrieval_component()
+        return None if name is None else self.components[name].retrieval_space()
+
+    def query(self, state: HybridState) -> np.ndarray | None:
+        name = self.retrieval_component()
+        return None if name is None else self.components[name].query(state.parts[name])
+
+    def segment_of(self, user_id: Any) -> str | None:
+        return next((s for s in (c.segment_of(user_id) for c in self.blended().values()) if s is not None), None)
+
+    def segment_labels(self) -> list[str]:
+        return next((labels for labels in (c.segment_labels() for c in self.blended().values()) if labels), [])
+
+    def quantized(self) -> WeightedHybrid:
+        components = {name: s.quantized() for name, s in self.components.items()}
+        if all(components[name] is s for name, s in self.components.items()):
+            return self
+        return dataclasses.replace(self, components=components)
+
+    def is_quantized(self) -> bool:
+        return any(s.is_quantized() for s in self.components.values())
+
+
+def as_hybrid(model: ItemItemModel | WeightedHybrid) -> WeightedHybrid:
+    """``model`` as a :class:`WeightedHybrid`: a blend as it is, an item-item model as the
+    anchor of a blend without components that scores the history as given (same scores)."""
+    if isinstance(model, WeightedHybrid):
+        return model
+    return WeightedHybrid(model, None, {}, {"ease": 1.0}, {"ease": 1.0}, name=model.name)
 
 
 def score_scale(scores: np.ndarray) -> float:
@@ -197,7 +285,7 @@ def tune_hybrid(
     for lam, beta in itertools.product(cfg.ease_lambdas, betas):
         models = [fit_ease(f.matrix.matrix, lam, f.gram_t, beta) for f in folds]
         binary = [InputWeighting.of(f.matrix.matrix, 0.0).apply(f.matrix.matrix[f.rows]) for f in folds]
-        grid_scores[(lam, beta)] = mean_ndcg(lambda f, i: models[i].score(binary[i]))
+        grid_scores[(lam, beta)] = mean_ndcg(lambda f, i, models=models, binary=binary: models[i].score(binary[i]))
         anchors[(lam, beta)] = models
         log(f"  validation: ease λ={lam:g} β={beta:g} ndcg@{k}={grid_scores[(lam, beta)]:.4f}")
     plain_lambda = max((key for key in grid_scores if key[1] == 0.0), key=grid_scores.get)[0]
@@ -210,7 +298,7 @@ def tune_hybrid(
     best_alpha, best = 0.0, -1.0
     for alpha in cfg.input_alphas:
         value = mean_ndcg(
-            lambda f, i: anchor_models[i].score(
+            lambda f, i, alpha=alpha: anchor_models[i].score(
                 InputWeighting.of(f.matrix.matrix, alpha).apply(f.matrix.matrix[f.rows])
             )
         )
@@ -234,7 +322,7 @@ def tune_hybrid(
             s = scorer.score(f.matrix.matrix[f.rows], f.users)
             per_fold.append(s / score_scale(s))
         component_scores[name] = per_fold
-        validation[f"{name}_alone"] = mean_ndcg(lambda f, i: per_fold[i].copy())
+        validation[f"{name}_alone"] = mean_ndcg(lambda f, i, per_fold=per_fold: per_fold[i].copy())
         log(f"  validation: {name} alone ndcg@{k}={validation[f'{name}_alone']:.4f}")
 
     weights = {"ease": 1.0} | {name: 0.0 for name in component_scores}

@@ -1,25 +1,88 @@
-"""Item-based recommenders that share one serving form: ``score(u) = x_u · W + b``.
+"""Item-based recommenders and the one scoring interface every recommender implements.
 
-``x_u`` is the user's row of the interaction matrix (confidence weights), ``W`` an
-item×item weight matrix (absent for popularity) and ``b`` a per-item bias. The
-serving tier and the MLflow pyfunc both score through :class:`ItemItemModel`.
+:class:`Scorer` is that interface (components, the weighted blend, item-item models);
+:class:`ItemItemModel` scores ``x_u · W + b`` (``W`` absent for popularity). See
+docs/models.md for the models.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
 
-class Scorer(Protocol):
-    """Anything that scores every item for a batch of users from their history rows."""
+@dataclass(frozen=True)
+class RetrievalSpace:
+    """The item side of a scorer's inner-product space: its score of item ``i`` for a user
+    is ``query · vectors[i] (+ bias[i])`` with the user's :meth:`Scorer.query` vector."""
 
-    def score(self, x: sp.csr_matrix, user_ids: Sequence[str] | None = None) -> np.ndarray: ...
+    source: str
+    vectors: np.ndarray
+    bias: np.ndarray | None = None
+
+
+class Scorer:
+    """The scoring interface of every recommender (a blend component, the blend itself, an
+    item-item model).
+
+    ``prepare(x, user_ids)`` computes everything about the users of the history rows ``x``
+    (users × items, interaction weights; ``user_ids`` None or None entries = unknown users)
+    that does not depend on which items are scored; ``score_items(state, items)`` scores
+    those users on the item indices ``items`` (None: every item) as a rows × items float32
+    array. :meth:`score` is the two in one. A scorer with an inner-product space
+    (:meth:`retrieval_space`, :meth:`query`) can have its candidates retrieved by ANN search;
+    ``retrieval_rank`` orders such spaces by preference (lower first; None: none offered).
+    """
+
+    kind: ClassVar[str] = "scorer"
+    retrieval_rank: ClassVar[int | None] = None
+
+    def prepare(self, x: sp.csr_matrix, user_ids: Sequence | None = None) -> Any:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def score_items(self, state: Any, items: np.ndarray | None = None) -> np.ndarray:  # pragma: no cover
+        raise NotImplementedError
+
+    def score(self, x: sp.csr_matrix | np.ndarray, user_ids: Sequence | None = None) -> np.ndarray:
+        """Scores (rows of ``x`` × every item) of the history rows ``x`` of ``user_ids``."""
+        return self.score_items(self.prepare(x, user_ids))
+
+    def retrieval_space(self) -> RetrievalSpace | None:
+        """The item side of this scorer's inner-product space; None when it has none."""
+        return None
+
+    def query(self, state: Any) -> np.ndarray | None:
+        """The users' vectors (rows × dim, float32) in :meth:`retrieval_space`; None without one."""
+        return None
+
+    def segment_of(self, user_id: Any) -> str | None:
+        """The segment whose fine-tuned model scores ``user_id``; None when no such model does."""
+        return None
+
+    def segment_labels(self) -> list[str]:
+        """The segments that have a model of their own."""
+        return []
+
+    def quantized(self) -> Scorer:
+        """This scorer for CPU serving with INT8 layers (itself when it has none to quantize)."""
+        return self
+
+    def is_quantized(self) -> bool:
+        return False
+
+
+def rows_dot(users: np.ndarray, vectors: np.ndarray) -> np.ndarray:
+    """``users`` (rows × dim) times ``vectors`` (items × dim)ᵀ as float32, one matrix-vector
+    product per row, so a row's scores do not depend on the other rows of the batch."""
+    out = np.empty((len(users), len(vectors)), dtype=np.float32)
+    for r, user in enumerate(users):
+        out[r] = vectors @ user
+    return out
 
 
 @dataclass
@@ -61,20 +124,43 @@ class InteractionMatrix:
 
 
 @dataclass
-class ItemItemModel:
-    """``score = x · W + b`` with ``W`` optional (None means bias only)."""
+class ItemItemModel(Scorer):
+    """``score = x · W + b`` with ``W`` optional (None means bias only); the history is
+    scored as given (weights included)."""
+
+    kind: ClassVar[str] = "item_item"
 
     name: str
     bias: np.ndarray
     weights: np.ndarray | None = None
 
-    def score(self, x: sp.csr_matrix | np.ndarray, user_ids=None) -> np.ndarray:
-        """Scores of the history rows ``x``; ``user_ids`` is accepted for interface parity and unused."""
-        x = sp.csr_matrix(x, dtype=np.float32)
-        scores = np.tile(self.bias.astype(np.float32), (x.shape[0], 1))
-        if self.weights is not None:
-            scores += np.asarray(x @ self.weights)
-        return scores
+    def prepare(self, x: sp.csr_matrix | np.ndarray, user_ids: Sequence | None = None) -> sp.csr_matrix:
+        """The history rows themselves (float32 CSR); ``user_ids`` is unused."""
+        return sp.csr_matrix(x, dtype=np.float32)
+
+    def score_items(self, state: sp.csr_matrix, items: np.ndarray | None = None) -> np.ndarray:
+        x = state
+        if items is None:
+            scores = np.tile(self.bias.astype(np.float32), (x.shape[0], 1))
+            if self.weights is not None:
+                scores += np.asarray(x @ self.weights)
+            return scores
+        items = np.asarray(items, dtype=np.int64)
+        bias = np.asarray(self.bias, dtype=np.float32)
+        out = np.tile(bias[items], (x.shape[0], 1))
+        if self.weights is None:
+            return out
+        weights = np.asarray(self.weights, dtype=np.float32)
+        for r in range(x.shape[0]):  # only the rows of W of the user's history items
+            lo, hi = x.indptr[r], x.indptr[r + 1]
+            if hi == lo:
+                continue
+            idx, val = x.indices[lo:hi].astype(np.int64), x.data[lo:hi].astype(np.float32)
+            if len(bias) <= 8 * len(items):  # whole rows: contiguous reads beat a scattered gather
+                out[r] += (val @ weights[idx])[items]
+            else:
+                out[r] += val @ weights[np.ix_(idx, items)]
+        return out
 
     def recommend(self, x: sp.csr_matrix, k: int, exclude_seen: bool = True) -> np.ndarray:
         """Top-``k`` item indices per row of ``x``, best first; seen items excluded."""

@@ -1,30 +1,8 @@
-"""The neural hybrid recommender: a user tower and an item tower scored by a dot product.
-
-* **User tower**: ``concat(user-ID embedding, mean of the user's history item embeddings,
-  dense user features, category profile)`` → MLP → ``embedding_dim``. The history bag is
-  the weighted mean ``Σ_j x_uj e_j / Σ_j x_uj`` over the (input-dropped) history; the
-  category profile is the same weighted mean of the items' content features (the user's
-  category affinity). Unknown users get the all-zero ID embedding and zero features, so a
-  user is scored from their events alone; ``id_dropout`` trains that path by treating a
-  random share of each batch's users as unknown.
-* **Item tower**: ``concat(item-ID embedding, item content features)`` → MLP →
-  ``embedding_dim`` (no output bias: it would add a per-user constant the softmax
-  ignores), plus a per-item bias. Hidden layers of both towers: ReLU, then dropout.
-* **Score**: ``s_ui = u_u · v_i + b_i``.
-* **Loss** (multinomial likelihood, as in Mult-DAE): per user, a random ``input_dropout``
-  share of the history is masked out of the input; the target is the whole train history
-  ``x_u``: ``L_u = −Σ_i x_ui log softmax(s_u)_i`` over the full catalogue. The batch loss
-  is ``Σ_u L_u / B`` with ``B`` the global batch size. Hidden layers use dropout; AdamW
-  applies decoupled weight decay.
-
-Every random number of a step comes from numpy generators seeded by position, never by
-rank: batch order from ``default_rng([seed, epoch])``; input, ID and user-tower dropout
-from ``default_rng([seed, epoch, step])`` drawn over the *global* batch; item-tower
-dropout from per-item-block generators (:func:`_item_keep`). A DDP rank takes its
-contiguous shard of the batch's users (and of the catalogue for the item tower) and
-scales its loss by ``world_size / B`` so that DDP's gradient average equals the
-single-process gradient of the global batch (:func:`train`). Any world size therefore
-follows the same loss curve up to floating-point rounding.
+"""The neural recommender: a user tower (ID embedding, history bag, dense user features,
+category profile) and an item tower (ID embedding, content features) scored by a dot product
+plus an item bias, trained with a multinomial likelihood. Every random number of a step is
+seeded by position, never by rank, so any DDP world size follows the same loss curve
+(:func:`train`). See docs/models.md for the towers, the loss and the randomness.
 """
 
 from __future__ import annotations
@@ -44,7 +22,7 @@ import torch
 from torch import nn
 
 from core.settings import NeuralSettings as NeuralConfig
-from training.models import InteractionMatrix
+from training.models import InteractionMatrix, rows_dot
 
 __all__ = [
     "ItemShard",
@@ -556,6 +534,7 @@ class NeuralRecommender:
         self.user_feature_names = list(user_feature_names)
         self.losses = list(losses)
         self._items: torch.Tensor | None = None
+        self._item_side: tuple[np.ndarray, np.ndarray] | None = None
         self.train_seconds: float | None = None
 
     @property
@@ -576,13 +555,23 @@ class NeuralRecommender:
     def item_biases(self) -> np.ndarray:
         return self.net.item_bias.detach().cpu().numpy().copy()
 
+    def item_side(self) -> tuple[np.ndarray, np.ndarray]:
+        """Item-tower outputs and item biases as float32 arrays, computed once (read-only)."""
+        if self._item_side is None:
+            vectors, bias = self.item_embeddings().astype(np.float32), self.item_biases().astype(np.float32)
+            vectors.flags.writeable = bias.flags.writeable = False
+            self._item_side = (vectors, bias)
+        return self._item_side
+
     def _item_tensor(self) -> torch.Tensor:
         if self._items is None:
             with torch.inference_mode():
                 self._items = self.net.item_vectors().cpu()
         return self._items
 
-    def _user_tensor(self, x: sp.csr_matrix, user_ids: Sequence | None) -> torch.Tensor:
+    def user_tensor(self, x: sp.csr_matrix, user_ids: Sequence | None = None) -> torch.Tensor:
+        """User-tower outputs (a CPU tensor) for history rows ``x`` (users×items); unknown or
+        missing ``user_ids`` use the zero ID embedding and zero user features."""
         x = sp.csr_matrix(x, dtype=np.float32)
         if x.shape[1] != len(self.item_ids):
             raise ValueError(f"score: history has {x.shape[1]} item columns; the model knows {len(self.item_ids)}")
@@ -598,15 +587,22 @@ class NeuralRecommender:
             ).cpu()
 
     def user_embeddings(self, x: sp.csr_matrix, user_ids: Sequence | None = None) -> np.ndarray:
-        """User-tower outputs for history rows ``x`` (users×items); unknown or missing
-        ``user_ids`` use the zero ID embedding and zero user features."""
-        return self._user_tensor(x, user_ids).numpy()
+        """:meth:`user_tensor` as an array."""
+        return self.user_tensor(x, user_ids).numpy()
+
+    def score_users(self, users: torch.Tensor, items: np.ndarray | None = None) -> np.ndarray:
+        """Scores ``u · v_i + b_i`` of the user-tower outputs ``users`` (:meth:`user_tensor`) on
+        the item indices ``items`` (None: every item, computed in torch), as float32."""
+        if items is None:
+            with torch.inference_mode():
+                return (users @ self._item_tensor().T + self.net.item_bias.detach().cpu()).numpy()
+        vectors, bias = self.item_side()
+        items = np.asarray(items, dtype=np.int64)
+        return rows_dot(users.numpy().astype(np.float32, copy=False), vectors[items]) + bias[items]
 
     def score(self, x: sp.csr_matrix, user_ids: Sequence | None = None) -> np.ndarray:
-        """users×items scores ``u · v_i + b_i`` for history rows ``x`` (see :meth:`user_embeddings`)."""
-        users = self._user_tensor(x, user_ids)
-        with torch.inference_mode():
-            return (users @ self._item_tensor().T + self.net.item_bias.detach().cpu()).numpy()
+        """users×items scores ``u · v_i + b_i`` for history rows ``x`` (see :meth:`user_tensor`)."""
+        return self.score_users(self.user_tensor(x, user_ids))
 
     def recommend(
         self, x: sp.csr_matrix, k: int, user_ids: Sequence | None = None, exclude_seen: bool = True
@@ -679,9 +675,6 @@ def _plain(value: object) -> object:
 def is_quantized(net: nn.Module) -> bool:
     """True when ``net`` holds a quantized module (see :func:`quantize_int8`)."""
     return any(type(m).__module__.startswith("torch.ao.nn.quantized") for m in net.modules())
-
-
-_is_quantized = is_quantized
 
 
 # --------------------------------------------------------------------------- entry points

@@ -1,26 +1,13 @@
-"""MLflow tracking and registry: log a training run, register the best model as a
-pyfunc with the alias ``challenger``, the champion/challenger promotion gate, manual
-promotion, rollback and a listing of versions.
-
-Registration is idempotent per pipeline run: the MLflow run is tagged with its run
-directory (``hyperrec.run_dir``) and bundle digest from its creation, so a retried
-``register`` returns the version an earlier attempt registered, and an attempt that died
-before registering is abandoned (tagged, marked FAILED, deleted) and replaced.
-
-Registry review: a version is born with tags (model, run directory, Airflow run id, reason
-the run started, ``gate.decision=pending``) and a markdown description (rendered by the
-MLflow UI): a "challenger, awaiting the gate" section above the ``## Training run``
-summary. :func:`promotion_gate` replaces the first section with its decision and a table
-of every check; manual promotion and rollback prepend a note.
-
-Champion history: the registered model's tag ``promotion.champion_stack`` holds the JSON
-list of champion versions, oldest first; a promotion pushes, a rollback pops. Each
-promoted version records ``promotion.previous_champion``, ``promotion.by`` (gate, manual),
-``promotion.user``, ``promotion.reason`` and ``promotion.at``.
+"""MLflow tracking and registry: log a training run and register its model (the serving
+tier's pyfunc over the bundle) with the alias ``challenger``; the champion/challenger
+promotion gate, manual promotion, rollback and a listing of versions. Registration is
+idempotent per pipeline run (:func:`log_and_register`); the champion history is a tag of the
+registered model (:data:`STACK_TAG`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import hashlib
 import json
@@ -42,11 +29,14 @@ from training.bundle import load_bundle
 from training.evaluation import recommend_ids, relevant_items
 from training.metrics import catalog_coverage, evaluate, evaluate_by_segment
 from training.models import InteractionMatrix
-from training.pyfunc import RecommenderPyfunc
+from training.pyfunc import RecommenderPyfunc, recommendations_frame
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 WEIGHT_COLUMN = "confidence"
 STACK_TAG = "promotion.champion_stack"
+"""Registered-model tag: the JSON list of champion versions, oldest first; a promotion pushes,
+a rollback pops. Each promoted version records ``promotion.previous_champion``,
+``promotion.by`` (gate, manual), ``promotion.user``, ``promotion.reason`` and ``promotion.at``."""
 STACK_LIMIT = 200  # champion versions kept in the history tag (a registered-model tag holds 5000 chars)
 
 
@@ -159,10 +149,8 @@ def _abandon(client: MlflowClient, run, name: str, why: str) -> None:
         if mv.status != "READY":
             client.delete_model_version(name, mv.version)
     for output in (run.outputs.model_outputs if run.outputs else None) or []:
-        try:
+        with contextlib.suppress(mlflow.exceptions.MlflowException):
             client.delete_logged_model(output.model_id)
-        except mlflow.exceptions.MlflowException:
-            pass
     client.set_tag(run_id, ABANDONED_TAG, why)
     if run.info.status in ("RUNNING", "SCHEDULED"):
         client.set_terminated(run_id, "FAILED")
@@ -223,10 +211,13 @@ def log_and_register(
     bundle_dir: Path,
     artifact_dirs: Mapping[str, Path | Sequence[Path]],
     tags: dict[str, str],
+    python_model: RecommenderPyfunc,
     description: str = "",
     step_metrics: Mapping[str, Sequence[float]] | None = None,
 ) -> Registration:
-    """Log one training run and register its model; the new version gets ``challenger``.
+    """Log one training run and register its model, ``python_model`` (the serving tier's
+    :class:`training.pyfunc.RecommenderPyfunc`) over ``bundle_dir``; the new version gets
+    ``challenger``.
 
     ``artifact_dirs`` maps an artifact path to a directory or file, or a list of them
     (missing ones are skipped). ``tags`` go on the run and on the version, with
@@ -275,11 +266,10 @@ def log_and_register(
                     mlflow.log_artifacts(str(path), artifact_path=artifact_path)
                 elif path.is_file():
                     mlflow.log_artifact(str(path), artifact_path=artifact_path)
-        model = RecommenderPyfunc()
-        output = model.recommend(bundle, example)
+        output = recommendations_frame(python_model.open(Path(bundle_dir)), example)
         info = mlflow.pyfunc.log_model(
             name="model",
-            python_model=model,
+            python_model=python_model,
             artifacts={"bundle": str(bundle_dir)},
             signature=infer_signature(example, output),
             input_example=example,
@@ -828,9 +818,7 @@ def list_versions(settings: Settings) -> list[dict]:
                 "gate_decision": mv.tags.get("gate.decision"),
                 "gate_reason": mv.tags.get("gate.reason"),
                 "ndcg": metrics.get(metric),
-                "created": datetime.fromtimestamp(mv.creation_timestamp / 1000, UTC).isoformat(
-                    timespec="seconds"
-                ),
+                "created": datetime.fromtimestamp(mv.creation_timestamp / 1000, UTC).isoformat(timespec="seconds"),
                 "run_id": mv.run_id,
                 "previous_champion": mv.tags.get("promotion.previous_champion"),
             }

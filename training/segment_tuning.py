@@ -1,31 +1,7 @@
-"""Per-segment fine-tuning of the neural recommender and its Optuna search (article §1b,
-steps 2 and 5).
-
-Definitions used throughout:
-
-* **fit / validation**: ``fit_frame`` (user_id, item_id[, weight]) is what the global
-  model(s) were trained on and every user's input history; ``val_frame`` holds held-out
-  interactions of the same users (e.g. one fold of :func:`pipelines.split.user_kfold`
-  over the train split, see :func:`validation_split`). A user's relevant items are their
-  ``val_frame`` items absent from their fit history (:func:`training.evaluation.relevant_items`);
-  a segment's *validation users* are its users with at least one relevant item.
-* **segment NDCG@k**: mean binary NDCG@k (:func:`training.metrics.evaluate`) of a model's
-  top-k lists (fit-history items excluded) over the segment's validation users.
-* **fine-tuning**: the global net's weights are copied into a fresh net (the global net is
-  never modified) which :func:`training.neural.train` trains on the segment's users only,
-  for ``tuning.segment_finetune_epochs`` epochs with lr ``neural.lr × tuning.segment_lr_scale``
-  (or searched lr / weight decay / dropout). The result keeps every global user's ID
-  embedding; the segment's users get their fine-tuned rows.
-* **gain** = fine-tuned NDCG@k − global NDCG@k on the same validation users; a segment
-  model is kept iff ``gain > tuning.min_gain``. Segments with fewer than
-  ``tuning.min_validation_users`` validation users are skipped (``reason`` says why).
-* **search**: one Optuna TPE study per segment (``TPESampler(seed=tuning.optuna_seed)``)
-  over lr (log), weight decay (log), embedding dimension (categorical; each trial starts
-  from the global model of that dimension, trained once per dimension on ``fit_frame``)
-  and dropout, maximising the segment NDCG@k. Each study is one MLflow run (nested under
-  the active run when there is one). :func:`tune_segments` scores the search on a share
-  ``tuning.search_share`` of each segment's validation users and decides keep/discard on
-  the others, so the reported gain is not inflated by the search's selection.
+"""Per-segment fine-tuning of the neural recommender and its Optuna search: a copy of the
+global model trained further on one segment's users is kept when it beats the global model
+on that segment's validation users (NDCG@k) by more than ``tuning.min_gain``. See
+docs/models.md for the definitions (fit/validation, segment NDCG, gain, search).
 """
 
 from __future__ import annotations
@@ -339,7 +315,7 @@ def fine_tune_segments(
 ) -> SegmentTuning:
     """Fine-tune ``global_rec`` (trained on ``fit_frame``) on each segment of ``segment_of``
     (user → segment) and keep the segment models that beat it on the segment's validation
-    users of ``val_frame`` (see the module docstring for every definition).
+    users of ``val_frame`` (docs/models.md defines every term).
 
     ``params_by_segment[segment]`` overrides lr / weight_decay / dropout / embedding_dim;
     a segment starts from ``globals_by_dim[embedding_dim]`` (``global_rec`` for its own
@@ -598,8 +574,9 @@ def tune_segments(
     and a decision share (seed ``training.validation_seed``), run :func:`search_segment` on
     the first, fine-tune with the best parameters and keep the model iff it beats
     ``global_rec`` on the second. Result rows count the decision users as
-    ``validation_users`` and add ``search_users`` and ``search_value``. Global models for every ``tuning.embedding_dims`` are
-    trained once on ``fit_frame`` (``global_rec`` and ``globals_by_dim`` are reused). Each
+    ``validation_users`` and add ``search_users`` and ``search_value``. Global models for
+    every ``tuning.embedding_dims`` are trained once on ``fit_frame`` (``global_rec`` and
+    ``globals_by_dim`` are reused). Each
     study's MLflow run also gets the decision metrics (``decision_global_ndcg``,
     ``finetuned_ndcg``, ``gain``, ``kept``)."""
     tuning = settings.tuning
@@ -737,8 +714,13 @@ class SegmentedRecommender:
         self.models = dict(models)
         self.item_ids = global_model.item_ids
 
-    def model_for(self, segment: Hashable | None) -> NeuralRecommender:
-        return self.models.get(segment, self.global_model) if segment is not None else self.global_model
+    def groups(self, segments: Sequence[Hashable | None]) -> list[tuple[Hashable | None, list[int]]]:
+        """The rows of each model, in order of first appearance: ``(segment, rows)`` with
+        segment None for the global model (a row whose segment is None or has no kept model)."""
+        by_model: dict[Hashable | None, list[int]] = {}
+        for r, segment in enumerate(segments):
+            by_model.setdefault(segment if segment is not None and segment in self.models else None, []).append(r)
+        return list(by_model.items())
 
     def score(
         self, x: sp.csr_matrix, user_ids: Sequence | None = None, segments: Sequence[Hashable | None] | None = None
@@ -754,15 +736,10 @@ class SegmentedRecommender:
         if user_ids is not None and len(user_ids) != n:
             raise ValueError(f"SegmentedRecommender.score: {len(user_ids)} user ids for {n} history rows")
         out = np.empty((n, len(self.item_ids)), dtype=np.float32)
-        by_model: dict[int, list[int]] = {}
-        chosen: dict[int, NeuralRecommender] = {}
-        for r, segment in enumerate(segments):
-            model = self.models.get(segment, self.global_model) if segment is not None else self.global_model
-            chosen[id(model)] = model
-            by_model.setdefault(id(model), []).append(r)
-        for key, rows in by_model.items():
+        for segment, rows in self.groups(segments):
+            model = self.global_model if segment is None else self.models[segment]
             ids = None if user_ids is None else [user_ids[r] for r in rows]
-            out[rows] = chosen[key].score(x[rows], ids)
+            out[rows] = model.score(x[rows], ids)
         return out
 
     def recommend(

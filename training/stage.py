@@ -39,6 +39,7 @@ from training.evaluation import recommend_ids, relevant_items, score_model
 from training.hybrid import FitContext, WeightedHybrid
 from training.metrics import evaluate_by_segment
 from training.models import InteractionMatrix, popularity
+from training.pyfunc import RecommenderPyfunc
 
 CANDIDATES = (*BASELINES, *COMPONENTS, "hybrid")
 WEIGHT_COLUMN = registry.WEIGHT_COLUMN
@@ -212,7 +213,7 @@ def attach_segment_models(
 def tune_neural_segments(
     settings: Settings, run: RunContext, train_df: pd.DataFrame, item_ids: np.ndarray, side: dict
 ) -> dict:
-    """Per-segment Optuna search and fine-tuning of the neural model (article §1b) on a
+    """Per-segment Optuna search and fine-tuning of the neural model on a
     validation fold of the train split; every segment's gain, keep decision and chosen
     parameters go to ``segment_tuning.json`` (each study is an MLflow run) and are returned.
     The served segment models are refitted on the whole train split
@@ -555,8 +556,10 @@ def review_markdown(
     return "\n".join(parts)
 
 
-def register(settings: Settings, run: RunContext) -> dict:
-    """Log the run to MLflow and register the best candidate (alias ``challenger``).
+def register(settings: Settings, run: RunContext, python_model: RecommenderPyfunc | None = None) -> dict:
+    """Log the run to MLflow and register the best candidate (alias ``challenger``) as
+    ``python_model``, the serving tier's pyfunc: the ``register`` task runs
+    :func:`serving.publish.register`, which passes it (training cannot import serving).
 
     The run carries the metrics, parameters and, for review in the MLflow UI, artifacts:
     ``evaluation/`` (metrics.md, models.csv, segments.csv), ``segments/`` (pictures),
@@ -566,6 +569,8 @@ def register(settings: Settings, run: RunContext) -> dict:
     run directory, Airflow run id, reason and drift report. A retry of this task returns
     the version its earlier attempt registered (:func:`training.registry.log_and_register`).
     """
+    if python_model is None:
+        raise ValueError("register: no pyfunc model given; the register task runs serving.publish:register")
     evaluation = run.read_json("evaluation.json")
     best, k = evaluation["best"], evaluation["k"]
     metrics = {f"{name}.{metric}": value for name, res in evaluation["models"].items() for metric, value in res.items()}
@@ -632,6 +637,7 @@ def register(settings: Settings, run: RunContext) -> dict:
         params=params,
         metrics=metrics,
         bundle_dir=run.models_dir / best,
+        python_model=python_model,
         artifact_dirs={
             "gx_data_docs": run.gx_dir,
             "reports": run.path("reports"),

@@ -1,11 +1,10 @@
-"""What a scheduled run does: both DAGs with their default params (``conf`` empty), as
-the scheduler starts them. ``recsys_training`` then trains on MovieLens-100k alone
-(explicit ratings only) and ``recsys_drift_monitor`` has no current batch; neither may
-fail by design."""
+"""What a scheduled ``recsys_drift_monitor`` run does with its default params (``conf``
+empty): there is no current batch, and the run may not fail by design. The scheduled
+``recsys_training`` run with its defaults (MovieLens-100k alone) runs under the real
+scheduler in ``tests/e2e/test_up_stack.py``."""
 
 import pytest
 
-from core.datasets import RawDataset
 from core.run_context import RunContext
 from hyperrec.orchestration import configure_airflow, dag_runs, migrate_db, run_dag, task_states
 
@@ -38,37 +37,3 @@ def test_scheduled_drift_monitor_without_a_batch_succeeds_and_retrains_nothing(o
     drift = RunContext.of_airflow_run(own_settings, run_id).read_json("drift.json")
     assert drift["retrain"] is False and drift["skipped"].startswith("no current batch")
     assert len(dag_runs("recsys_training")) == before
-
-
-def test_scheduled_training_on_ml100k_alone_succeeds(own_settings):
-    state, run_id = run_dag(own_settings, "recsys_training", {})  # dataset="ml-100k", synthetic_events=0
-    run = RunContext.of_airflow_run(own_settings, run_id)
-    assert state == "success", (
-        run.read_json("validation-attempt.json") if run.path("validation-attempt.json").exists() else state
-    )
-    params = run.read_json("params.json")
-    assert (params["dataset"], params["synthetic_events"]) == ("ml-100k", 0)
-    parts = sorted(p.name for p in RawDataset(run.raw_dir).interactions.glob("*.parquet"))
-    assert parts and all(name.startswith("ml100k-") for name in parts)  # MovieLens alone
-    assert set(run.read_json("timings.json")) == {
-        "ingest",
-        "preprocess",
-        "validate",
-        "build_features",
-        "segment",
-        "train",
-        "evaluate",
-        "register",
-        "promote",
-        "publish_champion",
-    }
-    report = run.read_json("report.json")
-    assert report["clean"] > 99_000  # MovieLens-100k's ratings, no synthetic sample
-    validation = run.read_json("validation.json")
-    assert all(g["success"] for g in validation["gates"].values())
-    # The dwell/scroll mean checks were recorded as not applicable, not dropped.
-    pages = list((run.gx_dir / "validations" / "interactions_clean").rglob("*.html"))
-    assert pages and "Not applicable: the mean of dwell_time_s" in pages[0].read_text()
-    registration, promotion = run.read_json("registration.json"), run.read_json("promotion.json")
-    assert registration["version"] >= 1 and promotion["promoted"]
-    assert run.read_json("publish.json")["current"] == f"v{registration['version']}"

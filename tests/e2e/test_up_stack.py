@@ -21,6 +21,7 @@ import pytest
 import redis
 from up_harness import SMALL_MODELS, UpCommand, child_env, processes_of, service_ports, wait_until, write_config
 
+from core.datasets import RawDataset
 from core.run_context import RunContext
 from core.settings import PROJECT_ROOT
 
@@ -289,12 +290,17 @@ def test_scheduler_killed_during_train_resumes_with_one_version(stack):
     assert sum(v.tags.get("hyperrec.airflow_run_id") == run_id for v in versions) == 1
 
 
-def test_the_scheduler_starts_a_scheduled_run_by_itself(stack):
+def test_the_scheduler_starts_a_scheduled_run_by_itself_and_it_succeeds_on_ml100k_alone(stack):
     """A test-only cron: the schedule changes in the settings, ``down`` and ``up`` restart
-    the services on them, and the scheduler starts the run for the latest cron slot."""
+    the services on them, and the scheduler starts the run for the latest cron slot. The
+    configured dataset is now the default, MovieLens-100k alone (explicit ratings, no dwell or
+    scroll signal), which must pass every quality gate: a nightly run may not fail by design.
+    (The row-count gate compares with the previous run, a 6,000-event sample: widened here.)"""
     stack.down()
     overrides = dict(stack.overrides)
     overrides["airflow"] = {**overrides["airflow"], "training_schedule": "*/30 * * * *"}
+    overrides["training"] = {**overrides["training"], "dataset": "ml-100k"}
+    overrides["validation"] = {"row_count_tolerance": 100.0}
     write_config(stack.config, "config/stack.yaml", **overrides)
     started = time.time()
     stack.up()
@@ -308,8 +314,17 @@ def test_the_scheduler_starts_a_scheduled_run_by_itself(stack):
     assert run["conf"] == {}
     wait_for_run(stack, run["dag_run_id"])
     # Its params are the defaults: the configured dataset, and the reason from the run type.
-    params = RunContext.of_airflow_run(stack.settings, run["dag_run_id"]).read_json("params.json")
-    assert params["dataset"] == stack.overrides["training"]["dataset"] and params["reason"] == "scheduled"
+    run_dir = RunContext.of_airflow_run(stack.settings, run["dag_run_id"])
+    params = run_dir.read_json("params.json")
+    assert (params["dataset"], params["synthetic_events"], params["reason"]) == ("ml-100k", 0, "scheduled")
+    parts = sorted(p.name for p in RawDataset(run_dir.raw_dir).interactions.glob("*.parquet"))
+    assert parts and all(name.startswith("ml100k-") for name in parts)  # MovieLens alone
+    assert run_dir.read_json("report.json")["clean"] > 99_000  # its ratings, no synthetic sample
+    assert all(g["success"] for g in run_dir.read_json("validation.json")["gates"].values())
+    # The dwell/scroll mean checks were recorded as not applicable, not dropped.
+    pages = list((run_dir.gx_dir / "validations" / "interactions_clean").rglob("*.html"))
+    assert pages and "Not applicable: the mean of dwell_time_s" in pages[0].read_text()
+    assert run_dir.read_json("registration.json")["version"] >= 1
     assert time.time() - started < RUN_TIMEOUT_S
     # The hourly drift monitor ran on its own schedule too, and succeeded with no batch.
     with stack.client() as client:

@@ -111,9 +111,9 @@ def processes_of(home: Path) -> list[psutil.Process]:
             if proc.pid == os.getpid():
                 continue
             cmdline = " ".join(proc.info["cmdline"] or [])
-            if needle in cmdline or any(needle in v for v in proc.environ().values()):
-                if proc.status() != psutil.STATUS_ZOMBIE:
-                    mine.append(proc)
+            mentions = needle in cmdline or any(needle in v for v in proc.environ().values())
+            if mentions and proc.status() != psutil.STATUS_ZOMBIE:
+                mine.append(proc)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
     return mine

@@ -1,8 +1,16 @@
+"""The online store on a real embedded Valkey server, and that server's lifecycle."""
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
+import redis
 
-from feature_store.online import OnlineStore
+from feature_store.online import OnlineStore, open_redis
 from feature_store.profiles import build_user_profiles
 
 AS_OF = pd.Timestamp("2024-03-31", tz="UTC")
@@ -89,3 +97,39 @@ def test_reserved_and_missing_columns_are_rejected(store, profiles):
         store.materialize(profiles.assign(_version="x"), version="v")
     with pytest.raises(ValueError, match="missing column 'user_id'"):
         store.materialize(profiles.drop(columns="user_id"), version="v")
+
+
+def test_open_redis_passes_a_url_through(store):
+    with open_redis(store.url) as server:
+        assert server.url == store.url and not server.embedded
+    assert store.client.ping()  # closing a server named by URL leaves it running
+
+
+def test_embedded_server_stops_with_its_parent_even_on_sigkill(tmp_path):
+    script = (
+        "import sys, time; from feature_store.online import open_redis; s = open_redis(None, data_dir=sys.argv[1]); "
+        "print(s.url, flush=True); time.sleep(120)"
+    )
+    parent = subprocess.Popen(
+        [sys.executable, "-c", script, str(tmp_path / "kv")],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).parents[3],
+    )
+    try:
+        url = parent.stdout.readline().strip()
+        client = redis.Redis.from_url(url, socket_timeout=1)
+        assert client.ping()
+        parent.kill()
+        parent.wait(timeout=10)
+        deadline = time.time() + 10
+        while True:
+            try:
+                client.ping()
+            except redis.ConnectionError:
+                break
+            assert time.time() < deadline, "the embedded server outlived its parent"
+            time.sleep(0.1)
+    finally:
+        parent.kill()
+        parent.wait()

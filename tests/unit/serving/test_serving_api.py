@@ -220,7 +220,7 @@ def test_blend_bundle_round_trips_through_s3(tmp_path: Path, s3_endpoint: str, b
         "popularity",
     }
     original = load_bundle(built["v1"])
-    row = original._row("u3", np.array([], dtype=np.int32))
+    row = original.row("u3", np.array([], dtype=np.int32))
     np.testing.assert_allclose(loaded.model.score(row, ["u3"]), original.model.score(row, ["u3"]), rtol=1e-6)
     # Re-publishing a bundle without the segment files removes them from the version.
     lean = shutil.copytree(built["v1"], tmp_path / "lean")
@@ -250,30 +250,34 @@ def test_schemathesis_finds_no_server_errors(settings: Settings) -> None:
         }
         calls: dict[str, int] = {}
         statuses: set[int] = set()
+
+        def run(operation, mode) -> None:
+            # Positive cases carry the admin token, so admin routes run for real too.
+            headers = {"Authorization": f"Bearer {TOKEN}"} if mode == GenerationMode.POSITIVE else None
+            key = f"{operation.method.upper()} {operation.path}"
+
+            @given(case=operation.as_strategy(generation_mode=mode))
+            @hsettings(
+                max_examples=30,
+                deadline=None,
+                database=None,
+                derandomize=True,
+                suppress_health_check=list(HealthCheck),
+            )
+            def check(case) -> None:
+                response = case.call(base_url=server.url, headers=headers, timeout=10)
+                case.validate_response(response, checks=[not_a_server_error])
+                calls[key] = calls.get(key, 0) + 1
+                statuses.add(response.status_code)
+
+            try:
+                check()
+            except Unsatisfiable:  # no invalid input exists for a parameterless operation
+                assert mode == GenerationMode.NEGATIVE
+
         for operation in operations:
             for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
-
-                @given(case=operation.as_strategy(generation_mode=mode))
-                @hsettings(
-                    max_examples=30,
-                    deadline=None,
-                    database=None,
-                    derandomize=True,
-                    suppress_health_check=list(HealthCheck),
-                )
-                def check(case) -> None:
-                    # Positive cases carry the admin token, so admin routes run for real too.
-                    headers = {"Authorization": f"Bearer {TOKEN}"} if mode == GenerationMode.POSITIVE else None
-                    response = case.call(base_url=server.url, headers=headers, timeout=10)
-                    case.validate_response(response, checks=[not_a_server_error])
-                    key = f"{operation.method.upper()} {operation.path}"
-                    calls[key] = calls.get(key, 0) + 1
-                    statuses.add(response.status_code)
-
-                try:
-                    check()
-                except Unsatisfiable:  # no invalid input exists for a parameterless operation
-                    assert mode == GenerationMode.NEGATIVE
+                run(operation, mode)
     assert calls["GET /v1/recommendations/{user_id}"] >= 40 and calls["POST /v1/events"] >= 40, calls
     assert all(n >= 1 for n in calls.values()) and {200, 401, 422} <= statuses, (calls, statuses)
 

@@ -83,7 +83,7 @@ def test_publish_stores_the_ann_indexes_serving_then_reads(tmp_path: Path, caplo
     model = ServedModel(bundle, bundle_dir, serving)
     assert model.index.describe() == fresh.index.describe()
     for user in ("u0", "u1", "u7"):
-        query = model.space.query(model.scorer.prepare(bundle._row(user, np.empty(0, np.int32)), user))
+        query = model.space.query(model.scorer.prepare(bundle.row(user, np.empty(0, np.int32)), user))
         assert model.index.search(query, 10).tolist() == fresh.index.search(query, 10).tolist()
         request = RecommendationRequest(user, 5)
         assert model.recommend(request, []) == fresh.recommend(request, [])

@@ -1,4 +1,4 @@
-"""Bundle format round trips, publishing order and S3 (moto server mode)."""
+"""Bundle format round trips, publishing order, S3 (moto server mode) and the served model on the tiny bundle."""
 
 from __future__ import annotations
 
@@ -11,6 +11,9 @@ import pandas as pd
 import pytest
 from fixtures_serving import PAIRS, tiny_bundle
 
+from core.settings import ServingSettings
+from serving.recommender import RecommendationRequest, ServedModel
+from serving.schemas import Recommendations
 from serving.store import ObjectStore, current_version, fetch, publish
 from training.bundle import BUNDLE_FILES, Bundle, load_bundle, write_bundle
 from training.models import InteractionMatrix, fit_popularity, popularity
@@ -152,38 +155,42 @@ def test_write_bundle_validates_inputs(tmp_path: Path) -> None:
     json.loads((write_bundle(tmp_path / "ok", **args) / "metadata.json").read_text())
 
 
-def test_recommend_known_unknown_and_live_items(tmp_path: Path) -> None:
+def test_served_model_on_a_tiny_bundle(tmp_path: Path) -> None:
+    """Known, unknown and live users through :class:`serving.recommender.ServedModel` (the
+    one ranking of a bundle) on the hand-built EASE bundle."""
     bundle = load_bundle(tiny_bundle(tmp_path / "b"))
+    served = ServedModel(bundle, None, ServingSettings())
     ids = list(bundle.item_ids)
 
+    def ask(user: str, k: int, recent: tuple[str, ...] = (), exclude_seen: bool = True) -> Recommendations:
+        return served.recommend(RecommendationRequest(user, k, exclude_seen), list(recent))
+
     # Known user: seen items excluded, scores descending, same order as the model itself.
-    items, cold = bundle.recommend("u4", k=3)
-    assert cold is False
-    assert not {"i1", "i3"} & {r["item_id"] for r in items}
-    scores = [r["score"] for r in items]
-    assert scores == sorted(scores, reverse=True) and [r["rank"] for r in items] == [1, 2, 3]
-    expected = bundle.model.recommend(bundle._row("u4", np.array([], dtype=np.int32)), k=3)[0]
-    assert [r["item_id"] for r in items] == [ids[i] for i in expected]
-    assert items[0]["title"] == f"Title {items[0]['item_id']}"
+    known = ask("u4", 3)
+    assert known.cold_start is False and known.strategy == "personalized"
+    assert not {"i1", "i3"} & {r.item_id for r in known.items}
+    scores = [r.score for r in known.items]
+    assert scores == sorted(scores, reverse=True) and [r.rank for r in known.items] == [1, 2, 3]
+    expected = bundle.model.recommend(bundle.row("u4", np.array([], dtype=np.int32)), k=3)[0]
+    assert [r.item_id for r in known.items] == [ids[i] for i in expected]
+    assert known.items[0].title == f"Title {known.items[0].item_id}"
 
     # Asking for more than is left returns only the unseen items.
-    assert len(bundle.recommend("u4", k=50)[0]) == 4
-    assert {r["item_id"] for r in bundle.recommend("u4", k=50, exclude_seen=False)[0]} == set(ids)
+    assert len(ask("u4", 50).items) == 4
+    assert {r.item_id for r in ask("u4", 50, exclude_seen=False).items} == set(ids)
 
-    # A live item joins the history: excluded and it changes the scores.
-    live, cold = bundle.recommend("u4", k=3, extra_items=["i2", "not-in-bundle"])
-    assert cold is False and "i2" not in {r["item_id"] for r in live}
-    assert live != items
+    # A live item joins the history: excluded and it changes the list.
+    live = ask("u4", 3, ("i2", "not-in-bundle"))
+    assert live.cold_start is False and "i2" not in {r.item_id for r in live.items}
+    assert live.items != known.items
 
     # Unknown user, nothing live: popularity order, cold start.
-    pop, cold = bundle.recommend("stranger", k=6)
-    assert cold is True
-    assert [r["item_id"] for r in pop] == [ids[i] for i in np.lexsort((np.arange(6), -bundle.popularity))]
-    assert [r["score"] for r in pop] == pytest.approx(sorted(bundle.popularity.tolist(), reverse=True))
+    pop = ask("stranger", 6)
+    assert pop.cold_start is True and pop.strategy == "global_popularity"
+    assert [r.item_id for r in pop.items] == [ids[i] for i in np.lexsort((np.arange(6), -bundle.popularity))]
+    assert [r.score for r in pop.items] == pytest.approx(sorted(bundle.popularity.tolist(), reverse=True))
 
-    # Unknown user with live items: scored from those items alone, still a cold start.
-    warm, cold = bundle.recommend("stranger", k=6, extra_items=["i5"])
-    assert cold is True and "i5" not in {r["item_id"] for r in warm}
-    model_scores = bundle.model.score(bundle._row(None, np.array([4])))[0]
-    expected_scores = {ids[i]: float(model_scores[i]) for i in range(6) if i != 4}
-    assert {r["item_id"]: r["score"] for r in warm} == pytest.approx(expected_scores)
+    # Unknown user with live items: scored from the session, still a cold start.
+    warm = ask("stranger", 6, ("i5",))
+    assert warm.cold_start is True and warm.strategy == "session+global_popularity"
+    assert "i5" not in {r.item_id for r in warm.items} and len(warm.items) == 5

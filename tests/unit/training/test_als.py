@@ -3,7 +3,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from training.als import ITERATIONS_PER_STACK_MIB, FactorModel, _task_thread_stack_mib, fit_als, thread_stack_mib
+from training.als import ITERATIONS_PER_STACK_MIB, FactorModel, fit_als, task_thread_stack_mib, thread_stack_mib
 from training.metrics import evaluate
 from training.models import InteractionMatrix, fit_popularity, top_k
 
@@ -130,7 +130,7 @@ def test_thread_stack_is_read_from_jvm_options():
 def test_too_many_iterations_without_checkpointing_are_refused_before_spark_runs(spark):
     if spark.sparkContext.getCheckpointDir() is not None:
         pytest.skip("the session checkpoints, so any max_iter is allowed")
-    limit = int(ITERATIONS_PER_STACK_MIB * _task_thread_stack_mib(spark))
+    limit = int(ITERATIONS_PER_STACK_MIB * task_thread_stack_mib(spark))
     frame = pd.DataFrame({"user_id": ["a", "b"], "item_id": ["x", "y"]})
     with pytest.raises(ValueError, match=f"max_iter={limit + 1} without checkpointing"):
         fit_als(spark, frame, np.array(["x", "y"], dtype=object), rank=2, max_iter=limit + 1)

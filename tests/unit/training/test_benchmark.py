@@ -1,4 +1,4 @@
-"""The `hyperrec benchmark` contract (DESIGN.md): files, fingerprint, metrics that match the files."""
+"""The `hyperrec benchmark` contract: files, fingerprint, metrics that match the files."""
 
 import json
 import math

@@ -55,7 +55,10 @@ def test_idf_weighting_discounts_items_everyone_has():
     x = sp.csr_matrix(np.array([[1, 0, 0, 0, 1, 0, 0, 0, 0]] + [[1, 0, 0, 0, 0, 0, 0, 0, 0]] * 5, dtype=np.float32))
     plain, idf = fit_content(x, emb, weighting="none"), fit_content(x, emb, weighting="idf")
     assert idf.item_weights[4] > idf.item_weights[0]
-    b_over_a = lambda m: m.score(x[:1])[0, 5] - m.score(x[:1])[0, 1]
+
+    def b_over_a(m):
+        return m.score(x[:1])[0, 5] - m.score(x[:1])[0, 1]
+
     assert abs(b_over_a(plain)) < 0.1  # equal weights: A and B pull the profile alike
     assert b_over_a(idf) > b_over_a(plain) + 0.2
 

@@ -60,8 +60,12 @@ class NoiseScorer(Scorer):
     def __init__(self, n_items):
         self.n_items = n_items
 
-    def score(self, x, user_ids):
-        return np.random.default_rng(7).random((x.shape[0], self.n_items))
+    def prepare(self, x, user_ids=None):
+        return x.shape[0]
+
+    def score_items(self, state, items=None):
+        scores = np.random.default_rng(7).random((state, self.n_items))
+        return scores if items is None else scores[:, items]
 
 
 def test_tuning_uses_validation_and_gives_noise_no_weight(settings):
@@ -125,16 +129,17 @@ def test_hybrid_bundle_round_trip_scores_like_the_model(settings, tmp_path):
     )
     bundle = load_bundle(tmp_path / "b")
     assert bundle.metadata["has_blend"] and bundle.model.name == "hybrid"
+    rng = np.random.default_rng(0)
     for user in ("u0", "u1", "u7"):
         row = matrix.matrix[matrix.user_index[user]]
+        served_row = bundle.row(user, np.empty(0, np.int32))
+        np.testing.assert_array_equal(served_row.toarray(), row.toarray())
         expected = hybrid.score(row, [user])[0]
-        expected[row.indices] = -np.inf
-        order = [str(items[i]) for i in np.lexsort((np.arange(len(items)), -expected))[:5]]
-        recs, cold = bundle.recommend(user, 5)
-        assert not cold and [r["item_id"] for r in recs] == order
-        np.testing.assert_allclose(
-            [r["score"] for r in recs], np.sort(expected[np.isfinite(expected)])[::-1][:5], rtol=1e-5
-        )
+        np.testing.assert_allclose(bundle.model.score(served_row, [user])[0], expected, rtol=1e-5, atol=1e-6)
+        # Candidate scoring is the same scores, restricted.
+        state = bundle.model.prepare(served_row, [user])
+        subset = rng.choice(len(items), 7, replace=False)
+        np.testing.assert_allclose(bundle.model.score_items(state, subset)[0], expected[subset], rtol=1e-5, atol=1e-6)
 
 
 def test_every_candidate_bundles_as_a_blend(tmp_path):

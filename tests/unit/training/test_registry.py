@@ -20,8 +20,9 @@ import yaml
 from mlflow import MlflowClient
 from typer.testing import CliRunner
 
-from core.settings import Settings
+from core.settings import ServingSettings, Settings
 from hyperrec.cli import app
+from serving.publish import ServedPyfunc
 from training.bundle import write_bundle
 from training.evaluation import history_of, recommend_ids, relevant_items
 from training.metrics import ndcg_at_k
@@ -121,6 +122,7 @@ def _register(settings: Settings, bundles: dict[str, Path], holdout: dict[str, d
         bundle_dir=bundles[name],
         artifact_dirs={},
         tags={"hyperrec.model": name},
+        python_model=ServedPyfunc(ServingSettings()),
     )
     return reg.version
 

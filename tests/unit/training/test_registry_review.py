@@ -23,15 +23,16 @@ from mlflow import MlflowClient
 from mlflow.entities import ViewType
 
 from core.run_context import RunContext
-from core.settings import Settings
+from core.settings import ServingSettings, Settings
 from core.tracking import configure
+from serving import publish
+from serving.publish import ServedPyfunc
 from training import stage
 from training.bundle import write_bundle
 from training.candidates import NeuralScorer, as_blend
 from training.evaluation import history_of
 from training.models import InteractionMatrix, fit_ease, fit_popularity, popularity
 from training.neural import NeuralConfig, NeuralData, NeuralRecommender, fit_neural, loss_curve
-from training.pyfunc import RecommenderPyfunc
 from training.registry import (
     ABANDONED_TAG,
     CHALLENGER,
@@ -132,6 +133,7 @@ def _register(s: Settings, bundle: Path, run_dir: str | None = None, description
         bundle_dir=bundle,
         artifact_dirs={},
         tags=tags,
+        python_model=ServedPyfunc(ServingSettings()),
         description=description,
     )
 
@@ -193,7 +195,7 @@ def test_half_done_attempt_is_replaced_by_exactly_one_version(settings, bundles,
     with mlflow.start_run(run_id=dead.info.run_id):  # it got as far as logging the model
         mlflow.log_param("model", "ease")
         logged = mlflow.pyfunc.log_model(
-            name="model", python_model=RecommenderPyfunc(), artifacts={"bundle": str(bundles["ease"])}
+            name="model", python_model=ServedPyfunc(ServingSettings()), artifacts={"bundle": str(bundles["ease"])}
         )
     client.update_run(dead.info.run_id, status="RUNNING")  # killed: the run never ended
     reg = _register(s, bundles["ease"], run_dir)
@@ -397,7 +399,7 @@ def test_register_stage_logs_review_artifacts_once(settings, bundles, holdout, t
     (monitor / "drift.json").write_text(json.dumps({"retrain": True}))
     run = _pipeline_run(s, bundles, holdout, monitor)
 
-    result = stage.register(s, run)
+    result = publish.register(s, run)  # the register task: the served pyfunc
     client = MlflowClient()
 
     def listing(path: str = "") -> set[str]:
@@ -434,6 +436,6 @@ def test_register_stage_logs_review_artifacts_once(settings, bundles, holdout, t
     assert "| started because | drift (report `" in mv.description and "### Candidates" in mv.description
     assert f"| NDCG@{K} | {holdout['neural'][f'ndcg@{K}']:.4f}" in mv.description
 
-    again = stage.register(s, run)  # the retried task
+    again = publish.register(s, run)  # the retried task
     assert (again["version"], again["run_id"], again["reused"]) == (result["version"], result["run_id"], True)
     assert len(_versions(s)) == 1 and run.read_json("registration.json")["version"] == result["version"]
