@@ -112,7 +112,6 @@ class Bundle:
         return sp.csr_matrix((data, indices, [0, len(indices)]), shape=(1, self.n_items))
 
 
-
 def _as_str(values: Sequence[Any]) -> np.ndarray:
     return np.array(["" if v is None else str(v) for v in values], dtype=object)
 

@@ -25,7 +25,6 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 PROMETHEUS_DIR = ROOT / "docker" / "prometheus"
 DASHBOARD = ROOT / "docker" / "grafana" / "dashboards" / "hyperrec.json"
-SERVING_FIXTURES = ROOT / "tests" / "unit" / "serving"
 CREATED_AT = datetime(2025, 1, 2, 3, 4, 5, 500000, tzinfo=UTC)
 BUILTIN = {"up"}
 """Series Prometheus adds to every scrape itself (not in any /metrics text)."""
@@ -207,8 +206,6 @@ def scrape_serving(work: Path, created_at: str) -> dict:
     """Publish a bundle created at ``created_at`` and drive the real serving app: one request
     before it is published (503), then a miss, a cache hit and an event; return the statuses
     and the text of ``GET /metrics``."""
-    if str(SERVING_FIXTURES) not in sys.path:
-        sys.path.insert(0, str(SERVING_FIXTURES))
     from fastapi.testclient import TestClient
     from fixtures_serving import tiny_bundle
 

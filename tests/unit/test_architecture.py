@@ -60,3 +60,11 @@ def test_no_stage_is_dispatched_by_name() -> None:
         if "importlib" in path.read_text()
     ]
     assert offenders == []
+
+
+def test_the_unit_tier_refuses_to_start_an_interpreter() -> None:
+    import subprocess
+    import sys
+
+    with pytest.raises(AssertionError, match="tests/unit may not start python"):
+        subprocess.run([sys.executable, "-c", "pass"], check=False)

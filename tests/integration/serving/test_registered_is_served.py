@@ -12,14 +12,12 @@ registered artifact is downloaded and published, and the app serves it. ANN retr
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import mlflow.pyfunc
 import numpy as np
 import pandas as pd
 import pytest
 from fastapi.testclient import TestClient
+from fixtures_serving import hybrid_bundle
 
 from core.settings import Settings, load_settings
 from serving.app import create_app
@@ -27,12 +25,6 @@ from serving.publish import ServedPyfunc, write_ann_indexes
 from serving.store import ObjectStore, publish
 from training.bundle import load_bundle
 from training.registry import bundle_dir_of, log_and_register
-
-SERVING_FIXTURES = Path(__file__).resolve().parents[2] / "unit" / "serving"
-if str(SERVING_FIXTURES) not in sys.path:
-    sys.path.insert(0, str(SERVING_FIXTURES))
-
-from fixtures_serving import hybrid_bundle  # noqa: E402
 
 KNOWN_USERS = 120  # of which the even-numbered half ("young") is routed to a segment model
 COLD_USERS = 80

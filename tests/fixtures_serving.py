@@ -1,7 +1,8 @@
 """Shared helpers for the serving tests: the tiny interaction set, a hand-built bundle and a free port.
 
-Imported as ``from fixtures_serving import ...`` (pytest's default ``prepend`` import mode puts this
-directory on ``sys.path``). The moto S3 fixture lives in ``conftest.py`` next to this file.
+Imported as ``from fixtures_serving import ...`` by unit and integration tests alike: pytest's
+default ``prepend`` import mode puts ``tests/`` (the directory of its ``conftest.py``) on ``sys.path``.
+The moto S3 fixture (``s3_endpoint``) lives in ``tests/conftest.py``.
 """
 
 from __future__ import annotations
