@@ -82,7 +82,7 @@ lint: $(STAMP)
 test: lint $(SYSTEM_STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# tests/unit only: no Spark session, server or subprocess is started there.
+# tests/unit only: no Spark session, server or interpreter subprocess (tests/unit/conftest.py refuses them).
 test-fast: lint
 	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
 
