@@ -67,7 +67,7 @@ def build_bundle(out: Path, epochs: int) -> Path:
     from feature_store.segments import segment_users
     from pipelines.split import u75_split
     from serving.segments import write_segment_profiles
-    from training.benchmark import load_ratings, side_data
+    from training.benchmark import item_vectors, load_ratings, side_data
     from training.bundle import write_bundle
     from training.candidates import component_fitters
     from training.hybrid import HybridChoice, fit_hybrid
@@ -80,7 +80,8 @@ def build_bundle(out: Path, epochs: int) -> Path:
     source = settings.data_dir / "ml-100k"
     items = read_items(source).sort_values("item_id", key=lambda s: s.astype(int)).reset_index(drop=True)
     item_ids = items["item_id"].to_numpy(dtype=object)
-    side = side_data("ml-100k", settings, item_ids, ratings, spark=False)
+    vectors = item_vectors("ml-100k", settings, ratings["item_id"].dtype)
+    side = side_data("ml-100k", settings, item_ids, ratings, vectors, spark=False)
     print(f"side data: {sorted(side)} ({time.perf_counter() - t0:.1f}s)", flush=True)
     weights = {"ease": 1.0, "neural": 0.5, "content": 0.1, "popularity": 0.05}
     choice = HybridChoice(500.0, 500.0, 0.0, 0.0, weights, {}, 0)
