@@ -570,7 +570,7 @@ def register(settings: Settings, run: RunContext, python_model: RecommenderPyfun
     the version its earlier attempt registered (:func:`training.registry.log_and_register`).
     """
     if python_model is None:
-        raise ValueError("register: no pyfunc model given; the register task runs serving.publish:register")
+        raise ValueError("register: no pyfunc model given; the register task runs serving.publish.register")
     evaluation = run.read_json("evaluation.json")
     best, k = evaluation["best"], evaluation["k"]
     metrics = {f"{name}.{metric}": value for name, res in evaluation["models"].items() for metric, value in res.items()}
