@@ -196,6 +196,8 @@ class NeuralScorer(Scorer):
 
     def query(self, state: NeuralState) -> np.ndarray:
         """The global model's user vectors (segment models only re-rank the candidates)."""
+        if len(state.groups) == 1 and state.groups[0][0] is None:
+            return state.groups[0][2].numpy()
         out = np.empty((len(state.user_ids), self.model.cfg.embedding_dim), dtype=np.float32)
         for segment, rows, users in state.groups:
             if segment is not None:

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from training.models import rows_dot, top_k
+from training.models import as_csr, rows_dot, top_k
 
 Weighting = Literal["idf", "none"]
 
@@ -33,6 +33,8 @@ class ContentModel:
 
     def profiles(self, x: sp.csr_matrix | np.ndarray) -> np.ndarray:
         """Unit-norm user profiles (rows of ``x``×dim); all-zero for empty histories."""
+        if sp.issparse(x) and x.shape[0] == 1 and x.shape[1] == self.item_embeddings.shape[0]:
+            return self._row_profile(as_csr(x))[None, :]
         x = sp.csr_matrix(x, dtype=np.float64)
         if x.shape[1] != self.item_embeddings.shape[0]:
             raise ValueError(f"history has {x.shape[1]} item columns, the model {self.item_embeddings.shape[0]} items")
@@ -42,6 +44,17 @@ class ContentModel:
         mean = np.asarray(weighted @ self.item_embeddings)
         mean = np.divide(mean, total[:, None], out=np.zeros_like(mean), where=total[:, None] > 0)
         return _l2_rows(mean)
+
+    def _row_profile(self, x: sp.csr_matrix) -> np.ndarray:
+        """:meth:`profiles` of one row computed on its items only (the per-request path)."""
+        idx = x.indices
+        w = np.clip(x.data.astype(np.float64) * np.asarray(self.item_weights, dtype=np.float64)[idx], 0.0, None)
+        total = w.sum()
+        if total <= 0:
+            return np.zeros(self.item_embeddings.shape[1])
+        mean = (w @ np.asarray(self.item_embeddings[idx], dtype=np.float64)) / total
+        norm = np.linalg.norm(mean)
+        return mean / norm if norm > 0 else mean
 
     def item_vectors(self) -> np.ndarray:
         """The normalised item embeddings as float32 (computed once, read-only)."""

@@ -25,6 +25,7 @@ from training.models import (
     ItemItemModel,
     RetrievalSpace,
     Scorer,
+    as_csr,
     fit_ease,
     popularity,
     temporal_gram,
@@ -138,7 +139,7 @@ class WeightedHybrid(Scorer):
         return {name: s for name, s in self.components.items() if self.weights.get(name, 0.0)}
 
     def prepare(self, x: sp.csr_matrix | np.ndarray, user_ids: Sequence | None = None) -> HybridState:
-        x = sp.csr_matrix(x)
+        x = as_csr(x)
         ids = [None] * x.shape[0] if user_ids is None else list(user_ids)
         anchor_in = self.weighting.apply(x) if self.weighting is not None else x
         parts = {name: scorer.prepare(x, ids) for name, scorer in self.blended().items()}

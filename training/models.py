@@ -26,6 +26,14 @@ class RetrievalSpace:
     bias: np.ndarray | None = None
 
 
+def as_csr(x: sp.csr_matrix | np.ndarray, dtype: type | None = None) -> sp.csr_matrix:
+    """``x`` as a CSR matrix (of ``dtype`` when given), without a new object when it is one
+    already (building one costs as much as scoring a candidate set)."""
+    if isinstance(x, sp.csr_matrix) and (dtype is None or x.dtype == dtype):
+        return x
+    return sp.csr_matrix(x, dtype=dtype)
+
+
 class Scorer:
     """The scoring interface of every recommender (a blend component, the blend itself, an
     item-item model).
@@ -136,7 +144,7 @@ class ItemItemModel(Scorer):
 
     def prepare(self, x: sp.csr_matrix | np.ndarray, user_ids: Sequence | None = None) -> sp.csr_matrix:
         """The history rows themselves (float32 CSR); ``user_ids`` is unused."""
-        return sp.csr_matrix(x, dtype=np.float32)
+        return as_csr(x, np.float32)
 
     def score_items(self, state: sp.csr_matrix, items: np.ndarray | None = None) -> np.ndarray:
         x = state

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from core.settings import NeuralSettings as NeuralConfig
-from training.models import InteractionMatrix, rows_dot
+from training.models import InteractionMatrix, as_csr, rows_dot
 
 __all__ = [
     "ItemShard",
@@ -572,7 +572,7 @@ class NeuralRecommender:
     def user_tensor(self, x: sp.csr_matrix, user_ids: Sequence | None = None) -> torch.Tensor:
         """User-tower outputs (a CPU tensor) for history rows ``x`` (users×items); unknown or
         missing ``user_ids`` use the zero ID embedding and zero user features."""
-        x = sp.csr_matrix(x, dtype=np.float32)
+        x = as_csr(x, np.float32)
         if x.shape[1] != len(self.item_ids):
             raise ValueError(f"score: history has {x.shape[1]} item columns; the model knows {len(self.item_ids)}")
         if x.nnz and x.data.min() < 0:
