@@ -9,6 +9,7 @@ the annotations handlers use.
 from __future__ import annotations
 
 import hmac
+from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request
@@ -44,11 +45,37 @@ async def event_store(request: Request) -> RedisEvents:
     return request.app.state.events
 
 
+@dataclass(frozen=True)
+class ServingContext:
+    """Every singleton a hot-path handler uses, resolved as one dependency (each ``Depends``
+    costs a resolution per request)."""
+
+    state: ServingState
+    settings: ServingSettings
+    metrics: ServingMetrics
+    cache: RecommendationCache
+    events: RedisEvents
+
+
+async def serving_context(request: Request) -> ServingContext:
+    """The app's :class:`ServingContext`, built on first use (cache and events exist once
+    the lifespan has started)."""
+    app_state = request.app.state
+    context = getattr(app_state, "context", None)
+    if context is None:
+        context = ServingContext(
+            app_state.serving, app_state.settings.serving, app_state.metrics, app_state.cache, app_state.events
+        )
+        app_state.context = context
+    return context
+
+
 StateDep = Annotated[ServingState, Depends(serving_state)]
 SettingsDep = Annotated[ServingSettings, Depends(serving_settings)]
 MetricsDep = Annotated[ServingMetrics, Depends(serving_metrics)]
 CacheDep = Annotated[RecommendationCache, Depends(recommendation_cache)]
 EventsDep = Annotated[RedisEvents, Depends(event_store)]
+ContextDep = Annotated[ServingContext, Depends(serving_context)]
 
 
 async def require_admin(

@@ -22,7 +22,7 @@ from redis.exceptions import RedisError
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from serving.api.deps import CacheDep, EventsDep, MetricsDep, SettingsDep, StateDep
+from serving.api.deps import ContextDep
 from serving.api.metrics import ServingMetrics
 from serving.api.state import ServingState
 from serving.cache import Lookup, fingerprint
@@ -68,15 +68,18 @@ def recommendation_request(user_id: str, q: RecommendationQuery, default_k: int)
 async def recommendations(
     http: Request,
     query: Annotated[RecommendationQuery, Query()],
-    state: StateDep,
-    settings: SettingsDep,
-    cache: CacheDep,
-    events: EventsDep,
-    metrics: MetricsDep,
+    context: ContextDep,
     user_id: str = PathParam(pattern=USER_ID_PATTERN, description=USER_ID_DESCRIPTION),
 ) -> Response:
     """Top-``k`` items for ``user_id`` from the training history and live events; cold
     users get segment (or global) popularity, blended with their session's content."""
+    state, settings, cache, events, metrics = (
+        context.state,
+        context.settings,
+        context.cache,
+        context.events,
+        context.metrics,
+    )
     served = await state.require()
     request = recommendation_request(user_id, query, settings.default_k)
     fp = fingerprint(served.version, request.cache_params())
