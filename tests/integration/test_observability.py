@@ -207,6 +207,9 @@ def scrape_serving(work: Path, created_at: str) -> dict:
     before it is published (503), then a miss, a cache hit and an event; return the statuses
     and the text of ``GET /metrics``."""
     from fastapi.testclient import TestClient
+
+    if str(ROOT / "tests") not in sys.path:  # run as a script (multiprocess mode): not through pytest
+        sys.path.insert(0, str(ROOT / "tests"))
     from fixtures_serving import tiny_bundle
 
     from core.settings import load_settings
