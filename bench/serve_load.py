@@ -432,8 +432,9 @@ def main() -> None:
     )
     args = parser.parse_args()
 
+    from core.object_store import ObjectStore
     from core.settings import ServingSettings, load_settings
-    from serving.store import ObjectStore, publish
+    from serving.store import publish
     from training.bundle import load_bundle
 
     out = (args.out or load_settings().home / "bench" / "serve-load").resolve()

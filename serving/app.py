@@ -29,6 +29,7 @@ from pathlib import Path
 import redis.asyncio as aioredis
 from fastapi import FastAPI
 
+from core.object_store import ObjectStore
 from core.settings import Settings, load_settings
 from feature_store.online import die_with_parent, open_redis
 from serving.api import admin, events, health, recommendations
@@ -37,7 +38,6 @@ from serving.api.recommendations import CacheHitFastPath
 from serving.api.state import ServingState
 from serving.cache import RecommendationCache
 from serving.events import RedisEvents
-from serving.store import ObjectStore
 
 log = logging.getLogger(__name__)
 

@@ -15,10 +15,11 @@ from pathlib import Path
 
 from fastapi import HTTPException
 
+from core.object_store import ObjectStore
 from core.settings import Settings
 from serving.api.metrics import ServingMetrics
 from serving.recommender import ServedModel
-from serving.store import ObjectStore, current_version, fetch
+from serving.store import current_version, fetch
 from training.bundle import load_bundle
 
 log = logging.getLogger(__name__)

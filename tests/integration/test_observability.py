@@ -212,9 +212,10 @@ def scrape_serving(work: Path, created_at: str) -> dict:
         sys.path.insert(0, str(ROOT / "tests"))
     from fixtures_serving import tiny_bundle
 
+    from core.object_store import ObjectStore
     from core.settings import load_settings
     from serving.app import create_app
-    from serving.store import ObjectStore, publish
+    from serving.store import publish
 
     settings = load_settings(
         home=str(work / "home"),

@@ -10,10 +10,11 @@ from fastapi.testclient import TestClient
 from fixtures_serving import tiny_bundle
 
 from core.net import free_port
+from core.object_store import ObjectStore
 from core.settings import Settings, load_settings
 from serving.api.state import NO_BUNDLE
 from serving.app import create_app
-from serving.store import ObjectStore, publish
+from serving.store import publish
 from training.bundle import load_bundle
 
 

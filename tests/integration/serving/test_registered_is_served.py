@@ -19,10 +19,11 @@ import pytest
 from fastapi.testclient import TestClient
 from fixtures_serving import hybrid_bundle
 
+from core.object_store import ObjectStore
 from core.settings import Settings, load_settings
 from serving.app import create_app
 from serving.publish import ServedPyfunc, write_ann_indexes
-from serving.store import ObjectStore, publish
+from serving.store import publish
 from training.bundle import load_bundle
 from training.registry import bundle_dir_of, log_and_register
 

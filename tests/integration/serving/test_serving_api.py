@@ -15,9 +15,10 @@ import pytest
 from fastapi.testclient import TestClient
 from fixtures_serving import LiveServer, hybrid_bundle
 
+from core.object_store import ObjectStore
 from core.settings import Settings, load_settings
 from serving.app import create_app
-from serving.store import ObjectStore, current_version, fetch, publish
+from serving.store import current_version, fetch, publish
 from training.bundle import load_bundle
 from training.hybrid import WeightedHybrid
 

@@ -11,10 +11,11 @@ import pandas as pd
 import pytest
 from fixtures_serving import PAIRS, tiny_bundle
 
+from core.object_store import ObjectStore
 from core.settings import ServingSettings
 from serving.recommender import RecommendationRequest, ServedModel
 from serving.schemas import Recommendations
-from serving.store import ObjectStore, current_version, fetch, publish
+from serving.store import current_version, fetch, publish
 from training.bundle import BUNDLE_FILES, Bundle, load_bundle, write_bundle
 from training.models import InteractionMatrix, fit_popularity, popularity
 
