@@ -66,11 +66,16 @@ class TableSchema:
         return T.StructType([T.StructField(c.name, spark_types[c.dtype], c.nullable) for c in self.columns])
 
     def conform(self, table: pa.Table) -> pa.Table:
-        """Select and cast ``table`` to this schema; raise naming the missing columns."""
-        missing = [n for n in self.names if n not in table.column_names]
+        """Select and cast ``table`` to this schema: a missing nullable column becomes all
+        null; a missing required column raises, naming it."""
+        missing = [n for n in self.required if n not in table.column_names]
         if missing:
             raise ValueError(f"{self.name}: missing columns {missing}")
-        return table.select(self.names).cast(self.arrow())
+        schema = self.arrow()
+        for name in self.names:
+            if name not in table.column_names:
+                table = table.append_column(schema.field(name), pa.nulls(table.num_rows, schema.field(name).type))
+        return table.select(self.names).cast(schema)
 
 
 INTERACTIONS = TableSchema(
@@ -85,6 +90,7 @@ INTERACTIONS = TableSchema(
         Column("device", "string", True, f"one of {', '.join(DEVICES)}"),
         Column("session_id", "string", True, "client session"),
         Column("timestamp", "timestamp", False, "event time, UTC"),
+        Column("event_id", "string", True, "idempotency key of an event sent to the serving tier"),
     ),
     key=("user_id", "item_id", "event_type", "timestamp", "session_id"),
 )

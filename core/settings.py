@@ -231,8 +231,42 @@ class PromotionSettings(_Section):
 
 
 class DriftSettings(_Section):
+    """Drift checks (monitoring/drift.py): KS on numeric columns, ``categorical_method`` on
+    categorical ones; the batch drifts when the share of drifted columns reaches ``drift_share``."""
+
     ks_threshold: float = Field(0.05, gt=0, lt=1)
     drift_share: float = Field(0.3, gt=0, le=1)
+    # Hours after a drift-triggered retrain during which further drift records
+    # "skipped: cool-down" instead of retraining (a run forced by hand retrains anyway).
+    cooldown_hours: float = Field(6.0, ge=0)
+    # "chisquare": Pearson's two-sample chi-square test (a p-value); "psi": Population Stability Index.
+    categorical_method: Literal["chisquare", "psi"] = "chisquare"
+    # chisquare: the p-value below which a column drifts, in (0, 1). psi: the PSI at or above
+    # which it drifts (0.1 moderate, 0.2 major shift). Left unset, psi uses 0.1.
+    categorical_threshold: float = Field(0.05, gt=0)
+
+    @model_validator(mode="after")
+    def _threshold_fits_method(self) -> DriftSettings:
+        if self.categorical_method == "psi" and "categorical_threshold" not in self.model_fields_set:
+            self.categorical_threshold = 0.1
+        if self.categorical_method == "chisquare" and not self.categorical_threshold < 1:
+            raise ValueError(f"drift.categorical_threshold: a p-value needs < 1, got {self.categorical_threshold}")
+        return self
+
+
+class LandingSettings(_Section):
+    """The landing zone (pipelines/landing.py): new interaction batches, each immutable and
+    named by its landing time, and the event-stream consumer that writes some of them."""
+
+    # Local directory or s3://bucket/prefix (with object_store.s3_endpoint_url); None: <home>/landing.
+    uri: str | None = None
+    # recsys_training trains on its base dataset plus the batches landed within this many days.
+    window_days: float = Field(90.0, gt=0)
+    # Redis consumer group of `hyperrec consume` on the serving tier's event stream.
+    consumer_group: str = "landing"
+    # The consumer writes a batch when it holds this many events or its oldest is this old.
+    batch_max_events: int = Field(5000, ge=1)
+    batch_max_wait_s: float = Field(10.0, gt=0)
 
 
 class ServingSettings(_Section):
@@ -257,6 +291,9 @@ class ServingSettings(_Section):
     quantized: bool = False
     # Seconds between background checks of CURRENT (hot reload); 0 disables the poller.
     reload_interval_s: float = Field(5.0, ge=0)
+    # Seconds between the publisher's checks of the registry's champion alias against CURRENT
+    # (`hyperrec publisher`, serving/champion_watch.py).
+    champion_poll_s: float = Field(10.0, gt=0)
     # Live events kept per user (Redis list) and in the event stream (approximate MAXLEN).
     live_history: int = Field(200, ge=1)
     live_history_ttl_s: int = Field(7 * 86400, ge=1)
@@ -303,6 +340,7 @@ class Settings(BaseSettings):
     tuning: TuningSettings = TuningSettings()
     promotion: PromotionSettings = PromotionSettings()
     drift: DriftSettings = DriftSettings()
+    landing: LandingSettings = LandingSettings()
     serving: ServingSettings = ServingSettings()
     services: ServicesSettings = ServicesSettings()
     synthetic: SyntheticSettings = SyntheticSettings()
@@ -352,6 +390,10 @@ class Settings(BaseSettings):
     @property
     def object_store_uri(self) -> str:
         return self.object_store.uri or str(self.home / "bundles")
+
+    @property
+    def landing_uri(self) -> str:
+        return self.landing.uri or str(self.home / "landing")
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Ingest: assemble the run's raw dataset from the configured sources."""
+"""Ingest: assemble the run's raw dataset from its base dataset and the landed batches."""
 
 from __future__ import annotations
 
@@ -14,12 +14,15 @@ from core.datasets.movielens import ML100K_NAME as ML100K
 from core.datasets.movielens import to_raw_dataset
 from core.datasets.synthetic import generate
 from core.run_context import RunContext
+from core.schemas import ITEMS, USERS
 from core.settings import Settings
+from pipelines.landing import LandingZone
 
 
 def _merge(sources: dict[str, RawDataset], target: RawDataset) -> None:
     """Merge raw datasets into ``target``: interaction parts are copied under a
-    per-source name, users and items are concatenated."""
+    per-source name; users and items are concatenated, and a key that several sources
+    carry keeps its row from the source merged last (a landed batch updates the base)."""
     if target.root.exists():
         shutil.rmtree(target.root)
     target.interactions.mkdir(parents=True)
@@ -28,20 +31,36 @@ def _merge(sources: dict[str, RawDataset], target: RawDataset) -> None:
             shutil.copy2(part, target.interactions / f"{name}-{part.name}")
         if source.ground_truth.exists():
             shutil.copytree(source.ground_truth, target.ground_truth / name)
-    for attr in ("users", "items"):
+    for attr, schema in (("users", USERS), ("items", ITEMS)):
         tables = [pq.read_table(getattr(s, attr)) for s in sources.values()]
-        pq.write_table(pa.concat_tables(tables, promote_options="default"), getattr(target, attr))
+        merged = pa.concat_tables(tables, promote_options="default")
+        pq.write_table(_keep_last(merged, schema.key[0]), getattr(target, attr))
+
+
+def _keep_last(table: pa.Table, key: str) -> pa.Table:
+    """``table`` with only the last row of each non-null ``key`` (rows without a key are
+    kept for preprocessing to quarantine)."""
+    frame = table.to_pandas()
+    keep = frame[key].isna() | ~frame.duplicated(subset=[key], keep="last")
+    return pa.Table.from_pandas(frame[keep], schema=table.schema, preserve_index=False)
 
 
 def ingest(
-    settings: Settings, run: RunContext, dataset: str = ML100K, synthetic_events: int = 0, seed: int = 0
+    settings: Settings,
+    run: RunContext,
+    dataset: str = ML100K,
+    synthetic_events: int = 0,
+    seed: int = 0,
+    landed: bool = True,
 ) -> dict:
-    """Write the run's raw dataset to ``run.raw_dir``.
+    """Write the run's raw dataset to ``run.raw_dir`` and what went into it to ``ingest.json``.
 
     ``dataset`` is ``"ml-100k"`` (the bundled, md5-checked copy), a raw dataset
     directory, or ``""`` for none; ``synthetic_events > 0`` adds a seeded synthetic
     sample with a little injected dirt (0.5 % malformed rows, 0.5 % duplicates) so
-    the cleaning stages have work to show.
+    the cleaning stages have work to show. With ``landed``, every batch of the landing
+    zone landed within ``landing.window_days`` is added (oldest first), so a run learns
+    from what users did since the last one.
     """
     with tempfile.TemporaryDirectory(dir=run.root) as tmp:
         sources: dict[str, RawDataset] = {}
@@ -58,8 +77,20 @@ def ingest(
                 duplicate_fraction=0.005,
                 progress=False,
             )
+        zone = LandingZone.of(settings)
+        batches = zone.batches(window_days=settings.landing.window_days) if landed else []
+        for batch in batches:
+            sources[f"landed-{batch.name}"] = zone.raw_dataset(batch, Path(tmp) / "landed")
         if not sources:
-            raise ValueError("nothing to ingest: give a dataset or synthetic_events > 0")
+            raise ValueError("nothing to ingest: give a dataset, synthetic_events > 0 or land a batch")
         _merge(sources, RawDataset(run.raw_dir))
     rows = sum(pq.ParquetFile(p).metadata.num_rows for p in RawDataset(run.raw_dir).interactions.glob("*.parquet"))
-    return {"sources": sorted(sources), "rows": rows}
+    result = {
+        "sources": sorted(s for s in sources if not s.startswith("landed-")),
+        "rows": rows,
+        "landed_batches": [b.name for b in batches],
+        "landed_rows": sum(b.rows for b in batches),
+        "landing": zone.uri if landed else None,
+    }
+    run.write_json("ingest.json", result)
+    return result

@@ -193,6 +193,7 @@ def parse_interactions(raw: DataFrame) -> DataFrame:
         normalize_device().alias("device"),
         _blank_to_null(F.col("session_id")).alias("session_id"),
         parsed["timestamp"].alias("timestamp"),
+        _blank_to_null(F.col("event_id")).alias("event_id"),
         unparseable.alias("_unparseable"),
         F.col("_raw"),
         F.col("_corrupt"),
@@ -243,8 +244,9 @@ def quarantine_reason(now: datetime, settings: PreprocessSettings) -> Column:
 
 
 def content_hash(algorithm: str) -> Column:
-    """Hash over (user, item, event_type, timestamp, session): md5 or sha256 hex."""
-    key = F.concat_ws(
+    """md5 or sha256 hex of the event's ``event_id`` when it has one (a client's retry is
+    the same event), else of (user, item, event_type, timestamp, session)."""
+    content = F.concat_ws(
         "\u001f",
         "user_id",
         "item_id",
@@ -252,6 +254,7 @@ def content_hash(algorithm: str) -> Column:
         F.date_format("timestamp", "yyyy-MM-dd'T'HH:mm:ss.SSSSSS"),
         F.coalesce("session_id", F.lit("")),
     )
+    key = F.when(F.col("event_id").isNotNull(), F.concat(F.lit("event_id\u001f"), F.col("event_id"))).otherwise(content)
     return F.md5(key) if algorithm == "md5" else F.sha2(key, 256)
 
 

@@ -564,7 +564,7 @@ def register(settings: Settings, run: RunContext, python_model: RecommenderPyfun
     The run carries the metrics, parameters and, for review in the MLflow UI, artifacts:
     ``evaluation/`` (metrics.md, models.csv, segments.csv), ``segments/`` (pictures),
     ``gx_data_docs/``, ``training/`` (loss.json, loss.png), ``drift/`` (when a drift
-    report started the run) and ``pipeline/`` (params, evaluation, train, timings JSON).
+    report started the run) and ``pipeline/`` (params, ingest, evaluation, train, timings JSON).
     The version gets a markdown description (:func:`review_markdown`) and the tags model,
     run directory, Airflow run id, reason and drift report. A retry of this task returns
     the version its earlier attempt registered (:func:`training.registry.log_and_register`).
@@ -622,6 +622,8 @@ def register(settings: Settings, run: RunContext, python_model: RecommenderPyfun
     }
     if drift_report:
         tags["hyperrec.drift_report"] = drift_report
+    if run.path("ingest.json").exists():
+        tags["hyperrec.landed_batches"] = str(len(run.read_json("ingest.json")["landed_batches"]))
     description = review_markdown(
         evaluation,
         run=run,
@@ -645,7 +647,11 @@ def register(settings: Settings, run: RunContext, python_model: RecommenderPyfun
             "evaluation": tables,
             "training": run.path("training"),
             "drift": drift,
-            "pipeline": [run.path(n) for n in ("params.json", "evaluation.json", "train.json", "timings.json")],
+            "pipeline": [
+                run.path(n)
+                for n in ("params.json", "ingest.json", "evaluation.json", "train.json", "timings.json")
+                if run.path(n).exists()
+            ],
         },
         tags=tags,
         description=description,

@@ -626,6 +626,7 @@ def to_table(cols: dict[str, np.ndarray], pop: Population) -> pa.Table:
             "device": pa.array(DEVICES).take(pa.array(cols["device"], pa.int64())),
             "session_id": session,
             "timestamp": pa.array(cols["ts"], pa.int64()).cast(pa.timestamp("us", tz="UTC")),
+            "event_id": pa.nulls(len(cols["user"]), pa.string()),  # only events sent to the serving tier have one
         }
     )
 

@@ -33,7 +33,7 @@ def _event(
     user="u1", item="i1", event="view", rating=None, dwell=12.5, scroll=0.4, device="mobile", session="s1", minute=0
 ):
     ts = T0.replace(minute=minute)
-    return (user, item, event, rating, dwell, scroll, device, session, ts)
+    return (user, item, event, rating, dwell, scroll, device, session, ts, None)
 
 
 def _clean_rows():
