@@ -11,20 +11,22 @@ from mlflow import MlflowClient
 from core.settings import Settings
 
 
-def configure(settings: Settings) -> MlflowClient:
-    """Point MLflow at the configured backend and make sure the experiment exists."""
+def configure(settings: Settings, experiment: str | None = None) -> MlflowClient:
+    """Point MLflow at the configured backend and make ``experiment`` (default:
+    ``mlflow.experiment``) the active one, creating it under the artifact root if needed."""
+    name = experiment or settings.mlflow.experiment
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     if settings.mlflow.tracking_uri is None and settings.mlflow.backend_store_uri is None:
         (settings.home / "mlflow").mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
     client = MlflowClient()
-    if client.get_experiment_by_name(settings.mlflow.experiment) is None:
+    if client.get_experiment_by_name(name) is None:
         location = settings.mlflow_artifact_root
         if "://" not in location:
             Path(location).mkdir(parents=True, exist_ok=True)
             location = Path(location).as_uri()
-        client.create_experiment(settings.mlflow.experiment, artifact_location=location)
-    mlflow.set_experiment(settings.mlflow.experiment)
+        client.create_experiment(name, artifact_location=location)
+    mlflow.set_experiment(name)
     return client
 
 

@@ -1,23 +1,27 @@
-"""Hourly drift monitor: an Evidently KS report of recent events (param ``current``)
-against the champion's training data; drift past the threshold triggers
-recsys_training with reason "drift". No ``current`` batch: the check skips."""
+"""Drift monitor: hourly and whenever a batch lands (asset ``hyperrec_landing``). It checks
+the batches landed since the last check against the champion's training data (Evidently:
+KS for numeric features, a categorical test for the others, and the champion's own output),
+records its decision (retrain / skipped: cool-down / no drift / no new batch) and, to retrain,
+updates the asset ``hyperrec_retrain_request``, which wakes recsys_training with the batches
+and the report."""
 
 from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
 from airflow.sdk import Param, dag, task
 
 from core.settings import load_settings
-from hyperrec.tasks import check_drift
+from hyperrec.assets import LANDING_NAME, RETRAIN_NAME, asset, schedule
+from hyperrec.tasks import check_drift, request_retraining
 
 DEFAULT_ARGS = {"retries": 2, "retry_delay": timedelta(seconds=30)}
+RETRAIN_REQUEST = asset(RETRAIN_NAME)
 
 
 @dag(
     dag_id="recsys_drift_monitor",
-    schedule=load_settings().airflow.drift_schedule,
+    schedule=schedule(load_settings().airflow.drift_schedule, LANDING_NAME),
     start_date=datetime(2026, 1, 1),
     catchup=False,
     max_active_runs=1,
@@ -26,8 +30,10 @@ DEFAULT_ARGS = {"retries": 2, "retry_delay": timedelta(seconds=30)}
         "current": Param(
             None,
             type=["null", "string"],
-            description="raw dataset directory holding the recent events; empty: none (the run skips)",
-        )
+            description="check this batch (a landed batch name or a raw dataset directory) instead of "
+            "the batches landed since the last check",
+        ),
+        "force": Param(False, type="boolean", description="retrain on drift even within the cool-down"),
     },
     tags=["hyperrec", "monitoring"],
     doc_md=__doc__,
@@ -39,17 +45,11 @@ def recsys_drift_monitor():
 
         return check_drift(stage.check_drift)
 
-    @task.short_circuit
-    def drift_detected(report: dict) -> bool:
-        return bool(report["retrain"])
+    @task(outlets=[RETRAIN_REQUEST])
+    def retrain_request(report: dict) -> None:
+        request_retraining(report, RETRAIN_REQUEST)
 
-    trigger_retraining = TriggerDagRunOperator(
-        task_id="trigger_retraining",
-        trigger_dag_id="recsys_training",
-        conf={"reason": "drift", "drift_report": "{{ ti.xcom_pull(task_ids='drift_report')['json_path'] }}"},
-        wait_for_completion=False,
-    )
-    drift_detected(drift_report()) >> trigger_retraining
+    retrain_request(drift_report())
 
 
 recsys_drift_monitor()

@@ -1,6 +1,8 @@
-"""Nightly training: ingest → preprocess → validate → build_features → segment → train →
-evaluate → register → promote → publish, one task per stage passing the run directory on.
-A failed data-quality gate fails its task at once; other failures are retried."""
+"""Training: ingest → preprocess → validate → build_features → segment → train → evaluate →
+register → promote → publish, one task per stage passing the run directory on. It runs
+nightly and whenever the drift monitor requests a retrain (asset ``hyperrec_retrain_request``),
+on its dataset plus the batches landed within ``landing.window_days``. A failed data-quality
+gate fails its task at once; other failures are retried."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ from datetime import datetime, timedelta
 from airflow.sdk import Param, dag, task
 
 from core.settings import load_settings
+from hyperrec.assets import RETRAIN_NAME, schedule
 from hyperrec.tasks import run_stage, start_run
 
 SETTINGS = load_settings()
@@ -18,7 +21,7 @@ DEFAULT_ARGS = {"retries": 2, "retry_delay": timedelta(seconds=30)}
 
 @dag(
     dag_id="recsys_training",
-    schedule=SETTINGS.airflow.training_schedule,
+    schedule=schedule(SETTINGS.airflow.training_schedule, RETRAIN_NAME),
     start_date=datetime(2026, 1, 1),
     catchup=False,
     max_active_runs=1,
@@ -34,10 +37,14 @@ DEFAULT_ARGS = {"retries": 2, "retry_delay": timedelta(seconds=30)}
             0, type="integer", minimum=0, description="add a seeded synthetic sample of this many events (0: none)"
         ),
         "seed": Param(0, type="integer", description="seed of the synthetic sample"),
+        "landed": Param(
+            True, type="boolean", description="add the batches landed within landing.window_days to the dataset"
+        ),
         "reason": Param(
             None,
             type=["null", "string"],
-            description="why this run started; empty: taken from the run type (scheduled, manual, asset)",
+            description="why this run started; empty: the triggering retrain request's reason (drift), "
+            "else the run type (scheduled, manual)",
         ),
         "drift_report": Param(
             None, type=["null", "string"], description="the drift report that triggered this run, if any"

@@ -83,6 +83,24 @@ class AirflowClient:
     def task_instances(self, dag_id: str, run_id: str) -> list[dict]:
         return self.request("GET", f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances")["task_instances"]
 
+    def asset_event(self, name: str, extra: dict[str, Any]) -> dict:
+        """Record an event of the asset called ``name`` (as a producer outside Airflow does),
+        waking the DAGs scheduled on it."""
+        found = self.request("GET", "/assets", params={"name_pattern": name, "limit": 100})["assets"]
+        matches = [a for a in found if a["name"] == name]
+        if not matches:
+            raise AirflowApiError(f"no asset named {name!r}: are the DAGs parsed yet?")
+        return self.request("POST", "/assets/events", json={"asset_id": matches[0]["id"], "extra": extra})
+
+    def asset_events(self, name: str, *, limit: int = 100) -> list[dict]:
+        """Events of the asset called ``name``, newest first."""
+        found = self.request("GET", "/assets", params={"name_pattern": name, "limit": 100})["assets"]
+        ids = [a["id"] for a in found if a["name"] == name]
+        if not ids:
+            return []
+        params = {"asset_id": ids[0], "order_by": "-timestamp", "limit": limit}
+        return self.request("GET", "/assets/events", params=params)["asset_events"]
+
     def dag_run_counts(self, dag_ids: tuple[str, ...], *, hours: float = 24) -> dict[tuple[str, str], int]:
         """(dag_id, state) → number of runs that started in the last ``hours``."""
         since = (datetime.now(UTC) - timedelta(hours=hours)).isoformat()

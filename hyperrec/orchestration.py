@@ -113,3 +113,21 @@ def task_states(dag_id: str, run_id: str) -> dict[str, str]:
     with create_session() as session:
         tis = session.query(TaskInstance).filter(TaskInstance.dag_id == dag_id, TaskInstance.run_id == run_id).all()
         return {ti.task_id: str(ti.state) for ti in tis}
+
+
+def asset_events(name: str) -> list[dict]:
+    """Events of the asset called ``name`` recorded in the metadata DB, oldest first."""
+    from airflow.models.asset import AssetEvent, AssetModel
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        rows = (
+            session.query(AssetEvent)
+            .join(AssetModel, AssetEvent.asset_id == AssetModel.id)
+            .filter(AssetModel.name == name)
+            .order_by(AssetEvent.id)
+            .all()
+        )
+        return [
+            {"extra": dict(r.extra or {}), "source_run_id": r.source_run_id, "timestamp": r.timestamp} for r in rows
+        ]

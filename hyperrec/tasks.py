@@ -49,17 +49,36 @@ def _timed(run: RunContext, fn: Stage, **kwargs: Any) -> dict:
     return result
 
 
+def triggering_requests(context: Any) -> list[dict]:
+    """The ``extra`` of every asset event that triggered the current run (none for a
+    cron or manual run)."""
+    events = context.get("triggering_asset_events") or {}
+    return [dict(event.extra or {}) for batch in events.values() for event in batch]
+
+
 def start_run(ingest: Stage) -> str:
     """Create the run directory of the current Airflow run and ``ingest`` its data into it;
     return the directory.
 
-    Writes ``airflow_run.json`` (run id and type) and ``params.json``, where an empty
-    ``reason`` param is filled from the run type (scheduled, manual, asset_triggered, ...).
+    Writes ``airflow_run.json`` (run id and type) and ``params.json``. An empty ``reason``
+    param is taken from the asset events that triggered the run (a drift check's retrain
+    request says ``drift`` and names its report and batches), else from the run type
+    (scheduled, manual, asset_triggered, ...).
     """
     context = _context()
     airflow_run_id, run_type = context["run_id"], str(context["dag_run"].run_type)
     params = dict(context["params"])
     run = RunContext.create(load_settings(), airflow_run_id)
+    requests = triggering_requests(context)
+    if requests and not params.get("reason"):
+        newest = requests[-1]
+        params = {
+            **params,
+            "reason": newest.get("reason") or "asset_triggered",
+            "drift_report": params.get("drift_report") or newest.get("drift_report"),
+            "drift_batches": sorted({b for r in requests for b in r.get("batches", [])}),
+            "drift_decisions": [r.get("monitor_run_id") for r in requests],
+        }
     params = {**params, "reason": params.get("reason") or run_type.rsplit(".", 1)[-1].lower()}
     run.write_json("airflow_run.json", {"run_id": airflow_run_id, "run_type": run_type})
     run.write_json("params.json", params)
@@ -69,6 +88,7 @@ def start_run(ingest: Stage) -> str:
         dataset=params.get("dataset", "ml-100k"),
         synthetic_events=int(params.get("synthetic_events", 0)),
         seed=int(params.get("seed", 0)),
+        landed=bool(params.get("landed", True)),
     )
     return str(run.root)
 
@@ -80,15 +100,38 @@ def run_stage(fn: Stage, run_dir: str) -> str:
 
 
 def check_drift(check: Stage) -> dict:
-    """Run the drift ``check`` on the current run's ``current`` param, in a run directory
-    of its own; return its report.
-
-    With no current batch (a scheduled run's empty ``current``) nothing is compared: the
-    report says ``"skipped"`` with ``retrain`` false, so the run succeeds and retrains nothing.
-    """
+    """Run the drift ``check`` (params ``current`` and ``force``) in a run directory of its
+    own; return its summary. Its decision and the report's location go to the task log."""
     context = _context()
     run = RunContext.create(load_settings(), context["run_id"])
-    report = _timed(run, check, current=context["params"]["current"])
-    if report.get("skipped"):
-        log.info("drift check skipped: %s", report["skipped"])
+    params = context["params"]
+    report = _timed(
+        run,
+        check,
+        current=params.get("current") or "",
+        force=bool(params.get("force", False)),
+        airflow_run_id=context["run_id"],
+    )
+    log.info("drift decision: %s (%s); batches: %s", report["decision"], report["reason"], report.get("batches"))
+    if report.get("html_path"):
+        log.info("Evidently drift report: %s (MLflow run %s)", report["html_path"], report.get("mlflow_run_id"))
     return report
+
+
+def request_retraining(report: dict, retrain_asset: Any) -> None:
+    """Update ``retrain_asset`` (waking ``recsys_training``) with the batches and the report
+    when ``report`` decided to retrain; otherwise skip, so no asset event is emitted."""
+    from airflow.sdk.exceptions import AirflowSkipException
+
+    context = _context()
+    if not report.get("retrain"):
+        raise AirflowSkipException(f"no retrain: {report['decision']} ({report['reason']})")
+    context["outlet_events"][retrain_asset].extra = {
+        "reason": "drift",
+        "drift_report": report["json_path"],
+        "drift_report_html": report["html_path"],
+        "batches": report["batches"],
+        "monitor_run_id": context["run_id"],
+        "mlflow_drift_run_id": report.get("mlflow_run_id"),
+    }
+    log.info("retraining requested: %s", report["reason"])

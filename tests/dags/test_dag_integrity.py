@@ -100,10 +100,26 @@ def test_each_stage_task_runs_a_stage_function(bag, dag_id, monkeypatch):
             assert result == args[0], f"{task.task_id} must pass the run directory on"
 
 
-def test_drift_monitor_triggers_training(bag):
-    dag = bag.dags["recsys_drift_monitor"]
-    assert [t.task_id for t in _stage_tasks(dag)] == ["drift_report"]
-    assert dag.get_task("drift_detected").upstream_task_ids == {"drift_report"}
-    trigger = dag.get_task("trigger_retraining")
-    assert trigger.trigger_dag_id == "recsys_training"
-    assert trigger.upstream_task_ids == {"drift_detected"}
+def test_the_loop_is_wired_through_assets(bag):
+    """A landed batch wakes the drift monitor; its retrain request wakes training; both
+    keep their cron schedules too."""
+    from airflow.sdk import CronTriggerTimetable
+    from airflow.sdk.definitions.timetables.assets import AssetOrTimeSchedule
+
+    from core.settings import load_settings
+    from hyperrec.assets import LANDING_NAME, RETRAIN_NAME
+
+    monitor, training = bag.dags["recsys_drift_monitor"], bag.dags["recsys_training"]
+    assert [t.task_id for t in _stage_tasks(monitor)] == ["drift_report"]
+    request = monitor.get_task("retrain_request")
+    assert request.upstream_task_ids == {"drift_report"}
+    assert [o.name for o in request.outlets] == [RETRAIN_NAME]
+    settings = load_settings()
+    for dag, asset_name, cron in (
+        (monitor, LANDING_NAME, settings.airflow.drift_schedule),
+        (training, RETRAIN_NAME, settings.airflow.training_schedule),
+    ):
+        timetable = dag.timetable
+        assert isinstance(timetable, AssetOrTimeSchedule), (dag.dag_id, timetable)
+        assert [a.name for a in timetable.asset_condition.objects] == [asset_name]
+        assert timetable.timetable.expression == CronTriggerTimetable(cron, timezone="UTC").expression

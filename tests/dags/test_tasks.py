@@ -17,12 +17,21 @@ def in_task():
     """Enter a task context the way Airflow's task runner does."""
     from airflow.sdk.execution_time.context import set_current_context
 
-    def enter(task_id: str, run_id: str = "manual__2026-01-01T00:00:00+00:00", run_type="manual", **params):
+    def enter(
+        task_id: str,
+        run_id: str = "manual__2026-01-01T00:00:00+00:00",
+        run_type="manual",
+        triggering_asset_events=None,
+        outlet_events=None,
+        **params,
+    ):
         ctx = {
             "ti": SimpleNamespace(task_id=task_id),
             "run_id": run_id,
             "dag_run": SimpleNamespace(run_type=run_type),
             "params": params,
+            "triggering_asset_events": triggering_asset_events or {},
+            "outlet_events": outlet_events,
         }
         return set_current_context(ctx)
 
@@ -83,7 +92,49 @@ def test_start_run_records_the_run_and_ingests(settings, in_task, reason, run_ty
         run_dir = tasks.start_run(ingest)
     run = RunContext.of_airflow_run(settings, run_id)
     assert run_dir == str(run.root)
-    assert seen == {"dataset": "", "synthetic_events": 5, "seed": 3}
+    assert seen == {"dataset": "", "synthetic_events": 5, "seed": 3, "landed": True}
     assert run.read_json("airflow_run.json") == {"run_id": run_id, "run_type": run_type}
     assert run.read_json("params.json")["reason"] == expected
     assert set(run.read_json("timings.json")) == {"ingest"}
+
+
+def test_a_run_woken_by_a_retrain_request_records_drift_as_its_reason(settings, in_task):
+    requests = {
+        "hyperrec_retrain_request": [
+            SimpleNamespace(extra={"reason": "drift", "drift_report": "/r/a.json", "batches": ["b2", "b1"]}),
+            SimpleNamespace(extra={"reason": "drift", "drift_report": "/r/b.json", "batches": ["b3"]}),
+        ]
+    }
+    run_id = "asset_triggered__2026-01-02T00:00:00+00:00"
+    with in_task("ingest", run_id, "asset_triggered", triggering_asset_events=requests, dataset="", reason=None):
+        tasks.start_run(lambda settings, run, **kwargs: {"rows": 1})
+    params = RunContext.of_airflow_run(settings, run_id).read_json("params.json")
+    assert (params["reason"], params["drift_report"], params["drift_batches"]) == (
+        "drift",
+        "/r/b.json",
+        ["b1", "b2", "b3"],
+    )
+
+
+def test_a_retrain_request_carries_the_report_and_no_retrain_skips(in_task):
+    from airflow.sdk.exceptions import AirflowSkipException
+
+    asset = "retrain-asset"
+    outlets = {asset: SimpleNamespace(extra={})}
+    report = {
+        "retrain": True,
+        "decision": "retrain",
+        "reason": "drift found",
+        "json_path": "/d/drift_report.json",
+        "html_path": "/d/drift_report.html",
+        "batches": ["b1"],
+    }
+    with in_task("retrain_request", "asset_triggered__x", outlet_events=outlets):
+        tasks.request_retraining(report, asset)
+    assert outlets[asset].extra["reason"] == "drift" and outlets[asset].extra["batches"] == ["b1"]
+    assert outlets[asset].extra["drift_report_html"] == "/d/drift_report.html"
+    skipped = {**report, "retrain": False, "decision": "skipped: cool-down", "reason": "cool-down until 10:00"}
+    outlets = {asset: SimpleNamespace(extra={})}
+    with in_task("retrain_request", outlet_events=outlets), pytest.raises(AirflowSkipException, match="cool-down"):
+        tasks.request_retraining(skipped, asset)
+    assert outlets[asset].extra == {}

@@ -7,7 +7,7 @@ from fastapi.testclient import TestClient
 
 from core.datasets.synthetic import generate
 from core.run_context import RunContext
-from hyperrec.orchestration import dag_runs, load_dags, run_dag, task_order, task_states
+from hyperrec.orchestration import load_dags, run_dag, task_order, task_states
 
 pytestmark = [pytest.mark.slow, pytest.mark.spark]
 
@@ -110,25 +110,41 @@ def test_registered_promoted_published_and_served(trained, settings):
         assert ready.json()["ann_origin"] == "stored" and any(f.endswith("index.faiss") for f in ann)
 
 
-def test_drift_monitor_retrains_on_drift_only(trained, settings):
-    _, _, _, root = trained
-    before = len(dag_runs("recsys_training"))
-    calm = generate(root / "calm", events=4000, seed=12, progress=False)
-    state, _ = run_dag(settings, "recsys_drift_monitor", {"current": str(calm.root)})
-    assert state == "success"
-    assert len(dag_runs("recsys_training")) == before, "no drift must not start a retrain"
+def test_drift_monitor_requests_a_retrain_on_drift_only(trained, settings):
+    """A batch of the same platform later in time retrains nothing; the same users drifting
+    (device, time of day, tastes) make the monitor request a retrain through the asset that
+    wakes recsys_training, with the batch and the report in the request."""
+    from datetime import UTC, datetime
 
-    drifted = generate(root / "drifted", events=4000, seed=13, drift=0.6, progress=False)
+    from hyperrec.assets import RETRAIN_NAME
+    from hyperrec.orchestration import asset_events
+
+    _, _, _, root = trained
+    same = {"events": 4000, "users": 160, "items": 80, "seed": 11, "progress": False}  # the trained platform's
+    requests_before = len(asset_events(RETRAIN_NAME))
+    calm = generate(root / "calm", start=datetime(2026, 3, 1, tzinfo=UTC), **same)
+    state, run_id = run_dag(settings, "recsys_drift_monitor", {"current": str(calm.root)})
+    assert state == "success"
+    report = RunContext.of_airflow_run(settings, run_id).read_json("drift.json")
+    assert report["decision"] == "no drift", report["drifted_columns"]
+    assert task_states("recsys_drift_monitor", run_id)["retrain_request"] == "skipped"
+    assert len(asset_events(RETRAIN_NAME)) == requests_before
+
+    drifted = generate(root / "drifted", start=datetime(2026, 4, 1, tzinfo=UTC), drift=0.9, **same)
     state, run_id = run_dag(settings, "recsys_drift_monitor", {"current": str(drifted.root)})
     assert state == "success"
-    runs = dag_runs("recsys_training")
-    assert len(runs) == before + 1
-    assert runs[-1]["run_type"].endswith("operator_triggered") and runs[-1]["conf"]["reason"] == "drift"
     drift_run = RunContext.of_airflow_run(settings, run_id)
     assert set(drift_run.read_json("timings.json")) == {"drift_report"}  # timed under its task id
     report = drift_run.read_json("drift.json")
-    assert report["retrain"] and report["share_drifted"] >= settings.drift.drift_share
-    assert report["html_path"].endswith(".html")
+    assert report["decision"] == "retrain" and report["share_drifted"] >= settings.drift.drift_share
+    kinds = {c: v["kind"] for c, v in report["columns"].items()}
+    assert {"device", "event_type", "category", "event_rank"} <= {c for c, k in kinds.items() if k == "categorical"}
+    assert {"dwell_time_s", "event_score"} <= {c for c, k in kinds.items() if k == "numeric"}
+    assert "device" in report["drifted_columns"] and report["html_path"].endswith(".html")
+    assert task_states("recsys_drift_monitor", run_id)["retrain_request"] == "success"
+    request = asset_events(RETRAIN_NAME)[-1]
+    assert request["extra"]["reason"] == "drift" and request["extra"]["drift_report"] == report["json_path"]
+    assert request["extra"]["batches"] == [str(drifted.root)]
 
 
 def test_poisoned_feed_stops_at_the_gx_gate(settings, tmp_path, capfd):
