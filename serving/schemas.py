@@ -12,6 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, model_validator
 
+from core.events import EVENT_ID_DESCRIPTION, EVENT_ID_PATTERN
 from core.schemas import DEVICES, EVENT_TYPES, RATING_MAX, RATING_MIN
 
 USER_ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}$"
@@ -26,6 +27,15 @@ class EventIn(BaseModel):
     event_type: Literal[EVENT_TYPES]  # type: ignore[valid-type]
     timestamp: datetime | None = Field(None, description="event time; default: when received (UTC)")
     rating: float | None = Field(None, ge=RATING_MIN, le=RATING_MAX, description="only for event_type 'rate'")
+    event_id: str | None = Field(
+        None,
+        pattern=EVENT_ID_PATTERN,
+        description=f"{EVENT_ID_DESCRIPTION}: a retry with the same id is not recorded twice; default: assigned",
+    )
+    device: Literal[DEVICES] | None = Field(None, description="the client's device")  # type: ignore[valid-type]
+    dwell_time_s: float | None = Field(None, ge=0, le=86400, allow_inf_nan=False, description="seconds on the item")
+    scroll_depth: float | None = Field(None, ge=0, le=1, allow_inf_nan=False, description="share of the item scrolled")
+    session_id: str | None = Field(None, min_length=1, max_length=256, description="the client's session")
 
     @model_validator(mode="after")
     def _rating_only_for_rate(self) -> EventIn:
@@ -58,7 +68,9 @@ class EventAccepted(BaseModel):
     item_id: str
     event_type: str
     timestamp: datetime
-    stream_id: str
+    stream_id: str = Field(description="the event's stream entry (for a duplicate: the first delivery's)")
+    event_id: str = Field(description="the client's event_id, or the one assigned (uuid4 hex)")
+    duplicate: bool = Field(description="true when this event_id was already recorded: nothing was appended")
 
 
 class RecommendedItem(BaseModel):

@@ -1,16 +1,19 @@
 """``POST /v1/events``: live interaction intake (to the event stream and the user's live
-history, :mod:`serving.events`)."""
+history, :mod:`serving.events`). An event keeps the client's ``event_id`` or gets a new one
+(uuid4 hex); a retry with a recorded ``event_id`` is answered ``duplicate: true`` and not
+recorded again."""
 
 from __future__ import annotations
 
+import uuid
 from datetime import UTC, datetime
 
 from fastapi import APIRouter, HTTPException
 from fastapi.responses import JSONResponse
 from redis.exceptions import RedisError
 
+from core.events import Event
 from serving.api.deps import EventsDep, MetricsDep, StateDep
-from serving.events import Event
 from serving.schemas import EventAccepted, EventIn
 
 router = APIRouter()
@@ -29,7 +32,8 @@ async def post_event(
     event: EventIn, state: StateDep, events: EventsDep, metrics: MetricsDep
 ) -> EventAccepted | JSONResponse:
     """Accept one interaction: it goes to the event stream and the user's live history,
-    invalidates the user's cached lists and shapes their next recommendations."""
+    invalidates the user's cached lists and shapes their next recommendations (once per
+    ``event_id``)."""
     served = await state.require()
     if not served.bundle.has_item(event.item_id):
         detail = [
@@ -41,16 +45,32 @@ async def post_event(
         ]
         return JSONResponse(status_code=422, content={"detail": detail})
     timestamp = event.timestamp or datetime.now(UTC)
+    event_id = event.event_id or uuid.uuid4().hex
+    accepted = Event(
+        event.user_id,
+        event.item_id,
+        event.event_type,
+        timestamp,
+        event.rating,
+        event_id,
+        device=event.device,
+        dwell_time_s=event.dwell_time_s,
+        scroll_depth=event.scroll_depth,
+        session_id=event.session_id,
+    )
     try:
-        stream_id = await events.publish(Event(event.user_id, event.item_id, event.event_type, timestamp, event.rating))
+        published = await events.publish(accepted)
     except RedisError as exc:
         raise HTTPException(status_code=503, detail=f"event store unavailable: {exc}") from exc
-    metrics.events.labels(event.event_type).inc()
+    if not published.duplicate:
+        metrics.events.labels(event.event_type).inc()
     return EventAccepted(
         accepted=True,
         user_id=event.user_id,
         item_id=event.item_id,
         event_type=event.event_type,
         timestamp=timestamp,
-        stream_id=stream_id,
+        stream_id=published.stream_id,
+        event_id=event_id,
+        duplicate=published.duplicate,
     )
