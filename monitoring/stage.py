@@ -78,7 +78,8 @@ def _events(path: Path | list[Path]) -> pd.DataFrame:
 
 
 def model_output(bundle, events: pd.DataFrame, *, seed: int = 0, max_events: int = OUTPUT_EVENTS) -> pd.DataFrame:
-    """The champion's view of a seeded sample of ``events`` whose user and item it knows:
+    """The champion's view of a seeded sample of ``events`` whose user and item it knows and
+    whose item is not in the user's training history:
     ``event_score``, the model's score of the event's item for that user (standardized over
     the catalogue's scores for the user, so users are comparable), and ``event_rank``, where
     the model ranked that item (``top10``, ``top100`` or ``rest``). The user's input is their
@@ -86,7 +87,10 @@ def model_output(bundle, events: pd.DataFrame, *, seed: int = 0, max_events: int
     champion run's holdout) both keep their distribution, and a change in what users do
     shows as a change in how the model rates it."""
     known = events[events["user_id"].isin(list(bundle.history)) & events["item_id"].isin(list(bundle.item_index))]
-    out = {"event_score": [], "event_rank": []}
+    # Only items new to the user: a score of an item in the user's own history says nothing.
+    seen = {(u, bundle.item_ids[i]) for u in known["user_id"].unique() for i in bundle.history[u]}
+    known = known[[(u, i) not in seen for u, i in zip(known["user_id"], known["item_id"])]]
+    out: dict[str, list] = {"event_score": [], "event_rank": []}
     if known.empty:
         return pd.DataFrame({"event_score": pd.Series(dtype=float), "event_rank": pd.Series(dtype=object)})
     sample = known.sample(n=min(max_events, len(known)), random_state=seed)

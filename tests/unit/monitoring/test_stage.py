@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pytest
@@ -104,3 +105,26 @@ def test_the_task_passes_its_params_and_logs_the_decision(local, monkeypatch):
         report = tasks.check_drift(check)
     assert seen == {"current": "", "force": True, "airflow_run_id": run_id}
     assert report["decision"] == "no new batch"
+
+
+def test_model_output_rates_only_items_new_to_a_known_user(tmp_path):
+    from fixtures_serving import tiny_bundle
+
+    from training.bundle import load_bundle
+
+    bundle = load_bundle(tiny_bundle(tmp_path / "bundle"))
+    user = next(iter(bundle.history))
+    seen = {bundle.item_ids[i] for i in bundle.history[user]}
+    new = [i for i in bundle.item_ids if i not in seen]
+    events = pd.DataFrame(
+        {
+            "user_id": [user] * (len(seen) + len(new)) + ["stranger"],
+            "item_id": [*sorted(seen), *new, new[0]],
+        }
+    )
+    out = stage.model_output(bundle, events)
+    assert len(out) == len(new)  # neither the user's own history nor an unknown user counts
+    scores = np.asarray(bundle.model.score(bundle.row(user, np.empty(0, dtype=np.int64)), [user]))[0].astype(float)
+    expected = sorted((scores[bundle.item_index[i]] - scores.mean()) / scores.std() for i in new)
+    assert sorted(out["event_score"]) == pytest.approx(expected)
+    assert set(out["event_rank"]) == {"top10"}  # a six-item catalogue
