@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import typer
@@ -50,6 +51,49 @@ def generate(
 
 
 @app.command()
+def land(
+    path: Path = typer.Argument(
+        ...,
+        exists=True,
+        help="a raw dataset directory (e.g. from `hyperrec generate`), a Parquet file of events, "
+        "or a directory of them",
+    ),
+    config: Path | None = ConfigOpt,
+) -> None:
+    """Put new events into the landing zone as one immutable batch (atomically) and print its
+    name. While `hyperrec up` runs, the drift monitor is woken to check it."""
+    from hyperrec.assets import LANDING_NAME
+    from pipelines.landing import LandingError, LandingZone
+
+    settings = _client_settings(config)
+    try:
+        batch = LandingZone.of(settings).land(path)
+    except LandingError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    typer.echo(batch.name)
+    typer.echo(f"landed {batch.rows} events in {LandingZone.of(settings).uri}", err=True)
+    _notify_airflow(settings, LANDING_NAME, {"batch": batch.name, "rows": batch.rows, "source": batch.source})
+
+
+def _notify_airflow(settings, asset_name: str, extra: dict) -> None:
+    """Record an asset event through the REST API of `hyperrec up` when it runs (the DAGs
+    scheduled on the asset wake up); otherwise say that the next scheduled run will see it."""
+    from hyperrec.airflow_api import AirflowApiError
+    from hyperrec.up import airflow_client, read_state
+
+    if read_state(settings) is None:
+        typer.echo("hyperrec up is not running: the next drift check will see this batch", err=True)
+        return
+    try:
+        with airflow_client(settings) as client:
+            client.asset_event(asset_name, extra)
+        typer.echo(f"asset {asset_name} updated: the drift monitor will check the batch", err=True)
+    except AirflowApiError as exc:
+        typer.echo(f"warning: could not wake the drift monitor ({exc}); its hourly run will see the batch", err=True)
+
+
+@app.command()
 def preprocess(
     interactions: str = typer.Option(
         ..., "--interactions", help="CSV, JSON lines or Parquet file/directory, local or s3://"
@@ -60,7 +104,6 @@ def preprocess(
     config: Path | None = ConfigOpt,
 ) -> None:
     """Clean, quarantine, deduplicate, impute and split raw interactions with Spark."""
-    import json
 
     from core.settings import load_settings
     from pipelines.preprocess import preprocess as run_preprocess
@@ -145,15 +188,29 @@ def train(
 
 @app.command("drift")
 def drift_check(
-    current: Path = typer.Option(..., "--current", help="raw dataset directory with the recent events"),
+    current: str | None = typer.Option(
+        None,
+        "--current",
+        help="a landed batch name or a raw dataset directory (default: the batches landed since the last check)",
+    ),
+    force: bool = typer.Option(False, "--force", help="retrain on drift even within the cool-down"),
     config: Path | None = ConfigOpt,
 ) -> None:
-    """Run the recsys_drift_monitor DAG once on a recent batch."""
+    """Run the recsys_drift_monitor DAG once in this process and print its decision."""
+    from core.run_context import RunContext
     from hyperrec.orchestration import run_dag
 
     settings = _client_settings(config)
-    state, _run_id = run_dag(settings, "recsys_drift_monitor", {"current": str(current.resolve())})
+    if current and Path(current).is_dir():
+        current = str(Path(current).resolve())
+    state, run_id = run_dag(settings, "recsys_drift_monitor", {"current": current, "force": force})
     typer.echo(f"recsys_drift_monitor: {state}")
+    summary = RunContext.of_airflow_run(settings, run_id).path("drift.json")
+    if summary.exists():
+        report = json.loads(summary.read_text())
+        typer.echo(f"decision: {report['decision']} ({report['reason']})")
+        if report.get("html_path"):
+            typer.echo(f"report: {report['html_path']}")
     raise typer.Exit(0 if state == "success" else 1)
 
 
@@ -168,6 +225,33 @@ def serve(
     from serving.app import run_server
 
     run_server(config, host=host, port=port, workers=workers)
+
+
+@app.command()
+def consume(config: Path | None = ConfigOpt) -> None:
+    """Consume the serving tier's event stream until SIGTERM/Ctrl-C: land events as batches
+    (exactly once) and keep the online profiles of active users fresh."""
+    import logging
+
+    from feature_store.consumer import run_consumer
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = _client_settings(config)
+    if settings.online_store.url is None:
+        typer.echo("error: no Redis to consume from: set online_store.url or start `hyperrec up`", err=True)
+        raise typer.Exit(1)
+    stats = run_consumer(settings)
+    typer.echo(f"consumer stopped: {stats}")
+
+
+@app.command()
+def publisher(config: Path | None = ConfigOpt) -> None:
+    """Publish the registry's champion to the serving tier whenever the alias moves (gate,
+    `hyperrec model promote/rollback`, MLflow UI), until SIGTERM; decisions go to
+    <home>/publish/decisions.jsonl."""
+    from serving.champion_watch import run_publisher
+
+    run_publisher(_client_settings(config))
 
 
 @app.command()
@@ -227,7 +311,7 @@ def _print_status(report: dict) -> None:
     console.print(table)
     console.print(
         f"Airflow login: [bold]{report['airflow_user']}[/bold] / [bold]{report['airflow_password']}[/bold]"
-        f"   logs: {report['logs']}   platform metrics: {report['metrics']}",
+        f"   logs: {report['logs']}   platform metrics: {report['metrics']}   landing: {report['landing']}",
         soft_wrap=True,
     )
 
@@ -249,7 +333,6 @@ def status(
 ) -> None:
     """Each service of `hyperrec up`: URL, pid, health, restarts; the Airflow login.
     Exit status 1 when a service is not healthy."""
-    import json
 
     from core.settings import load_settings
     from hyperrec import up as services
@@ -273,7 +356,6 @@ def trigger(
     config: Path | None = ConfigOpt,
 ) -> None:
     """Trigger a DAG run through the Airflow REST API of `hyperrec up` and follow it."""
-    import json
 
     from rich.console import Console
     from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -473,6 +555,20 @@ def model_list(config: Path | None = ConfigOpt) -> None:
     Console(width=120).print(table)
 
 
+def _serving_follows(settings) -> str:
+    """When the serving tier will answer with the new champion (the publisher's heartbeat says)."""
+    from serving.champion_watch import publisher_status
+
+    poll = f"~{settings.serving.champion_poll_s:g} s"
+    status = publisher_status(settings)
+    if status is not None and status["fresh"]:
+        return f"serving follows within {poll}: the publisher (pid {status['pid']}) publishes the new champion"
+    return (
+        f"serving follows within {poll} while `hyperrec up` runs (its publisher service); no publisher runs "
+        "for this home now: start `hyperrec up` or `hyperrec publisher`"
+    )
+
+
 @model_app.command("promote")
 def model_promote(
     version: int = typer.Argument(..., min=1, help="registered version to make champion"),
@@ -483,9 +579,11 @@ def model_promote(
     """Move the champion alias to VERSION by hand, recording who, why and the previous champion."""
     from training.registry import promote_version
 
-    record = _registry_call(promote_version, _client_settings(config), version, reason, user=by)
+    settings = _client_settings(config)
+    record = _registry_call(promote_version, settings, version, reason, user=by)
     previous = "none" if record["previous_champion"] is None else f"v{record['previous_champion']}"
     typer.echo(f"champion: v{record['version']} (was {previous}), by {record['user']}: {record['reason']}")
+    typer.echo(_serving_follows(settings))
 
 
 @model_app.command("rollback")
@@ -498,11 +596,13 @@ def model_rollback(
     """Move the champion alias back to the previous champion (or to an earlier one with --to)."""
     from training.registry import rollback
 
-    record = _registry_call(rollback, _client_settings(config), to, reason=reason, user=by)
+    settings = _client_settings(config)
+    record = _registry_call(rollback, settings, to, reason=reason, user=by)
     typer.echo(
         f"champion: v{record['version']} (rolled back from v{record['rolled_back_from']}), "
         f"by {record['user']}: {record['reason']}"
     )
+    typer.echo(_serving_follows(settings))
 
 
 if __name__ == "__main__":  # pragma: no cover

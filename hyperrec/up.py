@@ -4,7 +4,8 @@ The supervisor (``hyperrec up --foreground``, started in the background by ``hyp
 runs each service as a child process in its own process group, with its log under
 ``<home>/logs/``: the embedded Valkey (unless ``online_store.url`` names a server), the
 MLflow tracking server, Airflow's API server, scheduler (LocalExecutor), DAG processor and
-triggerer, and the serving API. A service that exits is restarted after a back-off that
+triggerer, the serving API, the event-stream consumer (``hyperrec consume``) and the
+champion publisher (``hyperrec publisher``). A service that exits is restarted after a back-off that
 doubles per crash. The supervisor serves the platform metrics (:mod:`hyperrec.platform_metrics`)
 on ``services.metrics_port``, records what it runs in ``<home>/up/state.json`` and stops every
 child when it receives SIGTERM/SIGINT, when its owner process (``--owner-pid``) dies, and
@@ -268,6 +269,14 @@ def build_services(settings: Settings, settings_path: Path) -> list[Service]:
             host=s.host,
         )
     )
+    for name, command in (("consumer", "consume"), ("publisher", "publisher")):
+        services.append(
+            Service(
+                name,
+                [str(BIN / "hyperrec"), command, "--config", str(settings_path)],
+                env={"HYPERREC_CONFIG": str(settings_path), "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"},
+            )
+        )
     return services
 
 
@@ -299,9 +308,21 @@ def _airflow_health(url: str) -> dict[str, Any] | None:
         return None
 
 
-def check_health(name: str, url: str | None, airflow_health: dict[str, Any] | None) -> bool:
-    """Whether service ``name`` answers as it should right now."""
+def check_health(
+    name: str, url: str | None, airflow_health: dict[str, Any] | None, settings: Settings | None = None
+) -> bool:
+    """Whether service ``name`` answers as it should right now (the consumer and the
+    publisher by their heartbeats, which need ``settings`` as the services run them)."""
     try:
+        if name == "consumer":
+            from feature_store.consumer import consumer_healthy
+
+            return settings is not None and consumer_healthy(service_settings(settings))
+        if name == "publisher":
+            from serving.champion_watch import publisher_status
+
+            status = publisher_status(settings) if settings is not None else None
+            return bool(status and status["fresh"])
         if name == "valkey":
             import redis
 
@@ -341,7 +362,7 @@ def status(settings: Settings) -> dict[str, Any]:
         services[name] = {
             "url": url,
             "pid": pid,
-            "healthy": bool(pid) and check_health(name, url, a_health),
+            "healthy": bool(pid) and check_health(name, url, a_health, settings),
             "restarts": entry.get("restarts", 0),
             "last_exit": entry.get("last_exit"),
             "log": str(logs_dir(settings) / f"{name}.log"),
@@ -356,6 +377,7 @@ def status(settings: Settings) -> dict[str, Any]:
         "home": str(settings.home),
         "logs": str(logs_dir(settings)),
         "metrics": f"http://127.0.0.1:{settings.services.metrics_port}/metrics",
+        "landing": settings.landing_uri,
         "mode": settings.mode,
     }
 
@@ -373,6 +395,8 @@ def build_service_names(settings: Settings) -> dict[str, str | None]:
             "dag-processor": None,
             "triggerer": None,
             "serving": serving_url(settings),
+            "consumer": None,
+            "publisher": None,
         }
     )
     return names

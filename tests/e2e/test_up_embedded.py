@@ -14,7 +14,17 @@ from up_harness import UpCommand, child_env, processes_of, service_ports, wait_u
 
 pytestmark = [pytest.mark.slow]
 
-SERVICES = {"valkey", "mlflow", "airflow", "scheduler", "dag-processor", "triggerer", "serving"}
+SERVICES = {
+    "valkey",
+    "mlflow",
+    "airflow",
+    "scheduler",
+    "dag-processor",
+    "triggerer",
+    "serving",
+    "consumer",
+    "publisher",
+}
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +50,7 @@ def test_up_starts_every_service_healthy_and_status_reports_them(embedded, owner
     assert report["services"]["airflow"]["url"] == f"http://127.0.0.1:{settings.airflow.port}"
     assert report["services"]["serving"]["url"] == f"http://127.0.0.1:{settings.serving.port}"
     assert (report["airflow_user"], report["airflow_password"]) == ("admin", "up-test-password")
+    assert report["landing"] == str(settings.home / "landing")  # the landing zone, a path here
     # Every service binds to 127.0.0.1 only.
     for name in ("airflow", "mlflow", "serving"):
         assert all(c.laddr.ip == "127.0.0.1" for c in _listening(report["services"][name]["pid"])), name

@@ -54,3 +54,28 @@ def test_ingest_adds_the_batches_inside_the_window(settings, tmp_path):
 
     without = ingest(local, RunContext.create(local, "landing-off"), dataset=str(base.root), landed=False)
     assert without["landed_batches"] == [] and without["rows"] == pq.read_table(base.interactions).num_rows
+
+
+def test_hyperrec_land_prints_the_batch_and_refuses_bad_input_naming_it(tmp_path):
+    import yaml
+    from typer.testing import CliRunner
+
+    from hyperrec.cli import app
+
+    config = tmp_path / "settings.yaml"
+    config.write_text(yaml.safe_dump({"home": str(tmp_path / "home"), "landing": {"uri": str(tmp_path / "lz")}}))
+    source = generate(tmp_path / "gen", events=1000, seed=3, drift=0.9, progress=False)
+    runner = CliRunner()
+    done = runner.invoke(app, ["land", str(source.root), "--config", str(config)])
+    assert done.exit_code == 0, done.output
+    name = done.stdout.strip().splitlines()[0]
+    (batch,) = LandingZone(str(tmp_path / "lz")).batches()
+    assert batch.name == name and batch.rows == 1000 and batch.source == "land"
+    assert "the next drift check will see this batch" in done.output  # hyperrec up is not running
+
+    bad = tmp_path / "bad.parquet"
+    pd.DataFrame({"user_id": ["u1"]}).to_parquet(bad)
+    refused = runner.invoke(app, ["land", str(bad), "--config", str(config)])
+    assert refused.exit_code == 1
+    assert f"error: {bad}: missing required interaction columns" in refused.output
+    assert len(LandingZone(str(tmp_path / "lz")).batches()) == 1  # nothing more landed
