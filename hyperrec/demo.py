@@ -1,5 +1,7 @@
-"""``hyperrec demo``: the nightly pipeline end to end on ml-100k plus a synthetic
-sample, the drift monitor on a fresh batch, then a real server answering requests."""
+"""``hyperrec demo``: the loop on one machine. The nightly pipeline end to end on ml-100k
+plus a synthetic sample; a drifted batch lands; the drift monitor checks it and requests a
+retrain; the retrain learns from base + landed data and meets the promotion gate; then a
+real server answers requests."""
 
 from __future__ import annotations
 
@@ -153,41 +155,88 @@ def _serve_and_show(settings: Settings, users: list[str], k: int) -> None:
         server.wait(timeout=20)
 
 
-def run_demo(settings: Settings, synthetic_events: int | None = None, show_users: list[str] | None = None) -> None:
+def _land_drifted_batch(settings: Settings, events: int) -> str:
+    """Generate a batch with strong drift (``hyperrec generate --drift 0.9``) and land it."""
+    import tempfile
+
     from core.datasets.synthetic import generate
+    from pipelines.landing import LandingZone
+
+    with tempfile.TemporaryDirectory(prefix="demo-batch-") as tmp, console.status("landing a drifted batch"):
+        source = generate(Path(tmp) / "batch", events=events, seed=101, drift=0.9, progress=False)
+        batch = LandingZone.of(settings).land(source.root)
+    console.print(f"landed batch [bold]{batch.name}[/bold]: {batch.rows} events in {settings.landing_uri}")
+    return batch.name
+
+
+def _drift_table(drift: dict) -> Table:
+    table = Table(title=f"drift check of {', '.join(drift['batches'])}")
+    for column in ("feature", "test", "p-value / PSI", "drifted"):
+        table.add_column(column, justify="right" if column == "p-value / PSI" else "left")
+    for name, result in drift.get("columns", {}).items():
+        table.add_row(name, result["method"], f"{result['score']:.3g}", "[red]yes[/red]" if result["drifted"] else "no")
+    return table
+
+
+def run_demo(settings: Settings, synthetic_events: int | None = None, show_users: list[str] | None = None) -> None:
     from training.registry import champion_version
 
     events = synthetic_events if synthetic_events is not None else settings.synthetic.demo_events
     console.rule("[bold]hyperrec demo")
     console.print(f"state under {settings.home} (mode: {settings.mode}); Airflow metadata DB: {settings.airflow_conn}")
-    run, training_stages = _run_with_progress(
-        settings, "recsys_training", {"dataset": "ml-100k", "synthetic_events": events, "reason": "demo"}
-    )
-
-    batch = settings.home / "incoming" / "batch-no-drift"
-    with console.status("generating a fresh synthetic batch for the drift monitor"):
-        generate(batch, events=max(events // 5, 2000), seed=101, progress=False)
-    drift_run, _ = _run_with_progress(settings, "recsys_drift_monitor", {"current": str(batch)})
-
+    base_conf = {"dataset": "ml-100k", "synthetic_events": events}
+    run, training_stages = _run_with_progress(settings, "recsys_training", {**base_conf, "reason": "demo"})
     stages, rows = _stage_table(run, training_stages)
     console.print(stages)
     console.print(rows)
     console.print(_model_table(run))
-    registration, promotion = run.read_json("registration.json"), run.read_json("promotion.json")
+
+    console.rule("the loop: new data lands, drift is checked, the model retrains")
+    _land_drifted_batch(settings, max(events // 5, 2000))
+    drift_run, _ = _run_with_progress(settings, "recsys_drift_monitor", {})
     drift = drift_run.read_json("drift.json")
-    published = run.read_json("publish.json")
+    if drift.get("columns"):
+        console.print(_drift_table(drift))
+    console.print(f"[bold]drift verdict:[/bold] {drift['decision']} ({drift['reason']})", soft_wrap=True)
+    retrain = None
+    if drift["retrain"]:
+        console.print(
+            "the drift monitor requested a retrain (asset hyperrec_retrain_request); under `hyperrec up` the "
+            "scheduler starts recsys_training on it, here the demo runs it in this process",
+            soft_wrap=True,
+        )
+        retrain, _ = _run_with_progress(
+            settings, "recsys_training", {**base_conf, "reason": "drift", "drift_report": drift["json_path"]}
+        )
+    registration, promotion = run.read_json("registration.json"), run.read_json("promotion.json")
+    published = (retrain or run).read_json("publish.json")
     outcome = "promoted" if promotion["promoted"] else "kept as challenger"
     lines = {
         "registered model": f"{settings.mlflow.registered_model} v{registration['version']} ({registration['model']})",
-        "promotion gate": f"{outcome}: {promotion['reason']}; champion is v{champion_version(settings)}",
-        "MLflow store": f"{settings.mlflow_tracking_uri}  "
-        "(browse it and the Airflow UI: `hyperrec up --config config/demo.yaml`)",
-        "GX Data Docs": str(run.gx_dir / "index.html"),
-        "Evidently report": f"{drift['html_path']}  "
-        f"(drift share {drift['share_drifted']:.0%}, retrain: {drift['retrain']})",
-        "serving bundle": f"{published['store']} @ {published['current']}",
-        "run directory": str(run.root),
+        "promotion gate": f"{outcome}: {promotion['reason']}",
+        "drift check": f"{drift['decision']}; Evidently report {drift.get('html_path', '-')}",
     }
+    if retrain is not None:
+        ingested = retrain.read_json("ingest.json")
+        gate = retrain.read_json("promotion.json")
+        lines["triggered run"] = (
+            f"{retrain.run_id}: reason drift, {retrain.read_json('report.json')['clean']} clean events "
+            f"incl. landed batches {', '.join(ingested['landed_batches'])}"
+        )
+        lines["its gate decision"] = (
+            f"v{retrain.read_json('registration.json')['version']} "
+            f"{'promoted' if gate['promoted'] else 'kept as challenger'}: {gate['reason']}"
+        )
+    lines.update(
+        {
+            "champion": f"v{champion_version(settings)}",
+            "MLflow store": f"{settings.mlflow_tracking_uri}  "
+            "(browse it and the Airflow UI: `hyperrec up --config config/demo.yaml`)",
+            "GX Data Docs": str(run.gx_dir / "index.html"),
+            "serving bundle": f"{published['store']} @ {published['current']}",
+            "run directory": str((retrain or run).root),
+        }
+    )
     console.rule("what was made, and where")
     for label, text in lines.items():
         console.print(f"[bold]{label}:[/bold] {text}", soft_wrap=True)
