@@ -155,15 +155,25 @@ def _serve_and_show(settings: Settings, users: list[str], k: int) -> None:
         server.wait(timeout=20)
 
 
-def _land_drifted_batch(settings: Settings, events: int) -> str:
-    """Generate a batch with strong drift (``hyperrec generate --drift 0.9``) and land it."""
+def _land_drifted_batch(settings: Settings, sample_events: int) -> str:
+    """Land a batch in which the users of the demo's synthetic sample (same seed, users and
+    items) have drifted strongly (``hyperrec generate --drift 0.9``), a month later."""
     import tempfile
+    from datetime import UTC, datetime
 
     from core.datasets.synthetic import generate
     from pipelines.landing import LandingZone
 
+    same_platform = {"users": max(50, sample_events // 50), "items": max(50, sample_events // 100), "seed": 0}
     with tempfile.TemporaryDirectory(prefix="demo-batch-") as tmp, console.status("landing a drifted batch"):
-        source = generate(Path(tmp) / "batch", events=events, seed=101, drift=0.9, progress=False)
+        source = generate(
+            Path(tmp) / "batch",
+            events=max(sample_events // 5, 2000),
+            start=datetime(2026, 2, 15, tzinfo=UTC),
+            drift=0.9,
+            progress=False,
+            **same_platform,
+        )
         batch = LandingZone.of(settings).land(source.root)
     console.print(f"landed batch [bold]{batch.name}[/bold]: {batch.rows} events in {settings.landing_uri}")
     return batch.name
@@ -192,7 +202,7 @@ def run_demo(settings: Settings, synthetic_events: int | None = None, show_users
     console.print(_model_table(run))
 
     console.rule("the loop: new data lands, drift is checked, the model retrains")
-    _land_drifted_batch(settings, max(events // 5, 2000))
+    _land_drifted_batch(settings, events)
     drift_run, _ = _run_with_progress(settings, "recsys_drift_monitor", {})
     drift = drift_run.read_json("drift.json")
     if drift.get("columns"):

@@ -1,5 +1,5 @@
 """What a scheduled ``recsys_drift_monitor`` run does with its default params (``conf``
-empty): there is no current batch, and the run may not fail by design. The scheduled
+empty) when nothing has landed: it records "no new batch", and the run may not fail by design. The scheduled
 ``recsys_training`` run with its defaults (MovieLens-100k alone) runs under the real
 scheduler in ``tests/e2e/test_up_stack.py``."""
 
@@ -26,14 +26,19 @@ def own_settings(settings, tmp_path_factory):
 
 
 def test_scheduled_drift_monitor_without_a_batch_succeeds_and_retrains_nothing(own_settings):
-    before = len(dag_runs("recsys_training"))
-    state, run_id = run_dag(own_settings, "recsys_drift_monitor", {})  # current="": no batch
+    from hyperrec.assets import RETRAIN_NAME
+    from hyperrec.orchestration import asset_events
+    from monitoring.trigger import read_decisions
+
+    before, requests = len(dag_runs("recsys_training")), len(asset_events(RETRAIN_NAME))
+    state, run_id = run_dag(own_settings, "recsys_drift_monitor", {})  # the landing zone is empty
     assert state == "success"
     states = {
         task: str(s).rpartition(".")[2].lower() for task, s in task_states("recsys_drift_monitor", run_id).items()
     }
-    assert states == {"drift_report": "success", "drift_detected": "success", "trigger_retraining": "skipped"}
-    # Skipped before looking for a champion: this home has none yet.
+    assert states == {"drift_report": "success", "retrain_request": "skipped"}
+    # Decided before looking for a champion: this home has none yet.
     drift = RunContext.of_airflow_run(own_settings, run_id).read_json("drift.json")
-    assert drift["retrain"] is False and drift["skipped"].startswith("no current batch")
-    assert len(dag_runs("recsys_training")) == before
+    assert drift["retrain"] is False and drift["decision"] == "no new batch" and drift["batches"] == []
+    assert [d["action"] for d in read_decisions(own_settings)] == ["no new batch"]
+    assert len(dag_runs("recsys_training")) == before and len(asset_events(RETRAIN_NAME)) == requests
