@@ -372,7 +372,8 @@ def trigger(
     if not isinstance(params, dict):
         typer.echo("error: --conf must be a JSON object", err=True)
         raise typer.Exit(2)
-    params.setdefault("reason", "manual")
+    if dag_id == "recsys_training":
+        params.setdefault("reason", "manual")
     settings = load_settings(config)
     console = Console()
     try:

@@ -219,38 +219,6 @@ def test_stack_services_are_healthy_on_postgresql_and_redis(stack):
         assert [r[0] for r in cur.fetchall()] == ["recsys_drift_monitor", "recsys_training"]
 
 
-def test_rest_trigger_runs_every_task_under_the_scheduler_and_serving_follows(stack, dataset):
-    done = stack.run(
-        "trigger",
-        "recsys_training",
-        "--conf",
-        json.dumps({"dataset": str(dataset), "seed": 3}),
-        timeout=RUN_TIMEOUT_S + 60,
-    )
-    assert "recsys_training run manual__" in done.stdout and ": success" in done.stdout
-    with stack.client() as client:
-        run = client.dag_runs("recsys_training")[0]
-    assert run["run_type"] == "manual" and run["state"] == "success"
-    assert run["conf"] == {"dataset": str(dataset), "seed": 3, "reason": "manual"}
-    states = task_states(stack, run["dag_run_id"])
-    assert len(states) == 10 and set(states.values()) == {"success"}, states
-    # The MLflow server's registry (PostgreSQL) holds the version with both aliases.
-    (version,) = versions_of(stack)
-    assert set(version.aliases) == {"champion", "challenger"}
-    assert version.tags["hyperrec.airflow_run_id"] == run["dag_run_id"]
-    # Serving (Redis cache, bundles on S3) answers with that version.
-    base = stack.status()["services"]["serving"]["url"]
-    user = next(iter(_known_users(stack, run["dag_run_id"])))
-
-    def served():
-        answer = httpx.get(f"{base}/v1/recommendations/{user}", params={"k": 5}, timeout=10)
-        return answer.json() if answer.status_code == 200 else None
-
-    answer = wait_until(served, 60, "serving to load the champion")
-    assert answer["model_version"] == f"v{version.version}" and len(answer["items"]) == 5
-    assert answer["cold_start"] is False
-
-
 def test_airflow_ui_trigger_form_and_mlflow_registry_page(stack):
     from playwright.sync_api import expect, sync_playwright
 
@@ -272,7 +240,7 @@ def test_airflow_ui_trigger_form_and_mlflow_registry_page(stack):
         page.get_by_role("button", name="Trigger Dag").click()
         dialog = page.get_by_role("dialog")
         expect(dialog.get_by_text("add a seeded synthetic sample of this many events")).to_be_visible()
-        dialog.locator("input[name=element_synthetic_events]").fill("1000")
+        dialog.locator("input[name=element_seed]").fill("3")
         page.screenshot(path=str(SCREENSHOTS / "airflow-trigger-form.png"))
         dialog.get_by_role("button", name="Trigger", exact=True).click()
 
@@ -282,8 +250,9 @@ def test_airflow_ui_trigger_form_and_mlflow_registry_page(stack):
             return runs[0] if runs else None
 
         run = wait_until(new_run, 60, "the run triggered from the UI")
-        assert run["conf"]["synthetic_events"] == 1000 and run["run_type"] == "manual"
+        assert run["conf"]["seed"] == 3 and run["run_type"] == "manual"
         wait_for_run(stack, run["dag_run_id"])
+        _assert_trained_registered_and_served(stack, run)
         page.goto(f"{airflow}/dags/recsys_training/runs/{run['dag_run_id']}")
         expect(page.get_by_text("success").first).to_be_visible(timeout=30_000)
         page.screenshot(path=str(SCREENSHOTS / "airflow-run-success.png"))
@@ -301,7 +270,41 @@ def test_airflow_ui_trigger_form_and_mlflow_registry_page(stack):
         page.screenshot(path=str(SCREENSHOTS / "mlflow-model-version.png"), full_page=True)
         browser.close()
     params = RunContext.of_airflow_run(stack.settings, run["dag_run_id"]).read_json("params.json")
-    assert params["synthetic_events"] == 1000 and params["reason"] == "manual"
+    assert params["seed"] == 3 and params["reason"] == "manual"
+
+
+def _assert_trained_registered_and_served(stack: UpCommand, run: dict) -> None:
+    """All ten tasks succeeded; the MLflow server's registry (PostgreSQL) holds the run's
+    version with both aliases; serving (Redis cache, bundles on S3) answers with it."""
+    states = task_states(stack, run["dag_run_id"])
+    assert len(states) == 10 and set(states.values()) == {"success"}, states
+    (version,) = versions_of(stack)
+    assert set(version.aliases) == {"champion", "challenger"}
+    assert version.tags["hyperrec.airflow_run_id"] == run["dag_run_id"]
+    base = stack.status()["services"]["serving"]["url"]
+    user = next(iter(_known_users(stack, run["dag_run_id"])))
+
+    def served():
+        answer = httpx.get(f"{base}/v1/recommendations/{user}", params={"k": 5}, timeout=10)
+        return answer.json() if answer.status_code == 200 else None
+
+    answer = wait_until(served, 60, "serving to load the champion")
+    assert answer["model_version"] == f"v{version.version}" and len(answer["items"]) == 5
+    assert answer["cold_start"] is False
+
+
+def test_rest_trigger_runs_the_drift_monitor_under_the_scheduler(stack):
+    """`hyperrec trigger` through the REST API, followed to the end: with nothing landed the
+    drift monitor records "no new batch" and requests no retrain."""
+    done = stack.run("trigger", "recsys_drift_monitor", "--conf", json.dumps({"force": False}), timeout=600)
+    assert "recsys_drift_monitor run manual__" in done.stdout and ": success" in done.stdout
+    with stack.client() as client:
+        run = client.dag_runs("recsys_drift_monitor")[0]
+        tis = client.task_instances("recsys_drift_monitor", run["dag_run_id"])
+    assert run["run_type"] == "manual" and run["state"] == "success" and run["conf"] == {"force": False}
+    assert {t["task_id"]: t["state"] for t in tis} == {"drift_report": "success", "retrain_request": "skipped"}
+    (decision,) = [d for d in trigger.read_decisions(stack.settings) if d["airflow_run_id"] == run["dag_run_id"]]
+    assert decision["action"] == trigger.NO_BATCH
 
 
 def _posted_events(dataset: Path) -> list[dict]:
