@@ -85,6 +85,7 @@ import pandas as pd
 import redis
 
 from core.events import Event, interactions_table, stream_key
+from core.processes import pid_alive
 from core.schemas import ITEMS, USERS
 from core.settings import Settings
 from feature_store.definitions import USER_FEATURES
@@ -148,21 +149,6 @@ def consumer_healthy(settings: Settings, *, now: datetime | None = None) -> bool
         return False
     age = ((now or datetime.now(UTC)) - datetime.fromisoformat(raw)).total_seconds()
     return age <= HEALTHY_WITHIN_S
-
-
-def _process_running(pid: int) -> bool:
-    """Whether process ``pid`` runs on this host (a zombie does not)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
 
 
 BEHAVIOUR_DEFS = tuple(d for d in USER_FEATURES if d.source != "users")
@@ -448,7 +434,7 @@ class EventConsumer:
         if raw is None:
             return False
         info = json.loads(raw)
-        return info.get("host") != self.host or _process_running(int(info.get("pid", -1)))
+        return info.get("host") != self.host or pid_alive(int(info.get("pid", -1)))
 
     def _resolve_inflight(self, owners: set[str]) -> None:
         """Resolve the in-flight flushes of ``owners`` (consumers that will not finish them):

@@ -37,6 +37,7 @@ from urllib.parse import urlparse
 import httpx
 
 from core.files import write_text_atomic
+from core.processes import pid_alive as _alive
 from core.settings import Settings
 from hyperrec.airflow_api import AirflowClient
 from hyperrec.orchestration import airflow_env, write_settings
@@ -281,23 +282,6 @@ def build_services(settings: Settings, settings_path: Path) -> list[Service]:
 
 
 # --------------------------------------------------------------------------- health
-
-
-def _alive(pid: Any) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie is not alive
-        import psutil
-
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except Exception:
-        return False
 
 
 def _airflow_health(url: str) -> dict[str, Any] | None:
