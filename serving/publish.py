@@ -199,16 +199,23 @@ def champion_change(settings: Settings, version: int) -> dict:
     gate write), ``rollback`` (the ``rollback.*`` tags of :func:`training.registry.rollback`;
     user and reason are on the replaced version), whichever is later, or ``outside`` when
     no hyperrec command explains the move: the champion history tag
-    (:data:`training.registry.STACK_TAG`) does not end with ``version``, or its latest event
-    was published already (:data:`EVENT_TAG`). ``outside`` adds version_tags, the version's
+    (:data:`training.registry.STACK_TAG`) does not end with ``version`` (unless the alias has
+    moved on from ``version`` since it was read and the history holds it), or its latest
+    event was published already (:data:`EVENT_TAG`). ``outside`` adds version_tags, the version's
     ``gate.*``/``promotion.*``/``rollback.*`` tags.
     """
     client, name = configure(settings), settings.mlflow.registered_model
-    raw = client.get_registered_model(name).tags.get(registry.STACK_TAG)
+    model = client.get_registered_model(name)
+    raw = model.tags.get(registry.STACK_TAG)
     history = [int(v) for v in json.loads(raw)] if raw else []
     tags = client.get_model_version(name, str(version)).tags
+    alias = _version_or_none(str((model.aliases or {}).get(registry.CHAMPION, "")))
+    # A hyperrec command explains the move when it made ``version`` the latest champion, or
+    # when it did and the champion has moved on since (``version`` is in the history but no
+    # longer holds the alias, so no outside move can have put it there).
+    explained = bool(history) and (history[-1] == int(version) or (alias != int(version) and int(version) in history))
     event: dict[str, Any] | None = None
-    if history and history[-1] == int(version):
+    if explained:
         restored, promoted = tags.get("rollback.restored_at"), tags.get("promotion.at")
         if restored and (promoted is None or restored >= promoted):
             replaced = _version_or_none(tags.get("rollback.restored_from"))
