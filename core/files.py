@@ -1,17 +1,24 @@
-"""Writing files so that readers see either the old content or the new, never a half."""
+"""Writing files so that readers see either the old content or the new, never a half.
+
+Every JSON or YAML state file (run records, reports, decision logs, the settings file of
+task processes) goes through :func:`write_text_atomic` or :func:`write_json_atomic`.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 
 def write_atomic(path: Path, write: Callable[[Path], object]) -> Path:
     """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it onto ``path``.
 
-    The temporary file is removed if ``write`` raises; ``path`` is returned.
+    The temporary file is removed if ``write`` raises (``path`` keeps its old content);
+    ``path`` is returned.
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
@@ -24,7 +31,8 @@ def write_atomic(path: Path, write: Callable[[Path], object]) -> Path:
 
 
 def write_text_atomic(path: Path, text: str, mode: int | None = None) -> Path:
-    """Write ``text`` to ``path`` atomically, with permission bits ``mode`` when given."""
+    """Write ``text`` to ``path`` atomically (flushed to disk before the rename), with
+    permission bits ``mode`` when given: the file never exists with wider ones."""
 
     def write(tmp: Path) -> None:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666 if mode is None else mode)
@@ -32,5 +40,14 @@ def write_text_atomic(path: Path, text: str, mode: int | None = None) -> Path:
             if mode is not None:
                 os.fchmod(fh.fileno(), mode)  # the umask may have narrowed it
             fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
 
     return write_atomic(path, write)
+
+
+def write_json_atomic(path: Path, payload: Any, mode: int | None = None) -> Path:
+    """Write ``payload`` as indented, key-sorted JSON (``default=str`` for dates and paths)
+    to ``path`` atomically; see :func:`write_text_atomic`. The payload is encoded before
+    anything is written, so an unencodable one leaves ``path`` as it was."""
+    return write_text_atomic(path, json.dumps(payload, indent=2, sort_keys=True, default=str), mode=mode)

@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from core.files import write_json_atomic
 from core.settings import Settings
 
 
@@ -79,11 +80,11 @@ class RunContext:
         return self.path("drift")
 
     def write_json(self, name: str, payload: Any) -> Path:
-        """Write ``payload`` to ``<root>/<name>`` (overwriting: tasks are idempotent)."""
+        """Write ``payload`` to ``<root>/<name>`` atomically (overwriting: tasks are
+        idempotent; a reader never sees half a file)."""
         target = self.path(name)
         target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))
-        return target
+        return write_json_atomic(target, payload)
 
     def read_json(self, name: str) -> Any:
         target = self.path(name)

@@ -7,6 +7,7 @@ Each schema is declared once as a list of :class:`Column` and rendered to Arrow
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 import pyarrow as pa
@@ -17,6 +18,9 @@ if TYPE_CHECKING:  # pragma: no cover
 EVENT_TYPES: tuple[str, ...] = ("view", "click", "like", "share", "complete", "rate")
 RATING_MIN, RATING_MAX = 1.0, 5.0
 DEVICES: tuple[str, ...] = ("mobile", "desktop", "tablet", "tv")
+EARLIEST_EVENT_TIME = datetime(1995, 1, 1, tzinfo=UTC)
+"""No event is older (MovieLens' first ratings are from 1995); the latest allowed is now plus
+``preprocess.future_tolerance_s``. ``POST /v1/events`` rejects timestamps outside."""
 
 
 @dataclass(frozen=True)

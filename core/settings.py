@@ -3,6 +3,10 @@
 Built from ``config/default.yaml``, then an optional overlay file (``--config`` or
 ``HYPERREC_CONFIG``, e.g. ``config/stack.yaml``), then ``HYPERREC_<SECTION>__<KEY>``
 environment variables, which win.
+
+Secrets (fields declared with :data:`SECRET`) never go into a settings file written for
+another process: :func:`public_dump` leaves them out and :func:`secret_env` hands them
+over as ``HYPERREC_*`` environment variables instead.
 """
 
 from __future__ import annotations
@@ -12,11 +16,23 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from core.errors import ConfigError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = PROJECT_ROOT / "config" / "default.yaml"
+ENV_PREFIX, ENV_DELIMITER = "HYPERREC_", "__"
+SECRET: dict[str, Any] = {"secret": True}
+"""``json_schema_extra`` of a field that holds a credential (token, password): see
+:func:`secret_fields`. Connection URLs are treated as secret when they embed a password."""
+URL_FIELDS = {
+    ("airflow", "sql_alchemy_conn"),
+    ("mlflow", "tracking_uri"),
+    ("mlflow", "backend_store_uri"),
+    ("online_store", "url"),
+}
 
 
 class _Section(BaseModel):
@@ -41,7 +57,7 @@ class AirflowSettings(_Section):
     port: int = Field(8080, ge=1, le=65535)
     # SimpleAuthManager login; password None: generated once and kept in <home>/airflow.
     username: str = "admin"
-    password: str | None = None
+    password: str | None = Field(None, json_schema_extra=SECRET)
     # LocalExecutor task slots (tasks running at once on this machine).
     parallelism: int = Field(2, ge=1)
     # False: the project's DAGs are unpaused when first parsed, so their schedules fire.
@@ -65,6 +81,18 @@ class OnlineStoreSettings(_Section):
     url: str | None = None
     # Port of the embedded Valkey server `hyperrec up` runs when url is None.
     embedded_port: int = Field(6390, ge=1, le=65535)
+    # Memory limit of the embedded Valkey (maxmemory, MiB; 0: none) and what it evicts at the
+    # limit: volatile-* policies evict only keys with a TTL, i.e. recomputable ones (cached
+    # lists, live histories, rate-limit buckets), never the event stream or event-id records.
+    maxmemory_mb: int = Field(256, ge=0)
+    maxmemory_policy: Literal["volatile-lru", "volatile-lfu", "volatile-ttl", "volatile-random", "noeviction"] = (
+        "volatile-lru"
+    )
+    # When the embedded Valkey (of `hyperrec serve` and `hyperrec up`; append-only file) flushes
+    # acknowledged writes to disk: everysec: once a second (a crash of the host may lose the
+    # last second of accepted events; a crash of valkey itself loses nothing); always: before
+    # every reply (nothing lost even then; costs a disk flush per event, docs/reliability.md).
+    appendfsync: Literal["everysec", "always"] = "everysec"
 
 
 class ObjectStoreSettings(_Section):
@@ -96,6 +124,12 @@ class PreprocessSettings(_Section):
     # other demographics), none. Interaction columns are imputed for implicit events only.
     impute: dict[str, ImputeStrategy] = Field(default_factory=lambda: dict(DEFAULT_IMPUTE))
     knn_neighbours: int = Field(5, ge=1)
+    # Encoding of CSV and JSON-lines input, decoded record by record: a record that does
+    # not decode is quarantined as `undecodable`, the rest of the file is kept.
+    input_encoding: str = "utf-8"
+    # Longest accepted user_id, item_id, session_id, event_id, event_type and device
+    # (characters); a longer value is quarantined as `too_long:<field>`.
+    max_field_length: int = Field(256, ge=1)
 
     @model_validator(mode="after")
     def _strategies_fit_columns(self) -> PreprocessSettings:
@@ -278,7 +312,17 @@ class ServingSettings(_Section):
     default_k: int = 10
     workers: int = Field(1, ge=1)
     # Bearer token of the /admin routes; None disables them (403).
-    admin_token: str | None = None
+    admin_token: str | None = Field(None, json_schema_extra=SECRET)
+    # Bearer token(s) of POST /v1/events, comma-separated (several producers, or an old and a
+    # new one while rotating); None: events are open, and serving binds loopback only.
+    events_token: str | None = Field(None, json_schema_extra=SECRET)
+    # Per-client token bucket on POST /v1/events (client: its bearer token, else its IP),
+    # shared by all workers through Redis: events_rate_per_s refill, events_burst capacity;
+    # 0 disables the limit. Over it: 429 with Retry-After.
+    events_rate_per_s: float = Field(200.0, ge=0)
+    events_burst: int = Field(400, ge=0)
+    # Largest request body accepted (bytes); a larger one gets 413 before it is parsed.
+    max_body_bytes: int = Field(1_000_000, ge=1)
     # Seconds a cached recommendation list lives; 0 disables the cache.
     cache_ttl_s: int = Field(300, ge=0)
     # ANN retrieval size: catalogues (or filtered item sets) up to this size are scored exactly.
@@ -396,12 +440,79 @@ class Settings(BaseSettings):
         return self.landing.uri or str(self.home / "landing")
 
 
+def secret_fields(settings: Settings) -> dict[tuple[str, str], str]:
+    """(section, key) → value of every configured secret: fields declared with
+    :data:`SECRET` (tokens, passwords) and :data:`URL_FIELDS` that embed a password."""
+    from urllib.parse import urlparse
+
+    found: dict[tuple[str, str], str] = {}
+    for section_name in type(settings).model_fields:
+        section = getattr(settings, section_name)
+        if not isinstance(section, BaseModel):
+            continue
+        for key, info in type(section).model_fields.items():
+            value = getattr(section, key)
+            if not isinstance(value, str) or not value:
+                continue
+            extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+            secret = bool(extra.get("secret"))
+            if (section_name, key) in URL_FIELDS:
+                try:
+                    secret = secret or bool(urlparse(value).password)
+                except ValueError:
+                    secret = True
+            if secret:
+                found[(section_name, key)] = value
+    return found
+
+
+def secret_env_name(section: str, key: str) -> str:
+    """The ``HYPERREC_<SECTION>__<KEY>`` variable that sets ``section.key``."""
+    return f"{ENV_PREFIX}{section.upper()}{ENV_DELIMITER}{key.upper()}"
+
+
+def secret_env_names() -> list[str]:
+    """Every variable :func:`secret_env` may set (for clearing stale ones)."""
+    names = []
+    for section_name, field in Settings.model_fields.items():
+        model = field.annotation
+        if isinstance(model, type) and issubclass(model, BaseModel):
+            for key, info in model.model_fields.items():
+                extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+                if extra.get("secret") or (section_name, key) in URL_FIELDS:
+                    names.append(secret_env_name(section_name, key))
+    return names
+
+
+def secret_env(settings: Settings) -> dict[str, str]:
+    """The configured secrets as ``HYPERREC_*`` environment variables, for a child process
+    that rebuilds ``settings`` from a :func:`public_dump` file."""
+    return {secret_env_name(section, key): value for (section, key), value in secret_fields(settings).items()}
+
+
+def public_dump(settings: Settings) -> dict[str, Any]:
+    """``settings`` as plain data without its secrets (each left at null): safe to write to
+    a file. :func:`secret_env` carries the secrets to the process that reads it."""
+    data = settings.model_dump(mode="json")
+    for section, key in secret_fields(settings):
+        data[section][key] = None
+    return data
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
-    if not path.exists():
-        raise FileNotFoundError(f"config file not found: {path}")
-    data = yaml.safe_load(path.read_text()) or {}
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found" if not path.exists() else f"{path}: not a file")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path}: invalid YAML{where}: {problem}") from exc
     if not isinstance(data, dict):
-        raise ValueError(f"config file {path} must hold a mapping at the top level")
+        raise ConfigError(f"{path}: must hold a mapping (section: {{key: value}}) at the top level")
     return data
 
 
@@ -415,12 +526,56 @@ def _deep_merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]
     return merged
 
 
+def _has(data: dict[str, Any], loc: tuple[Any, ...]) -> bool:
+    for part in loc:
+        if not isinstance(data, dict) or part not in data:
+            return False
+        data = data[part]
+    return True
+
+
+def _origin(loc: tuple[Any, ...], overlay: Path | None, overlay_data: dict[str, Any], overrides: dict[str, Any]) -> str:
+    """Where the value at ``loc`` came from: an environment variable, the overlay file,
+    the keyword overrides or config/default.yaml."""
+    keys = [str(p) for p in loc if not isinstance(p, int)]
+    for depth in range(len(keys), 0, -1):
+        name = ENV_PREFIX + ENV_DELIMITER.join(keys[:depth]).upper()
+        if name in {k.upper() for k in os.environ}:
+            return f"environment variable {name}"
+    if overlay is not None and _has(overlay_data, tuple(keys)):
+        return str(overlay)
+    if _has(overrides, tuple(keys)):
+        return "settings overrides"
+    return str(DEFAULT_CONFIG)
+
+
 def load_settings(config: str | Path | None = None, **overrides: Any) -> Settings:
     """Load settings: default.yaml, then the overlay ``config`` (or ``$HYPERREC_CONFIG``),
-    then keyword ``overrides`` (nested dicts), with ``HYPERREC_*`` env vars on top."""
+    then keyword ``overrides`` (nested dicts), with ``HYPERREC_*`` env vars on top.
+
+    Raises :class:`ConfigError` naming the file (or variable) and key at fault: a missing
+    or malformed YAML file, an unknown key, a value that does not validate."""
     data = _read_yaml(DEFAULT_CONFIG)
     overlay = config or os.environ.get("HYPERREC_CONFIG")
-    if overlay:
-        data = _deep_merge(data, _read_yaml(Path(overlay)))
-    data = _deep_merge(data, overrides)
-    return Settings(**data)
+    overlay_path = Path(overlay) if overlay else None
+    overlay_data = _read_yaml(overlay_path) if overlay_path is not None else {}
+    data = _deep_merge(_deep_merge(data, overlay_data), overrides)
+    try:
+        return Settings(**data)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            loc = tuple(error.get("loc", ()))
+            key = ".".join(str(p) for p in loc) or "(top level)"
+            origin = _origin(loc, overlay_path, overlay_data, overrides)
+            if error.get("type") == "extra_forbidden":
+                problems.append(f"{origin}: unknown key {key}")
+            else:
+                problems.append(f"{origin}: {key}: {error.get('msg')} (got {_excerpt(error.get('input'))})")
+        more = f" (and {len(problems) - 2} more)" if len(problems) > 2 else ""
+        raise ConfigError("; ".join(problems[:2]) + more) from exc
+
+
+def _excerpt(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."

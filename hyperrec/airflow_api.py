@@ -9,10 +9,12 @@ from typing import Any
 
 import httpx
 
+from core.errors import UserError
+
 FINISHED = {"success", "failed"}
 
 
-class AirflowApiError(RuntimeError):
+class AirflowApiError(UserError, RuntimeError):
     """The API server refused a request or could not be reached."""
 
 

@@ -1,13 +1,75 @@
-"""The ``hyperrec`` command line."""
+"""The ``hyperrec`` command line.
+
+Every command runs under :class:`_Cli`: an error ends as one ``error: ...`` line on stderr
+and exit status 1 (a known :class:`core.errors.UserError` names the file, key or record;
+anything else adds a second line pointing at ``--debug``), with the traceback only under
+``hyperrec --debug …`` or ``HYPERREC_DEBUG=1``.
+"""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import click
 import typer
+from typer.core import TyperGroup
 
-app = typer.Typer(help="hyperrec: hyper-personalized recommendations as an MLOps workflow.", no_args_is_help=True)
+DEBUG_ENV = "HYPERREC_DEBUG"
+ERROR_LIMIT = 500  # characters of an error message printed
+
+
+def describe_error(exc: BaseException) -> tuple[str, bool]:
+    """(the first line of ``exc``'s message, at most :data:`ERROR_LIMIT` characters;
+    whether ``exc`` is a known kind whose message alone says what to fix)."""
+    from core.errors import UserError
+
+    known = isinstance(exc, (UserError, OSError))
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = lines[0] if lines else ""
+    if len(text) > ERROR_LIMIT:
+        text = text[: ERROR_LIMIT - 3] + "..."
+    if not known or not text:
+        text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return text, known
+
+
+class _Cli(TyperGroup):
+    """The root command group: turns an exception from any command into one line."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException, typer.Exit, typer.Abort):
+            raise
+        except Exception as exc:
+            if ctx.meta.get("hyperrec.debug"):
+                raise
+            text, known = describe_error(exc)
+            typer.echo(f"error: {text}", err=True)
+            if not known:
+                typer.echo(f"(unexpected: run again with --debug or {DEBUG_ENV}=1 for the traceback)", err=True)
+            ctx.exit(1)
+
+
+app = typer.Typer(
+    cls=_Cli,
+    help="hyperrec: hyper-personalized recommendations as an MLOps workflow.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+
+@app.callback()
+def _main(
+    ctx: typer.Context,
+    debug: bool = typer.Option(
+        False, "--debug", envvar=DEBUG_ENV, help="show the full traceback of an error (also HYPERREC_DEBUG=1)"
+    ),
+) -> None:
+    """hyperrec: hyper-personalized recommendations as an MLOps workflow."""
+    ctx.meta["hyperrec.debug"] = debug
+
 
 ConfigOpt = typer.Option(None, "--config", help="overlay YAML on config/default.yaml (e.g. config/stack.yaml)")
 
@@ -106,10 +168,12 @@ def preprocess(
     """Clean, quarantine, deduplicate, impute and split raw interactions with Spark."""
 
     from core.settings import load_settings
+    from pipelines.preprocess import check_inputs
     from pipelines.preprocess import preprocess as run_preprocess
     from pipelines.spark import get_spark
 
     settings = load_settings(config)
+    check_inputs(settings.preprocess, interactions, users=users, items=items)  # before Spark starts
     out.mkdir(parents=True, exist_ok=True)
     report = run_preprocess(
         get_spark(settings),
@@ -178,9 +242,13 @@ def train(
     synthetic_events: int = typer.Option(0, "--synthetic-events", help="add a synthetic sample of this size"),
 ) -> None:
     """Run the recsys_training DAG once, in-process."""
+    from core.datasets.movielens import ML100K_NAME
     from hyperrec.orchestration import run_dag
+    from pipelines.ingest import check_dataset
 
     settings = _client_settings(config)
+    if dataset and dataset != ML100K_NAME:
+        dataset = str(check_dataset(dataset).root.resolve())  # before a run directory or Airflow
     state, _run_id = run_dag(settings, "recsys_training", {"dataset": dataset, "synthetic_events": synthetic_events})
     typer.echo(f"recsys_training: {state}")
     raise typer.Exit(0 if state == "success" else 1)

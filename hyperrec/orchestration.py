@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 
 from core.files import write_text_atomic
-from core.settings import PROJECT_ROOT, Settings
+from core.settings import PROJECT_ROOT, Settings, public_dump, secret_env, secret_env_names
 
 DAGS_FOLDER = PROJECT_ROOT / "dags"
 
@@ -18,17 +18,24 @@ def settings_file(settings: Settings) -> Path:
     return settings.airflow_home / "hyperrec-settings.yaml"
 
 
-def write_settings(settings: Settings, path: Path) -> Path:
-    """Write ``settings`` as one YAML file (mode 0600: it may hold credentials) for child
-    processes to rebuild the same object from ``HYPERREC_CONFIG``."""
+def write_settings(settings: Settings, path: Path, *, include_secrets: bool = True) -> Path:
+    """Write ``settings`` as one YAML file (mode 0600, atomically) for child processes to
+    rebuild the same object from ``HYPERREC_CONFIG``.
+
+    Without ``include_secrets`` the tokens and passwords (:func:`core.settings.secret_fields`)
+    are left out: the child gets them from :func:`airflow_env` (``HYPERREC_*`` variables).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    return write_text_atomic(path, yaml.safe_dump(settings.model_dump(mode="json"), sort_keys=False), mode=0o600)
+    data = settings.model_dump(mode="json") if include_secrets else public_dump(settings)
+    return write_text_atomic(path, yaml.safe_dump(data, sort_keys=False), mode=0o600)
 
 
 def airflow_env(settings: Settings, settings_path: Path) -> dict[str, str]:
     """Environment every Airflow process of this project shares: home, metadata DB, DAG
-    folder, and ``HYPERREC_CONFIG`` naming the settings file tasks rebuild settings from."""
+    folder, ``HYPERREC_CONFIG`` naming the settings file tasks rebuild settings from, and
+    the configured secrets as ``HYPERREC_*`` variables (the file may leave them out)."""
     return {
+        **secret_env(settings),
         "HYPERREC_CONFIG": str(settings_path),
         "AIRFLOW_HOME": str(settings.airflow_home),
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": settings.airflow_conn,
@@ -43,9 +50,14 @@ def airflow_env(settings: Settings, settings_path: Path) -> dict[str, str]:
 
 
 def configure_airflow(settings: Settings) -> None:
-    """Export this process's settings to Airflow and its tasks, before airflow is imported."""
+    """Export this process's settings to Airflow and its tasks, before airflow is imported:
+    ``<airflow_home>/hyperrec-settings.yaml`` without secrets (mode 0600), the secrets in
+    this process's environment, which task processes inherit."""
     settings.airflow_home.mkdir(parents=True, exist_ok=True)
-    os.environ.update(airflow_env(settings, write_settings(settings, settings_file(settings))))
+    for name in secret_env_names():  # a secret this settings object does not hold
+        os.environ.pop(name, None)
+    path = write_settings(settings, settings_file(settings), include_secrets=False)
+    os.environ.update(airflow_env(settings, path))
 
 
 def migrate_db() -> None:

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from core.errors import DataQualityError
+from core.errors import DataQualityError, UserError
 from core.run_context import RunContext
 from core.settings import load_settings
 
@@ -29,8 +29,9 @@ def _context() -> Any:
 def _timed(run: RunContext, fn: Stage, **kwargs: Any) -> dict:
     """Run ``fn(settings, run, **kwargs)`` and record its seconds under the current task id.
 
-    A :class:`DataQualityError` fails the task at once (no retries: the data will not
-    get better by itself); other errors leave retrying to Airflow.
+    A :class:`DataQualityError` or :class:`UserError` (a missing dataset, an unusable
+    input file) fails the task at once (no retries: neither gets better by itself);
+    other errors leave retrying to Airflow.
     """
     from airflow.sdk.exceptions import AirflowFailException
 
@@ -38,8 +39,8 @@ def _timed(run: RunContext, fn: Stage, **kwargs: Any) -> dict:
     start = time.perf_counter()
     try:
         result = fn(load_settings(), run, **kwargs)
-    except DataQualityError as exc:
-        log.error("data quality gate failed in %s: %s", task_id, exc)
+    except (DataQualityError, UserError) as exc:
+        log.error("%s failed: %s", task_id, exc)
         raise AirflowFailException(f"{task_id}: {exc}") from exc
     elapsed = time.perf_counter() - start
     timings = run.read_json("timings.json") if run.path("timings.json").exists() else {}

@@ -29,6 +29,8 @@ import numpy as np
 import pandas as pd
 from scipy.stats import chi2_contingency
 
+from core.files import write_text_atomic
+
 NUMERIC_FEATURES: tuple[str, ...] = ("dwell_time_s", "scroll_depth", "hour_of_day", "rating", "items_per_user")
 CATEGORICAL_FEATURES: tuple[str, ...] = ("device", "event_type", "category")
 DRIFT_FEATURES: tuple[str, ...] = NUMERIC_FEATURES
@@ -397,5 +399,5 @@ def detect_drift(
         },
         "rows": {"reference": len(ref), "current": len(cur), "max_rows": max_rows, "seed": seed},
     }
-    json_path.write_text(json.dumps(payload, indent=2))
+    write_text_atomic(json_path, json.dumps(payload, indent=2))
     return DriftResult(drifted, share, per_column, html_path, json_path)

@@ -13,6 +13,7 @@ from core.datasets import RawDataset
 from core.datasets.movielens import ML100K_NAME as ML100K
 from core.datasets.movielens import to_raw_dataset
 from core.datasets.synthetic import generate
+from core.errors import InputFileError
 from core.run_context import RunContext
 from core.schemas import ITEMS, USERS
 from core.settings import Settings
@@ -45,6 +46,26 @@ def _keep_last(table: pa.Table, key: str) -> pa.Table:
     return pa.Table.from_pandas(frame[keep], schema=table.schema, preserve_index=False)
 
 
+def check_dataset(dataset: str | Path) -> RawDataset:
+    """The raw dataset directory ``dataset`` (``interactions/`` of Parquet parts,
+    ``users.parquet``, ``items.parquet``), checked before a run starts; raises
+    :class:`InputFileError` naming the directory and what it lacks."""
+    root = Path(dataset)
+    if not root.is_dir():
+        what = "not a directory" if root.exists() else "no such directory"
+        raise InputFileError(f"dataset {root}: {what} (give 'ml-100k' or a raw dataset directory)")
+    raw = RawDataset(root)
+    missing = [p.name for p in (raw.interactions, raw.users, raw.items) if not p.exists()]
+    if not missing and not any(raw.interactions.glob("*.parquet")):
+        missing = ["interactions/*.parquet"]
+    if missing:
+        raise InputFileError(
+            f"dataset {root}: missing {', '.join(missing)} (a raw dataset holds interactions/*.parquet, "
+            f"users.parquet and items.parquet, as `hyperrec generate` writes)"
+        )
+    return raw
+
+
 def ingest(
     settings: Settings,
     run: RunContext,
@@ -67,7 +88,7 @@ def ingest(
         if dataset == ML100K:
             sources["ml100k"] = to_raw_dataset(settings.data_dir / ML100K, Path(tmp) / "ml100k")
         elif dataset:
-            sources["dataset"] = RawDataset(Path(dataset)).check()
+            sources["dataset"] = check_dataset(dataset)
         if synthetic_events > 0:
             sources["synthetic"] = generate(
                 Path(tmp) / "synthetic",

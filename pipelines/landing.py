@@ -30,6 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from core.datasets import RawDataset
+from core.errors import UserError
 from core.files import write_text_atomic
 from core.object_store import ObjectStore
 from core.schemas import INTERACTIONS, ITEMS, USERS
@@ -42,7 +43,7 @@ NAME_TIME_FORMAT = "%Y%m%dT%H%M%S.%fZ"
 SOURCES = ("land", "consumer", "dropped")
 
 
-class LandingError(ValueError):
+class LandingError(UserError, ValueError):
     """A batch that cannot land; the message names the file and the reason."""
 
 

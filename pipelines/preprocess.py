@@ -8,7 +8,6 @@ its raw record and the reason it was set aside.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -18,9 +17,10 @@ from pyspark.ml.feature import Imputer
 from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
+from core.files import write_json_atomic
 from core.schemas import DEVICES, EVENT_TYPES, INTERACTIONS, ITEMS, RATING_MAX, RATING_MIN, USERS
 from core.settings import PreprocessSettings
-from pipelines.read import read_raw_table
+from pipelines.read import check_input, read_raw_table
 from pipelines.split import temporal_split
 
 SESSION_GAP_S = 30 * 60
@@ -35,12 +35,17 @@ DEVICE_ALIASES = {
     "tv": ("tv", "smart tv", "smarttv", "ctv", "roku", "firetv", "fire tv", "apple tv", "television"),
 }
 
+# Free-text fields limited to preprocess.max_field_length characters (ids: MAX_ID_LENGTH).
+LENGTH_LIMITED = ("session_id", "event_id", "event_type", "device")
 # Interaction quarantine reasons, in the order they are checked (a row gets the first).
+# `too_long` is recorded as `too_long:<field>`, naming the first field over the limit.
 QUARANTINE_REASONS: dict[str, str] = {
+    "undecodable": "the record holds bytes that are not valid in preprocess.input_encoding",
     "unparseable_record": "the line is not valid CSV/JSON for the table",
     "missing_user_id": "user_id is null or blank",
     "missing_item_id": "item_id is null or blank",
     "invalid_id": f"an id is longer than {MAX_ID_LENGTH} characters or holds control characters",
+    "too_long": f"one of {', '.join(LENGTH_LIMITED)} is longer than preprocess.max_field_length",
     "missing_event_type": "event_type is null or blank",
     "unknown_event_type": f"event_type is not one of {', '.join(EVENT_TYPES)}",
     "missing_timestamp": "timestamp is null or blank",
@@ -197,25 +202,31 @@ def parse_interactions(raw: DataFrame) -> DataFrame:
         unparseable.alias("_unparseable"),
         F.col("_raw"),
         F.col("_corrupt"),
+        F.col("_undecodable"),
     )
 
 
 def quarantine_reason(now: datetime, settings: PreprocessSettings) -> Column:
     """The first :data:`QUARANTINE_REASONS` entry a parsed interaction row meets, or null.
 
-    Expects ``_unparseable``/``_corrupt`` from parsing and ``_user_known``/``_item_known``
-    from the referential join.
+    Expects ``_unparseable``/``_corrupt``/``_undecodable`` from parsing and
+    ``_user_known``/``_item_known`` from the referential join.
     """
     horizon = F.lit(now + timedelta(seconds=settings.future_tolerance_s)).cast("timestamp")
     rating, dwell, scroll = F.col("rating"), F.col("dwell_time_s"), F.col("scroll_depth")
     non_finite = F.lit(False)
     for c in (rating, dwell, scroll):
         non_finite = non_finite | (c.isNotNull() & (F.isnan(c) | (F.abs(c) == float("inf"))))
+    too_long = F.lit(None).cast("string")
+    for name in reversed(LENGTH_LIMITED):
+        too_long = F.when(F.length(name) > settings.max_field_length, F.lit(f"too_long:{name}")).otherwise(too_long)
     checks = {
+        "undecodable": F.col("_undecodable"),
         "unparseable_record": F.col("_corrupt"),
         "missing_user_id": F.col("user_id").isNull(),
         "missing_item_id": F.col("item_id").isNull(),
         "invalid_id": ~(_valid_id(F.col("user_id")) & _valid_id(F.col("item_id"))),
+        "too_long": too_long.isNotNull(),
         "missing_event_type": F.col("event_type").isNull(),
         "unknown_event_type": ~F.col("event_type").isin(*EVENT_TYPES),
         "missing_timestamp": F.col("timestamp").isNull() & F.col("_unparseable").isNull(),
@@ -239,7 +250,8 @@ def quarantine_reason(now: datetime, settings: PreprocessSettings) -> Column:
     assert list(checks) == list(QUARANTINE_REASONS)
     reason = F.lit(None).cast("string")
     for name, condition in reversed(list(checks.items())):
-        reason = F.when(F.coalesce(condition, F.lit(False)), F.lit(name)).otherwise(reason)
+        label = too_long if name == "too_long" else F.lit(name)
+        reason = F.when(F.coalesce(condition, F.lit(False)), label).otherwise(reason)
     return reason
 
 
@@ -268,7 +280,8 @@ def _split_dimension(
     missing or invalid ``key`` values, rows meeting an ``extra`` (condition, reason), and
     every repeat of a key after its first occurrence in the input."""
     reasons = (
-        F.when(F.col("_corrupt"), "unparseable_record")
+        F.when(F.col("_undecodable"), "undecodable")
+        .when(F.col("_corrupt"), "unparseable_record")
         .when(F.col(key).isNull(), f"missing_{key}")
         .when(~_valid_id(F.col(key)), "invalid_id")
     )
@@ -297,6 +310,7 @@ def clean_users(raw: DataFrame) -> tuple[DataFrame, DataFrame]:
         "_raw",
         "_corrupt",
         "_row",
+        "_undecodable",
     )
     return _split_dimension(df, "user_id")
 
@@ -322,6 +336,7 @@ def clean_items(raw: DataFrame) -> tuple[DataFrame, DataFrame]:
         "_raw",
         "_corrupt",
         "_row",
+        "_undecodable",
     )
     return _split_dimension(df, "item_id", ((F.col("title").isNull(), "missing_title"),))
 
@@ -457,6 +472,20 @@ def _reason_counts(df: DataFrame) -> dict[str, int]:
     return {r["reason"]: int(r["count"]) for r in df.groupBy("reason").count().collect()}
 
 
+def check_inputs(
+    settings: PreprocessSettings,
+    interactions: str | Path,
+    *,
+    users: str | Path | None = None,
+    items: str | Path | None = None,
+) -> None:
+    """Check every input table before Spark starts (:func:`pipelines.read.check_input`);
+    raise :class:`core.errors.InputFileError` with one line naming the first bad one."""
+    for path, schema in ((interactions, INTERACTIONS), (users, USERS), (items, ITEMS)):
+        if path is not None:
+            check_input(path, schema, settings.input_encoding)
+
+
 def preprocess(
     spark: SparkSession,
     interactions: str | Path,
@@ -471,21 +500,29 @@ def preprocess(
 ) -> PreprocessReport:
     """Run the whole preprocessing stage into ``out_dir``.
 
-    Inputs are CSV, JSON lines or Parquet files or directories, local or ``s3://``.
+    Inputs are CSV, JSON lines or Parquet files or directories, local or ``s3://``,
+    checked first (:func:`check_inputs`: an unusable input raises
+    :class:`core.errors.InputFileError` naming it); CSV and JSON lines are decoded from
+    ``settings.input_encoding`` record by record.
     Without ``users``/``items`` there is no referential check on that side. Writes
     ``clean/{interactions,users,items}``, ``quarantine/{interactions,users,items}``
     (``reason`` + ``raw_record``), ``split/{train,test}`` and ``report.json``.
     """
     now = now or datetime.now(UTC)
+    check_inputs(settings, interactions, users=users, items=items)
     staging = out_dir / "staging"
-    read = lambda path, schema: read_raw_table(spark, path, schema, staging, s3_endpoint_url)  # noqa: E731
+    read = lambda path, schema: read_raw_table(  # noqa: E731
+        spark, path, schema, staging, s3_endpoint_url, encoding=settings.input_encoding
+    )
     user_table, item_table = TableCounts(), TableCounts()
 
     if users is not None:
         raw_users = read(users, USERS).cache()
         users_clean, users_bad = clean_users(raw_users)
         users_clean, users_imputed = impute_users(
-            users_clean.drop("_raw", "_corrupt", "_row").cache(), settings.impute, settings.knn_neighbours
+            users_clean.drop("_raw", "_corrupt", "_row", "_undecodable").cache(),
+            settings.impute,
+            settings.knn_neighbours,
         )
         users_clean = users_clean.cache()
         _write(
@@ -496,7 +533,7 @@ def preprocess(
     if items is not None:
         raw_items = read(items, ITEMS).cache()
         items_clean, items_bad = clean_items(raw_items)
-        items_clean = items_clean.drop("_raw", "_corrupt", "_row").cache()
+        items_clean = items_clean.drop("_raw", "_corrupt", "_row", "_undecodable").cache()
         _write(
             items_bad.select(*ITEMS.names, "reason", F.col("_raw").alias("raw_record")),
             out_dir / "quarantine" / "items",
@@ -562,6 +599,6 @@ def preprocess(
         hash_algorithm=settings.hash_algorithm,
     )
     report.check()
-    (out_dir / "report.json").write_text(json.dumps(report.to_json(), indent=2, sort_keys=True))
+    write_json_atomic(out_dir / "report.json", report.to_json())
     spark.catalog.clearCache()
     return report

@@ -16,6 +16,7 @@ import pandas as pd
 
 from core.datasets import RawDataset
 from core.datasets.movielens import ML100K_NAME, read_items, read_ratings, read_users, verify
+from core.files import write_text_atomic
 from core.settings import Settings
 from pipelines.split import split_fingerprint, u75_split
 from training.candidates import BASELINES, COMPONENTS, NEEDS, available, category_multi_hot, fit_candidate, tune_choice
@@ -221,5 +222,5 @@ def run_benchmark(
     }
     if choice is not None:
         metrics["validation"] = choice.to_dict()
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True))
     return metrics

@@ -3,14 +3,24 @@ tier's pyfunc over the bundle) with the alias ``challenger``; the champion/chall
 promotion gate, manual promotion, rollback and a listing of versions. Registration is
 idempotent per pipeline run (:func:`log_and_register`); the champion history is a tag of the
 registered model (:data:`STACK_TAG`).
+
+Every change of the champion (gate, manual promotion, rollback) holds :func:`registry_lock`
+(MLflow has no compare-and-set): an exclusive file lock under ``<home>/locks`` serializes
+the processes of one host; after writing, the alias and the history are read back and the
+change is applied again on top of whatever another writer left (a writer on another
+host), so no promotion is lost from the history.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import getpass
 import hashlib
 import json
+import os
+import re
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -23,6 +33,8 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, ViewType
 from mlflow.models import infer_signature
 
+from core.errors import UserError
+from core.files import write_text_atomic
 from core.settings import Settings
 from core.tracking import configure
 from training.bundle import load_bundle
@@ -40,8 +52,48 @@ a rollback pops. Each promoted version records ``promotion.previous_champion``,
 STACK_LIMIT = 200  # champion versions kept in the history tag (a registered-model tag holds 5000 chars)
 
 
-class RegistryError(RuntimeError):
+class RegistryError(UserError, RuntimeError):
     """A registry operation that cannot be done as asked (unknown version, nothing to roll back to)."""
+
+
+LOCK_TIMEOUT_S = 300.0  # longest wait for another champion change to finish
+WRITE_ATTEMPTS = 5  # a champion change re-applied this often when another writer interleaved
+
+
+def lock_path(settings: Settings) -> Path:
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", settings.mlflow.registered_model)
+    return settings.home / "locks" / f"registry-{name}.lock"
+
+
+@contextlib.contextmanager
+def registry_lock(settings: Settings, timeout_s: float = LOCK_TIMEOUT_S):
+    """Hold the exclusive lock on champion changes of the registered model (an ``flock`` on
+    :func:`lock_path`, released when the holder exits, even by SIGKILL); raise
+    :class:`RegistryError` after ``timeout_s`` seconds of waiting."""
+    path = lock_path(settings)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + timeout_s
+    with open(path, "a+") as fh:
+        while True:
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    fh.seek(0)
+                    raise RegistryError(
+                        f"{path}: another champion change ({fh.read().strip() or 'unknown holder'}) "
+                        f"still holds the registry lock after {timeout_s:.0f} s"
+                    ) from None
+                time.sleep(0.05)
+        try:
+            fh.seek(0)
+            fh.truncate()
+            fh.write(f"pid {os.getpid()} since {datetime.now(UTC).isoformat(timespec='seconds')}")
+            fh.flush()
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
 @dataclass
@@ -494,8 +546,34 @@ def promotion_gate(
     ``segments`` (user_id → segment) enables the fairness check. The decision, the reason
     (every check with its numbers) and ``gate.checks`` (JSON) are written as tags on the
     challenger version, the reason also as its description, and ``workdir/gate.json``.
-    Re-running the gate on a version that is already champion changes nothing.
+    Re-running the gate on a version that is already champion changes nothing. The gate
+    holds :func:`registry_lock` from reading the champion to moving the alias, so it never
+    decides against a champion that another promotion has just replaced.
     """
+    with registry_lock(settings):
+        return _promotion_gate(
+            settings,
+            challenger_version=challenger_version,
+            challenger_ndcg=challenger_ndcg,
+            train_df=train_df,
+            test_df=test_df,
+            workdir=workdir,
+            challenger_metrics=challenger_metrics,
+            segments=segments,
+        )
+
+
+def _promotion_gate(
+    settings: Settings,
+    *,
+    challenger_version: int,
+    challenger_ndcg: float,
+    train_df: pd.DataFrame,
+    test_df: pd.DataFrame,
+    workdir: Path,
+    challenger_metrics: Mapping[str, Any] | None,
+    segments: Mapping[Any, Any] | None,
+) -> GateDecision:
     k = settings.training.k
     if challenger_metrics is not None and f"coverage@{k}" not in challenger_metrics:
         raise ValueError(
@@ -527,7 +605,7 @@ def promotion_gate(
             challenger_ndcg,
             challenger_ndcg,
         )
-        (workdir / "gate.json").write_text(json.dumps(asdict(decision), indent=2))
+        write_text_atomic(workdir / "gate.json", json.dumps(asdict(decision), indent=2))
         return decision
     if current is None:
         decision = GateDecision(
@@ -581,7 +659,7 @@ def promotion_gate(
     )
     if decision.promote:
         _move_champion(client, name, challenger_version, by="gate", reason=decision.reason, user=_user(None))
-    (workdir / "gate.json").write_text(json.dumps(asdict(decision), indent=2))
+    write_text_atomic(workdir / "gate.json", json.dumps(asdict(decision), indent=2))
     return decision
 
 
@@ -670,11 +748,26 @@ def champion_history(client: MlflowClient, name: str) -> list[int]:
     return stack
 
 
+def _written(client: MlflowClient, name: str, champion: int, stack: list[int]) -> bool:
+    """Whether the registry holds ``champion`` as the alias and ``stack`` as the history."""
+    model = _registered_model(client, name)
+    raw = model.tags.get(STACK_TAG)
+    alias = model.aliases.get(CHAMPION)
+    return alias is not None and int(alias) == int(champion) and raw == json.dumps(stack[-STACK_LIMIT:])
+
+
 def _move_champion(client: MlflowClient, name: str, version: int, *, by: str, reason: str, user: str) -> dict:
-    """Point ``champion`` at ``version``, push it on the history and tag who, why and what it replaced."""
-    stack = champion_history(client, name)
-    client.set_registered_model_alias(name, CHAMPION, str(version))
-    return _record_promotion(client, name, version, [*stack, int(version)], by=by, reason=reason, user=user)
+    """Point ``champion`` at ``version``, push it on the history and tag who, why and what it
+    replaced. Call under :func:`registry_lock`; the write is read back and applied again on
+    the history another writer left when it was overwritten (at most :data:`WRITE_ATTEMPTS`)."""
+    for _ in range(WRITE_ATTEMPTS):
+        stack = [*champion_history(client, name), int(version)]
+        client.set_registered_model_alias(name, CHAMPION, str(version))
+        client.set_registered_model_tag(name, STACK_TAG, json.dumps(stack[-STACK_LIMIT:]))
+        if _written(client, name, int(version), stack):
+            return _record_promotion(client, name, version, stack, by=by, reason=reason, user=user)
+        time.sleep(0.1)
+    raise RegistryError(f"v{version} of {name!r}: the champion kept changing under this promotion; try again")
 
 
 def _record_promotion(
@@ -711,6 +804,11 @@ def promote_version(settings: Settings, version: int, reason: str = "", *, user:
     automatic decision is kept in ``gate.auto_decision``) and the ``promotion.*`` record.
     Returns that record: version, previous_champion, by, user, reason, at.
     """
+    with registry_lock(settings):
+        return _promote_version(settings, version, reason, user=user)
+
+
+def _promote_version(settings: Settings, version: int, reason: str, *, user: str | None) -> dict:
     client, name = configure(settings), settings.mlflow.registered_model
     _registered_model(client, name)
     mv = _model_version(client, name, version)
@@ -750,6 +848,11 @@ def rollback(settings: Settings, to: int | None = None, *, reason: str = "", use
     further back. Tags the replaced version ``rollback.*`` and the restored one
     ``rollback.restored_from``. Returns version, rolled_back_from, user, reason, at, history.
     """
+    with registry_lock(settings):
+        return _rollback(settings, to, reason=reason, user=user)
+
+
+def _rollback(settings: Settings, to: int | None, *, reason: str, user: str | None) -> dict:
     client, name = configure(settings), settings.mlflow.registered_model
     stack = champion_history(client, name)
     if not stack:
@@ -776,6 +879,8 @@ def rollback(settings: Settings, to: int | None = None, *, reason: str = "", use
         stack.pop()
     client.set_registered_model_alias(name, CHAMPION, str(target))
     client.set_registered_model_tag(name, STACK_TAG, json.dumps(stack))
+    if not _written(client, name, target, stack):
+        raise RegistryError(f"{name!r}: the champion changed during the rollback to v{target}; check and try again")
     user, reason, at = _user(user), reason.strip() or "no reason given", _now()
     for key, value in {
         "rollback.replaced_by": str(target),

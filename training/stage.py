@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from core.files import write_text_atomic
 from core.run_context import RunContext
 from core.settings import Settings
 from feature_store.stage import read_segment_labels
@@ -166,7 +167,7 @@ def write_loss_history(model: WeightedHybrid, out_dir: Path, name: str) -> Path 
         "segments": {str(seg): loss_curve(m) for seg, m in sorted(scorer.segment_models.items())},
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(history, indent=2))
+    write_text_atomic(path, json.dumps(history, indent=2))
     return path
 
 
@@ -447,7 +448,7 @@ def training_curves(run: RunContext, best: str, out: Path) -> tuple[dict | None,
     history = json.loads(source.read_text())
     history["registered"] = history.get("model") == best
     out.mkdir(parents=True)
-    (out / LOSS_FILE).write_text(json.dumps(history, indent=2))
+    write_text_atomic(out / LOSS_FILE, json.dumps(history, indent=2))
     plot_loss(history, out / "loss.png")
     prefix = _metric_key(history.get("component", "neural"))
     steps = {f"{prefix}.train_loss": history.get("loss", []), f"{prefix}.step_loss": history.get("step_loss", [])}
@@ -605,7 +606,7 @@ def register(settings: Settings, run: RunContext, python_model: RecommenderPyfun
             metrics[f"segment_tuning.{row['segment']}.gain"] = row["gain"]
             metrics[f"segment_tuning.{row['segment']}.kept"] = float(row["kept"])
     tables = write_evaluation_tables(evaluation, run.path("evaluation"))
-    (tables / "segment_tuning.json").write_text(json.dumps(tuning, indent=2, default=str))
+    write_text_atomic(tables / "segment_tuning.json", json.dumps(tuning, indent=2, default=str))
 
     pipeline_params = run.read_json("params.json") if run.path("params.json").exists() else {}
     reason = str(pipeline_params.get("reason") or "unknown")

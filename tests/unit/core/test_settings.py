@@ -1,6 +1,6 @@
 import pytest
-from pydantic import ValidationError
 
+from core.errors import ConfigError
 from core.run_context import RunContext
 from core.settings import PROJECT_ROOT, load_settings
 
@@ -33,14 +33,14 @@ def test_stack_overlay_changes_only_urls_and_sizes(monkeypatch):
 
 
 def test_bad_values_are_rejected_with_the_field_named():
-    with pytest.raises(ValidationError, match="hash_algorithm"):
+    with pytest.raises(ConfigError, match="hash_algorithm"):
         load_settings(preprocess={"hash_algorithm": "crc32"})
-    with pytest.raises(ValidationError, match="nonsense"):
+    with pytest.raises(ConfigError, match="unknown key spark.nonsense"):
         load_settings(spark={"nonsense": 1})
 
 
 def test_missing_overlay_file_is_named(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+    with pytest.raises(ConfigError, match="nope.yaml: config file not found"):
         load_settings(tmp_path / "nope.yaml")
 
 
