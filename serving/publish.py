@@ -118,9 +118,10 @@ def publish_version(settings: Settings, version: int, *, workdir: Path, run: Run
     at it. The registered bundle carries its own serving extras (:func:`register`); with
     ``run``, they are written again from that run (:func:`add_serving_extras`).
 
-    Returns version (``v<N>``), registered_version, previous (what ``CURRENT`` named before,
-    None when nothing), store, current and serving_extras. Idempotent; it takes no lock
-    (:func:`follow_champion` does).
+    Before the upload it stores the canary rankings serving checks (``canary.json``,
+    :func:`_write_canary`). Returns version (``v<N>``), registered_version, previous (what
+    ``CURRENT`` named before, None when nothing), store, current, serving_extras and
+    canary. Idempotent; it takes no lock (:func:`follow_champion` does).
     """
     workdir = Path(workdir)
     if workdir.exists():
@@ -142,6 +143,7 @@ def publish_version(settings: Settings, version: int, *, workdir: Path, run: Run
         except Exception as exc:  # the registered bundle's own extras (if any) stay
             log.warning("no serving extras from run %s for v%s: %s", run.run_id, version, exc)
             extras["error"] = f"{type(exc).__name__}: {exc}"
+    canary = _write_canary(staged, settings.serving)
     published = publish(staged, store, f"v{version}")
     return {
         "version": published,
@@ -150,7 +152,22 @@ def publish_version(settings: Settings, version: int, *, workdir: Path, run: Run
         "store": str(store),
         "current": current_version(store),
         "serving_extras": extras,
+        "canary": canary,
     }
+
+
+def _write_canary(bundle_dir: Path, serving: ServingSettings) -> str | None:
+    """The bundle's canary rankings (:func:`serving.bundle_checks.write_canary`), checked by
+    every serving worker before it serves the bundle; the file name, or None when there are
+    no users (or it failed: the bundle is still published, and serving skips the check)."""
+    from serving.bundle_checks import write_canary
+
+    try:
+        path = write_canary(bundle_dir, serving)
+    except Exception as exc:
+        log.warning("no canary rankings for %s: %s: %s", bundle_dir, type(exc).__name__, exc)
+        return None
+    return path.name if path is not None else None
 
 
 def follow_champion(

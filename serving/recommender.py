@@ -61,6 +61,17 @@ class RecommendationRequest:
         }
 
 
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _first(values: list[str], count: int = 5, limit: int = 64) -> str:
+    """The first ``count`` of ``values``, each cut to ``limit`` characters (an error message
+    never echoes a long query), and how many more there are."""
+    shown = ", ".join(repr(_cut(v, limit)) for v in values[:count])
+    return f"[{shown}{f', … {len(values) - count} more' if len(values) > count else ''}]"
+
+
 def _z(values: np.ndarray) -> np.ndarray:
     values = np.asarray(values, dtype=np.float64)
     std = values.std()
@@ -148,15 +159,17 @@ class ServedModel:
     def validate(self, request: RecommendationRequest) -> None:
         unknown = sorted(set(request.categories) - set(self.category_masks))
         if unknown:
-            known = ", ".join(sorted(self.category_masks)) or "none"
+            known = _cut(", ".join(sorted(self.category_masks)) or "none", 1000)
             raise RequestError(
-                ["query", "categories"], f"unknown categories {unknown}; this model knows: {known}", "unknown_category"
+                ["query", "categories"],
+                f"unknown categories {_first(unknown)}; this model knows: {known}",
+                "unknown_category",
             )
         missing = sorted(i for i in set(request.exclude_items) if not self.bundle.has_item(i))
         if missing:
             raise RequestError(
                 ["query", "exclude_items"],
-                f"unknown item ids {missing[:10]}: not in model version {self.version}",
+                f"unknown item ids {_first(missing)}: not in model version {self.version}",
                 "unknown_item",
             )
 

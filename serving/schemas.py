@@ -7,13 +7,13 @@ validated once, when it is built, and serialized as it is.
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from core.events import EVENT_ID_DESCRIPTION, EVENT_ID_PATTERN
-from core.schemas import DEVICES, EVENT_TYPES, RATING_MAX, RATING_MIN
+from core.schemas import DEVICES, EARLIEST_EVENT_TIME, EVENT_TYPES, RATING_MAX, RATING_MIN
 
 USER_ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}$"
 USER_ID_DESCRIPTION = "1-128 characters of [A-Za-z0-9_.:-]"
@@ -21,12 +21,26 @@ MAX_K = 100
 MAX_LIST = 4096
 
 
+def as_utc(moment: datetime) -> datetime:
+    """``moment`` with a time zone: a naive one is read as UTC."""
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
 class EventIn(BaseModel):
+    """One interaction posted to ``POST /v1/events``. Unknown fields are rejected (422); the
+    latest allowed timestamp (now + ``preprocess.future_tolerance_s``) is checked by the route."""
+
+    model_config = ConfigDict(extra="forbid")
+
     user_id: str = Field(pattern=USER_ID_PATTERN, description=USER_ID_DESCRIPTION)
     item_id: str = Field(min_length=1, max_length=256)
     event_type: Literal[EVENT_TYPES]  # type: ignore[valid-type]
-    timestamp: datetime | None = Field(None, description="event time; default: when received (UTC)")
-    rating: float | None = Field(None, ge=RATING_MIN, le=RATING_MAX, description="only for event_type 'rate'")
+    timestamp: datetime | None = Field(
+        None, description="event time, from 1995-01-01 to a day ahead; naive means UTC; default: when received"
+    )
+    rating: float | None = Field(
+        None, ge=RATING_MIN, le=RATING_MAX, allow_inf_nan=False, description="only for event_type 'rate'"
+    )
     event_id: str | None = Field(
         None,
         pattern=EVENT_ID_PATTERN,
@@ -36,6 +50,13 @@ class EventIn(BaseModel):
     dwell_time_s: float | None = Field(None, ge=0, le=86400, allow_inf_nan=False, description="seconds on the item")
     scroll_depth: float | None = Field(None, ge=0, le=1, allow_inf_nan=False, description="share of the item scrolled")
     session_id: str | None = Field(None, min_length=1, max_length=256, description="the client's session")
+
+    @field_validator("timestamp")
+    @classmethod
+    def _not_before_earliest(cls, value: datetime | None) -> datetime | None:
+        if value is not None and as_utc(value) < EARLIEST_EVENT_TIME:
+            raise ValueError(f"timestamp is before {EARLIEST_EVENT_TIME.date().isoformat()}")
+        return value
 
     @model_validator(mode="after")
     def _rating_only_for_rate(self) -> EventIn:
@@ -47,7 +68,10 @@ class EventIn(BaseModel):
 
 
 class RecommendationQuery(BaseModel):
-    """Query parameters of ``GET /v1/recommendations/{user_id}`` (validated as one model)."""
+    """Query parameters of ``GET /v1/recommendations/{user_id}`` (validated as one model);
+    an unknown parameter is rejected (422)."""
+
+    model_config = ConfigDict(extra="forbid")
 
     k: int | None = Field(None, ge=1, le=MAX_K, description="list length (default: serving.default_k)")
     exclude_seen: bool = Field(True, description="leave out items the user already interacted with")

@@ -21,9 +21,10 @@ router = APIRouter(dependencies=[Depends(require_admin)])
 
 @router.post("/admin/reload", response_model=Reloaded, responses={**AUTH_RESPONSES, 503: {"description": "no bundle"}})
 async def admin_reload(state: StateDep) -> Reloaded:
-    """Re-read ``CURRENT`` now and swap in the version it names."""
+    """Re-read ``CURRENT`` now and swap in the version it names (after its checks; a bundle
+    refused earlier is tried again)."""
     before = state.served.version if state.served else None
-    served = await asyncio.to_thread(state.refresh)
+    served = await asyncio.to_thread(state.refresh, retry_refused=True)
     if served is None:
         raise HTTPException(status_code=503, detail=state.error or NO_BUNDLE)
     return Reloaded(

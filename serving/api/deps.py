@@ -22,6 +22,13 @@ from serving.cache import RecommendationCache
 from serving.events import RedisEvents
 
 bearer = HTTPBearer(auto_error=False, description="serving.admin_token")
+events_bearer = HTTPBearer(
+    auto_error=False,
+    scheme_name="EventsToken",
+    description="serving.events_token (checked by serving.api.guard.EventsGuard before the body is read)",
+)
+"""Documents the events route's bearer token in the OpenAPI schema; the check itself is the
+guard's."""
 
 
 async def serving_state(request: Request) -> ServingState:

@@ -1,50 +1,70 @@
 """``POST /v1/events``: live interaction intake (to the event stream and the user's live
 history, :mod:`serving.events`). An event keeps the client's ``event_id`` or gets a new one
 (uuid4 hex); a retry with a recorded ``event_id`` is answered ``duplicate: true`` and not
-recorded again."""
+recorded again.
+
+Before the body is read, :class:`serving.api.guard.EventsGuard` checks the producer's bearer
+token (``serving.events_token``, when configured: else 401) and its rate limit (else 429). A
+failed write to the event store answers 503 and marks the store degraded in ``/readyz``
+until a write succeeds."""
 
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
-from fastapi import APIRouter, HTTPException
+from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import JSONResponse
 from redis.exceptions import RedisError
 
 from core.events import Event
-from serving.api.deps import EventsDep, MetricsDep, StateDep
-from serving.schemas import EventAccepted, EventIn
+from core.schemas import EARLIEST_EVENT_TIME
+from serving.api.deps import EventsDep, MetricsDep, StateDep, events_bearer
+from serving.schemas import EventAccepted, EventIn, as_utc
 
 router = APIRouter()
+
+
+def _unprocessable(field: str, kind: str, msg: str) -> JSONResponse:
+    return JSONResponse(status_code=422, content={"detail": [{"loc": ["body", field], "type": kind, "msg": msg}]})
 
 
 @router.post(
     "/v1/events",
     status_code=202,
     response_model=EventAccepted,
+    dependencies=[Depends(events_bearer)],
     responses={
-        422: {"description": "invalid event or unknown item"},
+        401: {"description": "missing or wrong events token (when serving.events_token is set)"},
+        413: {"description": "body larger than serving.max_body_bytes"},
+        422: {"description": "invalid event, unknown field or item, timestamp out of range"},
+        429: {"description": "rate limit of the client exceeded (Retry-After)"},
         503: {"description": "no bundle or event store"},
     },
 )
 async def post_event(
-    event: EventIn, state: StateDep, events: EventsDep, metrics: MetricsDep
+    event: EventIn, request: Request, state: StateDep, events: EventsDep, metrics: MetricsDep
 ) -> EventAccepted | JSONResponse:
     """Accept one interaction: it goes to the event stream and the user's live history,
     invalidates the user's cached lists and shapes their next recommendations (once per
-    ``event_id``)."""
+    ``event_id``). The timestamp must lie between 1995-01-01 and now plus
+    ``preprocess.future_tolerance_s`` (as preprocessing requires)."""
     served = await state.require()
     if not served.bundle.has_item(event.item_id):
-        detail = [
-            {
-                "loc": ["body", "item_id"],
-                "type": "unknown_item",
-                "msg": f"unknown item_id {event.item_id!r}: not in model version {served.version}",
-            }
-        ]
-        return JSONResponse(status_code=422, content={"detail": detail})
-    timestamp = event.timestamp or datetime.now(UTC)
+        return _unprocessable(
+            "item_id", "unknown_item", f"unknown item_id {event.item_id[:64]!r}: not in model version {served.version}"
+        )
+    now = datetime.now(UTC)
+    if event.timestamp is not None:
+        horizon = now + timedelta(seconds=request.app.state.settings.preprocess.future_tolerance_s)
+        if as_utc(event.timestamp) > horizon:
+            return _unprocessable(
+                "timestamp",
+                "timestamp_out_of_range",
+                f"timestamp is later than now + preprocess.future_tolerance_s ({horizon.isoformat()}); "
+                f"allowed: {EARLIEST_EVENT_TIME.date().isoformat()} to then",
+            )
+    timestamp = event.timestamp or now
     event_id = event.event_id or uuid.uuid4().hex
     accepted = Event(
         event.user_id,
@@ -61,7 +81,9 @@ async def post_event(
     try:
         published = await events.publish(accepted)
     except RedisError as exc:
+        state.event_store_failed(f"{type(exc).__name__}: {exc}")
         raise HTTPException(status_code=503, detail=f"event store unavailable: {exc}") from exc
+    state.event_store_ok()
     if not published.duplicate:
         metrics.events.labels(event.event_type).inc()
     return EventAccepted(

@@ -1,21 +1,23 @@
-"""Probes and metrics: ``GET /healthz`` (liveness), ``GET /readyz`` (a model is loaded; also
-picks up a newly published ``CURRENT``) and ``GET /metrics`` (Prometheus, not in the OpenAPI
-schema)."""
+"""Probes and metrics: ``GET /healthz`` (liveness), ``GET /readyz`` (a model is loaded; reports
+only, it never loads one) and ``GET /metrics`` (Prometheus, not in the OpenAPI schema)."""
 
 from __future__ import annotations
 
 import asyncio
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.responses import Response
 
 from serving.api.deps import MetricsDep, StateDep
 from serving.api.state import NO_BUNDLE
+from serving.bundle_checks import describe_error
 
 router = APIRouter()
+
+PING_TIMEOUT_S = 0.5
 
 
 @router.get("/healthz")
@@ -24,13 +26,36 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
+async def _event_store_problem(request: Request, state: Any) -> str | None:
+    """Why events cannot be written now: the last write failed, or the store does not answer
+    a PING within :data:`PING_TIMEOUT_S`; None when it looks writable."""
+    if state.event_store_error:
+        return f"the last event write failed: {state.event_store_error}"
+    events = getattr(request.app.state, "events", None)
+    if events is None:
+        return "no event store (the app has not started)"
+    try:
+        await asyncio.wait_for(events.client.ping(), PING_TIMEOUT_S)
+    except Exception as exc:
+        return f"the event store does not answer: {describe_error(exc)}"
+    return None
+
+
 @router.get("/readyz")
-async def readyz(state: StateDep) -> JSONResponse:
-    """Readiness: a model is loaded. Also picks up a newly published ``CURRENT``."""
-    served = await asyncio.to_thread(state.refresh)
+async def readyz(request: Request, state: StateDep) -> JSONResponse:
+    """Readiness: 200 while a model is loaded (503 without one), with its description.
+    ``degraded: true`` and ``degraded_reason`` when events cannot be written (the model
+    still answers); ``reload_error`` when the last reload failed or ``CURRENT`` was refused.
+    Reports only: loading happens in the poller and ``POST /admin/reload``."""
+    served = state.served
+    problem = await _event_store_problem(request, state)
+    degraded: dict[str, Any] = {"degraded": problem is not None}
+    if problem is not None:
+        degraded["degraded_reason"] = problem
     if served is None:
-        return JSONResponse(status_code=503, content={"status": "unavailable", "detail": state.error or NO_BUNDLE})
-    body: dict[str, Any] = {"status": "ready", **served.describe()}
+        body = {"status": "unavailable", "detail": state.error or NO_BUNDLE, **degraded}
+        return JSONResponse(status_code=503, content=body)
+    body = {"status": "ready", **served.describe(), **degraded}
     if state.error:
         body["reload_error"] = state.error
     return JSONResponse(status_code=200, content=body)

@@ -230,6 +230,7 @@ def scrape_serving(work: Path, created_at: str) -> dict:
     with TestClient(create_app(settings)) as client:
         statuses["before_publish"] = client.get("/v1/recommendations/u1").status_code
         publish(bundle, ObjectStore(settings.object_store_uri), "v1")
+        client.app.state.serving.refresh()  # what the poller does (/readyz only reports)
         statuses["ready"] = client.get("/readyz").status_code
         miss = client.get("/v1/recommendations/u1", params={"k": 3})
         hit = client.get("/v1/recommendations/u1", params={"k": 3})

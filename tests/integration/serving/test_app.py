@@ -142,8 +142,20 @@ def test_probes_metrics_and_docs(client: TestClient) -> None:
     assert "/v1/events" in client.get("/openapi.json").json()["paths"]
 
 
+def _wait_for_version(client: TestClient, version: str, timeout_s: float = 20) -> dict:
+    """``/readyz`` once it reports ``version`` (the poller loads it; /readyz only reports)."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while (body := client.get("/readyz").json()).get("model_version") != version:
+        assert time.monotonic() < deadline, body
+        time.sleep(0.05)
+    return body
+
+
 def test_not_ready_until_published_then_hot_reload(tmp_path: Path) -> None:
     settings = make_settings(tmp_path)  # online_store.url None: the app starts its own Valkey
+    settings = settings.model_copy(update={"serving": settings.serving.model_copy(update={"reload_interval_s": 0.1})})
     with TestClient(create_app(settings)) as client:
         assert client.get("/healthz").status_code == 200
         ready = client.get("/readyz")
@@ -156,9 +168,9 @@ def test_not_ready_until_published_then_hot_reload(tmp_path: Path) -> None:
 
         store = ObjectStore(settings.object_store_uri)
         publish(build_bundle(tmp_path / "b1", "v1"), store, "v1")
-        assert client.get("/readyz").json()["model_version"] == "v1"
+        _wait_for_version(client, "v1")
         publish(build_bundle(tmp_path / "b2", "v2"), store, "v2")
-        assert client.get("/readyz").json()["model_version"] == "v2"
+        _wait_for_version(client, "v2")
         assert recs(client, "u1")["model_version"] == "v2"
 
 

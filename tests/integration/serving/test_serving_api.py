@@ -287,9 +287,9 @@ def test_cache_hit_fast_path_agrees_with_the_route(client: TestClient) -> None:
     first = get(client, "u4", k=4, diversity=0.5)
     fast = get(client, "u4", diversity="0.5", k="4")  # same query, other order and spelling: the lean path hits
     assert first.headers["x-cache"] == "miss" and fast.headers["x-cache"] == "hit" and fast.content == first.content
-    routed = get(
-        client, "u4", k=4, diversity=0.5, utm_source="mail"
-    )  # unknown parameter: FastAPI answers, from the cache
+    unknown = client.get("/v1/recommendations/u4", params={"k": 4, "utm_source": "mail"})
+    assert unknown.status_code == 422 and unknown.json()["detail"][0]["type"] == "extra_forbidden"
+    routed = client.get("/v1/recommendations/u4?k=4&k=4&diversity=0.5")  # repeated: FastAPI answers, from the cache
     assert routed.headers["x-cache"] == "hit" and routed.content == first.content
     assert client.get("/v1/recommendations/u4?k=4&k=5").status_code == 200
     assert client.get("/v1/recommendations/u4?k=400").status_code == 422
