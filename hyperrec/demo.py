@@ -18,6 +18,7 @@ from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeEl
 from rich.table import Table
 
 from core.net import free_port
+from core.processes import die_with_parent
 from core.run_context import RunContext
 from core.settings import Settings
 from hyperrec.orchestration import execute_dag, get_dag, task_order
@@ -123,7 +124,10 @@ def _serve_and_show(settings: Settings, users: list[str], k: int) -> None:
 
     port = free_port()
     cmd = [sys.executable, "-m", "hyperrec.cli", "serve", "--port", str(port), "--config", str(settings_file(settings))]
-    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # Stops with this process, kill -9 included; it stops its own Valkey and workers.
+    server = subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, preexec_fn=die_with_parent()
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         with console.status(f"starting hyperrec serve on {base}"):
@@ -151,8 +155,12 @@ def _serve_and_show(settings: Settings, users: list[str], k: int) -> None:
                 table.add_row(str(item["rank"]), item["item_id"], item["title"], f"{item['score']:.3f}")
             console.print(table)
     finally:
-        server.terminate()
-        server.wait(timeout=20)
+        server.terminate()  # a clean stop: the workers, then its Valkey
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()  # its children get SIGTERM from the kernel (core.processes.die_with_parent)
+            server.wait()
 
 
 def _land_drifted_batch(settings: Settings, sample_events: int) -> str:

@@ -37,6 +37,7 @@ from urllib.parse import urlparse
 import httpx
 
 from core.files import write_text_atomic
+from core.processes import die_with_parent
 from core.processes import pid_alive as _alive
 from core.settings import Settings
 from hyperrec.airflow_api import AirflowClient
@@ -50,6 +51,7 @@ MAX_BACKOFF_S = 60.0
 # Restarts after which `up` stops waiting for a service and reports it.
 CRASH_LOOP = 3
 REQUIRED = ("airflow", "mlflow", "serving")
+EVENTS_TOKEN_ENV = "HYPERREC_SERVING__EVENTS_TOKEN"
 
 
 # --------------------------------------------------------------------------- locations
@@ -135,6 +137,36 @@ def _write_private(path: Path, text: str) -> None:
     write_text_atomic(path, text, mode=0o600)
 
 
+def events_token_path(settings: Settings) -> Path:
+    return settings.home / "secrets" / "events_token"
+
+
+def read_events_token(settings: Settings) -> str | None:
+    """The bearer token of ``POST /v1/events`` under ``up``: ``serving.events_token`` when
+    configured, else the one :func:`ensure_events_token` generated (None before the first up)."""
+    if settings.serving.events_token:
+        return settings.serving.events_token
+    try:
+        return events_token_path(settings).read_text().strip() or None
+    except FileNotFoundError:
+        return None
+
+
+def ensure_events_token(settings: Settings) -> str:
+    """:func:`read_events_token`, generated the first time (``secrets.token_urlsafe(32)``)
+    and kept in ``<home>/secrets/events_token`` (directory 0700, file 0600, written
+    atomically). The serving service gets it as ``HYPERREC_SERVING__EVENTS_TOKEN``."""
+    token = read_events_token(settings)
+    if token:
+        return token
+    token = secrets.token_urlsafe(32)
+    path = events_token_path(settings)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path.parent.chmod(0o700)
+    write_text_atomic(path, token + "\n", mode=0o600)
+    return token
+
+
 # --------------------------------------------------------------------------- the services
 
 
@@ -208,7 +240,15 @@ def build_services(settings: Settings, settings_path: Path) -> list[Service]:
         services.append(
             Service(
                 "valkey",
-                valkey_command(settings.online_store.embedded_port, data, save="60 1", appendonly=True),
+                valkey_command(
+                    settings.online_store.embedded_port,
+                    data,
+                    save="60 1",
+                    appendonly=True,
+                    appendfsync=settings.online_store.appendfsync,
+                    maxmemory_mb=settings.online_store.maxmemory_mb,
+                    maxmemory_policy=settings.online_store.maxmemory_policy,
+                ),
                 url=online_store_url(settings),
                 port=settings.online_store.embedded_port,
             )
@@ -264,7 +304,7 @@ def build_services(settings: Settings, settings_path: Path) -> list[Service]:
         Service(
             "serving",
             [str(BIN / "hyperrec"), "serve", "--config", str(settings_path), "--host", s.host, "--port", str(s.port)],
-            env={"HYPERREC_CONFIG": str(settings_path)},
+            env={"HYPERREC_CONFIG": str(settings_path), EVENTS_TOKEN_ENV: ensure_events_token(settings)},
             url=serving_url(settings),
             port=s.port,
             host=s.host,
@@ -358,6 +398,7 @@ def status(settings: Settings) -> dict[str, Any]:
         "supervisor_pid": state.get("supervisor_pid") if running else None,
         "airflow_user": user,
         "airflow_password": password,
+        "events_token": read_events_token(settings),
         "home": str(settings.home),
         "logs": str(logs_dir(settings)),
         "metrics": f"http://127.0.0.1:{settings.services.metrics_port}/metrics",
@@ -450,8 +491,8 @@ class Supervisor:
         self.running: dict[str, _Running] = {}
         self._metrics_server: ThreadingHTTPServer | None = None
 
-    def log(self, message: str) -> None:
-        print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}", flush=True)
+    def log(self, message: str, level: str = "INFO") -> None:
+        print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {level} {message}", flush=True)
 
     def prepare(self) -> Path:
         """Write the services' settings file, create missing databases, migrate Airflow's."""
@@ -477,8 +518,6 @@ class Supervisor:
         return path
 
     def start(self, entry: _Running) -> None:
-        from feature_store.online import die_with_parent
-
         service = entry.service
         if service.port is not None and not _port_free(service.host, service.port):
             raise RuntimeError(
@@ -509,7 +548,7 @@ class Supervisor:
         try:
             process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            self.log(f"{entry.service.name} did not stop within {timeout:.0f} s: killing it")
+            self.log(f"{entry.service.name} did not stop within {timeout:.0f} s: killing it", "WARNING")
             _signal_group(process.pid, signal.SIGKILL)
             process.wait()
         _signal_group(process.pid, signal.SIGKILL)  # whatever it left in its group
@@ -549,17 +588,19 @@ class Supervisor:
                 )
                 entry.restart_at = now + entry.backoff
                 self.log(
-                    f"{name} exited with {process.returncode}; restarting in {entry.backoff:.0f} s "
-                    f"(log: {logs_dir(self.settings) / (name + '.log')})"
+                    f"{name} (pid {process.pid}) exited with {process.returncode}; restarting in "
+                    f"{entry.backoff:.0f} s (log: {logs_dir(self.settings) / (name + '.log')})",
+                    "WARNING",
                 )
                 self.write_state()
             elif process is None and now >= entry.restart_at:
                 try:
                     self.start(entry)
                     entry.restarts += 1
+                    self.log(f"restarted {name} (pid {entry.process.pid}, restart {entry.restarts})", "WARNING")
                 except RuntimeError as exc:
                     entry.restart_at = now + max(entry.backoff, self.settings.services.restart_backoff_s)
-                    self.log(f"could not restart {name}: {exc}")
+                    self.log(f"could not restart {name}: {exc}", "WARNING")
                 self.write_state()
 
     def serve_metrics(self) -> None:
@@ -617,7 +658,7 @@ class Supervisor:
                 self.watch_once()
             return 0
         except Exception as exc:
-            self.log(f"error: {exc}")
+            self.log(f"error: {exc}", "ERROR")
             return 1
         finally:
             self.shutdown()

@@ -19,6 +19,7 @@ Redis (``online_store.url``; None starts an embedded Valkey server for this app,
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import multiprocessing
 import os
@@ -30,9 +31,10 @@ import redis.asyncio as aioredis
 from fastapi import FastAPI
 
 from core.object_store import ObjectStore
+from core.processes import die_with_parent, exit_on_signals, watch_parent
 from core.settings import Settings, load_settings
-from feature_store.online import die_with_parent, open_redis
-from serving.api import admin, events, health, recommendations
+from feature_store.online import open_redis
+from serving.api import admin, events, guard, health, recommendations
 from serving.api.metrics import MULTIPROC_ENV, MetricsMiddleware, ServingMetrics, prepare_multiprocess_dir
 from serving.api.recommendations import CacheHitFastPath
 from serving.api.state import ServingState
@@ -40,6 +42,11 @@ from serving.cache import RecommendationCache
 from serving.events import RedisEvents
 
 log = logging.getLogger(__name__)
+REDIS_CONNECT_TIMEOUT_S = 2.0
+REDIS_TIMEOUT_S = 5.0
+# Seconds a stopping worker waits for requests in flight before it closes their connections.
+GRACEFUL_SHUTDOWN_S = 5.0
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 @contextmanager
@@ -71,7 +78,14 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     cfg = settings.serving
     state: ServingState = app.state.serving
     with _compute_threads(cfg.compute_threads), open_redis(settings.online_store.url) as server:
-        client = aioredis.Redis.from_url(server.url, decode_responses=False)
+        # A command that finds the server gone fails within seconds (events: 503) and the next
+        # one reconnects: a restarted embedded server (same URL) is used again at once.
+        client = aioredis.Redis.from_url(
+            server.url,
+            decode_responses=False,
+            socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S,
+            socket_timeout=REDIS_TIMEOUT_S,
+        )
         poller = None
         try:
             app.state.cache = cache = RecommendationCache(client, cfg.namespace, cfg.cache_ttl_s)
@@ -107,6 +121,7 @@ def create_app(settings: Settings, bundle_store: ObjectStore | None = None) -> F
     for module in (recommendations, events, health, admin):
         app.include_router(module.router)
     app.add_middleware(CacheHitFastPath, state=state, default_k=settings.serving.default_k, metrics=metrics)
+    guard.install(app, settings.serving)  # body limit, events token and rate limit, short 422s
     app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: times the fast path too
     return app
 
@@ -114,10 +129,13 @@ def create_app(settings: Settings, bundle_store: ObjectStore | None = None) -> F
 def app_from_environment() -> FastAPI:
     """Uvicorn factory for ``hyperrec serve`` workers: settings from ``HYPERREC_CONFIG`` and
     ``HYPERREC_*`` variables (the CLI exports them). With several workers, each stops with
-    the server process that started it, even one killed with SIGKILL."""
+    the server process that started it, even one killed with SIGKILL: the kernel's death
+    signal, and a thread that notices when the worker has been reparented."""
     parent = multiprocessing.parent_process()
     if parent is not None and parent.pid is not None:
+        logging.basicConfig(level=logging.WARNING, format=LOG_FORMAT)
         die_with_parent(parent.pid)()
+        watch_parent(parent.pid)
     return create_app(load_settings())
 
 
@@ -129,12 +147,21 @@ def run_server(
     Workers read their settings from ``config`` (exported as ``HYPERREC_CONFIG``). Without
     ``online_store.url`` an embedded Valkey server is started here, in the parent, and its
     URL exported, so every worker shares one cache, event stream and set of live histories.
+    That server is durable: its data is ``<home>/serving/valkey`` (append-only file,
+    ``online_store.appendfsync``), so an event acknowledged with 202 survives a crash of
+    Valkey or of this process, and a watchdog restarts it on the same port when it dies.
     With more than one worker, Prometheus runs in multiprocess mode over
     ``$PROMETHEUS_MULTIPROC_DIR`` (default ``<home>/serving/prometheus``, emptied first), so
     ``/metrics`` on any worker reports all of them.
+
+    Without ``serving.events_token`` it binds 127.0.0.1 whatever ``host`` says, and says so.
+    SIGTERM/SIGHUP/Ctrl-C stop the workers (requests in flight get
+    :data:`GRACEFUL_SHUTDOWN_S`), then Valkey; the exit status is 128 + the signal. Killed
+    with SIGKILL, its workers and Valkey stop by themselves (:mod:`core.processes`).
     """
     import uvicorn
 
+    logging.basicConfig(level=logging.WARNING, format=LOG_FORMAT)
     settings = load_settings(config)
     if config is not None:
         os.environ["HYPERREC_CONFIG"] = str(Path(config).resolve())
@@ -145,14 +172,78 @@ def run_server(
         os.environ[MULTIPROC_ENV] = str(
             prepare_multiprocess_dir(Path(os.environ.get(MULTIPROC_ENV) or settings.home / "serving" / "prometheus"))
         )
-    with open_redis(settings.online_store.url) as server:
+    options = {
+        "factory": True,
+        "host": bind_host(host or settings.serving.host, settings),
+        "port": port or settings.serving.port,
+        "workers": workers,
+        "access_log": False,
+        "log_level": "warning",
+        "timeout_graceful_shutdown": GRACEFUL_SHUTDOWN_S,
+    }
+    online = settings.online_store
+    with (
+        exit_on_signals(),
+        open_redis(
+            online.url,
+            data_dir=settings.home / "serving" / "valkey",
+            durable=True,
+            appendfsync=online.appendfsync,
+            maxmemory_mb=online.maxmemory_mb,
+            maxmemory_policy=online.maxmemory_policy,
+            restart=True,
+        ) as server,
+    ):
         os.environ["HYPERREC_ONLINE_STORE__URL"] = server.url
-        uvicorn.run(
-            "serving.app:app_from_environment",
-            factory=True,
-            host=host or settings.serving.host,
-            port=port or settings.serving.port,
-            workers=workers,
-            access_log=False,
-            log_level="warning",
+        if workers == 1:
+            uvicorn.run("serving.app:app_from_environment", **options)  # type: ignore[arg-type]
+        else:
+            uv_config = uvicorn.Config("serving.app:app_from_environment", **options)  # type: ignore[arg-type]
+            _supervise_workers(uv_config)
+
+
+def bind_host(host: str, settings: Settings) -> str:
+    """The address to serve on: ``host``, or 127.0.0.1 (with a WARNING) when no
+    ``serving.events_token`` guards ``POST /v1/events`` and ``host`` is not loopback."""
+    if settings.serving.events_token:
+        return host
+    if not _loopback(host):
+        log.warning(
+            "serving.events_token is not set: POST /v1/events would be open to anyone who can reach %s, "
+            "so serving binds 127.0.0.1 only (set serving.events_token to serve on %s)",
+            host,
+            host,
         )
+        return "127.0.0.1"
+    log.warning("serving.events_token is not set: POST /v1/events takes events without a token; bound to %s only", host)
+    return host
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _supervise_workers(config: object) -> None:
+    """uvicorn's worker supervisor (what ``uvicorn.run`` runs for several workers), logging
+    a worker's death and its replacement at WARNING (uvicorn logs them at INFO)."""
+    from uvicorn.supervisors.multiprocess import Multiprocess
+
+    class Workers(Multiprocess):
+        def keep_subprocess_alive(self) -> None:
+            before = list(self.processes)
+            super().keep_subprocess_alive()
+            for old, new in zip(before, self.processes):
+                if new is not old:
+                    log.warning(
+                        "serving worker %s died (exit status %s); started worker %s in its place",
+                        old.pid,
+                        old.exitcode,
+                        new.pid,
+                    )
+
+    Workers(config, sockets=[config.bind_socket()]).run()  # type: ignore[arg-type,attr-defined]

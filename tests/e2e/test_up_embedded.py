@@ -63,6 +63,12 @@ def test_up_starts_every_service_healthy_and_status_reports_them(embedded, owner
     assert httpx.get(f"{report['services']['serving']['url']}/readyz").status_code == 503
     metrics = httpx.get(report["metrics"]).text
     assert 'hyperrec_service_up{service="scheduler"} 1.0' in metrics
+    # up generated the events token once, in a 0600 file of a 0700 directory, and serving requires it.
+    token_file = settings.home / "secrets" / "events_token"
+    assert report["events_token"] and token_file.read_text().strip() == report["events_token"]
+    assert (token_file.stat().st_mode & 0o777, token_file.parent.stat().st_mode & 0o777) == (0o600, 0o700)
+    event = {"user_id": "u1", "item_id": "i1", "event_type": "view"}
+    assert httpx.post(f"{report['services']['serving']['url']}/v1/events", json=event).status_code == 401
 
 
 def test_a_second_up_is_idempotent(embedded, owner):

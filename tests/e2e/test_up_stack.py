@@ -139,6 +139,7 @@ def stack_overrides(home: Path, dataset: Path, s3_endpoint: str, suffix: str, **
     ports["mlflow"].update(backend_store_uri=f"postgresql+psycopg2://{PG}/hyperrec_test_mlflow_{suffix}")
     ports["online_store"] = {"url": REDIS_URL}
     ports["serving"]["champion_poll_s"] = 2.0
+    ports["serving"]["events_rate_per_s"] = 0.0  # the 10,000-event test posts as fast as it can
     return {
         **SMALL_MODELS,
         **ports,
@@ -367,14 +368,15 @@ def test_events_sent_to_serving_land_once_each_though_the_consumer_is_killed(sta
     """10,000 events through POST /v1/events (300 of them sent twice, as a client retries);
     the consumer is killed with SIGKILL in the middle and restarted by the supervisor; every
     event id lands exactly once and nothing stays pending."""
-    base = stack.status()["services"]["serving"]["url"]
+    report = stack.status()
+    base, token = report["services"]["serving"]["url"], report["events_token"]
     events = _posted_events(dataset)
     queue = events + events[:RETRIED_EVENTS]
     failures: list = []
     sent = Counter()
 
     def post(chunk: list[dict]) -> None:
-        with httpx.Client(base_url=base, timeout=30) as client:
+        with httpx.Client(base_url=base, timeout=30, headers={"authorization": f"Bearer {token}"}) as client:
             for event in chunk:
                 answer = client.post("/v1/events", json=event)
                 if answer.status_code != 202:
