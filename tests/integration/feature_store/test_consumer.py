@@ -426,6 +426,7 @@ def test_http_events_land_exactly_once_across_a_kill_9(tmp_path: Path, valkey_ur
     settings = consumer_settings(tmp_path, valkey_url, namespace, **landing)
     settings.object_store.uri = str(tmp_path / "bundles")
     settings.serving.reload_interval_s = 0
+    settings.serving.events_rate_per_s = 0  # one client at full speed: the rate limit has its own test
     publish_bundle(tiny_bundle(tmp_path / "build", "v1"), ObjectStore(settings.object_store_uri), "v1")
     config = tmp_path / "consumer.yaml"
     overlay = {"home": str(tmp_path / "home"), "online_store": {"url": valkey_url}, "serving": {"namespace": namespace}}
