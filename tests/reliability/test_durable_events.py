@@ -26,7 +26,8 @@ EVENTS = 300
 def test_events_accepted_before_a_valkey_kill_9_are_there_after_it_recovers_by_itself(tmp_path):
     """300 events get 202; the embedded valkey-server is killed with SIGKILL; within 30 s
     serve has restarted it (WARNING in its log) and events get 202 again; all 300 event ids
-    are still in the stream."""
+    are still in the stream, and the restarted server is append-only with the configured
+    memory limit and eviction policy."""
     config = serve_config(tmp_path)
     serve = Serve(config, free_port())
     try:
@@ -54,6 +55,12 @@ def test_events_accepted_before_a_valkey_kill_9_are_there_after_it_recovers_by_i
         try:
             key = stream_key(load_settings().serving.namespace)
             kept = {fields.get("event_id") for _id, fields in client_r.xrange(key)}
+            # The restarted server runs as configured: append-only, bounded, evicting only keys with a TTL.
+            online = load_settings().online_store
+            config_of = {**client_r.config_get("append*"), **client_r.config_get("maxmemory*")}
+            assert (config_of["appendonly"], config_of["appendfsync"]) == ("yes", online.appendfsync)
+            assert int(config_of["maxmemory"]) == online.maxmemory_mb * 1024 * 1024
+            assert config_of["maxmemory-policy"] == online.maxmemory_policy
         finally:
             client_r.close()
         assert len(set(accepted) & kept) == EVENTS, f"{len(set(accepted) & kept)}/{EVENTS} kept"
