@@ -471,17 +471,25 @@ def secret_env_name(section: str, key: str) -> str:
     return f"{ENV_PREFIX}{section.upper()}{ENV_DELIMITER}{key.upper()}"
 
 
-def secret_env_names() -> list[str]:
-    """Every variable :func:`secret_env` may set (for clearing stale ones)."""
-    names = []
+def section_fields() -> list[tuple[str, str, bool]]:
+    """(section, key, declared with :data:`SECRET`) of every field of every settings section."""
+    fields = []
     for section_name, field in Settings.model_fields.items():
         model = field.annotation
         if isinstance(model, type) and issubclass(model, BaseModel):
             for key, info in model.model_fields.items():
                 extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
-                if extra.get("secret") or (section_name, key) in URL_FIELDS:
-                    names.append(secret_env_name(section_name, key))
-    return names
+                fields.append((section_name, key, bool(extra.get("secret"))))
+    return fields
+
+
+def secret_env_names() -> list[str]:
+    """Every variable :func:`secret_env` may set (for clearing stale ones)."""
+    return [
+        secret_env_name(section, key)
+        for section, key, secret in section_fields()
+        if secret or (section, key) in URL_FIELDS
+    ]
 
 
 def secret_env(settings: Settings) -> dict[str, str]:

@@ -1,7 +1,8 @@
 """The serving API against hostile input (issue 14): the corpus of :mod:`corpus_http`, the
 events token and rate limit, the body limit, NaN literals, timestamp bounds, unknown fields
-and parameters, ``/readyz`` that only reports, which Redis keys may be evicted, and a bounded
-schemathesis run in-process. One app per test on a shared embedded Valkey."""
+and parameters, ``/readyz`` that only reports and which Redis keys may be evicted (the bounded
+schemathesis run is ``tests/integration/serving/test_serving_api.py``). One app per test on a
+shared embedded Valkey."""
 
 from __future__ import annotations
 
@@ -192,47 +193,3 @@ def test_only_recomputable_keys_carry_a_ttl(tmp_path: Path, valkey_url: str) -> 
     durable = {key: ttl for key, ttl in found.items() if key.split(":")[1] in ("events", "event-ids")}
     assert len(durable) == 3 and set(durable.values()) == {-1}, durable  # stream, id hash, id zset
     assert all(ttl > 0 for key, ttl in found.items() if key not in durable), found
-
-
-def test_schemathesis_in_process_finds_no_server_errors(tmp_path: Path, valkey_url: str) -> None:
-    import schemathesis
-    from hypothesis import HealthCheck, given
-    from hypothesis import settings as hsettings
-    from hypothesis.errors import Unsatisfiable
-    from schemathesis.checks import not_a_server_error
-    from schemathesis.generation import GenerationMode
-
-    settings = published(tmp_path, valkey_url, events_rate_per_s=0)
-    app = create_app(settings)
-    schema = schemathesis.openapi.from_dict(app.openapi())
-    operations = [result.ok() for result in schema.get_all_operations()]
-    calls = 0
-    with TestClient(app, raise_server_exceptions=False) as client:
-
-        def run(operation, mode, headers) -> None:
-            @given(case=operation.as_strategy(generation_mode=mode))
-            @hsettings(
-                max_examples=40, deadline=None, database=None, derandomize=True, suppress_health_check=list(HealthCheck)
-            )
-            def check(case) -> None:
-                nonlocal calls
-                kwargs = case.as_transport_kwargs(base_url="http://testserver", headers=headers)
-                body = {"json": kwargs["json"]} if "json" in kwargs else {"content": kwargs.get("data")}
-                response = client.request(
-                    kwargs["method"], kwargs["url"], headers=kwargs["headers"], params=kwargs.get("params"), **body
-                )
-                assert response.status_code < 500, (kwargs, response.text[:300])
-                case.validate_response(response, checks=[not_a_server_error])
-                calls += 1
-
-            try:
-                check()
-            except Unsatisfiable:  # no invalid input exists for a parameterless operation
-                assert mode == GenerationMode.NEGATIVE
-
-        for operation in operations:
-            for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
-                token = ADMIN if operation.path.startswith("/admin") else TOKEN
-                run(operation, mode, {"Authorization": f"Bearer {token}"} if mode == GenerationMode.POSITIVE else None)
-    print(f"schemathesis in-process: {calls} cases, 0 server errors")
-    assert calls >= 100

@@ -240,7 +240,9 @@ def test_schemathesis_finds_no_server_errors(settings: Settings) -> None:
     from schemathesis.checks import not_a_server_error
     from schemathesis.generation import GenerationMode
 
-    with LiveServer(create_app(settings)) as server:
+    # Producers hold the events token as well (positive cases carry it); no rate limit here.
+    serving = settings.serving.model_copy(update={"events_token": TOKEN, "events_rate_per_s": 0})
+    with LiveServer(create_app(settings.model_copy(update={"serving": serving}))) as server:
         schema = schemathesis.openapi.from_url(f"{server.url}/openapi.json")
         operations = [result.ok() for result in schema.get_all_operations()]
         assert {f"{op.method.upper()} {op.path}" for op in operations} >= {
@@ -253,7 +255,7 @@ def test_schemathesis_finds_no_server_errors(settings: Settings) -> None:
         statuses: set[int] = set()
 
         def run(operation, mode) -> None:
-            # Positive cases carry the admin token, so admin routes run for real too.
+            # Positive cases carry the token, so admin routes and event intake run for real too.
             headers = {"Authorization": f"Bearer {TOKEN}"} if mode == GenerationMode.POSITIVE else None
             key = f"{operation.method.upper()} {operation.path}"
 
