@@ -13,7 +13,6 @@ decision (:func:`champion_change`: who moved the alias and why) to
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
 import shutil
@@ -25,6 +24,7 @@ from typing import Any
 
 import pandas as pd
 
+from core.files import exclusive_lock
 from core.object_store import ObjectStore
 from core.run_context import RunContext
 from core.settings import ServingSettings, Settings
@@ -101,14 +101,8 @@ def publish_dir(settings: Settings) -> Path:
 def publish_lock(settings: Settings) -> Iterator[None]:
     """Hold the exclusive ``flock`` on ``<home>/publish/publish.lock``: the publishers of one
     home take turns, so the last to move ``CURRENT`` read the champion last."""
-    path = publish_dir(settings) / "publish.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    with exclusive_lock(publish_dir(settings) / "publish.lock"):
+        yield
 
 
 def publish_version(settings: Settings, version: int, *, workdir: Path, run: RunContext | None = None) -> dict:

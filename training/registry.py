@@ -14,11 +14,9 @@ host), so no promotion is lost from the history.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import getpass
 import hashlib
 import json
-import os
 import re
 import time
 from collections.abc import Mapping, Sequence
@@ -34,7 +32,7 @@ from mlflow.entities import Metric, ViewType
 from mlflow.models import infer_signature
 
 from core.errors import UserError
-from core.files import write_text_atomic
+from core.files import exclusive_lock, write_text_atomic
 from core.settings import Settings
 from core.tracking import configure
 from training.bundle import load_bundle
@@ -71,29 +69,14 @@ def registry_lock(settings: Settings, timeout_s: float = LOCK_TIMEOUT_S):
     :func:`lock_path`, released when the holder exits, even by SIGKILL); raise
     :class:`RegistryError` after ``timeout_s`` seconds of waiting."""
     path = lock_path(settings)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    deadline = time.monotonic() + timeout_s
-    with open(path, "a+") as fh:
-        while True:
-            try:
-                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    fh.seek(0)
-                    raise RegistryError(
-                        f"{path}: another champion change ({fh.read().strip() or 'unknown holder'}) "
-                        f"still holds the registry lock after {timeout_s:.0f} s"
-                    ) from None
-                time.sleep(0.05)
+    with contextlib.ExitStack() as held:
         try:
-            fh.seek(0)
-            fh.truncate()
-            fh.write(f"pid {os.getpid()} since {datetime.now(UTC).isoformat(timespec='seconds')}")
-            fh.flush()
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+            held.enter_context(exclusive_lock(path, timeout_s))
+        except TimeoutError as exc:
+            raise RegistryError(
+                f"{path}: another champion change ({exc}) still holds the registry lock after {timeout_s:.0f} s"
+            ) from None
+        yield
 
 
 @dataclass
