@@ -185,6 +185,17 @@ class TrainingSettings(_Section):
     blend_weight_grid: list[float] = Field(
         default_factory=lambda: [0.0, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5, 2.0]
     )
+    # How the search spends its time: on a catalogue of more than search_halving_above_items
+    # items (where one EASE inverse costs seconds: n³), successive halving over the folds keeps
+    # the best 1/search_halving of each β's λ points for each next fold (1: every point on
+    # every fold, as on smaller catalogues); search_precision is the EASE inverse's during the
+    # search (the final fit is float64); search_budget_s (None: no limit) ends optional
+    # exploration once spent, keeping the best found (every fold is still fitted once; the
+    # run records that the budget ran out).
+    search_halving: int = Field(3, ge=1)
+    search_halving_above_items: int = Field(4000, ge=0)
+    search_precision: Literal["float32", "float64"] = "float32"
+    search_budget_s: float | None = Field(None, gt=0)
 
 
 class NeuralSettings(_Section):

@@ -27,6 +27,7 @@ from training.models import (
     Scorer,
     as_csr,
     fit_ease,
+    item_gram,
     popularity,
     temporal_gram,
     top_k,
@@ -208,12 +209,19 @@ def score_scale(scores: np.ndarray) -> float:
 
 @dataclass
 class _Fold:
+    """One validation fold: its fitting interactions, the held-out users' rows and relevant
+    items, and the fitting part's item Gram and temporal Gram (sparse, computed once)."""
+
     frame: pd.DataFrame
     matrix: InteractionMatrix
     rows: np.ndarray
     users: list
     relevant: dict
-    gram_t: np.ndarray | None = None
+    gram: sp.csr_matrix
+    gram_t: sp.csr_matrix | None = None
+
+    def binary_rows(self) -> sp.csr_matrix:
+        return InputWeighting.of(self.matrix.matrix, 0.0).apply(self.matrix.matrix[self.rows])
 
 
 @dataclass
@@ -228,6 +236,8 @@ class HybridChoice:
     validation: dict[str, float]
     folds: int
     seconds: float = 0.0
+    anchor_fits: int = 0
+    budget_exhausted: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -248,8 +258,70 @@ def _folds(frame: pd.DataFrame, item_ids: np.ndarray, cfg: TrainingSettings, wei
         users = list(relevant)
         rows = np.array([matrix.user_index[u] for u in users], dtype=np.int64)
         gram_t = temporal_gram(fit_df, item_ids, cfg.temporal_window) if "timestamp" in fit_df.columns else None
-        folds.append(_Fold(fit_df, matrix, rows, users, relevant, gram_t))
+        folds.append(_Fold(fit_df, matrix, rows, users, relevant, item_gram(matrix.matrix), gram_t))
     return folds
+
+
+class _Deadline:
+    """The search's time budget: ``seconds`` None never runs out."""
+
+    def __init__(self, seconds: float | None) -> None:
+        self.end = None if seconds is None else time.perf_counter() + seconds
+        self.hit = False
+
+    def passed(self) -> bool:
+        if self.end is not None and time.perf_counter() > self.end:
+            self.hit = True
+        return self.hit
+
+
+@dataclass
+class _AnchorSearch:
+    """The EASE λ × β grid's per-fold validation NDCG (one list per evaluated point) and
+    how many anchors were fitted."""
+
+    scores: dict[tuple[float, float], list[float]]
+    fits: int
+
+    def complete(self, folds: int, plain: bool = False) -> list[tuple[float, float]]:
+        """The points evaluated on every fold (only β = 0 with ``plain``), best mean first."""
+        done = [p for p, v in self.scores.items() if len(v) == folds and (not plain or p[1] == 0.0)]
+        return sorted(done, key=lambda p: -float(np.mean(self.scores[p])))
+
+
+def _search_anchor(
+    folds: list[_Fold],
+    points: list[tuple[float, float]],
+    k: int,
+    eta: int,
+    dtype: type,
+    deadline: _Deadline,
+    log: Callable[[str], None],
+) -> _AnchorSearch:
+    """Successive halving over the folds, one bracket per β (so the best λ of every β, plain
+    EASE's included, the tuned baseline, is judged on every fold): every point on the first
+    fold, then in each bracket the best ``1/eta`` of its points (by mean NDCG so far, at least
+    two: a close second can still win on a later fold) on the next fold, and so on. ``eta`` 1
+    evaluates every point on every fold. Once ``deadline`` passes, a bracket evaluates only
+    its best point. Each fold's Gram is reused by every point."""
+    search = _AnchorSearch({p: [] for p in points}, 0)
+    brackets = {beta: [p for p in points if p[1] == beta] for beta in dict.fromkeys(p[1] for p in points)}
+    for i, fold in enumerate(folds):
+        binary = fold.binary_rows()
+        for beta, alive in brackets.items():
+            for n, (lam, _) in enumerate(alive):
+                if n and deadline.passed():
+                    break
+                model = fit_ease(fold.matrix.matrix, lam, fold.gram_t, beta, gram=fold.gram, dtype=dtype)
+                value = _ndcg(model.score(binary), fold, k)
+                search.scores[(lam, beta)].append(value)
+                search.fits += 1
+                log(f"  validation: ease λ={lam:g} β={beta:g} fold {i + 1}/{len(folds)} ndcg@{k}={value:.4f}")
+            ranked = sorted(
+                (p for p in alive if len(search.scores[p]) == i + 1), key=lambda p: -float(np.mean(search.scores[p]))
+            )
+            brackets[beta] = ranked[: max(2, -(-len(ranked) // eta))]
+    return search
 
 
 def tune_hybrid(
@@ -265,11 +337,15 @@ def tune_hybrid(
 ) -> HybridChoice:
     """Choose λ, β, α and the blend weights by mean NDCG@k over a per-user k-fold of ``frame``.
 
-    1. EASE λ × temporal β on a grid (β = 0 is plain EASE; the best λ at β = 0 is also
-       reported as ``plain_ease_lambda``, the tuned plain-EASE baseline);
+    1. EASE λ × temporal β by successive halving over the folds (:func:`_search_anchor`;
+       β = 0 is plain EASE; its best λ is also reported as ``plain_ease_lambda``, the tuned
+       plain-EASE baseline);
     2. input weighting α;
     3. blend weights by coordinate ascent over ``cfg.blend_weight_grid`` (two passes),
        each component fitted per fold by ``fitters[name]``.
+
+    ``cfg.search_budget_s`` bounds the optional exploration of each step (see
+    :class:`core.settings.TrainingSettings`).
     """
     start = time.perf_counter()
     side = side or {}
@@ -281,23 +357,24 @@ def tune_hybrid(
 
     # β = 0 (plain EASE) is always searched: it is the tuned baseline the hybrid must beat.
     betas = sorted({0.0, *cfg.temporal_betas}) if all(f.gram_t is not None for f in folds) else [0.0]
-    anchors: dict[tuple[float, float], list[ItemItemModel]] = {}
-    grid_scores: dict[tuple[float, float], float] = {}
-    for lam, beta in itertools.product(cfg.ease_lambdas, betas):
-        models = [fit_ease(f.matrix.matrix, lam, f.gram_t, beta) for f in folds]
-        binary = [InputWeighting.of(f.matrix.matrix, 0.0).apply(f.matrix.matrix[f.rows]) for f in folds]
-        grid_scores[(lam, beta)] = mean_ndcg(lambda f, i, models=models, binary=binary: models[i].score(binary[i]))
-        anchors[(lam, beta)] = models
-        log(f"  validation: ease λ={lam:g} β={beta:g} ndcg@{k}={grid_scores[(lam, beta)]:.4f}")
-    plain_lambda = max((key for key in grid_scores if key[1] == 0.0), key=grid_scores.get)[0]
-    validation["plain_ease"] = grid_scores[(plain_lambda, 0.0)]
-    lam, beta = max(grid_scores, key=grid_scores.get)
-    validation["temporal_ease"] = grid_scores[(lam, beta)]
-    anchor_models = anchors[(lam, beta)]
-    anchors.clear()
+    dtype = np.float32 if cfg.search_precision == "float32" else np.float64
+    deadline = _Deadline(cfg.search_budget_s)
+    eta = cfg.search_halving if len(item_ids) > cfg.search_halving_above_items else 1
+    search = _search_anchor(folds, list(itertools.product(cfg.ease_lambdas, betas)), k, eta, dtype, deadline, log)
+    plain_lambda = search.complete(len(folds), plain=True)[0][0]
+    validation["plain_ease"] = float(np.mean(search.scores[(plain_lambda, 0.0)]))
+    lam, beta = search.complete(len(folds))[0]
+    validation["temporal_ease"] = float(np.mean(search.scores[(lam, beta)]))
+    log(
+        f"  validation: chose ease λ={lam:g} β={beta:g} ndcg@{k}={validation['temporal_ease']:.4f} "
+        f"({search.fits} anchor fits for {len(search.scores)} points × {len(folds)} folds)"
+    )
+    anchor_models = [fit_ease(f.matrix.matrix, lam, f.gram_t, beta, gram=f.gram, dtype=dtype) for f in folds]
 
     best_alpha, best = 0.0, -1.0
-    for alpha in cfg.input_alphas:
+    for n, alpha in enumerate(cfg.input_alphas):
+        if n and deadline.passed():
+            break
         value = mean_ndcg(
             lambda f, i, alpha=alpha: anchor_models[i].score(
                 InputWeighting.of(f.matrix.matrix, alpha).apply(f.matrix.matrix[f.rows])
@@ -337,14 +414,27 @@ def tune_hybrid(
     for _ in range(2):
         for name in component_scores:
             for value in cfg.blend_weight_grid:
+                if deadline.passed():
+                    break
                 trial = weights | {name: value}
                 score = blend_value(trial)
                 if score > current + 1e-9:
                     weights, current = trial, score
         log(f"  validation: blend {weights} ndcg@{k}={current:.4f}")
     validation["hybrid"] = current
+    if deadline.hit:
+        log(f"  validation: the search budget of {cfg.search_budget_s:g} s ran out; kept the best found")
     return HybridChoice(
-        lam, plain_lambda, beta, best_alpha, weights, validation, len(folds), time.perf_counter() - start
+        lam,
+        plain_lambda,
+        beta,
+        best_alpha,
+        weights,
+        validation,
+        len(folds),
+        time.perf_counter() - start,
+        search.fits + len(folds),
+        deadline.hit,
     )
 
 
