@@ -196,6 +196,11 @@ class TrainingSettings(_Section):
     search_halving_above_items: int = Field(4000, ge=0)
     search_precision: Literal["float32", "float64"] = "float32"
     search_budget_s: float | None = Field(None, gt=0)
+    # EASE (training/models.py fit_ease) is the exact dense inverse (n² memory, n³ time) on
+    # catalogues of up to ease_dense_max_items items; above, each item's column is solved on
+    # its ease_neighbours nearest items only (cosine of co-occurrence; sparse W, docs/models.md).
+    ease_dense_max_items: int = Field(10_000, ge=0)
+    ease_neighbours: int = Field(128, ge=1)
 
 
 class NeuralSettings(_Section):

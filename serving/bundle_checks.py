@@ -1,7 +1,8 @@
 """Checks a bundle passes before it serves (:class:`serving.api.state.ServingState`).
 
 - :func:`check_version`: ``metadata.json``'s version is the one ``CURRENT`` names;
-- :func:`check_finite`: every float value stored in the bundle (``*.npy`` arrays, tensors of
+- :func:`check_finite`: every float value stored in the bundle (``*.npy`` arrays and the arrays
+  of ``*.npz`` archives such as a sparse ``weights.npz``, tensors of
   ``*.pt`` state dicts, float columns of ``*.parquet`` files, numbers in ``*.json`` files) is
   finite; a file that cannot be read fails with its name and the error's type;
 - :func:`check_canary`: the canary rankings stored at publish time (:func:`write_canary`,
@@ -101,6 +102,12 @@ def _check_file(path: Path, name: str) -> None:
         bad = _bad_floats(np.asarray(array))
         if bad:
             raise BundleRefused(f"{name}: {bad} of {array.size} values are not finite (NaN or ±Inf)")
+    elif suffix == ".npz":
+        with np.load(path, allow_pickle=False) as archive:
+            for key in archive.files:
+                bad = _bad_floats(archive[key])
+                if bad:
+                    raise BundleRefused(f"{name}: array {key!r} has {bad} values not finite (NaN or ±Inf)")
     elif suffix == ".pt":
         import torch
 
@@ -135,7 +142,7 @@ def check_finite(bundle_dir: Path) -> None:
     module docstring); the reason names the file relative to ``bundle_dir``."""
     bundle_dir = Path(bundle_dir)
     for path in sorted(bundle_dir.rglob("*")):
-        if not path.is_file() or path.suffix not in (".npy", ".pt", ".parquet", ".json"):
+        if not path.is_file() or path.suffix not in (".npy", ".npz", ".pt", ".parquet", ".json"):
             continue
         name = path.relative_to(bundle_dir).as_posix()
         try:

@@ -6,6 +6,7 @@ item-item weight, else the cosine of item vectors). See docs/models.md.
 from __future__ import annotations
 
 import numpy as np
+import scipy.sparse as sp
 
 POPULAR_SHARE = 0.05
 
@@ -18,7 +19,7 @@ class Explainer:
         titles: np.ndarray,
         item_ids: np.ndarray,
         popularity: np.ndarray,
-        weights: np.ndarray | None,
+        weights: np.ndarray | sp.csr_matrix | None,
         vectors: np.ndarray | None,
     ) -> None:
         self.titles = titles
@@ -34,6 +35,8 @@ class Explainer:
         """``L[h, i]`` for ``h`` in ``history`` (rows) and ``i`` in ``items`` (columns)."""
         if len(history) == 0:
             return None
+        if sp.issparse(self.weights):  # rows first: a CSR row slice is cheap
+            return sp.csr_matrix(self.weights)[history][:, items].toarray()
         if self.weights is not None:
             return self.weights[np.ix_(history, items)]
         if self.vectors is not None:

@@ -31,6 +31,8 @@ BUNDLE_FILES: tuple[str, ...] = (
     "items.parquet",
     "user_history.parquet",
 )
+SPARSE_WEIGHTS_FILE = "weights.npz"
+"""A sparse W (large-catalogue EASE) is stored here, as scipy CSR, instead of ``weights.npy``."""
 OPTIONAL_FILES: frozenset[str] = frozenset({"weights.npy"})
 REQUIRED_FILES: tuple[str, ...] = tuple(f for f in BUNDLE_FILES if f not in OPTIONAL_FILES)
 REQUIRED_METADATA: tuple[str, ...] = ("version", "k", "metrics")
@@ -123,14 +125,22 @@ def _check_1d(name: str, array: np.ndarray, n: int) -> None:
 
 def _check_model(model: ItemItemModel, n: int, where: str = "model") -> None:
     _check_1d(f"{where} bias", np.asarray(model.bias), n)
-    if model.weights is not None and np.asarray(model.weights).shape != (n, n):
-        raise ValueError(f"{where} weights: expected shape ({n}, {n}), got {np.asarray(model.weights).shape}")
+    if model.weights is not None and model.weights.shape != (n, n):
+        raise ValueError(f"{where} weights: expected shape ({n}, {n}), got {model.weights.shape}")
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as fh:
             np.save(fh, np.ascontiguousarray(array, dtype=np.float32), allow_pickle=False)
+
+    write_atomic(path, write)
+
+
+def _save_npz(path: Path, matrix: sp.spmatrix) -> None:
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:  # a file object: save_npz would append ".npz" to a name
+            sp.save_npz(fh, sp.csr_matrix(matrix, dtype=np.float32), compressed=False)
 
     write_atomic(path, write)
 
@@ -151,10 +161,11 @@ def write_bundle(
 
     Files (:data:`BUNDLE_FILES`): ``metadata.json`` (``version``, ``model_name``,
     ``registered_model_version``, ``created_at``, ``metrics``, ``k``, ``n_items``, ``n_users``,
-    ``has_weights``, ``has_blend``, ``format_version``; written last, so its presence marks a
-    complete bundle); ``bias.npy`` and optionally ``weights.npy`` (float32: the
+    ``has_weights``, ``sparse_weights``, ``has_blend``, ``format_version``; written last, so its
+    presence marks a complete bundle); ``bias.npy`` and optionally ``weights.npy`` (float32: the
     :class:`training.models.ItemItemModel` ``x·W + b``; for a blend, its anchor with the
-    anchor's blend weight and scale folded in); ``popularity.npy`` (the cold-start ranking);
+    anchor's blend weight and scale folded in), or :data:`SPARSE_WEIGHTS_FILE` instead for a
+    sparse W (scipy CSR, float32); ``popularity.npy`` (the cold-start ranking);
     ``items.parquet`` (``item_id``, ``title``, ``categories`` in item-index order);
     ``user_history.parquet`` (``user_id``, ``item_idx`` and ``weight`` lists); for a
     :class:`training.hybrid.WeightedHybrid`, ``blend/`` (``blend.json`` with the input
@@ -219,15 +230,20 @@ def write_bundle(
         "n_items": n,
         "n_users": len(users),
         "has_weights": model.weights is not None,
+        "sparse_weights": sp.issparse(model.weights),
         "has_blend": hybrid is not None,
     }
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     _save_npy(out_dir / "bias.npy", model.bias)
-    if model.weights is not None:
-        _save_npy(out_dir / "weights.npy", model.weights)
-    else:
-        (out_dir / "weights.npy").unlink(missing_ok=True)
+    dense_file, sparse_file = out_dir / "weights.npy", out_dir / SPARSE_WEIGHTS_FILE
+    if sp.issparse(model.weights):
+        _save_npz(sparse_file, model.weights)
+    elif model.weights is not None:
+        _save_npy(dense_file, model.weights)
+    kept = None if model.weights is None else sparse_file if sp.issparse(model.weights) else dense_file
+    for stale in {dense_file, sparse_file} - {kept}:  # a re-run may change W's form, or drop it
+        stale.unlink(missing_ok=True)
     _save_npy(out_dir / "popularity.npy", popularity)
     items = pa.table({"item_id": list(ids), "title": list(_as_str(titles)), "categories": cats}, schema=_ITEMS_SCHEMA)
     write_atomic(out_dir / "items.parquet", lambda tmp: pq.write_table(items, tmp))
@@ -285,6 +301,18 @@ def _load_npy(path: Path) -> np.ndarray:
         raise ValueError(f"{path}: not a valid .npy array ({exc})") from exc
 
 
+def _load_npz(path: Path, n: int) -> sp.csr_matrix:
+    """The float32 n × n CSR matrix in ``path`` (indices checked)."""
+    try:
+        matrix = sp.csr_matrix(sp.load_npz(path), dtype=np.float32)
+        matrix.check_format(full_check=True)
+    except (ValueError, OSError, EOFError, KeyError) as exc:
+        raise ValueError(f"{path}: not a valid sparse matrix ({exc})") from exc
+    if matrix.shape != (n, n):
+        raise ValueError(f"{path}: expected shape ({n}, {n}) to match items.parquet, got {matrix.shape}")
+    return matrix
+
+
 def _load_parquet(path: Path, schema: pa.Schema, optional: tuple[str, ...] = ()) -> pa.Table:
     """``path`` with the columns of ``schema``; absent ``optional`` columns come back all null."""
     try:
@@ -327,8 +355,12 @@ def load_bundle(path: Path) -> Bundle:
     categories = [list(c or []) for c in items.column("categories").to_pylist()]
     bias = _load_npy(path / "bias.npy").astype(np.float32, copy=False)
     popularity = _load_npy(path / "popularity.npy").astype(np.float32, copy=False)
-    weights = None
-    if (path / "weights.npy").is_file():
+    weights: np.ndarray | sp.csr_matrix | None = None
+    if metadata.get("sparse_weights"):
+        if not (path / SPARSE_WEIGHTS_FILE).is_file():
+            raise FileNotFoundError(f"bundle {path} is missing {SPARSE_WEIGHTS_FILE} (metadata.json: sparse_weights)")
+        weights = _load_npz(path / SPARSE_WEIGHTS_FILE, n)
+    elif (path / "weights.npy").is_file():
         weights = _load_npy(path / "weights.npy").astype(np.float32, copy=False)
     elif metadata.get("has_weights"):
         raise FileNotFoundError(f"bundle {path} is missing weights.npy (metadata.json says has_weights)")

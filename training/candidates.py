@@ -25,6 +25,7 @@ from training.hybrid import (
     PopularityScorer,
     Scorer,
     WeightedHybrid,
+    ease_size,
     fit_hybrid,
     tune_hybrid,
 )
@@ -380,7 +381,7 @@ def fit_candidate(
     if name == "item_knn":
         return ItemItemScorer(fit_item_knn(binary(x), cfg.knn_neighbours)), choice
     if name == "ease":
-        return ItemItemScorer(fit_ease(binary(x), choice.plain_ease_lambda)), choice
+        return ItemItemScorer(fit_ease(binary(x), choice.plain_ease_lambda, **ease_size(cfg))), choice
     if name == "hybrid":
         return fit_hybrid(
             ctx.frame,
@@ -390,6 +391,7 @@ def fit_candidate(
             weight_col=weight_col,
             temporal_window=cfg.temporal_window,
             side=ctx.side,
+            cfg=cfg,
         ), choice
     if name in fitters:
         return fitters[name](ctx), choice

@@ -43,6 +43,7 @@ __all__ = [
     "Scorer",
     "WeightedHybrid",
     "as_hybrid",
+    "ease_size",
     "fit_hybrid",
     "score_scale",
     "tune_hybrid",
@@ -294,7 +295,7 @@ def _search_anchor(
     points: list[tuple[float, float]],
     k: int,
     eta: int,
-    dtype: type,
+    fit: Callable[[_Fold, float, float], ItemItemModel],
     deadline: _Deadline,
     log: Callable[[str], None],
 ) -> _AnchorSearch:
@@ -303,7 +304,7 @@ def _search_anchor(
     fold, then in each bracket the best ``1/eta`` of its points (by mean NDCG so far, at least
     two: a close second can still win on a later fold) on the next fold, and so on. ``eta`` 1
     evaluates every point on every fold. Once ``deadline`` passes, a bracket evaluates only
-    its best point. Each fold's Gram is reused by every point."""
+    its best point. ``fit(fold, λ, β)`` fits a point's anchor (reusing the fold's Gram)."""
     search = _AnchorSearch({p: [] for p in points}, 0)
     brackets = {beta: [p for p in points if p[1] == beta] for beta in dict.fromkeys(p[1] for p in points)}
     for i, fold in enumerate(folds):
@@ -312,7 +313,7 @@ def _search_anchor(
             for n, (lam, _) in enumerate(alive):
                 if n and deadline.passed():
                     break
-                model = fit_ease(fold.matrix.matrix, lam, fold.gram_t, beta, gram=fold.gram, dtype=dtype)
+                model = fit(fold, lam, beta)
                 value = _ndcg(model.score(binary), fold, k)
                 search.scores[(lam, beta)].append(value)
                 search.fits += 1
@@ -322,6 +323,11 @@ def _search_anchor(
             )
             brackets[beta] = ranked[: max(2, -(-len(ranked) // eta))]
     return search
+
+
+def ease_size(cfg: TrainingSettings) -> dict[str, int]:
+    """:func:`training.models.fit_ease`'s dense-or-sparse switch as ``cfg`` sets it."""
+    return {"dense_max_items": cfg.ease_dense_max_items, "neighbours": cfg.ease_neighbours}
 
 
 def tune_hybrid(
@@ -360,7 +366,11 @@ def tune_hybrid(
     dtype = np.float32 if cfg.search_precision == "float32" else np.float64
     deadline = _Deadline(cfg.search_budget_s)
     eta = cfg.search_halving if len(item_ids) > cfg.search_halving_above_items else 1
-    search = _search_anchor(folds, list(itertools.product(cfg.ease_lambdas, betas)), k, eta, dtype, deadline, log)
+
+    def fit_anchor(fold: _Fold, lam: float, beta: float) -> ItemItemModel:
+        return fit_ease(fold.matrix.matrix, lam, fold.gram_t, beta, gram=fold.gram, dtype=dtype, **ease_size(cfg))
+
+    search = _search_anchor(folds, list(itertools.product(cfg.ease_lambdas, betas)), k, eta, fit_anchor, deadline, log)
     plain_lambda = search.complete(len(folds), plain=True)[0][0]
     validation["plain_ease"] = float(np.mean(search.scores[(plain_lambda, 0.0)]))
     lam, beta = search.complete(len(folds))[0]
@@ -369,7 +379,7 @@ def tune_hybrid(
         f"  validation: chose ease λ={lam:g} β={beta:g} ndcg@{k}={validation['temporal_ease']:.4f} "
         f"({search.fits} anchor fits for {len(search.scores)} points × {len(folds)} folds)"
     )
-    anchor_models = [fit_ease(f.matrix.matrix, lam, f.gram_t, beta, gram=f.gram, dtype=dtype) for f in folds]
+    anchor_models = [fit_anchor(f, lam, beta) for f in folds]
 
     best_alpha, best = 0.0, -1.0
     for n, alpha in enumerate(cfg.input_alphas):
@@ -447,12 +457,14 @@ def fit_hybrid(
     weight_col: str | None = None,
     temporal_window: int = 3,
     side: Mapping[str, object] | None = None,
+    cfg: TrainingSettings | None = None,
 ) -> WeightedHybrid:
-    """Refit the anchor and every component with a non-zero weight on all of ``frame``."""
+    """Refit the anchor and every component with a non-zero weight on all of ``frame``;
+    ``cfg`` (default: the default settings) sets EASE's dense-or-sparse switch."""
     matrix = InteractionMatrix.from_frame(frame, item_ids=item_ids, weight_col=weight_col)
     x = matrix.matrix
     gram_t = temporal_gram(frame, item_ids, temporal_window) if choice.temporal_beta > 0 else None
-    anchor = fit_ease(x, choice.ease_lambda, gram_t, choice.temporal_beta)
+    anchor = fit_ease(x, choice.ease_lambda, gram_t, choice.temporal_beta, **ease_size(cfg or TrainingSettings()))
     weighting = InputWeighting.of(x, choice.input_alpha)
     scales = {"ease": score_scale(anchor.score(weighting.apply(x)))}
     components: dict[str, Scorer] = {}

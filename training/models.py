@@ -14,6 +14,11 @@ from typing import Any, ClassVar
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
+from threadpoolctl import threadpool_limits
+
+from core.settings import TrainingSettings
+
+_TRAINING = TrainingSettings()
 
 
 @dataclass(frozen=True)
@@ -133,14 +138,15 @@ class InteractionMatrix:
 
 @dataclass
 class ItemItemModel(Scorer):
-    """``score = x · W + b`` with ``W`` optional (None means bias only); the history is
-    scored as given (weights included)."""
+    """``score = x · W + b`` with ``W`` optional (None means bias only; a dense array, or
+    scipy CSR for a large catalogue's sparse EASE); the history is scored as given (weights
+    included)."""
 
     kind: ClassVar[str] = "item_item"
 
     name: str
     bias: np.ndarray
-    weights: np.ndarray | None = None
+    weights: np.ndarray | sp.csr_matrix | None = None
 
     def prepare(self, x: sp.csr_matrix | np.ndarray, user_ids: Sequence | None = None) -> sp.csr_matrix:
         """The history rows themselves (float32 CSR); ``user_ids`` is unused."""
@@ -150,13 +156,20 @@ class ItemItemModel(Scorer):
         x = state
         if items is None:
             scores = np.tile(self.bias.astype(np.float32), (x.shape[0], 1))
-            if self.weights is not None:
+            if sp.issparse(self.weights):
+                scores += (x @ self.weights).toarray()
+            elif self.weights is not None:
                 scores += np.asarray(x @ self.weights)
             return scores
         items = np.asarray(items, dtype=np.int64)
         bias = np.asarray(self.bias, dtype=np.float32)
         out = np.tile(bias[items], (x.shape[0], 1))
         if self.weights is None:
+            return out
+        if sp.issparse(self.weights):  # the rows of W of the history items, on ``items`` only
+            seen = np.unique(x.indices)
+            history = sp.csr_matrix((x.data, np.searchsorted(seen, x.indices), x.indptr), shape=(x.shape[0], len(seen)))
+            out += (history @ as_csr(self.weights)[seen][:, items]).toarray()
             return out
         weights = np.asarray(self.weights, dtype=np.float32)
         for r in range(x.shape[0]):  # only the rows of W of the user's history items
@@ -287,6 +300,90 @@ def symmetric_inverse(a: np.ndarray, *, overwrite: bool = False) -> np.ndarray:
     return inverse
 
 
+def ease_neighbourhoods(a: sp.csr_matrix, m: int) -> np.ndarray:
+    """N(j) for every item ``j`` of the symmetric item × item ``a`` (a Gram, co-occurrence
+    counts on the diagonal): the ``m`` items ``i ≠ j`` with the largest cosine
+    ``a[j, i] / sqrt(a[i, i] · a[j, j])``, ties to the more popular (larger ``a[i, i]``) then
+    the lower index; items that never co-occur with ``j`` fill a short row by popularity.
+    Items × ``m`` indices, each row ascending."""
+    a = sp.csr_matrix(a)
+    n = a.shape[0]
+    if not 0 <= m <= n - 1:
+        raise ValueError(f"ease_neighbourhoods: need 0 <= m <= {n - 1} items, got {m}")
+    diag = a.diagonal()
+    norm = 1.0 / np.sqrt(np.maximum(diag, 1e-12))
+    by_popularity = np.lexsort((np.arange(n), -diag))
+    out = np.empty((n, m), dtype=np.int64)
+    for j in range(n):
+        lo, hi = a.indptr[j], a.indptr[j + 1]
+        cols, vals = a.indices[lo:hi], a.data[lo:hi] * norm[a.indices[lo:hi]]  # cosine × sqrt(a[j, j])
+        keep = (cols != j) & (vals > 0)
+        cols, vals = cols[keep], vals[keep]
+        if len(cols) > m:
+            kth = np.partition(vals, len(vals) - m)[len(vals) - m]  # the m-th largest link
+            tied = cols[vals == kth]
+            tied = tied[np.lexsort((tied, -diag[tied]))]
+            chosen = np.concatenate([cols[vals > kth], tied])[:m]
+        else:
+            fill = by_popularity[: m + len(cols) + 1]
+            fill = fill[~np.isin(fill, cols) & (fill != j)][: m - len(cols)]
+            chosen = np.concatenate([cols, fill])
+        out[j] = np.sort(chosen)
+    return out
+
+
+def _batches(neighbours: np.ndarray, max_union: int, max_batch: int) -> list[np.ndarray]:
+    """Consecutive items (rows of ``neighbours``) grouped so that each group's items and
+    their neighbourhoods number at most ``max_union`` (a group holds at least one item)."""
+    n, m = neighbours.shape
+    seen = np.zeros(n, dtype=bool)
+    groups, start, size = [], 0, 0
+    for j in range(n):
+        new = neighbours[j][~seen[neighbours[j]]]
+        grow = len(new) + (not seen[j])
+        if j > start and (size + grow > max_union or j - start >= max_batch):
+            groups.append(np.arange(start, j))
+            seen[:] = False
+            start, size = j, 0
+            new, grow = neighbours[j], m + 1
+        seen[new] = True
+        seen[j] = True
+        size += grow
+    if n:
+        groups.append(np.arange(start, n))
+    return groups
+
+
+def sparse_ease_weights(
+    a: sp.csr_matrix, lam: float, neighbours: int, dtype: type = np.float64, max_union: int = 4096
+) -> sp.csr_matrix:
+    """Neighbourhood-restricted EASE: column ``j`` of W is EASE's column-wise closed form
+    ``b_j = (A_{-j,-j} + λI)⁻¹ A_{-j,j}`` restricted to ``N = N(j)`` (:func:`ease_neighbourhoods`
+    of ``a``, ``neighbours`` items): ``W[N, j] = (A_NN + λI)⁻¹ A_Nj``, zero elsewhere. ``a`` is
+    the symmetric Gram (G or G + β·T, sparse; never densified whole); with N(j) every other
+    item this is exact EASE. Solved a group of columns at a time, from the dense block of the
+    group's items and neighbourhoods (at most ``max_union`` items). Returns items × items CSR
+    float32 with at most ``neighbours`` non-zeros per column."""
+    a = sp.csr_matrix(a)
+    n = a.shape[0]
+    m = min(neighbours, max(n - 1, 0))
+    nbrs = ease_neighbourhoods(a, m)
+    values = np.zeros((n, m), dtype=dtype)
+    step = np.arange(m)
+    max_batch = max(1, (1 << 22) // max(m * m, 1))  # at most 4M cells of stacked systems
+    with threadpool_limits(1, user_api="blas"):  # threads only slow down many small solves
+        for group in _batches(nbrs, max(max_union, m + 1), max_batch):
+            union = np.union1d(nbrs[group].ravel(), group)
+            block = a[union][:, union].toarray().astype(dtype, copy=False)
+            pos, own = np.searchsorted(union, nbrs[group]), np.searchsorted(union, group)
+            systems = block[pos[:, :, None], pos[:, None, :]]
+            systems[:, step, step] += lam
+            values[group] = np.linalg.solve(systems, block[pos, own[:, None]][..., None])[..., 0]
+    indptr = np.arange(0, n * m + 1, m) if m else np.zeros(n + 1, dtype=np.int64)
+    weights = sp.csc_matrix((values.ravel().astype(np.float32), nbrs.ravel(), indptr), shape=(n, n))
+    return weights.tocsr()
+
+
 def fit_ease(
     x: sp.csr_matrix,
     lam: float = 500.0,
@@ -295,6 +392,8 @@ def fit_ease(
     *,
     gram: sp.spmatrix | np.ndarray | None = None,
     dtype: type = np.float64,
+    dense_max_items: int | None = _TRAINING.ease_dense_max_items,
+    neighbours: int = _TRAINING.ease_neighbours,
 ) -> ItemItemModel:
     """EASE (Steck 2019): B = I − P·diag(1/diag(P)), P = (G + λI)⁻¹, diag(B) = 0, with
     G = XᵀX on the binary interactions (``gram``: that :func:`item_gram` of ``x``, computed
@@ -304,23 +403,37 @@ def fit_ease(
     consumed close together in time by the same users count as extra co-occurrence
     (the ``temporal_ease`` variant). ``beta`` = 0 is plain EASE. ``dtype`` is the precision
     of the inverse (float32: half the time, for a validation search).
+
+    Up to ``dense_max_items`` items (None: any number) B is exact and dense; above, W is
+    :func:`sparse_ease_weights` with ``neighbours`` items per column (sparse CSR).
     """
     g = item_gram(x) if gram is None else gram
-    if g.shape != (x.shape[1], x.shape[1]):
-        raise ValueError(f"fit_ease: gram has shape {g.shape}, expected {(x.shape[1], x.shape[1])}")
+    n = x.shape[1]
+    if g.shape != (n, n):
+        raise ValueError(f"fit_ease: gram has shape {g.shape}, expected {(n, n)}")
     name = "ease"
-    a = g.toarray().astype(dtype, copy=False) if sp.issparse(g) else np.array(g, dtype=dtype)
+    dense = dense_max_items is None or n <= dense_max_items
+    if dense:
+        a = g.toarray().astype(dtype, copy=False) if sp.issparse(g) else np.array(g, dtype=dtype)
+    else:
+        a = sp.csr_matrix(g, dtype=np.float64, copy=True)
     if temporal is not None and beta > 0:
         if temporal.shape != g.shape:
             raise ValueError(f"fit_ease: temporal gram has shape {temporal.shape}, expected {g.shape}")
         t = sp.coo_matrix(sp.csr_matrix(temporal))  # one entry per cell (duplicates summed)
-        a[t.row, t.col] += (beta * t.data).astype(dtype)
+        if dense:
+            a[t.row, t.col] += (beta * t.data).astype(dtype)
+        else:
+            a = (a + beta * t).tocsr()
         name = "temporal_ease"
+    bias = popularity(x) * 1e-6
+    if not dense:
+        return ItemItemModel(name, bias=bias, weights=sparse_ease_weights(a, lam, neighbours, dtype))
     a[np.diag_indices_from(a)] += lam
     p = symmetric_inverse(a, overwrite=True)
     p /= -np.diag(p)[None, :]
     np.fill_diagonal(p, 0.0)
-    return ItemItemModel(name, bias=popularity(x) * 1e-6, weights=p.astype(np.float32, copy=False))
+    return ItemItemModel(name, bias=bias, weights=p.astype(np.float32, copy=False))
 
 
 def fit_segment_popularity(x: sp.csr_matrix, segment_of_row: np.ndarray) -> dict[int, np.ndarray]:

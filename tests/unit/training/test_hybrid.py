@@ -96,11 +96,15 @@ def test_tuning_uses_validation_and_gives_noise_no_weight(settings):
     assert again.to_dict() | {"seconds": 0} == choice.to_dict() | {"seconds": 0}
 
 
-def test_hybrid_bundle_round_trip_scores_like_the_model(settings, tmp_path):
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
+def test_hybrid_bundle_round_trip_scores_like_the_model(settings, tmp_path, sparse):
     frame = _clustered(seed=3)
     items = np.array(sorted(frame["item_id"].unique()), dtype=object)
     cfg = settings.training.model_copy(
         update={
+            # sparse: every catalogue is above ease_dense_max_items (search and final fit)
+            "ease_dense_max_items": 0 if sparse else settings.training.ease_dense_max_items,
+            "ease_neighbours": 8,
             "validation_folds": 2,
             "ease_lambdas": [10.0],
             "temporal_betas": [0.5],
@@ -112,7 +116,10 @@ def test_hybrid_bundle_round_trip_scores_like_the_model(settings, tmp_path):
     fitters = {"popularity": lambda ctx: PopularityScorer(ctx.matrix.matrix)}
     choice = tune_hybrid(frame, items, cfg, fitters, k=5, weight_col="rating", log=lambda _: None)
     choice.weights["popularity"] = 0.3  # force a two-part blend for the round trip
-    hybrid = fit_hybrid(frame, items, choice, fitters, weight_col="rating", temporal_window=cfg.temporal_window)
+    hybrid = fit_hybrid(
+        frame, items, choice, fitters, weight_col="rating", temporal_window=cfg.temporal_window, cfg=cfg
+    )
+    assert sp.issparse(hybrid.anchor.weights) == sparse
     matrix = InteractionMatrix.from_frame(frame, item_ids=items, weight_col="rating")
     history = {u: matrix.matrix[r].indices for u, r in matrix.user_index.items()}
     weights = {u: matrix.matrix[r].data for u, r in matrix.user_index.items()}
@@ -129,6 +136,8 @@ def test_hybrid_bundle_round_trip_scores_like_the_model(settings, tmp_path):
     )
     bundle = load_bundle(tmp_path / "b")
     assert bundle.metadata["has_blend"] and bundle.model.name == "hybrid"
+    assert sp.issparse(bundle.model.anchor.weights) == sparse == bundle.metadata["sparse_weights"]
+    assert (tmp_path / "b" / "weights.npz").is_file() == sparse != (tmp_path / "b" / "weights.npy").is_file()
     rng = np.random.default_rng(0)
     for user in ("u0", "u1", "u7"):
         row = matrix.matrix[matrix.user_index[user]]
@@ -223,3 +232,29 @@ def test_an_exhausted_budget_keeps_one_point_per_beta_and_is_recorded(settings):
     assert (choice.ease_lambda, choice.plain_ease_lambda, choice.input_alpha) == (1.0, 1.0, 0.0)
     assert choice.weights == {"ease": 1.0, "popularity": 0.0}  # no blend trial ran
     assert any("budget of 1e-09 s ran out" in line for line in logs)
+
+
+def test_sparse_weights_bundle_replaces_the_dense_file_and_is_validated(tmp_path):
+    frame = _clustered(seed=5, users=30, items=24)
+    items = np.array(sorted(frame["item_id"].unique()), dtype=object)
+    x = InteractionMatrix.from_frame(frame, item_ids=items).matrix
+    spec = dict(item_ids=items, titles=items, categories=[[]] * len(items), history={}, popularity=np.ones(len(items)))
+    meta = {"version": "v1", "k": 5, "metrics": {}}
+    dense, sparse = fit_ease(x, 5.0), fit_ease(x, 5.0, dense_max_items=0, neighbours=6)
+    write_bundle(tmp_path / "b", model=dense, metadata=meta, **spec)
+    write_bundle(tmp_path / "b", model=sparse, metadata=meta, **spec)
+    assert not (tmp_path / "b" / "weights.npy").exists()
+    loaded = load_bundle(tmp_path / "b").model.weights
+    assert isinstance(loaded, sp.csr_matrix) and loaded.dtype == np.float32
+    assert (loaded != sparse.weights).nnz == 0
+    write_bundle(tmp_path / "b", model=dense, metadata=meta, **spec)
+    assert not (tmp_path / "b" / "weights.npz").exists()
+    assert isinstance(load_bundle(tmp_path / "b").model.weights, np.ndarray)
+
+    write_bundle(tmp_path / "c", model=sparse, metadata=meta, **spec)
+    sp.save_npz(tmp_path / "c" / "weights.npz", sp.csr_matrix(sparse.weights[:5]))
+    with pytest.raises(ValueError, match=r"weights.npz: expected shape \(24, 24\)"):
+        load_bundle(tmp_path / "c")
+    (tmp_path / "c" / "weights.npz").unlink()
+    with pytest.raises(FileNotFoundError, match="missing weights.npz"):
+        load_bundle(tmp_path / "c")
