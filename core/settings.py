@@ -201,6 +201,15 @@ class TrainingSettings(_Section):
     # its ease_neighbours nearest items only (cosine of co-occurrence; sparse W, docs/models.md).
     ease_dense_max_items: int = Field(10_000, ge=0)
     ease_neighbours: int = Field(128, ge=1)
+    # Warm start (training/warm_start.py). "warm": a run reuses the champion's searched
+    # choices (EASE λ/β/α, blend weights, kept segment fine-tuning parameters) and searches
+    # again only when they are older than research_every_days, the run's reason is in
+    # search_on_reasons, its force_search param is set, or they no longer apply (no champion
+    # or none recorded, other search grids, data source or blend components).
+    # "always": every run searches.
+    search: Literal["warm", "always"] = "warm"
+    research_every_days: float = Field(7.0, gt=0)
+    search_on_reasons: list[str] = Field(default_factory=lambda: ["drift"])
 
 
 class NeuralSettings(_Section):

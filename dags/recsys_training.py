@@ -49,6 +49,12 @@ DEFAULT_ARGS = {"retries": 2, "retry_delay": timedelta(seconds=30)}
         "drift_report": Param(
             None, type=["null", "string"], description="the drift report that triggered this run, if any"
         ),
+        "force_search": Param(
+            False,
+            type="boolean",
+            description="search the hyperparameters and blend weights again instead of reusing the champion's "
+            "(training.search: warm reuses them until training.research_every_days)",
+        ),
     },
     tags=["hyperrec", "training"],
     doc_md=__doc__,

@@ -365,6 +365,20 @@ def champion_version(settings: Settings) -> int | None:
         return None
 
 
+def champion_artifact_json(settings: Settings, artifact_path: str) -> tuple[int, Any] | None:
+    """The champion's version and the JSON artifact ``artifact_path`` of its source run (None
+    when that run has no readable one); None when there is no champion."""
+    client = configure(settings)
+    try:
+        mv = client.get_model_version_by_alias(settings.mlflow.registered_model, CHAMPION)
+    except mlflow.exceptions.MlflowException:
+        return None
+    try:
+        return int(mv.version), json.loads(mlflow.artifacts.load_text(f"runs:/{mv.run_id}/{artifact_path}"))
+    except (mlflow.exceptions.MlflowException, OSError, ValueError):
+        return int(mv.version), None
+
+
 # --------------------------------------------------------------------------- holdout scoring
 
 

@@ -11,6 +11,7 @@ import json
 import re
 import shutil
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ from core.run_context import RunContext
 from core.settings import Settings
 from feature_store.stage import read_segment_labels
 from pipelines.split import load_split, split_fingerprint
-from training import registry
+from training import registry, warm_start
 from training.bundle import load_bundle, write_bundle
 from training.candidates import (
     BASELINES,
@@ -45,6 +46,8 @@ from training.pyfunc import RecommenderPyfunc
 CANDIDATES = (*BASELINES, *COMPONENTS, "hybrid")
 WEIGHT_COLUMN = registry.WEIGHT_COLUMN
 LOSS_FILE = "loss.json"
+SEARCH_TAGS = ("mode", "reason", "from_version", "searched_at", "segment_tuning")
+"""Keys of the run's ``search.json`` that register tags as ``hyperrec.search.<key>``."""
 
 
 def _catalogue(run: RunContext) -> pd.DataFrame:
@@ -79,13 +82,21 @@ def side_data(settings: Settings, run: RunContext, items: pd.DataFrame) -> dict:
     return side
 
 
+def pipeline_params(run: RunContext) -> dict:
+    """The run's ``params.json`` (empty when it has none)."""
+    return run.read_json("params.json") if run.path("params.json").exists() else {}
+
+
 def train(settings: Settings, run: RunContext) -> dict:
     """Fit every candidate on the train split and write one bundle per candidate.
 
     EASE λ, the temporal β, the input α and the hybrid's blend weights are chosen on a
-    per-user k-fold of the train split (``validation.json``); the test split is not read.
+    per-user k-fold of the train split (``model_selection.json``); the test split is not
+    read. A warm run (:func:`training.warm_start.decide`) reuses the champion's choices and,
+    when its segmentation is the champion's, its kept segment fine-tuning parameters
+    instead; ``search.json`` and ``train.json`` → ``search`` record which happened and why.
     The hybrid reuses the components fitted as their own candidates (same data and
-    settings), so its ``fit_seconds`` counts its anchor and the validation search.
+    settings), so its ``fit_seconds`` counts its anchor and this run's validation search.
     """
     cfg = settings.training
     train_df, _ = load_split(run.split_dir)
@@ -94,9 +105,39 @@ def train(settings: Settings, run: RunContext) -> dict:
     matrix = InteractionMatrix.from_frame(train_df, item_ids=item_ids, weight_col=WEIGHT_COLUMN)
     side = side_data(settings, run, items)
     context = FitContext(train_df, matrix, item_ids, side)
-    tuning = tune_neural_segments(settings, run, train_df, item_ids, side)
-    choice = tune_choice(context, settings, weight_col=WEIGHT_COLUMN)
+    params, components = pipeline_params(run), available(side)
+    segmentation = run.read_json("segments.json") if run.path("segments.json").exists() else {}
+    champion = warm_start.champion_record(settings) if cfg.search == "warm" else None
+    search = warm_start.decide(
+        settings,
+        params=params,
+        champion=champion,
+        components=components,
+        segmentation=segmentation,
+        now=datetime.now(UTC),
+    )
+    print(f"train: choices {search.mode}: {search.reason}; segment tuning: {search.segment_tuning}")
+    if search.segments_warm:
+        tuning = {**champion[1]["tuning"], "reused_from": search.from_version}
+        run.write_json("segment_tuning.json", tuning)
+    else:
+        tuning = tune_neural_segments(settings, run, train_df, item_ids, side)
+    choice = (
+        warm_start.choice_of(champion[1]) if search.warm else tune_choice(context, settings, weight_col=WEIGHT_COLUMN)
+    )
     run.write_json("model_selection.json", choice.to_dict())
+    run.write_json(
+        warm_start.RECORD_FILE,
+        warm_start.record(
+            search,
+            settings,
+            params=params,
+            components=components,
+            segmentation=segmentation,
+            choice=choice.to_dict(),
+            tuning=tuning,
+        ),
+    )
     history = {
         u: matrix.matrix.indices[matrix.matrix.indptr[r] : matrix.matrix.indptr[r + 1]]
         for u, r in matrix.user_index.items()
@@ -138,6 +179,7 @@ def train(settings: Settings, run: RunContext) -> dict:
         summary[name] = {"fit_seconds": round(seconds, 3), "segment_models": served_segments}
     summary["train_users"], summary["items"] = len(matrix.user_ids), len(matrix.item_ids)
     summary["validation"] = choice.to_dict()
+    summary["search"] = search.to_dict()
     summary["segment_tuning"] = (
         {"kept": tuning.get("kept", []), "segments": len(tuning.get("results", []))} if "results" in tuning else tuning
     )
@@ -487,9 +529,11 @@ def review_markdown(
     drift_report: str,
     drift_found: bool,
     loss: dict | None,
+    search: dict | None = None,
 ) -> str:
     """The ``## Training run`` section of the version description: what was registered and
-    how it scored, why the run started, where it lives, and which artifacts to open."""
+    how it scored, why the run started, how its choices were made (``search``, the run's
+    ``search.json``), where it lives, and which artifacts to open."""
     k, best = evaluation["k"], evaluation["best"]
     models, m = evaluation["models"], evaluation["models"][best]
     popularity = models.get("popularity", {}).get(f"ndcg@{k}")
@@ -514,6 +558,8 @@ def review_markdown(
                 f"{loss['loss'][0]:.4f} → {loss['loss'][-1]:.4f} over {len(loss['loss'])} epochs ({loss.get('model')})",
             ]
         )
+    if search:
+        facts.append(["choices", f"{search['mode']}: {search['reason']}; searched at {search['searched_at']}"])
     facts += [
         ["started because", started],
         ["Airflow run", f"`{airflow_id}`"],
@@ -565,9 +611,11 @@ def register(settings: Settings, run: RunContext, python_model: RecommenderPyfun
     The run carries the metrics, parameters and, for review in the MLflow UI, artifacts:
     ``evaluation/`` (metrics.md, models.csv, segments.csv), ``segments/`` (pictures),
     ``gx_data_docs/``, ``training/`` (loss.json, loss.png), ``drift/`` (when a drift
-    report started the run) and ``pipeline/`` (params, ingest, evaluation, train, timings JSON).
-    The version gets a markdown description (:func:`review_markdown`) and the tags model,
-    run directory, Airflow run id, reason and drift report. A retry of this task returns
+    report started the run), ``warm_start/search.json`` (the run's choices, which a later
+    warm run reads from the champion: :mod:`training.warm_start`) and ``pipeline/`` (params,
+    ingest, evaluation, train, timings JSON). The version gets a markdown description
+    (:func:`review_markdown`) and the tags model, run directory, Airflow run id, reason,
+    drift report and ``hyperrec.search.*`` (:data:`SEARCH_TAGS`). A retry of this task returns
     the version its earlier attempt registered (:func:`training.registry.log_and_register`).
     """
     if python_model is None:
@@ -608,9 +656,9 @@ def register(settings: Settings, run: RunContext, python_model: RecommenderPyfun
     tables = write_evaluation_tables(evaluation, run.path("evaluation"))
     write_text_atomic(tables / "segment_tuning.json", json.dumps(tuning, indent=2, default=str))
 
-    pipeline_params = run.read_json("params.json") if run.path("params.json").exists() else {}
-    reason = str(pipeline_params.get("reason") or "unknown")
-    drift_report = str(pipeline_params.get("drift_report") or "")
+    run_params = pipeline_params(run)
+    reason = str(run_params.get("reason") or "unknown")
+    drift_report = str(run_params.get("drift_report") or "")
     drift = drift_files(drift_report)
     loss, step_metrics = training_curves(run, best, run.path("training"))
     airflow_id = airflow_run_id(run)
@@ -625,6 +673,12 @@ def register(settings: Settings, run: RunContext, python_model: RecommenderPyfun
         tags["hyperrec.drift_report"] = drift_report
     if run.path("ingest.json").exists():
         tags["hyperrec.landed_batches"] = str(len(run.read_json("ingest.json")["landed_batches"]))
+    search = run.read_json(warm_start.RECORD_FILE) if run.path(warm_start.RECORD_FILE).exists() else {}
+    if search:
+        params["search_mode"] = search["mode"]
+        tags.update(
+            {f"hyperrec.search.{key}": "none" if search[key] is None else str(search[key]) for key in SEARCH_TAGS}
+        )
     description = review_markdown(
         evaluation,
         run=run,
@@ -633,6 +687,7 @@ def register(settings: Settings, run: RunContext, python_model: RecommenderPyfun
         drift_report=drift_report,
         drift_found=bool(drift),
         loss=loss,
+        search=search,
     )
     reg = registry.log_and_register(
         settings,
@@ -648,6 +703,7 @@ def register(settings: Settings, run: RunContext, python_model: RecommenderPyfun
             "evaluation": tables,
             "training": run.path("training"),
             "drift": drift,
+            warm_start.ARTIFACT_DIR: run.path(warm_start.RECORD_FILE),
             "pipeline": [
                 run.path(n)
                 for n in ("params.json", "ingest.json", "evaluation.json", "train.json", "timings.json")
