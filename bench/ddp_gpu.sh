@@ -4,9 +4,11 @@
 # Run: bench/ddp_gpu.sh [extra bench/ddp.py options, e.g. --epochs 20 --batch-sizes 256 1024]
 #
 # Runs bench/ddp.py --device cuda with 1 rank and with one rank per visible GPU (torchrun,
-# nccl backend, one GPU per local rank) and prints its Markdown table (samples/s per
-# global batch size and rank count). Exits with status 2 and a message when no CUDA
-# device is visible (a CPU-only torch build included).
+# nccl backend, one GPU per local rank; with several ranks the softmax columns are split over
+# the GPUs as on CPU, their exchanges on nccl) and prints its Markdown table (samples/s per
+# global batch size and rank count, median of --repeat runs); the figures also go to
+# <home>/bench/ddp-cuda.json (or --json PATH). Exits with status 2 and a message when no
+# CUDA device is visible (a CPU-only torch build included) or torch lacks NCCL.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."

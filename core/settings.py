@@ -233,6 +233,11 @@ class NeuralSettings(_Section):
     # `torchrun --nproc_per_node N -m training.ddp` (gloo on CPU, nccl with device cuda).
     nproc: int = Field(1, ge=1)
     device: Literal["cpu", "cuda"] = "cpu"
+    # Catalogues of up to this many items train on the full softmax (every item scored each
+    # step); larger ones on a sampled softmax: the batch's positives plus sampled_negatives
+    # draws from the item popularity^0.5 with a logQ correction (docs/models.md).
+    full_softmax_max_items: int = Field(10_000, ge=0)
+    sampled_negatives: int = Field(1024, ge=1)
 
     @model_validator(mode="after")
     def _positive_widths(self) -> NeuralSettings:
@@ -350,6 +355,10 @@ class ServingSettings(_Section):
     max_body_bytes: int = Field(1_000_000, ge=1)
     # Seconds a cached recommendation list lives; 0 disables the cache.
     cache_ttl_s: int = Field(300, ge=0)
+    # Before a new version is swapped in, each worker recomputes for it the lists among its
+    # last warm_cache_entries cache hits that were hit within warm_cache_window_s (0: none).
+    warm_cache_entries: int = Field(1000, ge=0)
+    warm_cache_window_s: float = Field(10.0, ge=0)
     # ANN retrieval size: catalogues (or filtered item sets) up to this size are scored exactly.
     candidates: int = Field(200, ge=1)
     # MMR re-ranks the top max(mmr_pool, k) items by relevance.

@@ -10,8 +10,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import select
 import shutil
 import signal
 import subprocess
@@ -29,7 +31,15 @@ import torch.distributed as dist
 from core.net import free_port
 from core.settings import NeuralSettings
 from training.models import InteractionMatrix
-from training.neural import NeuralData, NeuralRecommender, build_net, shard_bounds, train
+from training.neural import (
+    ColumnShardedNet,
+    NeuralData,
+    NeuralRecommender,
+    Peers,
+    build_net,
+    shard_bounds,
+    train,
+)
 
 INTERACTIONS_FILE = "interactions.parquet"
 USER_DENSE_FILE = "user_dense.npy"
@@ -39,7 +49,13 @@ CONFIG_FILE = "config.json"
 LOSSES_FILE = "losses.json"
 THROUGHPUT_FILE = "throughput.json"
 MODEL_DIR = "model"
+SHM_DIR = Path("/dev/shm")
+"""Where :class:`SharedMemoryCollectives` maps its segments and FIFOs (a tmpfs)."""
 TAIL_CHARS = 4000
+
+
+_OWN = ("user_id.weight", "history", "item_id.weight", "item_bias")
+"""The net's parameters that :class:`ColumnShardedNet` splits over the ranks instead of replicating."""
 
 
 class DDPError(RuntimeError):
@@ -98,6 +114,155 @@ def _plain(value: object) -> object:
     return value.item() if isinstance(value, np.generic) else value
 
 
+# --------------------------------------------------------------------------- collectives
+class Collectives:
+    """Sum and gather over the ranks of a job (every rank calls each, in the same order,
+    with tensors of one shape): the gloo / nccl process group of ``torch.distributed``."""
+
+    def __init__(self, group=None):
+        self.group = group
+        self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum ``tensor`` over ranks, in place; returns it."""
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group)
+        return tensor
+
+    def all_gather(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+        """Every rank's ``tensor``, in rank order."""
+        parts = [torch.empty_like(tensor) for _ in range(self.world)]
+        dist.all_gather(parts, tensor.contiguous(), group=self.group)
+        return parts
+
+    def close(self) -> None:
+        pass
+
+
+class SharedMemoryCollectives(Collectives):
+    """:class:`Collectives` among ranks on one host through shared memory, without sockets or
+        communication threads: each rank owns a segment of two ``capacity``-byte slots; call ``k``
+        copies the rank's tensor into slot ``k mod 2`` (a file in :data:`SHM_DIR` mapped by every
+    rank), writes one byte into a FIFO to every peer,
+        reads one byte from every peer's FIFO (blocking in the kernel, so a waiting rank uses no
+        CPU), then reads all ranks' slots. A rank rewrites a slot (call ``k + 2``) only after
+        every peer has announced call ``k + 1``, i.e. finished reading call ``k``. Sums add the
+        slots in rank order, so every rank gets the same bits. A peer that dies closes its FIFO
+        and the waiting ranks raise. Set up collectively over ``setup`` (a process group)."""
+
+    def __init__(self, capacity: int, setup=None):
+        super().__init__(setup)
+        self.capacity = int(capacity)
+        token = [uuid.uuid4().hex[:12] if self.rank == 0 else None]
+        dist.broadcast_object_list(token, src=0, group=setup)
+        base = SHM_DIR / f"hyperrec-ddp-{token[0]}"
+        try:
+            self._connect(base, setup)
+        except BaseException:
+            mine = [f"{base}-{self.rank}"] + [f"{base}-{self.rank}-{peer}" for peer in range(self.world)]
+            for path in mine:  # whatever of its files this rank made
+                Path(path).unlink(missing_ok=True)
+            raise
+        self._slots = [
+            [torch.frombuffer(m, dtype=torch.uint8)[i * self.capacity : (i + 1) * self.capacity] for i in (0, 1)]
+            for m in self._maps
+        ]
+        self._calls = 0
+
+    def _connect(self, base: Path, setup) -> None:
+        """Create this rank's segment and FIFOs, map and open everyone's, unlink the names."""
+        import mmap
+
+        size = 2 * self.capacity
+        fd = os.open(f"{base}-{self.rank}", os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+        os.ftruncate(fd, size)
+        os.close(fd)
+        for peer in range(self.world):
+            if peer != self.rank:
+                os.mkfifo(f"{base}-{self.rank}-{peer}", 0o600)
+        dist.barrier(group=setup)
+        self._maps = []
+        for r in range(self.world):
+            fd = os.open(f"{base}-{r}", os.O_RDWR)
+            self._maps.append(mmap.mmap(fd, size))
+            os.close(fd)
+        self._peers = [r for r in range(self.world) if r != self.rank]
+        # Readers first (non-blocking open), then writers (a reader exists: no wait).
+        self._inbox = {r: os.open(f"{base}-{r}-{self.rank}", os.O_RDONLY | os.O_NONBLOCK) for r in self._peers}
+        dist.barrier(group=setup)
+        self._outbox = {r: os.open(f"{base}-{self.rank}-{r}", os.O_WRONLY) for r in self._peers}
+        dist.barrier(group=setup)
+        # Everyone has mapped and opened everything: the names can go (nothing leaks on a crash).
+        os.unlink(f"{base}-{self.rank}")
+        for peer in self._peers:
+            os.unlink(f"{base}-{self.rank}-{peer}")
+
+    def _exchange(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+        """Publish ``tensor`` and return every rank's, as views of the shared slots."""
+        flat = tensor.detach().reshape(-1)
+        size = flat.numel() * flat.element_size()
+        if size > self.capacity:
+            raise ValueError(f"SharedMemoryCollectives: {size} bytes exceed the slot capacity {self.capacity}")
+        slot = self._calls % 2
+        self._calls += 1
+        self._slots[self.rank][slot][:size].view(flat.dtype).copy_(flat)
+        for fd in self._outbox.values():
+            os.write(fd, b"\x01")
+        for peer, fd in self._inbox.items():
+            self._wait(peer, fd)
+        return [s[slot][:size].view(flat.dtype).view(tensor.shape) for s in self._slots]
+
+    @staticmethod
+    def _wait(peer: int, fd: int) -> None:
+        """Read the peer's byte, blocking in the kernel until it is there."""
+        select.select([fd], [], [])
+        if not os.read(fd, 1):
+            raise RuntimeError(f"SharedMemoryCollectives: rank {peer} exited")
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        parts = self._exchange(tensor)
+        with torch.no_grad():
+            tensor.copy_(parts[0])
+            for part in parts[1:]:
+                tensor.add_(part)
+        return tensor
+
+    def all_gather(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+        return [part.clone() for part in self._exchange(tensor)]
+
+    def close(self) -> None:
+        for fd in [*self._inbox.values(), *self._outbox.values()]:
+            os.close(fd)
+        self._slots, self._inbox, self._outbox = [], {}, {}
+        for m in self._maps:
+            # A tensor that still views the mapping keeps it until the process ends.
+            with contextlib.suppress(BufferError):
+                m.close()
+
+
+def _average_hook(collectives: Collectives, bucket):  # no annotation: DDP checks it at run time
+    """DDP communication hook: the bucket's gradients averaged over ranks (synchronously)."""
+    buffer = bucket.buffer()
+    collectives.all_reduce(buffer).div_(collectives.world)
+    future: torch.futures.Future = torch.futures.Future()
+    future.set_result(buffer)
+    return future
+
+
+def local_collectives(capacity: int, device: torch.device) -> Collectives:
+    """Shared-memory collectives when every rank is on this host and on the CPU and the shared
+    memory has room (``HYPERREC_DDP_SHM=0`` turns them off); else a new process group's."""
+    if device.type != "cpu" or int(os.environ.get("LOCAL_WORLD_SIZE", "0")) != dist.get_world_size():
+        return Collectives(dist.new_group(backend=dist.get_backend()))  # the same on every rank
+    wanted = os.environ.get("HYPERREC_DDP_SHM", "1") != "0"
+    room = shutil.disk_usage(SHM_DIR).free if SHM_DIR.is_dir() else 0
+    # Every rank needs two slots; leave half of the free shared memory to others.
+    agreed = torch.tensor([int(wanted and room > 4 * capacity * dist.get_world_size())])
+    dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+    if int(agreed):
+        return SharedMemoryCollectives(capacity)
+    return Collectives(dist.new_group(backend=dist.get_backend()))
+
+
 # --------------------------------------------------------------------------- worker
 class GatherRows(torch.autograd.Function):
     """Forward: every rank's rows in rank order, rank ``r`` holding rows
@@ -106,24 +271,69 @@ class GatherRows(torch.autograd.Function):
     rows, i.e. this rank's share of the gradient of the sum of all ranks' losses."""
 
     @staticmethod
-    def forward(ctx, local: torch.Tensor, n: int, group) -> torch.Tensor:
-        world, rank = dist.get_world_size(group), dist.get_rank(group)
+    def forward(ctx, local: torch.Tensor, n: int, collectives: Collectives) -> torch.Tensor:
+        world, rank = collectives.world, collectives.rank
         bounds = [shard_bounds(n, r, world) for r in range(world)]
         if local.shape[0] != bounds[rank][1] - bounds[rank][0]:
             raise ValueError(f"GatherRows: rank {rank} holds {local.shape[0]} rows, expected rows {bounds[rank]}")
         padded = local.new_zeros((max(hi - lo for lo, hi in bounds), *local.shape[1:]))
         padded[: local.shape[0]] = local
-        parts = [torch.empty_like(padded) for _ in range(world)]
-        dist.all_gather(parts, padded, group=group)
-        ctx.group, ctx.rows = group, bounds[rank]
+        parts = collectives.all_gather(padded)
+        ctx.collectives, ctx.rows = collectives, bounds[rank]
         return torch.cat([part[: hi - lo] for part, (lo, hi) in zip(parts, bounds)])
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        grad = ctx.collectives.all_reduce(grad.contiguous().clone())
         lo, hi = ctx.rows
         return grad[lo:hi], None, None
+
+
+class ReduceRows(torch.autograd.Function):
+    """Forward: the sum over ranks of every rank's ``n`` rows (``all_reduce``), cut to this
+    rank's rows ``shard_bounds(n, rank, world)``. Backward: every rank's gradient rows in rank
+    order (``all_gather``), which is the gradient of each rank's summand."""
+
+    @staticmethod
+    def forward(ctx, partial: torch.Tensor, n: int, collectives: Collectives) -> torch.Tensor:
+        bounds = [shard_bounds(n, r, collectives.world) for r in range(collectives.world)]
+        lo, hi = bounds[collectives.rank]
+        ctx.collectives, ctx.bounds = collectives, bounds
+        return collectives.all_reduce(partial.detach().clone())[lo:hi]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        padded = grad.new_zeros((max(hi - lo for lo, hi in ctx.bounds), *grad.shape[1:]))
+        padded[: grad.shape[0]] = grad
+        parts = ctx.collectives.all_gather(padded)
+        return torch.cat([part[: hi - lo] for part, (lo, hi) in zip(parts, ctx.bounds)]), None, None
+
+
+class GlobalLogSumExp(torch.autograd.Function):
+    """Forward: per row, ``log Σ exp`` over the columns of every rank (each rank holds some
+    columns of the same rows), from every rank's row maximum ``m_r`` and ``z_r = Σ exp(local
+    − m_r)`` (one ``all_gather``). Backward: ``grad · exp(local − result)``, the derivative
+    with respect to this rank's columns; no communication."""
+
+    @staticmethod
+    def forward(ctx, local: torch.Tensor, collectives: Collectives) -> torch.Tensor:
+        if local.shape[1]:
+            peak = local.detach().max(dim=1).values
+            total = torch.exp(local.detach() - peak[:, None]).sum(dim=1)
+        else:  # no columns on this rank
+            peak = local.new_full((local.shape[0],), -torch.inf)
+            total = local.new_zeros(local.shape[0])
+        parts = torch.stack(collectives.all_gather(torch.stack([peak, total])))
+        peaks, totals = parts[:, 0], parts[:, 1]
+        top = peaks.max(dim=0).values
+        result = top + torch.log((totals * torch.exp(peaks - top)).sum(dim=0))
+        ctx.save_for_backward(local, result)
+        return result
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        local, result = ctx.saved_tensors
+        return grad[:, None] * torch.exp(local - result[:, None]), None
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -176,35 +386,55 @@ def _worker(argv: list[str] | None = None) -> None:
         rank, world = dist.get_rank(), dist.get_world_size()
         data = read_training_data(args.data)
         net = build_net(data, cfg).to(device)
-        # The feature buffers are constant and identical on every rank: no per-step broadcast.
-        ddp = DistributedDataParallel(
-            net, device_ids=[local_rank] if device.type == "cuda" else None, forward_sync_buffers=False
-        )
 
         def all_reduce(t: torch.Tensor) -> torch.Tensor:
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
             return t
 
-        # The item tower is sharded by item rows; its collectives get their own group so
-        # that they never interleave with DDP's gradient all-reduces on the default group.
-        item_group = dist.new_group(backend=backend) if world > 1 else None
-
-        def item_gather(rows: torch.Tensor) -> torch.Tensor:
-            return GatherRows.apply(rows, data.n_items, item_group)
+        model: torch.nn.Module = net  # one rank: the plain net, as an in-process fit
+        collectives: Collectives | None = None
+        if world > 1:
+            replicated = sum(p.numel() * p.element_size() for n, p in net.named_parameters() if n not in _OWN)
+            peers = Peers(
+                rank,
+                world,
+                lambda local, n: GatherRows.apply(local, n, collectives),
+                lambda partial, n: ReduceRows.apply(partial, n, collectives),
+                lambda scores: GlobalLogSumExp.apply(scores, collectives),
+            )
+            sharded = ColumnShardedNet(net, peers)
+            collectives = local_collectives(max(replicated, sharded.exchange_bytes(cfg.batch_size)), device)
+            all_reduce = collectives.all_reduce
+            # Each rank's table rows are its own: DDP neither broadcasts nor all-reduces them.
+            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(sharded, list(ColumnShardedNet.LOCAL))
+            # The feature buffers are constant and identical on every rank: no per-step
+            # broadcast; the gradients live in one bucket (one all-reduce per step, no copy
+            # in and out).
+            model = DistributedDataParallel(
+                sharded,
+                device_ids=[local_rank] if device.type == "cuda" else None,
+                forward_sync_buffers=False,
+                gradient_as_bucket_view=True,
+                bucket_cap_mb=replicated / 2**20 + 1,
+            )
+            if isinstance(collectives, SharedMemoryCollectives):
+                model.register_comm_hook(collectives, _average_hook)
 
         dist.barrier()
         start, cpu_start = time.perf_counter(), time.process_time()
         results = train(
-            ddp,
+            model,
             data,
             cfg,
             rank=rank,
             world_size=world,
             device=device,
             all_reduce=all_reduce,
-            item_gather=item_gather if world > 1 else None,
             progress=args.progress,
         )
+        if world > 1:
+            sharded.write_back()  # every rank's table rows into net (a collective)
+            collectives.close()
         cpu = torch.tensor([time.process_time() - cpu_start], dtype=torch.float64, device=device)
         dist.barrier()
         seconds = time.perf_counter() - start
@@ -239,6 +469,14 @@ def _worker(argv: list[str] | None = None) -> None:
                         "world_size": world,
                         "nnodes": int(os.environ.get("GROUP_WORLD_SIZE", "1")),
                         "backend": backend,
+                        # What the ranks' own exchanges (and, in shared memory, DDP's) run on.
+                        "collectives": (
+                            None
+                            if collectives is None
+                            else "shared memory"
+                            if isinstance(collectives, SharedMemoryCollectives)
+                            else backend
+                        ),
                         "device": device.type,
                         "threads_per_rank": torch.get_num_threads() if device.type == "cpu" else None,
                     },
@@ -252,7 +490,7 @@ def _worker(argv: list[str] | None = None) -> None:
         # Nobody tears down while rank 0 still writes: a gloo group whose peer has already
         # exited can hang in its destructor.
         dist.barrier()
-        del ddp  # release the DDP reducer's hold on the process group before destroying it
+        del model  # release the DDP reducer's hold on the process group before destroying it
     finally:
         dist.destroy_process_group()
 

@@ -1,8 +1,11 @@
 """The neural recommender: a user tower (ID embedding, history bag, dense user features,
 category profile) and an item tower (ID embedding, content features) scored by a dot product
-plus an item bias, trained with a multinomial likelihood. Every random number of a step is
-seeded by position, never by rank, so any DDP world size follows the same loss curve
-(:func:`train`). See docs/models.md for the towers, the loss and the randomness.
+plus an item bias, trained with a multinomial likelihood: over the whole catalogue up to
+``full_softmax_max_items`` items, over the batch's positives plus sampled negatives above
+(:class:`NegativeSampler`). Every random number of a step is seeded by position, never by
+rank, so any DDP world size follows the same loss curve (:func:`train`); with more than one
+rank the catalogue's columns are split over the ranks (:class:`ColumnShardedNet`). See
+docs/models.md for the towers, the loss and the randomness.
 """
 
 from __future__ import annotations
@@ -25,11 +28,14 @@ from core.settings import NeuralSettings as NeuralConfig
 from training.models import InteractionMatrix, as_csr, rows_dot
 
 __all__ = [
-    "ItemShard",
+    "Candidates",
+    "ColumnShardedNet",
+    "NegativeSampler",
     "NeuralConfig",
     "NeuralData",
     "NeuralNet",
     "NeuralRecommender",
+    "Peers",
     "StepResult",
     "build_net",
     "fit_neural",
@@ -47,6 +53,11 @@ INIT_STD = 0.1
 """Standard deviation of the normal init of the ID and history embeddings."""
 MASK_BLOCK = 256
 """Items per independently seeded block of item-tower dropout masks."""
+NEGATIVE_POWER = 0.5
+"""Sampled negatives are drawn with probability ∝ (users who interacted with the item + 1)^this."""
+ITEM_MASK_TAG, NEGATIVE_TAG, CANDIDATE_MASK_TAG = 1, 2, 3
+"""Seed tags: ``default_rng([seed, epoch, step, tag, ...])`` for item-tower dropout over the
+catalogue, negative draws, and item-tower dropout over a sampled step's candidates."""
 
 
 # --------------------------------------------------------------------------- data
@@ -209,23 +220,17 @@ class NeuralNet(nn.Module):
         masks: Sequence[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """User-tower output for a batch of bags. ``bag_weight`` sums to 1 per non-empty bag."""
-        bag = nn.functional.embedding_bag(
-            bag_index, self.history, bag_offsets, mode="sum", per_sample_weights=bag_weight
-        )
-        parts = [self.user_id(user_rows), bag, self.user_dense[user_rows]]
-        if self.item_dense.shape[1]:
-            parts.append(
-                nn.functional.embedding_bag(
-                    bag_index, self.item_dense, bag_offsets, mode="sum", per_sample_weights=bag_weight
-                )
-            )
-        return self.user_tower(torch.cat(parts, dim=1), masks)
+        return _user_vectors(self, bag_index, bag_offsets, bag_weight, user_rows, masks)
 
     def item_vectors(
         self, masks: Sequence[torch.Tensor] | None = None, lo: int = 0, hi: int | None = None
     ) -> torch.Tensor:
         """Item-tower outputs of items ``lo..hi-1`` (all items by default)."""
         return self.item_tower(torch.cat([self.item_id.weight[lo:hi], self.item_dense[lo:hi]], dim=1), masks)
+
+    def item_vectors_at(self, items: torch.Tensor, masks: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+        """Item-tower outputs of the item indices ``items``."""
+        return self.item_tower(torch.cat([self.item_id(items), self.item_dense[items]], dim=1), masks)
 
     def forward(
         self,
@@ -235,17 +240,151 @@ class NeuralNet(nn.Module):
         user_rows: torch.Tensor,
         user_masks: Sequence[torch.Tensor] | None = None,
         item_masks: Sequence[torch.Tensor] | None = None,
-        item_shard: ItemShard | None = None,
+        columns: torch.Tensor | None = None,
+        column_offset: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Scores of the batch's users over the whole catalogue. With ``item_shard`` this rank
-        runs the item tower on its own item rows only and ``item_shard.gather`` assembles
-        the catalogue (``item_masks`` then cover those rows only)."""
+        """Scores of the batch's users over the whole catalogue, or with ``columns`` (item
+        indices) the scores ``s_ui − column_offset_i`` of those items only (``item_masks``
+        then cover those items)."""
         users = self.user_vectors(bag_index, bag_offsets, bag_weight, user_rows, user_masks)
-        if item_shard is None:
-            items = self.item_vectors(item_masks)
+        if columns is None:
+            return users @ self.item_vectors(item_masks).T + self.item_bias
+        bias = self.item_bias[columns] - column_offset if column_offset is not None else self.item_bias[columns]
+        return users @ self.item_vectors_at(columns, item_masks).T + bias
+
+
+def _user_vectors(
+    m: nn.Module,
+    bag_index: torch.Tensor,
+    bag_offsets: torch.Tensor,
+    bag_weight: torch.Tensor,
+    user_rows: torch.Tensor,
+    masks: Sequence[torch.Tensor] | None,
+) -> torch.Tensor:
+    """The user tower of ``m`` (a :class:`NeuralNet` or :class:`ColumnShardedNet`)."""
+    bag = nn.functional.embedding_bag(bag_index, m.history, bag_offsets, mode="sum", per_sample_weights=bag_weight)
+    parts = [m.user_id(user_rows), bag, m.user_dense[user_rows]]
+    if m.item_dense.shape[1]:
+        parts.append(
+            nn.functional.embedding_bag(bag_index, m.item_dense, bag_offsets, mode="sum", per_sample_weights=bag_weight)
+        )
+    return m.user_tower(torch.cat(parts, dim=1), masks)
+
+
+@dataclass(frozen=True)
+class Peers:
+    """The collectives of a column-sharded rank (:mod:`training.ddp` builds them on
+    ``torch.distributed`` or shared memory).
+
+    ``gather_rows(local, n)``: every rank's rows in rank order, rank ``r`` holding rows
+    :func:`shard_bounds` ``(n, r, world)``; its backward sums the output gradient over ranks
+    and returns this rank's rows. ``reduce_rows(partial, n)``: the sum over ranks of every
+    rank's ``n`` rows, cut to this rank's rows; its backward gathers every rank's gradient
+    rows. ``logsumexp(local)``: per row, ``log Σ exp`` over the columns of every rank; its
+    backward is ``grad · exp(local − result)`` (this rank's columns).
+    """
+
+    rank: int
+    world: int
+    gather_rows: Callable[[torch.Tensor, int], torch.Tensor]
+    reduce_rows: Callable[[torch.Tensor, int], torch.Tensor]
+    logsumexp: Callable[[torch.Tensor], torch.Tensor]
+
+
+class ColumnShardedNet(nn.Module):
+    """A :class:`NeuralNet` split for DDP rank ``r`` of ``world``. The towers are the net's
+    own (replicated, synchronised by DDP); the rank alone holds (:meth:`local_parameters`,
+    which DDP must ignore) the rows of the items :func:`shard_bounds` ``(n_items, r, world)``
+    of the item-ID and history tables and of the item biases, and the rows of the users
+    ``shard_bounds(n_users, r, world)`` of the user-ID table.
+
+    A step (:meth:`forward`): every rank looks up its rows for all ``B`` users of the batch
+    (their ID embedding if it holds the user, the part of their history bag over its items)
+    and ``reduce_rows`` sums these into the inputs of the rank's own users; the rank runs the
+    user tower on its users, gathers all users' vectors, scores them against its columns (its
+    items, or its share of a sampled step's candidates) and returns
+    ``(Σ_u w_u lse_u − Σ x_ui s_ui, R_r)``: the first is what the rank back-propagates
+    (``lse_u`` over every rank's columns, ``x s`` summed over the rank's columns,
+    ``w_u = Σ_i x_ui``), whose gradient with respect to the rank's scores is the full loss's;
+    ``R_r`` sums to ``Σ_u L_u`` over the ranks.
+    """
+
+    LOCAL = ("own.user_id", "own.history", "own.item_id", "own.item_bias")
+    """Names of the rank's own parameters (in a submodule: DDP matches ignored names as
+    ``{module}.{parameter}``)."""
+
+    def __init__(self, net: NeuralNet, peers: Peers):
+        super().__init__()
+        self.net = [net]  # not a submodule: its full tables are not trained here
+        self.peers = peers
+        self.n_users, self.n_items = net.n_users, net.n_items
+        self.lo, self.hi = shard_bounds(net.n_items, peers.rank, peers.world)
+        self.user_lo, self.user_hi = shard_bounds(net.n_users, peers.rank, peers.world)
+        self.user_tower, self.item_tower = net.user_tower, net.item_tower
+        self.register_buffer("user_dense", net.user_dense)
+        self.register_buffer("item_dense", net.item_dense)
+        self.own = nn.Module()
+        self.own.user_id = nn.Parameter(net.user_id.weight.detach()[self.user_lo : self.user_hi].clone())
+        self.own.history = nn.Parameter(net.history.detach()[self.lo : self.hi].clone())
+        self.own.item_id = nn.Parameter(net.item_id.weight.detach()[self.lo : self.hi].clone())
+        self.own.item_bias = nn.Parameter(net.item_bias.detach()[self.lo : self.hi].clone())
+
+    def local_parameters(self) -> list[nn.Parameter]:
+        return [self.own.user_id, self.own.history, self.own.item_id, self.own.item_bias]
+
+    def exchange_bytes(self, batch_size: int) -> int:
+        """The largest tensor one of this net's collectives carries, in bytes."""
+        d = self.own.item_id.shape[1]
+        rows = max(-(-self.n_items // self.peers.world), -(-self.n_users // self.peers.world), batch_size)
+        return 4 * max(rows * d, batch_size * 2 * d)
+
+    def _inputs(self, batch: _Step) -> torch.Tensor:
+        """The user tower's input for the rank's users (see :func:`_user_vectors`)."""
+        own = batch.all_user_rows - self.user_lo
+        held = (own >= 0) & (own < self.user_hi - self.user_lo)
+        if self.user_hi > self.user_lo:
+            ids = self.own.user_id[own.clamp(0, self.user_hi - self.user_lo - 1)] * held[:, None]
         else:
-            items = item_shard.gather(self.item_vectors(item_masks, item_shard.lo, item_shard.hi))
-        return users @ items.T + self.item_bias
+            ids = self.own.user_id.new_zeros((len(own), self.own.user_id.shape[1]))
+        bags = nn.functional.embedding_bag(
+            batch.part_index, self.own.history, batch.part_offsets, mode="sum", per_sample_weights=batch.part_weight
+        )
+        summed = self.peers.reduce_rows(torch.cat([ids, bags], dim=1), len(own))
+        d = ids.shape[1]
+        parts = [summed[:, :d], summed[:, d:], self.user_dense[batch.user_rows]]
+        if self.item_dense.shape[1]:
+            parts.append(
+                nn.functional.embedding_bag(
+                    batch.bag_index, self.item_dense, batch.bag_offsets, mode="sum", per_sample_weights=batch.bag_weight
+                )
+            )
+        return torch.cat(parts, dim=1)
+
+    def forward(self, batch: _Step) -> tuple[torch.Tensor, torch.Tensor]:
+        users = self.user_tower(self._inputs(batch), batch.user_masks)
+        users = self.peers.gather_rows(users, len(batch.user_weight))
+        if batch.columns is None:
+            rows = slice(None)
+            dense, bias = self.item_dense[self.lo : self.hi], self.own.item_bias
+        else:
+            rows = batch.columns - self.lo
+            dense, bias = self.item_dense[batch.columns], self.own.item_bias[rows] - batch.column_offset
+        items = self.item_tower(torch.cat([self.own.item_id[rows], dense], dim=1), batch.item_masks)
+        scores = users @ items.T + bias
+        lse = (self.peers.logsumexp(scores) * batch.user_weight).sum()
+        picked = (scores.reshape(-1)[batch.target_flat] * batch.target_weight).sum()
+        return lse - picked, (lse if self.peers.rank == 0 else 0.0) - picked
+
+    @torch.no_grad()
+    def write_back(self) -> NeuralNet:
+        """Assemble every rank's rows into the wrapped net (a collective: every rank calls
+        it) and return the net."""
+        net, gather = self.net[0], self.peers.gather_rows
+        net.user_id.weight[: self.n_users] = gather(self.own.user_id.detach(), self.n_users)
+        net.history.copy_(gather(self.own.history.detach(), self.n_items))
+        net.item_id.weight.copy_(gather(self.own.item_id.detach(), self.n_items))
+        net.item_bias.copy_(gather(self.own.item_bias.detach()[:, None], self.n_items)[:, 0])
+        return net
 
 
 def build_net(data: NeuralData, cfg: NeuralConfig) -> NeuralNet:
@@ -275,7 +414,15 @@ def _bags(x: sp.csr_matrix, keep: np.ndarray | None = None) -> tuple[np.ndarray,
 
 @dataclass
 class _Step:
-    """One global batch's tensors for one rank's shard."""
+    """One global batch's tensors for one rank.
+
+    The user tower's inputs cover the rank's contiguous shard of the batch's users; the
+    item-tower masks, ``columns`` and ``column_offset`` its columns (all items, or with
+    ``columns`` those item indices); ``target_flat`` indexes the targets in the flattened
+    users × columns scores (the rank's users on one rank; all the batch's users, restricted
+    to the rank's columns, with ``user_weight`` = ``Σ_i x_ui`` per user, when columns are
+    sharded). Sharded, ``all_user_rows`` and the ``part_*`` bag inputs cover all the batch's
+    users, the bags restricted to the rank's items (indices relative to its first item)."""
 
     bag_index: torch.Tensor
     bag_offsets: torch.Tensor
@@ -285,15 +432,13 @@ class _Step:
     item_masks: list[torch.Tensor] | None
     target_flat: torch.Tensor
     target_weight: torch.Tensor
-
-
-@dataclass(frozen=True)
-class ItemShard:
-    """This rank's item rows ``lo..hi-1`` and the collective that assembles all rows."""
-
-    lo: int
-    hi: int
-    gather: Callable[[torch.Tensor], torch.Tensor]
+    columns: torch.Tensor | None = None
+    column_offset: torch.Tensor | None = None
+    user_weight: torch.Tensor | None = None
+    all_user_rows: torch.Tensor | None = None
+    part_index: torch.Tensor | None = None
+    part_offsets: torch.Tensor | None = None
+    part_weight: torch.Tensor | None = None
 
 
 def shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
@@ -303,21 +448,64 @@ def shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
     return lo, lo + base + (1 if rank < extra else 0)
 
 
-def _item_keep(cfg: NeuralConfig, epoch: int, step: int, n_items: int, lo: int, hi: int) -> list[np.ndarray]:
+def _item_keep(
+    cfg: NeuralConfig, epoch: int, step: int, n_items: int, lo: int, hi: int, tag: int = ITEM_MASK_TAG
+) -> list[np.ndarray]:
     """Item-tower dropout keep-masks (one per hidden layer) of item rows ``lo..hi-1``.
 
     Rows come in blocks of :data:`MASK_BLOCK` items; block ``b`` is drawn from
-    ``default_rng([seed, epoch, step, 1, b])``, so a rank draws only the blocks of its own
+    ``default_rng([seed, epoch, step, tag, b])``, so a rank draws only the blocks of its own
     item shard and still gets exactly the rows a single process would."""
     masks = [np.empty((hi - lo, h), dtype=bool) for h in cfg.hidden]
     for block in range(lo // MASK_BLOCK, -(-hi // MASK_BLOCK)):
         b_lo, b_hi = block * MASK_BLOCK, min((block + 1) * MASK_BLOCK, n_items)
         a, b = max(lo, b_lo), min(hi, b_hi)
-        rng = np.random.default_rng([cfg.seed, epoch, step, 1, block])
+        rng = np.random.default_rng([cfg.seed, epoch, step, tag, block])
         for mask, width in zip(masks, cfg.hidden):
             drawn = rng.random((b_hi - b_lo, width), dtype=np.float32) >= cfg.dropout
             mask[a - lo : b - lo] = drawn[a - b_lo : b - b_lo]
     return masks
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """The columns of a sampled-softmax step: sorted item indices and their logQ offsets
+    ``o_j`` (0 for the batch's positives, ``log(m q_j / c_j)`` for a sampled negative)."""
+
+    items: np.ndarray
+    offset: np.ndarray
+
+
+class NegativeSampler:
+    """Sampled-softmax candidates for a global batch.
+
+    ``P`` = the items in the history of any user of the batch; ``m`` =
+    ``cfg.sampled_negatives`` draws ``n_1..n_m`` i.i.d. from ``q_j ∝ (k_j + 1)^``
+    :data:`NEGATIVE_POWER` (``k_j`` the item's training users), seeded by
+    ``default_rng([seed, epoch, step, 2])``; ``N`` = the drawn items not in ``P``, item
+    ``j`` drawn ``c_j`` times. The step scores ``C = P ∪ N`` with offsets ``o_j = 0`` on
+    ``P`` and ``log(m q_j / c_j)`` on ``N``, so ``Σ_{j ∈ C} exp(s_uj − o_j)`` is an unbiased
+    estimate of ``Σ_j exp(s_uj)`` over the whole catalogue (exact on ``P``, importance
+    sampled on the rest)."""
+
+    def __init__(self, x: sp.csr_matrix, cfg: NeuralConfig):
+        users = np.bincount(x.indices, minlength=x.shape[1]).astype(np.float64)
+        weight = (users + 1.0) ** NEGATIVE_POWER
+        self.q = weight / weight.sum()
+        self.cdf = np.cumsum(self.q)
+        self.m, self.seed = cfg.sampled_negatives, cfg.seed
+
+    def candidates(self, batch: sp.csr_matrix, epoch: int, step: int) -> Candidates:
+        positives = np.unique(batch.indices).astype(np.int64)
+        u = np.random.default_rng([self.seed, epoch, step, NEGATIVE_TAG]).random(self.m)
+        draws = np.minimum(np.searchsorted(self.cdf, u * self.cdf[-1], side="right"), len(self.cdf) - 1)
+        negatives, counts = np.unique(draws, return_counts=True)
+        fresh = ~np.isin(negatives, positives, assume_unique=True)
+        negatives, counts = negatives[fresh], counts[fresh]
+        items = np.concatenate([positives, negatives])
+        offset = np.concatenate([np.zeros(len(positives)), np.log(self.m * self.q[negatives] / counts)])
+        order = np.argsort(items, kind="stable")
+        return Candidates(items[order], offset[order].astype(np.float32))
 
 
 def _make_step(
@@ -329,11 +517,14 @@ def _make_step(
     rank: int,
     world: int,
     device: torch.device,
-    items: tuple[int, int] | None = None,
+    sampler: NegativeSampler | None = None,
+    shard_columns: bool = False,
 ) -> _Step:
     """Draw the random numbers of the global batch ``rows`` from ``default_rng([seed,
     epoch, step])`` (input dropout, ID dropout, user-tower dropout, in this order), then cut
-    this rank's contiguous shard; item-tower masks cover item rows ``items`` (all by default)."""
+    this rank's contiguous shard of users. The columns are every item, or with ``sampler``
+    the step's :class:`Candidates`; with ``shard_columns`` this rank keeps only its columns:
+    the items of :func:`shard_bounds` ``(n_items, rank, world)`` (the candidates among them)."""
     n_users, n_items = x.shape
     rng = np.random.default_rng([cfg.seed, epoch, step])
     batch = x[rows]
@@ -342,25 +533,60 @@ def _make_step(
     user_keep = (
         [rng.random((len(rows), h), dtype=np.float32) >= cfg.dropout for h in cfg.hidden] if cfg.dropout > 0 else None
     )
-    item_keep = _item_keep(cfg, epoch, step, n_items, *(items or (0, n_items))) if cfg.dropout > 0 else None
     lo, hi = shard_bounds(len(rows), rank, world)
-    shard = batch[lo:hi]
-    a, b = batch.indptr[lo], batch.indptr[hi]
-    index, offsets, weight = _bags(shard, keep_input[a:b])
-    local = np.repeat(np.arange(hi - lo), np.diff(shard.indptr))
+    if shard_columns:  # every user's bag is needed below; the shard's are a slice of them
+        shard = None
+        every_index, every_offsets, every_weight = _bags(batch, keep_input)
+        first, last = (np.append(every_offsets, len(every_index))[[lo, hi]]).tolist()
+        index, weight = every_index[first:last], every_weight[first:last]
+        offsets = every_offsets[lo:hi] - first
+    else:
+        shard = batch[lo:hi]
+        index, offsets, weight = _bags(shard, keep_input[batch.indptr[lo] : batch.indptr[hi]])
 
     def t(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
         return torch.as_tensor(np.ascontiguousarray(array), dtype=dtype).to(device)
 
+    item_lo, item_hi = shard_bounds(n_items, rank, world) if shard_columns else (0, n_items)
+    candidates = sampler.candidates(batch, epoch, step) if sampler is not None else None
+    if candidates is None:
+        c_lo, c_hi = item_lo, item_hi
+        item_keep = _item_keep(cfg, epoch, step, n_items, c_lo, c_hi) if cfg.dropout > 0 else None
+    else:
+        c_lo, c_hi = (int(v) for v in np.searchsorted(candidates.items, [item_lo, item_hi]))
+        n_candidates = len(candidates.items)
+        item_keep = (
+            _item_keep(cfg, epoch, step, n_candidates, c_lo, c_hi, CANDIDATE_MASK_TAG) if cfg.dropout > 0 else None
+        )
+    # Targets: this rank's users over all columns, or all users over this rank's columns.
+    targets = batch if shard_columns else shard
+    target_rows = np.repeat(np.arange(targets.shape[0]), np.diff(targets.indptr))
+    position = targets.indices if candidates is None else np.searchsorted(candidates.items, targets.indices)
+    mine = (position >= c_lo) & (position < c_hi) if shard_columns else slice(None)
+    part: dict[str, torch.Tensor] = {}
+    if shard_columns:
+        counts = np.diff(np.append(every_offsets, len(every_index)))
+        held = (every_index >= item_lo) & (every_index < item_hi)
+        counts = np.bincount(np.repeat(np.arange(len(rows)), counts)[held], minlength=len(rows))
+        part = {
+            "all_user_rows": t(np.where(as_unknown, n_users, rows), torch.int64),
+            "part_index": t(every_index[held] - item_lo, torch.int64),
+            "part_offsets": t(np.cumsum(counts) - counts, torch.int64),
+            "part_weight": t(every_weight[held], torch.float32),
+        }
     return _Step(
+        **part,
         bag_index=t(index, torch.int64),
         bag_offsets=t(offsets, torch.int64),
         bag_weight=t(weight, torch.float32),
         user_rows=t(np.where(as_unknown, n_users, rows)[lo:hi], torch.int64),
         user_masks=[t(m[lo:hi], torch.float32) for m in user_keep] if user_keep else None,
         item_masks=[t(m, torch.float32) for m in item_keep] if item_keep else None,
-        target_flat=t(local * n_items + shard.indices, torch.int64),
-        target_weight=t(shard.data, torch.float32),
+        target_flat=t(target_rows[mine] * (c_hi - c_lo) + position[mine] - c_lo, torch.int64),
+        target_weight=t(targets.data[mine], torch.float32),
+        columns=t(candidates.items[c_lo:c_hi], torch.int64) if candidates is not None else None,
+        column_offset=t(candidates.offset[c_lo:c_hi], torch.float32) if candidates is not None else None,
+        user_weight=t(np.bincount(target_rows, targets.data, len(rows)), torch.float32) if shard_columns else None,
     )
 
 
@@ -418,37 +644,37 @@ def train(
     world_size: int = 1,
     device: torch.device | str = "cpu",
     all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    item_gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
     on_step: Callable[[StepResult], None] | None = None,
     progress: bool = True,
 ) -> list[StepResult]:
-    """Train ``net`` (a :class:`NeuralNet`, or one wrapped in DDP) in place; return the
-    global loss of every step.
+    """Train ``net`` in place; return the global loss of every step.
 
-    Each rank computes ``S_r = Σ_{u ∈ shard_r} L_u`` and back-propagates
-    ``S_r · world_size / B``; DDP averages gradients over ranks, giving ``∇ Σ_u L_u / B``,
-    the single-process gradient of the global batch. The reported loss is
-    ``all_reduce(S_r) / B`` (``all_reduce`` sums a tensor over ranks in place or not and
-    returns it; None for one process), reduced once per epoch for all its steps;
-    ``on_step`` is called at the end of each epoch for each of its steps.
+    One process: ``net`` is a :class:`NeuralNet`; the step's loss is ``S = Σ_u L_u`` over
+    the batch, back-propagated as ``S / B``. More ranks: ``net`` is a
+    :class:`ColumnShardedNet` wrapped in DDP (which must ignore its
+    :meth:`~ColumnShardedNet.local_parameters`); rank ``r`` back-propagates its
+    ``G_r · world_size / B`` (see :class:`ColumnShardedNet`), DDP averages the replicated
+    parameters' gradients over ranks and the rank's own table rows get theirs divided by
+    ``world_size``, so every parameter gets ``∇ Σ_u L_u / B``, the single-process gradient.
+    The reported loss is ``all_reduce(S_r) / B`` (``all_reduce`` sums a tensor over ranks in
+    place or not and returns it; None for one process), reduced once per epoch for all its
+    steps; ``on_step`` is called at the end of each epoch for each of its steps.
 
-    With ``item_gather`` the item tower is sharded too: rank ``r`` computes the item rows
-    :func:`shard_bounds` ``(n_items, r, world_size)`` and ``item_gather`` must return the
-    rows of every rank in rank order, summing the gradients of its output over ranks in the
-    backward pass (see :class:`training.ddp.GatherRows`).
+    Catalogues of more than ``cfg.full_softmax_max_items`` items train on the sampled
+    softmax of :class:`NegativeSampler`.
     """
-    if world_size > 1 and all_reduce is None:
-        raise ValueError("train: world_size > 1 needs all_reduce to report the global loss")
     device = torch.device(device)
     module = net.module if hasattr(net, "module") else net
+    sharded = isinstance(module, ColumnShardedNet)
+    if world_size > 1 and (all_reduce is None or not sharded):
+        raise ValueError("train: world_size > 1 needs a ColumnShardedNet (in DDP) and all_reduce")
     x = data.interactions.matrix
     if x.shape != (module.n_users, module.n_items):
         raise ValueError(
             f"train: data has {x.shape} users×items but the net was built for {(module.n_users, module.n_items)}"
         )
-    item_shard = (
-        ItemShard(*shard_bounds(data.n_items, rank, world_size), item_gather) if item_gather is not None else None
-    )
+    sampler = NegativeSampler(x, cfg) if data.n_items > cfg.full_softmax_max_items else None
+    local = module.local_parameters() if sharded else []
     optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     n_steps = steps_per_epoch(data.n_users, cfg.batch_size)
     results: list[StepResult] = []
@@ -465,30 +691,27 @@ def train(
             order = np.random.default_rng([cfg.seed, epoch]).permutation(data.n_users)
             for step in range(n_steps):
                 rows = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
-                batch = _make_step(
-                    x,
-                    rows,
-                    cfg,
-                    epoch,
-                    step,
-                    rank,
-                    world_size,
-                    device,
-                    (item_shard.lo, item_shard.hi) if item_shard else None,
-                )
-                logits = net(
-                    batch.bag_index,
-                    batch.bag_offsets,
-                    batch.bag_weight,
-                    batch.user_rows,
-                    batch.user_masks,
-                    batch.item_masks,
-                    item_shard,
-                )
-                log_p = torch.log_softmax(logits, dim=1).reshape(-1)
-                shard_sum = -(log_p[batch.target_flat] * batch.target_weight).sum()
+                batch = _make_step(x, rows, cfg, epoch, step, rank, world_size, device, sampler, sharded)
+                if sharded:
+                    objective, shard_sum = net(batch)
+                else:
+                    logits = net(
+                        batch.bag_index,
+                        batch.bag_offsets,
+                        batch.bag_weight,
+                        batch.user_rows,
+                        batch.user_masks,
+                        batch.item_masks,
+                        batch.columns,
+                        batch.column_offset,
+                    )
+                    log_p = torch.log_softmax(logits, dim=1).reshape(-1)
+                    objective = shard_sum = -(log_p[batch.target_flat] * batch.target_weight).sum()
                 optimizer.zero_grad(set_to_none=True)
-                (shard_sum * (world_size / len(rows))).backward()
+                (objective * (world_size / len(rows))).backward()
+                for parameter in local:
+                    if parameter.grad is not None:
+                        parameter.grad.div_(world_size)
                 optimizer.step()
                 shard_sums.append(shard_sum.detach())
                 sizes.append(len(rows))

@@ -1,5 +1,5 @@
 """DDP training through torchrun: 1 rank, 2 ranks and a simulated 2-node run follow the
-same loss curve on the same global batches and seed."""
+same loss curve on the same global batches and seed, on the full and the sampled softmax."""
 
 from __future__ import annotations
 
@@ -59,6 +59,7 @@ def test_one_rank_matches_in_process_training(data_dir, one_rank):
 def test_two_ranks_follow_the_one_rank_loss_curve(data_dir, one_rank, tmp_path):
     two = launch(data_dir, tmp_path, nproc=2, cfg=CFG)
     assert two["throughput"]["world_size"] == 2
+    assert two["throughput"]["collectives"] == "shared memory"  # both ranks on this host
     np.testing.assert_allclose(two["losses"], one_rank["losses"], rtol=RTOL)
     assert two["losses"][0] != pytest.approx(two["losses"][-1], rel=1e-3)  # it did learn something
     np.testing.assert_allclose(_scores(two["model_dir"]), _scores(one_rank["model_dir"]), rtol=1e-3, atol=1e-4)
@@ -66,9 +67,21 @@ def test_two_ranks_follow_the_one_rank_loss_curve(data_dir, one_rank, tmp_path):
     assert [row["samples"] for row in saved[:4]] == [30, 30, 30, 1]
 
 
+def test_two_ranks_follow_the_in_process_sampled_softmax(data_dir, tmp_path):
+    """Above ``full_softmax_max_items`` each rank scores its items among the step's sampled
+    candidates; the loss curve and the model are the in-process fit's."""
+    cfg = CFG.model_copy(update={"full_softmax_max_items": 100, "sampled_negatives": 64})
+    local = fit_neural(read_training_data(data_dir), cfg, progress=False, threads=1)
+    two = launch(data_dir, tmp_path, nproc=2, cfg=cfg)
+    np.testing.assert_allclose(two["losses"], local.losses, rtol=RTOL)
+    local.save(tmp_path / "local")
+    np.testing.assert_allclose(_scores(two["model_dir"]), _scores(tmp_path / "local"), rtol=1e-3, atol=1e-4)
+
+
 def test_simulated_two_node_run_matches(data_dir, one_rank, tmp_path):
     multi = launch(data_dir, tmp_path, nproc=1, nnodes=2, cfg=CFG)
     assert multi["throughput"]["world_size"] == 2 and multi["throughput"]["nnodes"] == 2
+    assert multi["throughput"]["collectives"] == "gloo"  # nodes do not share memory
     np.testing.assert_allclose(multi["losses"], one_rank["losses"], rtol=RTOL)
     np.testing.assert_allclose(_scores(multi["model_dir"]), _scores(one_rank["model_dir"]), rtol=1e-3, atol=1e-4)
 

@@ -1,5 +1,7 @@
 """The neural hybrid on a slice of ml-100k (u75 split): accuracy against popularity,
-cold-start scoring from events, save/load, INT8 quantization and config errors."""
+cold-start scoring from events, save/load, INT8 quantization and config errors; the
+sampled softmax of large catalogues on a synthetic one, and the full softmax below its
+threshold."""
 
 from __future__ import annotations
 
@@ -12,9 +14,19 @@ import torch
 
 from core.datasets.movielens import GENRES, read_items, read_ratings, read_users
 from pipelines.split import u75_split
+from training import neural
 from training.metrics import evaluate
 from training.models import fit_popularity
-from training.neural import NeuralConfig, NeuralData, NeuralRecommender, fit_neural, is_quantized, quantize_int8
+from training.neural import (
+    NegativeSampler,
+    NeuralConfig,
+    NeuralData,
+    NeuralRecommender,
+    build_net,
+    fit_neural,
+    is_quantized,
+    quantize_int8,
+)
 
 USERS = 400  # the first 400 users of ml-100k
 COLD_EVERY = 10  # every 10th of them is left out of training entirely (cold start)
@@ -168,6 +180,8 @@ def test_user_features_are_encoded_and_missing_users_get_zeros():
         ({"input_dropout": -0.1}, "input_dropout"),
         ({"batch_size": 0}, "batch_size"),
         ({"epocs": 3}, "epocs"),
+        ({"full_softmax_max_items": -1}, "full_softmax_max_items"),
+        ({"sampled_negatives": 0}, "sampled_negatives"),
     ],
 )
 def test_bad_config_raises_a_clear_error(fields, message):
@@ -187,3 +201,96 @@ def test_bad_inputs_raise_clear_errors(model):
         model.score(sp.csr_matrix((1, 5), dtype=np.float32))
     with pytest.raises(ValueError, match="2 user ids for 1 history rows"):
         model.score(sp.csr_matrix((1, len(model.item_ids)), dtype=np.float32), ["a", "b"])
+
+
+# --------------------------------------------------------------------------- sampled softmax
+def _grouped(seed: int = 0, users: int = 600, groups: int = 15, per_group: int = 40, history: int = 16, held: int = 4):
+    """Users in ``groups`` taste groups: each has ``history`` train items of its group's
+    ``per_group`` (plus 2 random items anywhere) and ``held`` other items of the group held out."""
+    rng = np.random.default_rng(seed)
+    train, test = [], []
+    for u in range(users):
+        picked = rng.choice(per_group, history + held, replace=False) + (u % groups) * per_group
+        seen = np.union1d(picked[:history], rng.choice(groups * per_group, 2, replace=False))
+        train += [(u, int(i)) for i in seen]
+        test += [(u, int(i)) for i in picked[history:] if i not in seen]
+    columns = ["user_id", "item_id"]
+    return pd.DataFrame(train, columns=columns), pd.DataFrame(test, columns=columns), groups * per_group
+
+
+def test_sampled_softmax_trains_and_ranks_held_out_items():
+    train, test, n_items = _grouped()
+    item_ids = np.arange(n_items, dtype=object)
+    data = NeuralData.build(train, item_ids)
+    cfg = NeuralConfig(
+        epochs=10,
+        batch_size=16,
+        lr=0.01,
+        embedding_dim=32,
+        hidden=[64],
+        full_softmax_max_items=100,
+        sampled_negatives=200,
+    )
+    # A step scores a part of the catalogue only: the batch's positives plus the negatives.
+    x = data.interactions.matrix
+    assert len(NegativeSampler(x, cfg).candidates(x[:16], 0, 0).items) < 0.7 * n_items
+    model = fit_neural(data, cfg, progress=False)
+    per_epoch = np.array(model.losses).reshape(cfg.epochs, -1).mean(axis=1)
+    assert per_epoch[-1] < 0.9 * per_epoch[0], per_epoch
+    users = list(data.interactions.user_ids)
+    relevant = test.groupby("user_id")["item_id"].apply(set).to_dict()
+
+    def ndcg(scores: np.ndarray) -> float:
+        scores[np.repeat(np.arange(x.shape[0]), np.diff(x.indptr)), x.indices] = -np.inf
+        top = np.argsort(-scores, axis=1, kind="stable")[:, :10]
+        return evaluate({u: list(item_ids[t]) for u, t in zip(users, top)}, relevant, 10)["ndcg@10"]
+
+    sampled, popular = ndcg(model.score(x, users)), ndcg(fit_popularity(x).score(x))
+    assert sampled > 0.2 and sampled > 10 * popular, (sampled, popular)
+
+
+def test_negative_sampler_estimates_the_full_normaliser_without_bias():
+    """``Σ_{j∈C} exp(s_j − o_j)`` averages to ``Σ_j exp(s_j)`` over the draws (logQ correction)."""
+    rng = np.random.default_rng(0)
+    x = sp.random(50, 400, density=0.05, format="csr", random_state=1, dtype=np.float32)
+    x.data[:] = 1.0
+    cfg = NeuralConfig(sampled_negatives=64)
+    sampler = NegativeSampler(x, cfg)
+    scores = rng.normal(0, 1.5, 400)
+    batch = x[:5]
+    estimates = []
+    for step in range(500):
+        c = sampler.candidates(batch, 0, step)
+        positives = np.unique(batch.indices)
+        assert np.all(np.diff(c.items) > 0) and set(positives) <= set(c.items)
+        np.testing.assert_array_equal(c.offset[np.isin(c.items, positives)], 0.0)
+        estimates.append(np.exp(scores[c.items] - c.offset).sum())
+    assert np.mean(estimates) == pytest.approx(np.exp(scores).sum(), rel=0.05)  # per-draw spread: 28 %
+    # Same position, same draws: the candidates depend on (seed, epoch, step) only.
+    np.testing.assert_array_equal(sampler.candidates(batch, 2, 7).items, sampler.candidates(batch, 2, 7).items)
+
+
+def test_below_the_threshold_training_is_the_full_softmax(corpus, monkeypatch):
+    """Up to ``full_softmax_max_items`` items nothing is sampled and the first step's loss is
+    exactly the full-catalogue multinomial loss of the initial net."""
+    data = corpus["data"]
+    cfg = NeuralConfig(epochs=1, batch_size=64, full_softmax_max_items=data.n_items)
+    assert data.n_items <= NeuralConfig().full_softmax_max_items  # ml-100k: the default keeps the full path
+    net = build_net(data, cfg)
+    rows = np.random.default_rng([cfg.seed, 0]).permutation(data.n_users)[:64]
+    step = neural._make_step(data.interactions.matrix, rows, cfg, 0, 0, 0, 1, torch.device("cpu"))
+    net.train()
+    logits = net(step.bag_index, step.bag_offsets, step.bag_weight, step.user_rows, step.user_masks, step.item_masks)
+    assert logits.shape == (64, data.n_items)
+    first = -(torch.log_softmax(logits, dim=1).reshape(-1)[step.target_flat] * step.target_weight).sum() / 64
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("the sampler must not run below the threshold")
+
+    monkeypatch.setattr(neural, "NegativeSampler", no_sampling)
+    fitted = fit_neural(data, cfg, progress=False)
+    assert fitted.losses[0] == float(first.detach())
+    # One more item than the threshold switches to sampling.
+    monkeypatch.undo()
+    sampled = fit_neural(data, cfg.model_copy(update={"full_softmax_max_items": data.n_items - 1}), progress=False)
+    assert sampled.losses[0] != fitted.losses[0]
