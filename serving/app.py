@@ -6,9 +6,11 @@ Routes (:mod:`serving.api`): ``GET /v1/recommendations/{user_id}``, ``POST /v1/e
 ``POST /admin/cache/flush``; OpenAPI at ``/docs``.
 
 :func:`create_app` builds the app and its per-app singletons on ``app.state`` (settings,
-metrics, the model holder); :func:`lifespan` adds the Redis client, the recommendation cache
-and the event store, loads the bundle ``CURRENT`` points at (the app starts without one and
-answers 503 until one is published) and polls ``CURRENT`` every ``serving.reload_interval_s``.
+metrics, the model holder, the recommendations' query parser and recently hit cache keys);
+:func:`lifespan` adds the Redis client, the recommendation cache and the event store, loads
+the bundle ``CURRENT`` points at (the app starts without one and answers 503 until one is
+published), polls ``CURRENT`` every ``serving.reload_interval_s`` and, before each swap,
+warms the cache for the new version (:func:`serving.api.recommendations.cache_warmer`).
 
 Redis (``online_store.url``; None starts an embedded Valkey server for this app,
 :func:`feature_store.online.open_redis`) holds the recommendation cache
@@ -27,18 +29,18 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
-import redis.asyncio as aioredis
 from fastapi import FastAPI
 
 from core.object_store import ObjectStore
 from core.processes import die_with_parent, exit_on_signals, watch_parent
 from core.settings import Settings, load_settings
 from feature_store.online import open_redis
+from serving import redis_client
 from serving.api import admin, events, guard, health, recommendations
 from serving.api.metrics import MULTIPROC_ENV, MetricsMiddleware, ServingMetrics, prepare_multiprocess_dir
-from serving.api.recommendations import CacheHitFastPath
+from serving.api.recommendations import QueryParser, RecommendationsFastPath, cache_warmer
 from serving.api.state import ServingState
-from serving.cache import RecommendationCache
+from serving.cache import HotKeys, RecommendationCache
 from serving.events import RedisEvents
 
 log = logging.getLogger(__name__)
@@ -47,6 +49,8 @@ REDIS_TIMEOUT_S = 5.0
 # Seconds a stopping worker waits for requests in flight before it closes their connections.
 GRACEFUL_SHUTDOWN_S = 5.0
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+HTTP_PROTOCOL = "serving.http1:CoalescingHttpToolsProtocol"
+"""uvicorn's httptools protocol sending each response in one write (:mod:`serving.http1`)."""
 
 
 @contextmanager
@@ -80,16 +84,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     with _compute_threads(cfg.compute_threads), open_redis(settings.online_store.url) as server:
         # A command that finds the server gone fails within seconds (events: 503) and the next
         # one reconnects: a restarted embedded server (same URL) is used again at once.
-        client = aioredis.Redis.from_url(
-            server.url,
-            decode_responses=False,
-            socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S,
-            socket_timeout=REDIS_TIMEOUT_S,
-        )
+        client = redis_client.connect(server.url, REDIS_CONNECT_TIMEOUT_S, REDIS_TIMEOUT_S)
         poller = None
         try:
             app.state.cache = cache = RecommendationCache(client, cfg.namespace, cfg.cache_ttl_s)
-            app.state.events = RedisEvents(
+            app.state.events = event_store = RedisEvents(
                 client,
                 cfg.namespace,
                 cache,
@@ -97,12 +96,21 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
                 history_ttl_s=cfg.live_history_ttl_s,
                 stream_maxlen=cfg.stream_maxlen,
             )
+            state.before_swap = cache_warmer(
+                asyncio.get_running_loop(),
+                app.state.hot_keys,
+                cfg.warm_cache_window_s,
+                app.state.queries,
+                cache,
+                event_store,
+            )
             if await asyncio.to_thread(state.refresh) is None:
                 log.warning("serving starts without a bundle: %s", state.error)
             if cfg.reload_interval_s > 0:
                 poller = asyncio.create_task(state.poll(cfg.reload_interval_s))
             yield
         finally:
+            state.before_swap = None
             if poller is not None:
                 poller.cancel()
             await client.aclose()
@@ -118,9 +126,11 @@ def create_app(settings: Settings, bundle_store: ObjectStore | None = None) -> F
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.serving = state
+    app.state.queries = queries = QueryParser(settings.serving.default_k)
+    app.state.hot_keys = hot = HotKeys(settings.serving.warm_cache_entries)
     for module in (recommendations, events, health, admin):
         app.include_router(module.router)
-    app.add_middleware(CacheHitFastPath, state=state, default_k=settings.serving.default_k, metrics=metrics)
+    app.add_middleware(RecommendationsFastPath, state=state, queries=queries, hot=hot, metrics=metrics)
     guard.install(app, settings.serving)  # body limit, events token and rate limit, short 422s
     app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: times the fast path too
     return app
@@ -177,6 +187,7 @@ def run_server(
         "host": bind_host(host or settings.serving.host, settings),
         "port": port or settings.serving.port,
         "workers": workers,
+        "http": HTTP_PROTOCOL,
         "access_log": False,
         "log_level": "warning",
         "timeout_graceful_shutdown": GRACEFUL_SHUTDOWN_S,

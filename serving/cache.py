@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,10 +35,15 @@ return {gen, false, unpack(redis.call('LRANGE', KEYS[2], 0, -1))}
 """
 
 
-def fingerprint(version: str, params: dict[str, Any]) -> str:
-    """``<version>:<16 hex>``: the model version and a hash of the canonical JSON of ``params``."""
+def params_digest(params: dict[str, Any]) -> str:
+    """16 hex digits of the SHA-1 of the canonical JSON of ``params``."""
     canonical = json.dumps(params, sort_keys=True, separators=(",", ":"), default=str)
-    return f"{version}:{hashlib.sha1(canonical.encode()).hexdigest()[:16]}"
+    return hashlib.sha1(canonical.encode()).hexdigest()[:16]
+
+
+def fingerprint(version: str, params: dict[str, Any]) -> str:
+    """``<version>:<digest>``: the model version and :func:`params_digest` of ``params``."""
+    return f"{version}:{params_digest(params)}"
 
 
 @dataclass
@@ -111,6 +118,38 @@ class RecommendationCache:
         if batch:
             deleted += await self.client.unlink(*batch)
         return deleted
+
+
+class HotKeys:
+    """The (at most) ``capacity`` keys hit most recently, each with the monotonic time of its
+    last hit; ``capacity == 0`` records nothing."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._last: dict[Hashable, float] = {}
+
+    def touch(self, key: Hashable) -> None:
+        """Record a hit of ``key`` now (dropping the least recently hit key when full)."""
+        if not self.capacity:
+            return
+        last = self._last
+        last.pop(key, None)
+        last[key] = time.monotonic()
+        if len(last) > self.capacity:
+            del last[next(iter(last))]
+
+    def recent(self, window_s: float) -> list[Any]:
+        """The keys hit within the last ``window_s`` seconds, most recent first."""
+        since = time.monotonic() - window_s
+        out = []
+        for key, at in reversed(list(self._last.items())):
+            if at < since:
+                break
+            out.append(key)
+        return out
+
+    def __len__(self) -> int:
+        return len(self._last)
 
 
 def _text(value: bytes | str) -> str:

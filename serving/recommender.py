@@ -155,6 +155,20 @@ class ServedModel:
             "n_items": self.bundle.n_items,
         }
 
+    def warm_up(self) -> None:
+        """Answer one request of each kind (a known user with and without explanations and
+        diversity, an unknown user with an attribute, a session of one item) and discard the
+        answers, so that first-call costs (lazily computed item vectors, the first inference
+        of the neural towers, faiss's first search) are paid before this model serves."""
+        user = next(iter(self.bundle.history), None)
+        requests = [RecommendationRequest("\0warm-up", 10, attributes={"age": 30})]
+        if user is not None:
+            requests += [RecommendationRequest(user, 10, explain=True), RecommendationRequest(user, 10, diversity=0.3)]
+        for request in requests:
+            self.recommend(request, [])
+        if self.bundle.n_items:
+            self.recommend(RecommendationRequest("\0warm-up", 10), [str(self.bundle.item_ids[0])])
+
     # ------------------------------------------------------------------ validation
     def validate(self, request: RecommendationRequest) -> None:
         unknown = sorted(set(request.categories) - set(self.category_masks))
@@ -258,15 +272,14 @@ class ServedModel:
             pop, strategy, segment, detail = self._popularity(request.attributes)
             scores = pop[items].astype(np.float64)
             popularity_only = "segment" if strategy == "segment_popularity" else "global"
-        picked = self._rank(items, scores, request.k, request.diversity, need)
-        score_of = dict(zip(items.tolist(), scores.tolist()))
+        picked, picked_scores = self._rank(items, scores, request.k, request.diversity, need)
         reasons = self.explainer.reasons(history, picked, popularity_only) if request.explain else None
         out_items = []
-        for rank, i in enumerate(picked.tolist(), start=1):
+        for rank, (i, score) in enumerate(zip(picked.tolist(), picked_scores.tolist()), start=1):
             entry = {
                 "item_id": str(bundle.item_ids[i]),
                 "title": str(bundle.titles[i]),
-                "score": float(score_of[i]),
+                "score": score,
                 "rank": rank,
                 "categories": list(bundle.categories[i]),
             }
@@ -286,10 +299,16 @@ class ServedModel:
             items=out_items,
         )
 
-    def _rank(self, items: np.ndarray, scores: np.ndarray, k: int, diversity: float, need: int) -> np.ndarray:
-        """Top ``k`` by score (ties: lower item index), or MMR over the top ``need``."""
+    def _rank(
+        self, items: np.ndarray, scores: np.ndarray, k: int, diversity: float, need: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The top ``k`` of ``items`` by score (ties: lower item index), or MMR's picks from
+        the top ``need``, and their scores (float64)."""
         order = np.lexsort((items, -scores))
         if diversity > 0:
             pool = order[:need]
-            return mmr(items[pool], scores[pool], self.sim_vectors, k, diversity)
-        return items[order[:k]].astype(np.int64)
+            picked = mmr(items[pool], scores[pool], self.sim_vectors, k, diversity)
+            score_of = dict(zip(items[pool].tolist(), scores[pool].tolist()))
+            return picked, np.array([score_of[i] for i in picked.tolist()], dtype=np.float64)
+        top = order[:k]
+        return items[top].astype(np.int64), np.asarray(scores[top], dtype=np.float64)

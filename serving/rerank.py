@@ -6,6 +6,7 @@ or category similarity (:func:`similarity_vectors`), and intra-list diversity (t
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import lru_cache
 
 import numpy as np
 
@@ -73,5 +74,13 @@ def intra_list_diversity(items: Sequence[int] | np.ndarray, vectors: np.ndarray)
     if n < 2:
         return 0.0
     sims = vectors[picked] @ vectors[picked].T
-    upper = sims[np.triu_indices(n, k=1)]
+    upper = sims[_pairs(n)]
     return float(np.mean(1.0 - upper))
+
+
+@lru_cache(maxsize=128)
+def _pairs(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """``np.triu_indices(n, k=1)`` (read-only), computed once per ``n``."""
+    rows, cols = np.triu_indices(n, k=1)
+    rows.flags.writeable = cols.flags.writeable = False
+    return rows, cols

@@ -141,12 +141,32 @@ def prepare_multiprocess_dir(directory: Path) -> Path:
     return directory
 
 
+_MAX_LABEL_SETS = 256
+"""Label combinations :class:`MetricsMiddleware` keeps its metric children for."""
+
+
 class MetricsMiddleware:
-    """Times every HTTP request, labelled by its route template (not the raw path)."""
+    """Times every HTTP request, labelled by its route template (not the raw path). The
+    histogram and counter children of the first :data:`_MAX_LABEL_SETS` label combinations
+    are kept, so a request does not look its labels up again."""
 
     def __init__(self, app: ASGIApp, metrics: ServingMetrics) -> None:
         self.app = app
         self.metrics = metrics
+        self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+
+    def _observe(self, method: str, route: str, status: int, seconds: float) -> None:
+        key = (method, route, status)
+        children = self._children.get(key)
+        if children is None:
+            children = (
+                self.metrics.latency.labels(method, route),
+                self.metrics.requests.labels(method, route, str(status)),
+            )
+            if len(self._children) < _MAX_LABEL_SETS:
+                self._children[key] = children
+        children[0].observe(seconds)
+        children[1].inc()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -165,6 +185,4 @@ class MetricsMiddleware:
             await self.app(scope, receive, send_status)
         finally:
             route = getattr(scope.get("route"), "path", "unmatched")
-            method = scope.get("method", "")
-            self.metrics.latency.labels(method, route).observe(time.perf_counter() - start)
-            self.metrics.requests.labels(method, route, str(status)).inc()
+            self._observe(scope.get("method", ""), route, status, time.perf_counter() - start)

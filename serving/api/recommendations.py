@@ -1,17 +1,28 @@
-"""``GET /v1/recommendations/{user_id}``: the route, and the middleware answering its cache
-hits before FastAPI's routing.
+"""``GET /v1/recommendations/{user_id}``: the route, and the lean handler answering it before
+FastAPI's routing.
 
 A request reads the user's cache generation, the cached list and (on a miss) the user's live
 history in one Redis round trip (:mod:`serving.cache`); a miss is computed by
 :meth:`serving.recommender.ServedModel.recommend`, serialized once and stored under the
 generation read. Redis trouble serves uncached rather than fails.
+
+:class:`RecommendationsFastPath` answers the ordinary requests (a valid query, a loaded
+model, Redis answering), hits and misses alike, as the route would, without FastAPI's
+routing, dependency resolution and query validation per request; the route answers the
+rest. :func:`warm_cache` recomputes the lists hit lately for a version about to be swapped
+in, so its first requests find them cached.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
+import random
 import re
-from dataclasses import dataclass
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import Annotated
 from urllib.parse import parse_qsl
 
@@ -25,8 +36,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from serving.api.deps import ContextDep
 from serving.api.metrics import ServingMetrics
 from serving.api.state import ServingState
-from serving.cache import Lookup, fingerprint
-from serving.recommender import RecommendationRequest, RequestError
+from serving.cache import HotKeys, Lookup, RecommendationCache, params_digest
+from serving.events import RedisEvents
+from serving.recommender import RecommendationRequest, RequestError, ServedModel
 from serving.schemas import USER_ID_DESCRIPTION, USER_ID_PATTERN, RecommendationQuery, Recommendations
 
 log = logging.getLogger(__name__)
@@ -35,6 +47,13 @@ RECOMMENDATIONS_ROUTE = "/v1/recommendations/{user_id}"
 _PREFIX = "/v1/recommendations/"
 _USER_ID_RE = re.compile(USER_ID_PATTERN)
 _LOOKUP_STATE = "hyperrec_cache_lookup"
+QUERY_MEMO_SIZE = 4096
+"""Distinct query strings :class:`QueryParser` remembers before it forgets them all."""
+QUERY_MEMO_MAX_BYTES = 512
+"""Longer query strings are parsed every time and not recorded as hot: the memory a client
+can make a worker hold stays below ``(QUERY_MEMO_SIZE + warm_cache_entries) × 512`` bytes."""
+WARM_BUDGET_S = 5.0
+"""Longest :func:`warm_cache` runs before a swap; the lists left are computed on request."""
 
 router = APIRouter()
 
@@ -55,6 +74,56 @@ def recommendation_request(user_id: str, q: RecommendationQuery, default_k: int)
         q.explain,
         {"age": q.age, "gender": q.gender, "occupation": q.occupation, "region": q.region, "device": q.device},
     )
+
+
+@dataclass(frozen=True)
+class ParsedQuery:
+    """A valid query: the recommender's request with an empty user id, and the
+    :func:`serving.cache.params_digest` of its cache parameters."""
+
+    request: RecommendationRequest
+    digest: str
+
+    def for_user(self, user_id: str) -> RecommendationRequest:
+        return replace(self.request, user_id=user_id)
+
+
+class QueryParser:
+    """Parses raw query strings of the route into :class:`ParsedQuery` (None: a query the
+    route must answer: a repeated or unknown parameter, an invalid value), validated by the
+    same :class:`~serving.schemas.RecommendationQuery`. Results are remembered by query
+    string (those of at most :data:`QUERY_MEMO_MAX_BYTES`), up to ``max_entries``, then all
+    forgotten."""
+
+    def __init__(self, default_k: int, max_entries: int = QUERY_MEMO_SIZE) -> None:
+        self.default_k = default_k
+        self.max_entries = max_entries
+        self._memo: dict[bytes, ParsedQuery | None] = {}
+
+    def parse(self, query_string: bytes) -> ParsedQuery | None:
+        try:
+            return self._memo[query_string]
+        except KeyError:
+            pass
+        parsed = self._parse(query_string)
+        if len(query_string) > QUERY_MEMO_MAX_BYTES:
+            return parsed
+        if len(self._memo) >= self.max_entries:
+            self._memo.clear()
+        self._memo[query_string] = parsed
+        return parsed
+
+    def _parse(self, query_string: bytes) -> ParsedQuery | None:
+        pairs = parse_qsl(query_string.decode("latin-1"), keep_blank_values=True)
+        params = dict(pairs)
+        if len(params) != len(pairs) or not params.keys() <= RecommendationQuery.model_fields.keys():
+            return None
+        try:
+            query = RecommendationQuery.model_validate(params)
+        except ValueError:
+            return None
+        request = recommendation_request("", query, self.default_k)
+        return ParsedQuery(request, params_digest(request.cache_params()))
 
 
 @router.get(
@@ -82,7 +151,7 @@ async def recommendations(
     )
     served = await state.require()
     request = recommendation_request(user_id, query, settings.default_k)
-    fp = fingerprint(served.version, request.cache_params())
+    fp = f"{served.version}:{params_digest(request.cache_params())}"
     pre: tuple[str, Lookup] | None = http.scope.get("state", {}).get(_LOOKUP_STATE)
     looked: Lookup | None
     try:
@@ -116,37 +185,44 @@ class _RouteLabel:
     path: str
 
 
-class CacheHitFastPath:
-    """Answers ``GET /v1/recommendations/{user_id}`` cache hits before FastAPI's routing and
-    dependency machinery (the lean handler of the hot path).
+class RecommendationsFastPath:
+    """Answers ``GET /v1/recommendations/{user_id}`` before FastAPI's routing and dependency
+    machinery: a cache hit with the stored bytes, a miss by computing, storing and sending
+    the list, exactly as the route does (same validation, fingerprint, headers, metrics).
 
-    The query is validated with the same :class:`~serving.schemas.RecommendationQuery` and
-    the same cache fingerprint is computed as in the route. Anything unusual (no model yet, a
-    repeated or unknown parameter, a validation error, Redis trouble) passes through to the
-    route unchanged, which then answers it (422 details included). A miss passes its lookup on
-    in ``scope["state"]``, so the route does not repeat the round trip.
+    Anything unusual passes through to the route unchanged, which then answers it: no model
+    yet, a query :class:`QueryParser` rejects (422 details included), Redis trouble, or a
+    :class:`~serving.recommender.RequestError` (whose lookup goes along in
+    ``scope["state"]``, so the route does not repeat the round trip). Each hit is recorded in
+    ``hot`` for :func:`warm_cache`.
     """
 
-    def __init__(self, app: ASGIApp, state: ServingState, default_k: int, metrics: ServingMetrics) -> None:
+    def __init__(
+        self, app: ASGIApp, state: ServingState, queries: QueryParser, hot: HotKeys, metrics: ServingMetrics
+    ) -> None:
         self.app = app
         self.state = state
-        self.default_k = default_k
+        self.queries = queries
+        self.hot = hot
         self.metrics = metrics
         self.label = _RouteLabel(RECOMMENDATIONS_ROUTE)
+        self._hits = metrics.cache.labels("hit")
+        self._misses = metrics.cache.labels("miss")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "GET" and scope["path"].startswith(_PREFIX):
-            body = await self._hit(scope)
-            if body is not None:
+            answer = await self._answer(scope)
+            if answer is not None:
+                body, result = answer
                 scope["route"] = self.label  # for the metrics middleware
                 await send(
                     {
                         "type": "http.response.start",
                         "status": 200,
                         "headers": [
-                            (b"content-type", b"application/json"),
                             (b"content-length", str(len(body)).encode()),
-                            (b"x-cache", b"hit"),
+                            (b"content-type", b"application/json"),
+                            (b"x-cache", result),
                         ],
                     }
                 )
@@ -154,29 +230,114 @@ class CacheHitFastPath:
                 return
         await self.app(scope, receive, send)
 
-    async def _hit(self, scope: Scope) -> bytes | None:
+    async def _answer(self, scope: Scope) -> tuple[bytes, bytes] | None:
         served = self.state.served
         app_state = scope["app"].state  # cache and events exist once the lifespan started
-        cache = getattr(app_state, "cache", None)
-        user_id = scope["path"][len(_PREFIX) :]
-        if served is None or cache is None or not _USER_ID_RE.match(user_id):
+        cache: RecommendationCache | None = getattr(app_state, "cache", None)
+        user_id: str = scope["path"][len(_PREFIX) :]
+        if served is None or cache is None or not _USER_ID_RE.fullmatch(user_id):
             return None
-        pairs = parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
-        params = dict(pairs)
-        if len(params) != len(pairs) or not params.keys() <= RecommendationQuery.model_fields.keys():
+        query_string: bytes = scope.get("query_string", b"")
+        parsed = self.queries.parse(query_string)
+        if parsed is None:
             return None
-        try:
-            query = RecommendationQuery.model_validate(params)
-        except ValueError:
-            return None
-        request = recommendation_request(user_id, query, self.default_k)
-        fp = fingerprint(served.version, request.cache_params())
+        fp = f"{served.version}:{parsed.digest}"
         try:
             looked = await cache.lookup(user_id, fp, app_state.events.recent_key(user_id))
         except RedisError:
             return None
         if looked.hit:
-            self.metrics.cache.labels("hit").inc()
-            return looked.body
-        scope.setdefault("state", {})[_LOOKUP_STATE] = (fp, looked)
-        return None
+            self._hits.inc()
+            if len(query_string) <= QUERY_MEMO_MAX_BYTES:
+                self.hot.touch((user_id, query_string))
+            return looked.body, b"hit"  # type: ignore[return-value]
+        try:
+            recs = served.recommend(parsed.for_user(user_id), looked.recent)
+        except RequestError:
+            scope.setdefault("state", {})[_LOOKUP_STATE] = (fp, looked)
+            return None
+        data = recs.model_dump_json().encode()
+        self.metrics.recommendations.labels(str(recs.cold_start).lower(), recs.strategy).inc()
+        self._misses.inc()
+        try:
+            await cache.store(user_id, looked.generation, fp, data)
+        except RedisError as exc:
+            log.warning("redis cache write failed: %s", exc)
+        return data, b"miss"
+
+
+async def warm_cache(
+    served: ServedModel,
+    keys: list[tuple[str, bytes]],
+    queries: QueryParser,
+    cache: RecommendationCache,
+    events: RedisEvents,
+    budget_s: float = WARM_BUDGET_S,
+) -> int:
+    """Compute and store the lists of ``keys`` (user id, raw query string) for ``served``,
+    as a miss would, unless one is cached already (another worker's); stops after
+    ``budget_s``. Returns how many it stored. Keys go in an order of this process's own,
+    so that workers warming the same keys mostly find each other's results."""
+    if not cache.enabled:
+        return 0
+    order = list(keys)
+    random.Random(os.getpid()).shuffle(order)
+    deadline = time.monotonic() + budget_s
+    stored = 0
+    for user_id, query_string in order:
+        if time.monotonic() > deadline:
+            break
+        parsed = queries.parse(query_string)
+        if parsed is None:
+            continue
+        fp = f"{served.version}:{parsed.digest}"
+        looked = await cache.lookup(user_id, fp, events.recent_key(user_id))
+        if looked.hit:
+            continue
+        try:
+            recs = served.recommend(parsed.for_user(user_id), looked.recent)
+        except RequestError:
+            continue
+        await cache.store(user_id, looked.generation, fp, recs.model_dump_json().encode())
+        stored += 1
+    return stored
+
+
+def cache_warmer(
+    loop: asyncio.AbstractEventLoop,
+    hot: HotKeys,
+    window_s: float,
+    queries: QueryParser,
+    cache: RecommendationCache,
+    events: RedisEvents,
+) -> Callable[[ServedModel], None]:
+    """A :attr:`serving.api.state.ServingState.before_swap` hook: from the loading thread, runs
+    :func:`warm_cache` on ``loop`` (between requests) over the keys hit within the last
+    ``window_s`` seconds, and waits for it. Failures are logged; the swap goes ahead."""
+
+    def warm(served: ServedModel) -> None:
+        keys = hot.recent(window_s)
+        if not keys:
+            return
+        try:
+            asyncio.get_running_loop()
+            return  # called on an event loop: waiting here would block it
+        except RuntimeError:
+            pass
+        start = time.perf_counter()
+        future = asyncio.run_coroutine_threadsafe(warm_cache(served, keys, queries, cache, events), loop)
+        try:
+            stored = future.result(timeout=WARM_BUDGET_S + 30)
+        except Exception as exc:
+            future.cancel()
+            log.warning("cache warming for %s failed: %s", served.version, exc)
+            return
+        log.info(
+            "warmed %d of %d recently hit lists for %s in %.2fs",
+            stored,
+            len(keys),
+            served.version,
+            time.perf_counter() - start,
+        )
+
+    return warm

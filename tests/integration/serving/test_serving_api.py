@@ -298,3 +298,46 @@ def test_cache_hit_fast_path_agrees_with_the_route(client: TestClient) -> None:
     text = client.get("/metrics").text
     assert 'hyperrec_requests_total{method="GET",route="/v1/recommendations/{user_id}",status="200"} 4.0' in text
     assert 'hyperrec_cache_requests_total{result="hit"} 2.0' in text
+
+
+def test_lean_path_misses_answer_as_the_route_does(client: TestClient) -> None:
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    queries = [
+        "k=5",
+        "k=4&explain=true",
+        "k=6&diversity=0.7&exclude_items=m01,m02",
+        "k=3&categories=news",
+        "k=5&age=20&explain=1",  # unknown user below: segment popularity
+    ]
+    for user in ("u3", "someone-new"):
+        for query in queries:
+            lean = client.get(f"/v1/recommendations/{user}?{query}")
+            assert client.post("/admin/cache/flush", headers=auth).status_code == 200
+            first = query.split("&")[0]
+            routed = client.get(f"/v1/recommendations/{user}?{query}&{first}")  # repeated: FastAPI's route answers
+            assert lean.status_code == routed.status_code == 200, (user, query, routed.text)
+            assert lean.headers["x-cache"] == routed.headers["x-cache"] == "miss"
+            assert lean.headers["content-type"] == routed.headers["content-type"] == "application/json"
+            assert lean.content == routed.content, (user, query)
+    text = client.get("/metrics").text
+    assert 'hyperrec_cache_requests_total{result="miss"} 20.0' in text
+    assert 'hyperrec_requests_total{method="GET",route="/v1/recommendations/{user_id}",status="200"} 20.0' in text
+
+
+def test_a_swap_warms_the_recently_hit_lists_for_the_new_version(client: TestClient, settings: Settings, built) -> None:
+    hot = [("u3", {"k": 5}), ("u4", {"k": 4, "explain": "true"}), ("someone-new", {"k": 3, "age": 20})]
+    for user, params in hot:
+        get(client, user, **params)
+        assert get(client, user, **params).headers["x-cache"] == "hit"
+    assert get(client, "u5", k=5).headers["x-cache"] == "miss"  # requested once: not hot
+    publish(built["v2"], ObjectStore(settings.object_store_uri), "v2")
+    response = client.post("/admin/reload", headers={"Authorization": f"Bearer {TOKEN}"})
+    assert response.status_code == 200 and response.json()["model_version"] == "v2"
+    warmed = [get(client, user, **params) for user, params in hot]
+    for (user, _), answer in zip(hot, warmed):
+        assert answer.headers["x-cache"] == "hit" and answer.json()["model_version"] == "v2", user
+    assert client.post("/admin/cache/flush", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
+    for (user, params), answer in zip(hot, warmed):
+        assert get(client, user, **params).content == answer.content  # computed now: the same list
+    fresh = get(client, "u5", k=5)
+    assert fresh.headers["x-cache"] == "miss" and fresh.json()["model_version"] == "v2"
