@@ -674,5 +674,59 @@ def model_rollback(
     typer.echo(_serving_follows(settings))
 
 
+export_app = typer.Typer(help="Export the served model for runtimes outside the server.", no_args_is_help=True)
+app.add_typer(export_app, name="export")
+
+
+@export_app.command("onnx")
+def export_onnx(
+    out: Path | None = typer.Option(None, "--out", help="edge bundle directory (default: <home>/edge/<version>)"),
+    bundle: Path | None = typer.Option(
+        None, "--bundle", help="a serving bundle directory (default: the published bundle CURRENT names)"
+    ),
+    version: str | None = typer.Option(
+        None, "--version", help="a published version in the object store (default: the one CURRENT names)"
+    ),
+    max_weights_mb: float = typer.Option(
+        256.0, "--max-weights-mb", min=0.0, help="leave the anchor's item-item weights out above this size"
+    ),
+    config: Path | None = ConfigOpt,
+) -> None:
+    """Write the served hybrid as an edge bundle: an ONNX model that onnxruntime runs on a
+    user's on-device history (item ids), the item ids and titles, and manifest.json.
+    examples/edge_score.py scores with it."""
+    import tempfile
+
+    from core.errors import InputFileError
+    from core.settings import load_settings
+    from serving.publish import object_store
+    from serving.store import current_version, fetch
+    from training.edge import export_edge
+
+    settings = load_settings(config)
+    if bundle is not None and version is not None:
+        raise InputFileError("give --bundle or --version, not both")
+    with tempfile.TemporaryDirectory(prefix="hyperrec-export-") as tmp:
+        if bundle is None:
+            store = object_store(settings)
+            version = version or current_version(store)
+            if version is None:
+                raise InputFileError(f"nothing published in {store.uri} (no CURRENT): pass --bundle DIR")
+            bundle = fetch(store, version, Path(tmp) / version)
+        elif not (bundle / "metadata.json").is_file():
+            raise InputFileError(f"{bundle} is not a serving bundle (no metadata.json)")
+        target = out or settings.home / "edge" / json.loads((bundle / "metadata.json").read_text())["version"]
+        manifest = export_edge(bundle, target, max_weights_mb=max_weights_mb)
+    score = manifest["score"]
+    parts = ", ".join(f"{name} ({c.get('form', c['kind'])})" for name, c in score["components"].items())
+    typer.echo(
+        f"wrote {target} ({manifest['size_bytes'] / 2**20:.2f} MiB) from bundle {manifest['source_bundle']['version']}"
+    )
+    typer.echo(f"edge score: {parts}")
+    for name, reason in score["excluded_components"].items():
+        typer.echo(f"left out: {name}: {reason}")
+    typer.echo(f"try: python examples/edge_score.py {target} ITEM_ID [ITEM_ID ...]")
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()
