@@ -363,6 +363,16 @@ class ServingSettings(_Section):
     candidates: int = Field(200, ge=1)
     # MMR re-ranks the top max(mmr_pool, k) items by relevance.
     mmr_pool: int = Field(100, ge=1)
+    # Exposure-aware re-ranking (training/rerank.py; docs/models.md): calibration strength λ
+    # (0 = off, exactly the relevance order) of the lists picked from the top
+    # max(k, min(exposure_pool, candidates)) by relevance, with long-tail items (outside the head
+    # holding 80 % of training interactions) given at least exposure_tail_share of the slots
+    # (each list owes ⌊share·k + o_user⌋, o_user a stable hash in [0, 1): exact per list when
+    # share·k is whole, on average over users otherwise). Defaults chosen on validation
+    # (bench/exposure.py, docs/benchmarks.md). MMR (diversity > 0) takes precedence.
+    exposure_strength: float = Field(0.1, ge=0, le=1)
+    exposure_tail_share: float = Field(0.02, ge=0, le=1)
+    exposure_pool: int = Field(100, ge=1)
     # Share of (standardized) popularity in a cold user's session-based scores.
     cold_popularity_weight: float = Field(0.3, ge=0, le=1)
     # Serve the neural component with INT8 Linear layers (training.neural.quantize_int8).

@@ -16,7 +16,14 @@ import numpy as np
 
 from core.settings import ServingSettings
 from serving.explain import Explainer
-from serving.rerank import category_vectors, intra_list_diversity, mmr, normalize_rows, similarity_vectors
+from serving.rerank import (
+    ExposureReranker,
+    category_vectors,
+    intra_list_diversity,
+    mmr,
+    normalize_rows,
+    similarity_vectors,
+)
 from serving.retrieval import AnnIndex, CandidateScorer, ItemSpace, candidate_items
 from serving.schemas import Recommendations
 from serving.segments import SegmentProfiles
@@ -103,6 +110,9 @@ class ServedModel:
         cats, labels = category_vectors(bundle.categories)
         self.category_masks = {label: cats[:, j] > 0 for j, label in enumerate(labels)}
         self.popularity = np.asarray(bundle.popularity, dtype=np.float32)
+        self.exposure = ExposureReranker.of(
+            bundle.categories, self.popularity, settings.exposure_strength, settings.exposure_tail_share
+        )
         self.segments = SegmentProfiles.load(bundle_dir, n) if bundle_dir is not None else None
         link_vectors = normalize_rows(self.space.item_vectors) if self.space is not None else None
         self.explainer = Explainer(
@@ -224,7 +234,10 @@ class ServedModel:
            user, no events, attributes pointing to a segment: :mod:`serving.segments`), else
            ``global_popularity`` (``strategy_detail`` says why);
         3. the top ``k`` by relevance (ties: lower item index), or with ``diversity > 0`` MMR
-           over the top ``max(k, serving.mmr_pool)`` (:mod:`serving.rerank`);
+           over the top ``max(k, serving.mmr_pool)`` (:mod:`serving.rerank`), else with
+           ``serving.exposure_strength > 0`` the exposure-aware re-ranker over the top
+           ``max(k, min(serving.exposure_pool, serving.candidates))``, calibrated to the
+           genres of ``H``;
         4. with ``explain``, a reason per item (:mod:`serving.explain`).
         """
         self.validate(request)
@@ -241,7 +254,12 @@ class ServedModel:
             allowed &= np.logical_or.reduce([self.category_masks[c] for c in request.categories])
         for item in request.exclude_items:
             allowed[bundle.item_index[item]] = False
-        need = max(request.k, settings.mmr_pool) if request.diversity > 0 else request.k
+        if request.diversity > 0:
+            need = max(request.k, settings.mmr_pool)
+        elif self.exposure.active:  # never widens retrieval: at most the ANN's candidates
+            need = max(request.k, min(settings.exposure_pool, settings.candidates))
+        else:
+            need = request.k
         detail, segment, retrieved = "", None, False
         popularity_only: str | None = None
         if known or len(extra):
@@ -272,7 +290,7 @@ class ServedModel:
             pop, strategy, segment, detail = self._popularity(request.attributes)
             scores = pop[items].astype(np.float64)
             popularity_only = "segment" if strategy == "segment_popularity" else "global"
-        picked, picked_scores = self._rank(items, scores, request.k, request.diversity, need)
+        picked, picked_scores = self._rank(items, scores, request.k, request.diversity, need, history, user)
         reasons = self.explainer.reasons(history, picked, popularity_only) if request.explain else None
         out_items = []
         for rank, (i, score) in enumerate(zip(picked.tolist(), picked_scores.tolist()), start=1):
@@ -300,14 +318,25 @@ class ServedModel:
         )
 
     def _rank(
-        self, items: np.ndarray, scores: np.ndarray, k: int, diversity: float, need: int
+        self,
+        items: np.ndarray,
+        scores: np.ndarray,
+        k: int,
+        diversity: float,
+        need: int,
+        history: np.ndarray,
+        user_id: str,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """The top ``k`` of ``items`` by score (ties: lower item index), or MMR's picks from
-        the top ``need``, and their scores (float64)."""
+        """The top ``k`` of ``items`` by score (ties: lower item index), or MMR's picks (or the
+        exposure-aware re-ranker's for ``user_id``, calibrated to ``history``) from the top ``need``, and their
+        scores (float64)."""
         order = np.lexsort((items, -scores))
-        if diversity > 0:
+        if diversity > 0 or self.exposure.active:
             pool = order[:need]
-            picked = mmr(items[pool], scores[pool], self.sim_vectors, k, diversity)
+            if diversity > 0:
+                picked = mmr(items[pool], scores[pool], self.sim_vectors, k, diversity)
+            else:
+                picked = self.exposure.rerank(items[pool], scores[pool], history, user_id, k)
             score_of = dict(zip(items[pool].tolist(), scores[pool].tolist()))
             return picked, np.array([score_of[i] for i in picked.tolist()], dtype=np.float64)
         top = order[:k]

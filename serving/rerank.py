@@ -1,14 +1,20 @@
 """Diversity re-ranking by Maximal Marginal Relevance (:func:`mmr`) over content-embedding
-or category similarity (:func:`similarity_vectors`), and intra-list diversity (the mean
-``1 − cosine`` over the pairs of a list). See docs/models.md.
+or category similarity (:func:`similarity_vectors`), intra-list diversity (the mean
+``1 − cosine`` over the pairs of a list), and the exposure-aware re-ranker as served
+(:class:`ExposureReranker`: calibration to the user's genre mix under a long-tail exposure
+floor; the algorithm is :func:`training.rerank.exposure_rerank`, shared with offline
+evaluation). See docs/models.md.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
+
+from training.rerank import exposure_rerank, genre_distribution, item_genre_matrix, long_tail_mask, user_offset
 
 
 def normalize_rows(x: np.ndarray) -> np.ndarray:
@@ -84,3 +90,48 @@ def _pairs(n: int) -> tuple[np.ndarray, np.ndarray]:
     rows, cols = np.triu_indices(n, k=1)
     rows.flags.writeable = cols.flags.writeable = False
     return rows, cols
+
+
+@dataclass(frozen=True)
+class ExposureReranker:
+    """The exposure-aware re-ranker of one served bundle: ``genres`` is ``p(g | i)``
+    (:func:`training.rerank.item_genre_matrix`), ``tail`` the long-tail mask of the bundle's
+    training popularity (:func:`training.metrics.long_tail_mask`), ``strength`` and
+    ``tail_share`` the settings ``serving.exposure_strength`` / ``exposure_tail_share``."""
+
+    genres: np.ndarray
+    tail: np.ndarray
+    strength: float
+    tail_share: float
+
+    @classmethod
+    def of(
+        cls, categories: Sequence[Sequence[str]], popularity: np.ndarray, strength: float, tail_share: float
+    ) -> ExposureReranker:
+        return cls(
+            genres=item_genre_matrix(category_vectors(categories)[0]),
+            tail=long_tail_mask(popularity),
+            strength=strength,
+            tail_share=tail_share,
+        )
+
+    @property
+    def active(self) -> bool:
+        return self.strength > 0
+
+    def rerank(self, pool: np.ndarray, relevance: np.ndarray, history: np.ndarray, user_id: str, k: int) -> np.ndarray:
+        """The ``k`` items of ``pool`` picked by :func:`training.rerank.exposure_rerank` for
+        ``user_id``, calibrated to the genre mix of ``history`` (item indices: training and live
+        items; none: the long-tail floor alone)."""
+        target = genre_distribution(history, self.genres) if len(history) else None
+        return exposure_rerank(
+            pool,
+            relevance,
+            k,
+            strength=self.strength,
+            tail=self.tail,
+            tail_share=self.tail_share,
+            genres=self.genres,
+            target=target,
+            offset=user_offset(user_id),
+        )

@@ -21,8 +21,10 @@ from core.settings import Settings
 from pipelines.split import split_fingerprint, u75_split
 from training.candidates import BASELINES, COMPONENTS, NEEDS, available, category_multi_hot, fit_candidate, tune_choice
 from training.hybrid import FitContext
-from training.metrics import METRICS, beyond_accuracy, evaluate
+from training.metrics import METRICS, beyond_accuracy, evaluate, long_tail_mask
 from training.models import InteractionMatrix, top_k
+from training.models import popularity as item_popularity
+from training.rerank import item_genre_matrix, rerank_rows
 
 PROTOCOLS = ("u75",)
 COLUMNS = ["user_id", "item_id", "rating", "timestamp"]
@@ -155,7 +157,9 @@ def run_benchmark(
     ``recommendations-<model>.csv`` (user_id,item_id,rank; ``k`` rows per test user) per model
     and ``metrics.json`` (``protocol``, ``split_fingerprint``, per model precision/recall/ndcg/
     map/hit at ``k``, the beyond-accuracy metrics of :func:`training.metrics.beyond_accuracy`
-    and the training time, and ``best``), which is returned."""
+    and the training time, and ``best``), which is returned. With ``serving.exposure_strength
+    > 0`` it also holds ``exposure_rerank``: the best model's metrics after the exposure-aware
+    re-ranker, as serving applies it (the recommendation files stay the plain ranking)."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; known: {', '.join(PROTOCOLS)}")
     unknown = [m for m in models if m not in MODELS]
@@ -176,6 +180,8 @@ def run_benchmark(
     context = FitContext(train, matrix, item_ids, side)
     users = [u for u in relevant if u in matrix.user_index]
     rows = np.array([matrix.user_index[u] for u in users], dtype=np.int64)
+    exposure = settings.serving
+    pools: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     choice = None
     if "ease" in models or "hybrid" in models:
         log("validation: tuning EASE λ, temporal β, input α and the blend weights on a per-user k-fold of train")
@@ -189,7 +195,11 @@ def run_benchmark(
         start = time.perf_counter()
         scorer, _ = fit_candidate(name, context, settings, choice=choice, weight_col="rating", log=log)
         x = matrix.matrix[rows]
-        top = top_k(scorer.score(x, users), x, k)
+        scores_all = scorer.score(x, users)
+        top = top_k(scores_all, x, k)  # seen items are now -inf in scores_all
+        if exposure.exposure_strength > 0:
+            pool = top_k(scores_all, None, max(k, exposure.exposure_pool))
+            pools[name] = (pool, np.take_along_axis(scores_all, pool, axis=1))
         # The hybrid's training time includes its validation search.
         seconds = time.perf_counter() - start + (choice.seconds if name == "hybrid" else 0.0)
         recs = pd.DataFrame(
@@ -222,5 +232,58 @@ def run_benchmark(
     }
     if choice is not None:
         metrics["validation"] = choice.to_dict()
+    if best in pools:
+        metrics["exposure_rerank"] = _exposure_rerank_metrics(
+            pools[best], matrix, rows, users, item_ids, vectors, relevant, popularity, n_items, k, settings
+        )
+        log(f"{best} + exposure re-ranking: ndcg@{k}={metrics['exposure_rerank']['ndcg']:.4f}")
     write_text_atomic(out / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True))
     return metrics
+
+
+def _exposure_rerank_metrics(
+    pool: tuple[np.ndarray, np.ndarray],
+    matrix: InteractionMatrix,
+    rows: np.ndarray,
+    users: list,
+    item_ids: np.ndarray,
+    vectors: dict | None,
+    relevant: dict,
+    popularity: dict,
+    n_items: int,
+    k: int,
+    settings: Settings,
+) -> dict:
+    """The best model's lists as serving would serve them with ``serving.exposure_*``
+    (:func:`training.rerank.rerank_rows` over its top ``max(k, exposure_pool)``, calibrated to
+    each user's train history): its accuracy and beyond-accuracy metrics and the settings."""
+    serving = settings.serving
+    genres = None
+    if vectors:
+        width = len(next(iter(vectors.values())))
+        genres = item_genre_matrix(np.array([vectors.get(i, np.zeros(width)) for i in item_ids]))
+    x = matrix.matrix[rows]
+    histories = [x.indices[x.indptr[r] : x.indptr[r + 1]] for r in range(x.shape[0])]
+    picks = rerank_rows(
+        pool[0],
+        pool[1],
+        histories,
+        users,
+        k,
+        strength=serving.exposure_strength,
+        tail=long_tail_mask(item_popularity(matrix.matrix)),
+        tail_share=serving.exposure_tail_share,
+        genres=genres,
+    )
+    lists = {user: list(item_ids[p]) for user, p in zip(users, picks)}
+    scores = evaluate(lists, relevant, k)
+    extra = beyond_accuracy(lists, n_items=n_items, popularity=popularity, item_vectors=vectors, k=k)
+    return (
+        {
+            "strength": serving.exposure_strength,
+            "tail_share": serving.exposure_tail_share,
+            "pool": serving.exposure_pool,
+        }
+        | {m: scores[f"{m}@{k}"] for m in METRICS}
+        | {m.split("@")[0]: v for m, v in extra.items()}
+    )

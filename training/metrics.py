@@ -179,6 +179,53 @@ def exposure_gini(recommendations: Mapping[object, Sequence], n_items: int, k: i
     return float((2 * (ranks * counts).sum()) / (n * total) - (n + 1) / n)
 
 
+HEAD_SHARE = 0.8
+"""Share of training interactions held by the head; the rest of the catalogue is the long tail."""
+
+
+def long_tail_mask(popularity: np.ndarray, head_share: float = HEAD_SHARE) -> np.ndarray:
+    """Boolean mask of long-tail items given per-item training popularity (interaction counts
+    or any positive multiple of them, e.g. :func:`training.models.popularity`).
+
+    Definition (the short-head/long-tail split of Abdollahpouri et al. 2017 and Celma 2010):
+    sort items by popularity, most popular first (ties: lower index first); the head is the
+    shortest prefix whose popularity sums to at least ``head_share`` (default 80 %) of the
+    total, and every other item, including items never interacted with, is long tail. All
+    items are long tail when the total is 0. ``head_share`` must lie in (0, 1].
+    """
+    if not 0.0 < head_share <= 1.0:
+        raise ValueError(f"head_share must be in (0, 1], got {head_share}")
+    pop = np.asarray(popularity, dtype=np.float64)
+    tail = np.ones(len(pop), dtype=bool)
+    total = pop.sum()
+    if total <= 0:
+        return tail
+    order = np.lexsort((np.arange(len(pop)), -pop))
+    cumulative = np.cumsum(pop[order])
+    n_head = int(np.searchsorted(cumulative, head_share * total * (1 - 1e-12), side="left")) + 1
+    tail[order[:n_head]] = False
+    return tail
+
+
+def long_tail_share(
+    recommendations: Mapping[object, Sequence],
+    popularity: Mapping[object, float],
+    k: int,
+    head_share: float = HEAD_SHARE,
+) -> float:
+    """Share of all exposure slots (the top-``k`` of every list, each slot counted once) that
+    go to long-tail items. The long tail is :func:`long_tail_mask` over the catalogue of
+    ``popularity`` (item → training popularity; items outside the 80 % head of training
+    interactions); recommended items missing from ``popularity`` (never seen in training)
+    count as long tail. 0 when no list has an item."""
+    items = list(popularity)
+    tail_items = {i for i, t in zip(items, long_tail_mask(np.array([popularity[i] for i in items]), head_share)) if t}
+    slots = [i for recs in recommendations.values() for i in list(recs)[:k]]
+    if not slots:
+        return 0.0
+    return sum(1 for i in slots if i in tail_items or i not in popularity) / len(slots)
+
+
 def beyond_accuracy(
     recommendations: Mapping[object, Sequence],
     *,
@@ -188,13 +235,14 @@ def beyond_accuracy(
     k: int,
 ) -> dict[str, float]:
     """Coverage, intra-list diversity (when item vectors are given), novelty, exposure
-    entropy, mean popularity percentile and exposure Gini, keyed ``"<name>@<k>"``."""
+    entropy, mean popularity percentile, exposure Gini and long-tail share, keyed ``"<name>@<k>"``."""
     result = {
         f"coverage@{k}": catalog_coverage(recommendations, n_items, k),
         f"novelty@{k}": novelty(recommendations, popularity, k),
         f"entropy@{k}": exposure_entropy(recommendations, n_items, k),
         f"popularity_percentile@{k}": mean_popularity_percentile(recommendations, popularity, k),
         f"gini@{k}": exposure_gini(recommendations, n_items, k),
+        f"long_tail@{k}": long_tail_share(recommendations, popularity, k),
     }
     if item_vectors is not None:
         result[f"diversity@{k}"] = intra_list_diversity(recommendations, item_vectors, k)

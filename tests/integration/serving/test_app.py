@@ -30,7 +30,8 @@ def make_settings(
         home=str(tmp_path / "home"),
         object_store={"uri": str(tmp_path / "store"), **object_store},
         online_store={"url": valkey_url},
-        serving={"namespace": namespace, "reload_interval_s": 0},
+        # exposure_strength 0: these tests pin the plain relevance order (re-ranking: test_serving_exposure.py)
+        serving={"namespace": namespace, "reload_interval_s": 0, "exposure_strength": 0.0},
     )
 
 

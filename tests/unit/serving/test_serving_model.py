@@ -90,7 +90,8 @@ def test_int8_model_is_served_in_place_of_the_float_one(bundle: Bundle) -> None:
 
 
 def test_ann_retrieval_then_hybrid_ranking(bundle: Bundle, bundle_dir: Path) -> None:
-    ann = served(bundle, bundle_dir, candidates=10)
+    # the plain relevance order (the exposure-aware re-ranker is tested in test_serving_exposure.py)
+    ann = served(bundle, bundle_dir, candidates=10, exposure_strength=0.0)
     assert ann.ann_source == "neural" and ann.index is not None
     body = ask(ann, req("u3", 5), [])
     assert body["retrieval"] == "ann"
@@ -106,7 +107,7 @@ def test_ann_retrieval_then_hybrid_ranking(bundle: Bundle, bundle_dir: Path) -> 
     assert served_idx == expected
     assert [i["score"] for i in body["items"]] == pytest.approx([float(full[i]) for i in expected], rel=1e-5)
 
-    exact = served(bundle, bundle_dir, candidates=1000)
+    exact = served(bundle, bundle_dir, candidates=1000, exposure_strength=0.0)
     assert exact.index is None
     body = ask(exact, req("u3", 5), [])
     assert body["retrieval"] == "exact"
@@ -163,7 +164,7 @@ def test_ann_recall_with_uneven_norms() -> None:
 
 
 def test_filters_and_unknown_names(bundle: Bundle, bundle_dir: Path) -> None:
-    model = served(bundle, bundle_dir, candidates=10)
+    model = served(bundle, bundle_dir, candidates=10, exposure_strength=0.0)  # the plain relevance order
     news = {i for i, cats in zip(bundle.item_ids, bundle.categories) if "news" in cats}
     body = ask(model, req("u3", 5, categories=("news",)), [])
     assert len(body["items"]) == 5 and set(ids(body)) <= news
@@ -226,7 +227,7 @@ def test_explanations_name_the_most_linked_history_item(bundle: Bundle, bundle_d
 
 
 def test_cold_start_by_segment_then_by_session(bundle: Bundle, bundle_dir: Path) -> None:
-    model = served(bundle, bundle_dir)
+    model = served(bundle, bundle_dir, exposure_strength=0.0)  # the plain popularity orders
     profiles = SegmentProfiles.load(bundle_dir, bundle.n_items)
     young = ask(model, req("new-1", 6, attributes={"age": 21}), [])
     old = ask(model, req("new-2", 6, attributes={"age": 66, "gender": "M"}), [])
@@ -249,7 +250,7 @@ def test_cold_start_by_segment_then_by_session(bundle: Bundle, bundle_dir: Path)
     assert session["strategy"] == "session_content+segment_popularity" and session["cold_start"]
     assert not {"m03", "m07"} & set(ids(session))
 
-    no_segments = served(bundle, None)
+    no_segments = served(bundle, None, exposure_strength=0.0)
     fallback = ask(no_segments, req("new-5", 6, attributes={"age": 21}), [])
     assert fallback["strategy"] == "global_popularity"
     assert fallback["strategy_detail"] == "bundle has no segment popularity"

@@ -79,3 +79,32 @@ def test_evaluate_by_segment_reports_each_segment_and_the_gap():
     assert result["segments"]["s2"]["ndcg@2"] == pytest.approx(1.0) and result["segments"]["s1"]["users"] == 2
     assert result["gap"]["ndcg@2"] == pytest.approx(1 - (1 + 1 / math.log2(3)) / 2)
     assert result["segments"]["s2"]["coverage@2"] == pytest.approx(2 / 3)
+
+
+def test_long_tail_mask_and_share_by_hand():
+    import numpy as np
+
+    from training.metrics import long_tail_mask, long_tail_share
+
+    # counts 50, 30, 10, 5, 5 (total 100): the head is the shortest prefix holding ≥ 80 % = {a, b}
+    counts = np.array([50.0, 30.0, 10.0, 5.0, 5.0])
+    assert long_tail_mask(counts).tolist() == [False, False, True, True, True]
+    assert long_tail_mask(counts / 50).tolist() == [False, False, True, True, True]  # scale-free
+    assert long_tail_mask(counts, 0.9).tolist() == [False, False, False, True, True]
+    assert long_tail_mask(np.array([0.0, 10.0, 0.0])).tolist() == [True, False, True]  # unseen items are tail
+    assert long_tail_mask(np.zeros(3)).all()
+    with pytest.raises(ValueError, match="head_share"):
+        long_tail_mask(counts, 0.0)
+    pop = dict(zip("abcde", counts))
+    # 4 slots in the top-2s: c and x (not in training) are tail, a and b head -> 2 / 4
+    assert long_tail_share({"u1": ["a", "c", "d"], "u2": ["b", "x"]}, pop, 2) == pytest.approx(0.5)
+    assert long_tail_share({"u1": ["a"]}, pop, 1) == 0.0
+    assert long_tail_share({}, pop, 10) == 0.0
+
+
+def test_exposure_gini_of_uneven_exposure_by_hand():
+    from training.metrics import exposure_gini
+
+    # exposure counts over 4 items: 3, 1, 0, 0 -> sorted 0, 0, 1, 3; G = 2·Σ i·x_i / (n·Σx) − (n+1)/n
+    recs = {"u1": ["a", "b"], "u2": ["a"], "u3": ["a"]}
+    assert exposure_gini(recs, 4, 2) == pytest.approx(2 * (3 * 1 + 4 * 3) / (4 * 4) - 5 / 4)
