@@ -124,3 +124,24 @@ def test_item_item_model_scores_a_sparse_w_like_its_dense_form():
     np.testing.assert_allclose(sparse.score_items(state, items), sparse.score(rows)[:, items], atol=1e-7)
     empty = sp.csr_matrix((2, x.shape[1]), dtype=np.float32)
     np.testing.assert_allclose(sparse.score_items(sparse.prepare(empty), items), np.tile(sparse.bias[items], (2, 1)))
+
+
+def test_ease_through_the_users_equals_the_item_inverse_when_users_are_fewer():
+    """Plain dense EASE on fewer users than items takes the Woodbury form (an m × m solve):
+    the same weights as inverting the item Gram, in float64 and float32, with a non-binary x."""
+    from training.models import ease_dual_inverse, item_gram, symmetric_inverse
+
+    rng = np.random.default_rng(3)
+    x = sp.random(40, 120, density=0.08, random_state=4, format="csr") * 5.0  # ratings, not 0/1
+    primal = symmetric_inverse(item_gram(x).toarray() + 7.0 * np.eye(120))
+    assert np.abs(ease_dual_inverse(x, 7.0) - primal).max() < 1e-12
+    assert np.abs(ease_dual_inverse(x, 7.0, np.float32) - primal).max() < 1e-6
+    dual = fit_ease(x, lam=7.0).weights
+    reference = primal / -np.diag(primal)[None, :]
+    np.fill_diagonal(reference, 0.0)
+    assert np.abs(dual - reference).max() < 1e-5 and np.all(np.diag(dual) == 0)
+    # More users than items: the item inverse, as before; both forms rank alike.
+    tall = sp.csr_matrix(rng.random((150, 30)) < 0.2, dtype=np.float64)
+    tall_primal = symmetric_inverse(item_gram(tall).toarray() + 7.0 * np.eye(30))
+    assert np.abs(ease_dual_inverse(tall, 7.0) - tall_primal).max() < 1e-12
+    assert fit_ease(tall, lam=7.0).weights.shape == (30, 30)
