@@ -1,5 +1,3 @@
-import time
-
 import numpy as np
 import pandas as pd
 import pytest
@@ -145,7 +143,8 @@ def test_missing_columns_are_named():
         _build(_interactions().drop(columns="scroll_depth"))
 
 
-def test_100k_events_is_fast():
+def test_100k_events_give_every_user_a_normalised_profile():
+    """At scale (speed: bench/feature_store.py, not a timed assertion here)."""
     rng = np.random.default_rng(0)
     n, n_users, n_items = 100_000, 3000, 1000
     items = pd.DataFrame(
@@ -172,9 +171,7 @@ def test_100k_events_is_fast():
             "confidence": rng.uniform(0.1, 1.0, n),
         }
     )
-    start = time.perf_counter()
     p = build_user_profiles(interactions, items, users, as_of=AS_OF, half_life_days=HL)
-    assert time.perf_counter() - start < 3.0
     assert len(p) == n_users
     cats = p[[c for c in p.columns if c.startswith("cat_")]]
     np.testing.assert_allclose(cats.sum(axis=1), 1.0, atol=1e-9)
