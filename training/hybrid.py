@@ -313,11 +313,15 @@ def _search_anchor(
             for n, (lam, _) in enumerate(alive):
                 if n and deadline.passed():
                     break
+                started = time.perf_counter()
                 model = fit(fold, lam, beta)
                 value = _ndcg(model.score(binary), fold, k)
                 search.scores[(lam, beta)].append(value)
                 search.fits += 1
-                log(f"  validation: ease λ={lam:g} β={beta:g} fold {i + 1}/{len(folds)} ndcg@{k}={value:.4f}")
+                log(
+                    f"  validation: ease λ={lam:g} β={beta:g} fold {i + 1}/{len(folds)} ndcg@{k}={value:.4f} "
+                    f"({time.perf_counter() - started:.1f} s)"
+                )
             ranked = sorted(
                 (p for p in alive if len(search.scores[p]) == i + 1), key=lambda p: -float(np.mean(search.scores[p]))
             )
@@ -404,6 +408,7 @@ def tune_hybrid(
     for name in cfg.blend_components:
         if name not in fitters:
             continue
+        started = time.perf_counter()
         per_fold = []
         for f in folds:
             scorer = fitters[name](FitContext(f.frame, f.matrix, item_ids, side))
@@ -411,7 +416,10 @@ def tune_hybrid(
             per_fold.append(s / score_scale(s))
         component_scores[name] = per_fold
         validation[f"{name}_alone"] = mean_ndcg(lambda f, i, per_fold=per_fold: per_fold[i].copy())
-        log(f"  validation: {name} alone ndcg@{k}={validation[f'{name}_alone']:.4f}")
+        log(
+            f"  validation: {name} alone ndcg@{k}={validation[f'{name}_alone']:.4f} "
+            f"({len(folds)} fits, {time.perf_counter() - started:.1f} s)"
+        )
 
     weights = {"ease": 1.0} | {name: 0.0 for name in component_scores}
 
