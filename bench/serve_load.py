@@ -2,6 +2,7 @@
 
 Run: .venv/bin/python bench/serve_load.py [--duration 60] [--connections 32] [--workers 2]
      [--rate-cached 3000] [--rate-uncached 1000] [--repeat 1] [--out DIR] [--no-stored-ann]
+     [--experiment-share 0.5]
 
 1. Bundle: a :class:`training.hybrid.WeightedHybrid` fitted on the ml-100k u75 train split
    with the project's trainers (EASE λ=500 anchor + neural two-tower (``--epochs``) + content
@@ -545,6 +546,12 @@ def run_once(args: argparse.Namespace, out: Path, base: Path, users: list[str], 
     store_dir = home / "bundles"
     store = ObjectStore(str(store_dir))
     publish(base, store, "v1")
+    if args.experiment_share:  # an online experiment: a copy of the bundle as the challenger
+        from serving.experiment import Experiment, write_experiment
+
+        challenger = copy_version(base, out / "bundle-challenger", "c1")
+        publish(challenger, store, "c1", move_current=False)
+        write_experiment(store, Experiment("bench", "c1", args.experiment_share))
     config = out / "serve.yaml"
     config.write_text(
         json.dumps(
@@ -665,6 +672,12 @@ def main() -> None:
     )
     parser.add_argument("--rebuild", action="store_true", help="refit the bundle even if one is in --out")
     parser.add_argument("--phases", default="cached,uncached")
+    parser.add_argument(
+        "--experiment-share",
+        type=float,
+        default=0.0,
+        help="run an online experiment (A/B, this challenger share) against a copy of the bundle; 0: none",
+    )
     parser.add_argument(
         "--no-stored-ann",
         action="store_true",

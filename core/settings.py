@@ -391,6 +391,26 @@ class ServingSettings(_Section):
     compute_threads: int = Field(1, ge=1)
 
 
+class ExperimentSettings(_Section):
+    """Online experiments (serving/experiment.py): champion against challenger on live traffic.
+    An experiment runs while the bundle store holds its ``EXPERIMENT`` descriptor (written by
+    ``hyperrec experiment start``); these are its defaults and the report's test."""
+
+    # Share of users the A/B design assigns to the challenger (stable hash of experiment id, user id).
+    share: float = Field(0.1, gt=0, lt=1)
+    # "ab": each user sees one arm; "interleaving": team-draft interleaving of both rankings.
+    design: Literal["ab", "interleaving"] = "ab"
+    # Significance level of the always-valid mSPRT: the report may be read after every user.
+    alpha: float = Field(0.05, gt=0, lt=1)
+    # Standard deviation of the mSPRT's normal mixture over the effect (CTR difference, or the
+    # interleaving win share minus 0.5): about the smallest effect worth detecting.
+    mixture_sd: float = Field(0.05, gt=0)
+    # Below this many impressions per arm (A/B) or decisive impressions (interleaving): "unknown".
+    min_impressions: int = Field(100, ge=1)
+    # Impression and outcome streams keep about this many entries (approximate MAXLEN).
+    stream_maxlen: int = Field(1_000_000, ge=1)
+
+
 class ServicesSettings(_Section):
     """``hyperrec up``: the supervisor of the long-running services."""
 
@@ -431,6 +451,7 @@ class Settings(BaseSettings):
     landing: LandingSettings = LandingSettings()
     serving: ServingSettings = ServingSettings()
     services: ServicesSettings = ServicesSettings()
+    experiment: ExperimentSettings = ExperimentSettings()
     synthetic: SyntheticSettings = SyntheticSettings()
 
     @classmethod

@@ -728,5 +728,167 @@ def export_onnx(
     typer.echo(f"try: python examples/edge_score.py {target} ITEM_ID [ITEM_ID ...]")
 
 
+experiment_app = typer.Typer(
+    help="Online experiments: the challenger against the champion on live traffic, decided by evidence.",
+    no_args_is_help=True,
+)
+app.add_typer(experiment_app, name="experiment")
+
+
+def _echo_report(result: dict, as_json: bool) -> None:
+    from serving.experiment_report import format_report
+
+    typer.echo(json.dumps(result, sort_keys=True, default=str) if as_json else format_report(result))
+
+
+@experiment_app.command("start")
+def experiment_start(
+    version: int | None = typer.Option(None, "--version", min=1, help="challenger version (default: alias challenger)"),
+    share: float | None = typer.Option(None, "--share", min=0.0, max=1.0, help="A/B challenger share"),
+    design: str | None = typer.Option(None, "--design", help="ab | interleaving (default: experiment.design)"),
+    experiment_id: str | None = typer.Option(None, "--id", help="experiment id (default: exp-<UTC time>-v<N>)"),
+    config: Path | None = ConfigOpt,
+) -> None:
+    """Publish the challenger beside the champion and split serving's traffic between them."""
+    from serving.experiment_control import start
+
+    settings = _client_settings(config)
+    experiment = start(settings, experiment_id=experiment_id, version=version, share=share, design=design)
+    typer.echo(
+        f"experiment {experiment.id}: {experiment.challenger} against {experiment.champion} "
+        f"({experiment.design}, share {experiment.share:g}); serving follows within "
+        f"~{settings.serving.reload_interval_s:g} s"
+    )
+
+
+@experiment_app.command("status")
+def experiment_status(
+    experiment_id: str | None = typer.Option(None, "--id", help="a stopped experiment (default: the running one)"),
+    as_json: bool = typer.Option(False, "--json", help="one JSON object"),
+    config: Path | None = ConfigOpt,
+) -> None:
+    """The running experiment and its report so far."""
+    from serving.experiment_control import evaluate, find
+
+    settings = _client_settings(config)
+    experiment, running = find(settings, experiment_id)
+    result = {**evaluate(settings, experiment), "running": running}
+    _echo_report(result, as_json)
+
+
+@experiment_app.command("stop")
+def experiment_stop(
+    as_json: bool = typer.Option(False, "--json", help="one JSON object"), config: Path | None = ConfigOpt
+) -> None:
+    """End the running experiment (serving returns to the champion alone) and print its final report."""
+    from serving.experiment_control import stop
+
+    _echo_report(stop(_client_settings(config)), as_json)
+
+
+@experiment_app.command("report")
+def experiment_report(
+    experiment_id: str | None = typer.Option(None, "--id", help="a stopped experiment (default: the running one)"),
+    decide: bool = typer.Option(
+        False, "--decide", help="act on the verdict: better promotes the challenger, worse ends the experiment"
+    ),
+    as_json: bool = typer.Option(False, "--json", help="one JSON object"),
+    config: Path | None = ConfigOpt,
+) -> None:
+    """The experiment's report: per-arm online metrics, the always-valid test and the verdict."""
+    from serving.experiment_control import decide as act
+    from serving.experiment_control import evaluate, find
+
+    settings = _client_settings(config)
+    experiment, _running = find(settings, experiment_id)
+    result = evaluate(settings, experiment)
+    if decide:
+        result["decision"] = _registry_call(act, settings, experiment, result)
+    _echo_report(result, as_json)
+    if decide and result["decision"]["action"] == "promoted":
+        typer.echo(_serving_follows(settings), err=as_json)
+
+
+def _simulate(
+    challenger: str,
+    champion: str | None,
+    design: str,
+    seed: int,
+    dataset: Path | None,
+    share: float | None,
+    max_users: int | None,
+    step: int,
+    as_json: bool,
+    config: Path | None,
+    run_dir: Path | None = None,
+) -> None:
+    from hyperrec.simulate import simulate as run_simulation
+    from serving.experiment_report import format_report
+
+    def progress(result: dict) -> None:
+        if not as_json:
+            typer.echo(f"{result['users']} users: {result['verdict']}")
+
+    result = run_simulation(
+        _client_settings(config),
+        challenger=challenger,
+        champion=champion or "popularity",
+        design=design,
+        seed=seed,
+        dataset=dataset,
+        run_dir=run_dir,
+        share=share if share is not None else 0.5,
+        max_users=max_users,
+        step=step,
+        progress=progress,
+    )
+    typer.echo(json.dumps(result, sort_keys=True, default=str) if as_json else format_report(result))
+
+
+@experiment_app.command("simulate")
+def experiment_simulate(
+    challenger: str = typer.Option(
+        ..., "--challenger", help="popularity | ease | item_knn; with --run-dir a run candidate (hybrid, ...), vN"
+    ),
+    champion: str | None = typer.Option(
+        None, "--champion", help="default popularity; with --run-dir: current (the served champion), a candidate, vN"
+    ),
+    design: str = typer.Option("ab", "--design", help="ab | interleaving"),
+    seed: int = typer.Option(0, "--seed"),
+    dataset: Path | None = typer.Option(None, "--dataset", help="a `hyperrec generate` directory (default: made)"),
+    run_dir: Path | None = typer.Option(
+        None, "--run-dir", help="a training run on data with a generated sample (the demo's): its users and models"
+    ),
+    share: float | None = typer.Option(None, "--share", min=0.0, max=1.0, help="A/B challenger share (default 0.5)"),
+    max_users: int | None = typer.Option(None, "--max-users", min=1),
+    step: int = typer.Option(100, "--step", min=1, help="read the report after every STEP users"),
+    as_json: bool = typer.Option(False, "--json", help="last line: one JSON object (verdict, users, arms, test)"),
+    config: Path | None = ConfigOpt,
+) -> None:
+    """One simulated experiment on synthetic users with known tastes, ending with the report."""
+    if design not in ("ab", "interleaving"):
+        raise typer.BadParameter("use ab or interleaving", param_hint="--design")
+    if run_dir is not None and champion is None:
+        champion = "current"
+    _simulate(challenger, champion, design, seed, dataset, share, max_users, step, as_json, config, run_dir)
+
+
+@app.command()
+def simulate(
+    challenger: str = typer.Option("ease", "--challenger", help="popularity | ease | item_knn"),
+    champion: str | None = typer.Option(None, "--champion", help="the champion model (default: popularity)"),
+    design: str = typer.Option("ab", "--design", help="ab | interleaving"),
+    seed: int = typer.Option(0, "--seed"),
+    dataset: Path | None = typer.Option(None, "--dataset", help="a `hyperrec generate` directory (default: made)"),
+    max_users: int | None = typer.Option(None, "--max-users", min=1),
+    as_json: bool = typer.Option(False, "--json"),
+    config: Path | None = ConfigOpt,
+) -> None:
+    """Drive the serving API with synthetic users who click by their true tastes (see `experiment simulate`)."""
+    if design not in ("ab", "interleaving"):
+        raise typer.BadParameter("use ab or interleaving", param_hint="--design")
+    _simulate(challenger, champion, design, seed, dataset, None, max_users, 100, as_json, config)
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()

@@ -259,3 +259,16 @@ def run_demo(settings: Settings, synthetic_events: int | None = None, show_users
     for label, text in lines.items():
         console.print(f"[bold]{label}:[/bold] {text}", soft_wrap=True)
     _serve_and_show(settings, show_users or ["1", "2"], settings.serving.default_k)
+    _simulated_experiment(settings)
+
+
+def _simulated_experiment(settings: Settings) -> None:
+    """A short simulated online experiment (``hyperrec experiment simulate``): EASE against a
+    popularity champion, team-draft interleaving, on a small synthetic platform's users."""
+    from hyperrec.simulate import simulate
+    from serving.experiment_report import format_report
+
+    console.rule("an online experiment, simulated: EASE challenges a popularity champion")
+    with console.status("simulated users request lists and click by their true tastes"):
+        result = simulate(settings, challenger="ease", champion="popularity", design="interleaving", step=50)
+    console.print(format_report(result), soft_wrap=True, highlight=False)

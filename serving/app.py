@@ -42,6 +42,7 @@ from serving.api.recommendations import QueryParser, RecommendationsFastPath, ca
 from serving.api.state import ServingState
 from serving.cache import HotKeys, RecommendationCache
 from serving.events import RedisEvents
+from serving.experiment import ExperimentLog
 
 log = logging.getLogger(__name__)
 REDIS_CONNECT_TIMEOUT_S = 2.0
@@ -85,7 +86,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # A command that finds the server gone fails within seconds (events: 503) and the next
         # one reconnects: a restarted embedded server (same URL) is used again at once.
         client = redis_client.connect(server.url, REDIS_CONNECT_TIMEOUT_S, REDIS_TIMEOUT_S)
-        poller = None
+        poller = flusher = None
         try:
             app.state.cache = cache = RecommendationCache(client, cfg.namespace, cfg.cache_ttl_s)
             app.state.events = event_store = RedisEvents(
@@ -96,6 +97,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
                 history_ttl_s=cfg.live_history_ttl_s,
                 stream_maxlen=cfg.stream_maxlen,
             )
+            app.state.experiment_log = experiment_log = ExperimentLog(
+                client, cfg.namespace, settings.experiment.stream_maxlen
+            )
+            flusher = asyncio.create_task(experiment_log.run())
             state.before_swap = cache_warmer(
                 asyncio.get_running_loop(),
                 app.state.hot_keys,
@@ -103,9 +108,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
                 app.state.queries,
                 cache,
                 event_store,
+                experiment=lambda: state.experiment,
             )
             if await asyncio.to_thread(state.refresh) is None:
                 log.warning("serving starts without a bundle: %s", state.error)
+            await asyncio.to_thread(state.refresh_experiment)
             if cfg.reload_interval_s > 0:
                 poller = asyncio.create_task(state.poll(cfg.reload_interval_s))
             yield
@@ -113,6 +120,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             state.before_swap = None
             if poller is not None:
                 poller.cancel()
+            if flusher is not None:
+                flusher.cancel()
+                try:
+                    await app.state.experiment_log.flush()  # the impressions still buffered
+                except Exception as exc:
+                    log.warning("experiment impressions lost at shutdown: %s", exc)
             await client.aclose()
             app.state.metrics.close()
 

@@ -105,7 +105,9 @@ def publish_lock(settings: Settings) -> Iterator[None]:
         yield
 
 
-def publish_version(settings: Settings, version: int, *, workdir: Path, run: RunContext | None = None) -> dict:
+def publish_version(
+    settings: Settings, version: int, *, workdir: Path, run: RunContext | None = None, move_current: bool = True
+) -> dict:
     """Publish registered ``version`` as ``v<version>``: its bundle is downloaded from MLflow
     into ``workdir`` (emptied first), ``metadata.json`` gets the version, and
     :func:`serving.store.publish` uploads it to ``<store>/v<version>/`` and points ``CURRENT``
@@ -115,7 +117,8 @@ def publish_version(settings: Settings, version: int, *, workdir: Path, run: Run
     Before the upload it stores the canary rankings serving checks (``canary.json``,
     :func:`_write_canary`). Returns version (``v<N>``), registered_version, previous (what
     ``CURRENT`` named before, None when nothing), store, current, serving_extras and
-    canary. Idempotent; it takes no lock (:func:`follow_champion` does).
+    canary. Idempotent; it takes no lock (:func:`follow_champion` does). ``move_current=False``
+    publishes beside the served version (an experiment's challenger) without moving ``CURRENT``.
     """
     workdir = Path(workdir)
     if workdir.exists():
@@ -138,7 +141,7 @@ def publish_version(settings: Settings, version: int, *, workdir: Path, run: Run
             log.warning("no serving extras from run %s for v%s: %s", run.run_id, version, exc)
             extras["error"] = f"{type(exc).__name__}: {exc}"
     canary = _write_canary(staged, settings.serving)
-    published = publish(staged, store, f"v{version}")
+    published = publish(staged, store, f"v{version}", move_current=move_current)
     return {
         "version": published,
         "registered_version": int(version),

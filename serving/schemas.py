@@ -50,6 +50,11 @@ class EventIn(BaseModel):
     dwell_time_s: float | None = Field(None, ge=0, le=86400, allow_inf_nan=False, description="seconds on the item")
     scroll_depth: float | None = Field(None, ge=0, le=1, allow_inf_nan=False, description="share of the item scrolled")
     session_id: str | None = Field(None, min_length=1, max_length=256, description="the client's session")
+    impression_id: str | None = Field(
+        None,
+        pattern=r"^[0-9a-f]{32}$",
+        description="the impression_id of the served list this event answers: attributes it to an experiment's arm",
+    )
 
     @field_validator("timestamp")
     @classmethod

@@ -29,9 +29,10 @@ def bundle_files(bundle_dir: Path) -> list[str]:
     )
 
 
-def publish(bundle_dir: Path, store: ObjectStore, version: str) -> str:
+def publish(bundle_dir: Path, store: ObjectStore, version: str, *, move_current: bool = True) -> str:
     """Upload every file of the bundle in ``bundle_dir`` (sub-folders included) to
-    ``<store>/<version>/`` and then point ``CURRENT`` at it; return ``version``.
+    ``<store>/<version>/`` and then point ``CURRENT`` at it (unless ``move_current`` is
+    false: an experiment's challenger is published beside the champion); return ``version``.
 
     Everything is checked before the first upload (required files present, metadata version
     equal to ``version``), and ``CURRENT`` is written last, so a failure leaves the previous
@@ -55,7 +56,8 @@ def publish(bundle_dir: Path, store: ObjectStore, version: str) -> str:
     for key in store.list(version):
         if key.split("/", 1)[1] not in present:
             store.delete(key)
-    store.put_bytes(CURRENT, version.encode())
+    if move_current:
+        store.put_bytes(CURRENT, version.encode())
     return version
 
 

@@ -365,6 +365,15 @@ def champion_version(settings: Settings) -> int | None:
         return None
 
 
+def challenger_version(settings: Settings) -> int | None:
+    """The version holding the ``challenger`` alias, or None when there is none."""
+    configure(settings)
+    try:
+        return int(MlflowClient().get_model_version_by_alias(settings.mlflow.registered_model, CHALLENGER).version)
+    except mlflow.exceptions.MlflowException:
+        return None
+
+
 def champion_artifact_json(settings: Settings, artifact_path: str) -> tuple[int, Any] | None:
     """The champion's version and the JSON artifact ``artifact_path`` of its source run (None
     when that run has no readable one); None when there is no champion."""
@@ -794,18 +803,21 @@ def _record_promotion(
     return record
 
 
-def promote_version(settings: Settings, version: int, reason: str = "", *, user: str | None = None) -> dict:
-    """Make ``version`` the champion by hand (after review in the MLflow UI).
+def promote_version(
+    settings: Settings, version: int, reason: str = "", *, user: str | None = None, by: str = "manual"
+) -> dict:
+    """Make ``version`` the champion by hand (after review in the MLflow UI), or on an online
+    experiment's evidence (``by="experiment"``, :mod:`serving.experiment_report`).
 
-    Tags the version ``gate.decision=manual``, ``gate.reason`` (who and why; an earlier
+    Tags the version ``gate.decision=<by>``, ``gate.reason`` (who and why; an earlier
     automatic decision is kept in ``gate.auto_decision``) and the ``promotion.*`` record.
     Returns that record: version, previous_champion, by, user, reason, at.
     """
     with registry_lock(settings):
-        return _promote_version(settings, version, reason, user=user)
+        return _promote_version(settings, version, reason, user=user, by=by)
 
 
-def _promote_version(settings: Settings, version: int, reason: str, *, user: str | None) -> dict:
+def _promote_version(settings: Settings, version: int, reason: str, *, user: str | None, by: str = "manual") -> dict:
     client, name = configure(settings), settings.mlflow.registered_model
     _registered_model(client, name)
     mv = _model_version(client, name, version)
@@ -814,18 +826,18 @@ def _promote_version(settings: Settings, version: int, reason: str, *, user: str
         raise RegistryError(f"version {version} of {name!r} is already the champion")
     user, reason = _user(user), reason.strip() or "no reason given"
     automatic = mv.tags.get("gate.decision")
-    if automatic and automatic not in ("manual", PENDING):
+    if automatic and automatic not in ("manual", "experiment", PENDING):
         client.set_model_version_tag(name, str(version), "gate.auto_decision", automatic)
-    client.set_model_version_tag(name, str(version), "gate.decision", "manual")
-    client.set_model_version_tag(name, str(version), "gate.reason", f"manual promotion by {user}: {reason}")
-    record = _move_champion(client, name, int(version), by="manual", reason=reason, user=user)
+    client.set_model_version_tag(name, str(version), "gate.decision", by)
+    client.set_model_version_tag(name, str(version), "gate.reason", f"{by} promotion by {user}: {reason}")
+    record = _move_champion(client, name, int(version), by=by, reason=reason, user=user)
     previous = "none" if record["previous_champion"] is None else f"v{record['previous_champion']}"
+    heading = "Promoted by hand" if by == "manual" else f"Promoted by {by}"
     _prepend_note(
         client,
         name,
         int(version),
-        f"## Promoted by hand\n\n**{user}** made this version the champion "
-        f"(was {previous}) at {record['at']}: {reason}",
+        f"## {heading}\n\n**{user}** made this version the champion (was {previous}) at {record['at']}: {reason}",
     )
     return record
 

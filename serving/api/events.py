@@ -10,6 +10,7 @@ until a write succeeds."""
 
 from __future__ import annotations
 
+import logging
 import uuid
 from datetime import UTC, datetime, timedelta
 
@@ -20,9 +21,41 @@ from redis.exceptions import RedisError
 from core.events import Event
 from core.schemas import EARLIEST_EVENT_TIME
 from serving.api.deps import EventsDep, MetricsDep, StateDep, events_bearer
+from serving.api.metrics import ServingMetrics
+from serving.api.state import ServingState
 from serving.schemas import EventAccepted, EventIn, as_utc
 
+log = logging.getLogger(__name__)
 router = APIRouter()
+
+
+async def _attribute(
+    request: Request, state: ServingState, metrics: ServingMetrics, event: Event, impression_id: str
+) -> None:
+    """Record an event posted with an impression id in the running experiment's outcome
+    stream (:class:`serving.experiment.ExperimentLog`); the report joins it to the impression.
+    Without a running experiment the impression id is not recorded. A failed write is logged:
+    the event itself is accepted already."""
+    arms = state.experiment
+    experiment_log = getattr(request.app.state, "experiment_log", None)
+    if arms is None or experiment_log is None:
+        return
+    fields = {
+        "impression_id": impression_id,
+        "event_id": event.event_id,
+        "user_id": event.user_id,
+        "item_id": event.item_id,
+        "event_type": event.event_type,
+        "rating": event.rating,
+        "dwell_time_s": event.dwell_time_s,
+        "timestamp": event.timestamp.isoformat(),
+    }
+    try:
+        await experiment_log.outcome(arms.id, fields)
+    except RedisError as exc:
+        log.warning("experiment %s: outcome of impression %s not recorded: %s", arms.id, impression_id, exc)
+        return
+    metrics.experiment_outcomes.labels(arms.id, arms.arm(event.user_id), event.event_type).inc()
 
 
 def _unprocessable(field: str, kind: str, msg: str) -> JSONResponse:
@@ -50,7 +83,8 @@ async def post_event(
     ``event_id``). The timestamp must lie between 1995-01-01 and now plus
     ``preprocess.future_tolerance_s`` (as preprocessing requires)."""
     served = await state.require()
-    if not served.bundle.has_item(event.item_id):
+    arms = state.experiment  # an experiment's challenger may know items the champion does not
+    if not served.bundle.has_item(event.item_id) and not (arms and arms.challenger.bundle.has_item(event.item_id)):
         return _unprocessable(
             "item_id", "unknown_item", f"unknown item_id {event.item_id[:64]!r}: not in model version {served.version}"
         )
@@ -86,6 +120,8 @@ async def post_event(
     state.event_store_ok()
     if not published.duplicate:
         metrics.events.labels(event.event_type).inc()
+        if event.impression_id is not None:
+            await _attribute(request, state, metrics, accepted, event.impression_id)
     return EventAccepted(
         accepted=True,
         user_id=event.user_id,

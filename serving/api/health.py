@@ -45,7 +45,9 @@ async def _event_store_problem(request: Request, state: Any) -> str | None:
 async def readyz(request: Request, state: StateDep) -> JSONResponse:
     """Readiness: 200 while a model is loaded (503 without one), with its description.
     ``degraded: true`` and ``degraded_reason`` when events cannot be written (the model
-    still answers); ``reload_error`` when the last reload failed or ``CURRENT`` was refused.
+    still answers); ``reload_error`` when the last reload failed or ``CURRENT`` was refused;
+    ``experiment`` while an online experiment runs, ``experiment_error`` when its challenger
+    could not be loaded.
     Reports only: loading happens in the poller and ``POST /admin/reload``."""
     served = state.served
     problem = await _event_store_problem(request, state)
@@ -58,6 +60,16 @@ async def readyz(request: Request, state: StateDep) -> JSONResponse:
     body = {"status": "ready", **served.describe(), **degraded}
     if state.error:
         body["reload_error"] = state.error
+    if state.experiment is not None:  # only while an experiment runs: otherwise the body is as before
+        running = state.experiment.experiment
+        body["experiment"] = {
+            "id": running.id,
+            "design": running.design,
+            "share": running.share,
+            "challenger": state.experiment.challenger.version,
+        }
+    if state.experiment_error:
+        body["experiment_error"] = state.experiment_error
     return JSONResponse(status_code=200, content=body)
 
 

@@ -87,7 +87,40 @@ class ServingMetrics:
             registry=self.registry,
             multiprocess_mode="liveall",
         )
+        self.experiment_impressions = Counter(
+            "hyperrec_experiment_impressions",
+            "Lists served inside an online experiment, by experiment and arm",
+            ["experiment", "arm"],
+            registry=self.registry,
+        )
+        self.experiment_outcomes = Counter(
+            "hyperrec_experiment_outcomes",
+            "Events attributed to an experiment's impressions, by arm (interleaving: 'interleaved') and event type",
+            ["experiment", "arm", "event_type"],
+            registry=self.registry,
+        )
+        self.experiment_latency = Histogram(
+            "hyperrec_experiment_latency_seconds",
+            "Time to answer a list inside an online experiment (cache lookup to response), by arm",
+            ["experiment", "arm"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
         self._model_labels: tuple[str, ...] | None = None
+        self._experiment_children: dict[tuple[str, str], tuple[Any, Any]] = {}
+
+    def experiment_arm(self, experiment: str, arm: str) -> tuple[Any, Any]:
+        """The impressions counter and latency histogram children of one arm (looked up once)."""
+        key = (experiment, arm)
+        children = self._experiment_children.get(key)
+        if children is None:
+            if len(self._experiment_children) > 64:
+                self._experiment_children.clear()
+            children = self._experiment_children[key] = (
+                self.experiment_impressions.labels(experiment, arm),
+                self.experiment_latency.labels(experiment, arm),
+            )
+        return children
 
     def set_model(self, served: ServedModel) -> None:
         meta = served.bundle.metadata

@@ -11,6 +11,12 @@ model, Redis answering), hits and misses alike, as the route would, without Fast
 routing, dependency resolution and query validation per request; the route answers the
 rest. :func:`warm_cache` recomputes the lists hit lately for a version about to be swapped
 in, so its first requests find them cached.
+
+While an online experiment runs (:attr:`ServingState.experiment`), both the fast path and the
+route answer from the user's arm (:mod:`serving.arms`): the arm's own cache entries, the
+``X-Experiment``/``X-Arm`` headers, a new impression id per list and the impression recorded
+(:func:`served_impression`, stored after the response is sent). Without one, neither does
+anything differently.
 """
 
 from __future__ import annotations
@@ -30,14 +36,18 @@ from fastapi import APIRouter, Query, Request
 from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse
 from redis.exceptions import RedisError
+from starlette.background import BackgroundTask
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from serving.api.deps import ContextDep
 from serving.api.metrics import ServingMetrics
 from serving.api.state import ServingState
+from serving.arms import ActiveExperiment
+from serving.arms import headers as experiment_headers
 from serving.cache import HotKeys, Lookup, RecommendationCache, params_digest
 from serving.events import RedisEvents
+from serving.experiment import CHALLENGER_ARM, ExperimentLog, Impression, new_impression_id
 from serving.recommender import RecommendationRequest, RequestError, ServedModel
 from serving.schemas import USER_ID_DESCRIPTION, USER_ID_PATTERN, RecommendationQuery, Recommendations
 
@@ -151,6 +161,9 @@ async def recommendations(
     )
     served = await state.require()
     request = recommendation_request(user_id, query, settings.default_k)
+    arms = state.experiment
+    if arms is not None:
+        return await _experiment_route(http, served, arms, request, cache, events, metrics)
     fp = f"{served.version}:{params_digest(request.cache_params())}"
     pre: tuple[str, Lookup] | None = http.scope.get("state", {}).get(_LOOKUP_STATE)
     looked: Lookup | None
@@ -178,6 +191,86 @@ async def recommendations(
         except RedisError as exc:
             log.warning("redis cache write failed: %s", exc)
     return Response(data, media_type="application/json", headers={"X-Cache": "miss"})
+
+
+_NO_HEADERS: list[tuple[bytes, bytes]] = []
+_Answer = tuple[bytes, bytes, list[tuple[bytes, bytes]], Impression | None]
+"""What the fast path answers: body, ``X-Cache`` value, extra headers, the impression to record."""
+
+
+def served_impression(
+    arms: ActiveExperiment, entry: bytes, user_id: str, arm: str, start: float, metrics: ServingMetrics
+) -> tuple[bytes, Impression]:
+    """The body of an experiment's cache ``entry`` with a new impression id, and the impression
+    to record (counted and timed per arm here; stored by :func:`store_impression` once the
+    response is sent)."""
+    seconds = time.perf_counter() - start
+    body, impression = arms.impression(entry, user_id, arm, new_impression_id(), seconds * 1000.0)
+    impressions, latency = metrics.experiment_arm(arms.id, arm)
+    impressions.inc()
+    latency.observe(seconds)
+    return body, impression
+
+
+async def store_impression(experiment_log: ExperimentLog | None, impression: Impression) -> None:
+    """Append ``impression`` to its experiment's stream; a failed write is logged (the list
+    was served)."""
+    if experiment_log is None:
+        return
+    try:
+        await experiment_log.impression(impression)
+    except RedisError as exc:
+        log.warning("experiment %s: impression not recorded: %s", impression.experiment_id, exc)
+
+
+async def _experiment_route(
+    http: Request,
+    served: ServedModel,
+    arms: ActiveExperiment,
+    request: RecommendationRequest,
+    cache: RecommendationCache,
+    events: RedisEvents,
+    metrics: ServingMetrics,
+) -> Response:
+    """The route's answer inside an experiment (what the fast path passed on: a query it
+    could not parse, Redis trouble, a :class:`RequestError`)."""
+    start = time.perf_counter()
+    user_id = request.user_id
+    arm = arms.arm(user_id)
+    fp = arms.fingerprint(served, arm, params_digest(request.cache_params()))
+    pre: tuple[str, Lookup] | None = http.scope.get("state", {}).get(_LOOKUP_STATE)
+    looked: Lookup | None
+    try:
+        looked = (
+            pre[1] if pre is not None and pre[0] == fp else await cache.lookup(user_id, fp, events.recent_key(user_id))
+        )
+    except RedisError as exc:
+        log.warning("redis lookup failed, serving uncached: %s", exc)
+        metrics.cache.labels("error").inc()
+        looked = None
+    result = "hit"
+    if looked is not None and looked.hit:
+        metrics.cache.labels("hit").inc()
+        entry = looked.body
+    else:
+        try:
+            entry = arms.compute(served, arm, request, looked.recent if looked is not None else [])
+        except RequestError as exc:
+            return JSONResponse(status_code=422, content={"detail": exc.detail})
+        result = "miss"
+        if looked is not None:
+            metrics.cache.labels("miss").inc()
+            try:
+                await cache.store(user_id, looked.generation, fp, entry)
+            except RedisError as exc:
+                log.warning("redis cache write failed: %s", exc)
+    body, impression = served_impression(arms, entry, user_id, arm, start, metrics)  # type: ignore[arg-type]
+    return Response(
+        body,
+        media_type="application/json",
+        headers={"X-Cache": result, "X-Experiment": arms.id, "X-Arm": arm},
+        background=BackgroundTask(store_impression, getattr(http.app.state, "experiment_log", None), impression),
+    )
 
 
 @dataclass(frozen=True)
@@ -213,7 +306,7 @@ class RecommendationsFastPath:
         if scope["type"] == "http" and scope["method"] == "GET" and scope["path"].startswith(_PREFIX):
             answer = await self._answer(scope)
             if answer is not None:
-                body, result = answer
+                body, result, extra, impression = answer
                 scope["route"] = self.label  # for the metrics middleware
                 await send(
                     {
@@ -223,15 +316,19 @@ class RecommendationsFastPath:
                             (b"content-length", str(len(body)).encode()),
                             (b"content-type", b"application/json"),
                             (b"x-cache", result),
+                            *extra,
                         ],
                     }
                 )
                 await send({"type": "http.response.body", "body": body})
+                if impression is not None:  # recorded once the answer is on its way
+                    await store_impression(scope["app"].state.experiment_log, impression)
                 return
         await self.app(scope, receive, send)
 
-    async def _answer(self, scope: Scope) -> tuple[bytes, bytes] | None:
+    async def _answer(self, scope: Scope) -> _Answer | None:
         served = self.state.served
+        arms = self.state.experiment
         app_state = scope["app"].state  # cache and events exist once the lifespan started
         cache: RecommendationCache | None = getattr(app_state, "cache", None)
         user_id: str = scope["path"][len(_PREFIX) :]
@@ -241,6 +338,8 @@ class RecommendationsFastPath:
         parsed = self.queries.parse(query_string)
         if parsed is None:
             return None
+        if arms is not None:
+            return await self._answer_experiment(scope, served, arms, cache, user_id, parsed, query_string)
         fp = f"{served.version}:{parsed.digest}"
         try:
             looked = await cache.lookup(user_id, fp, app_state.events.recent_key(user_id))
@@ -250,7 +349,7 @@ class RecommendationsFastPath:
             self._hits.inc()
             if len(query_string) <= QUERY_MEMO_MAX_BYTES:
                 self.hot.touch((user_id, query_string))
-            return looked.body, b"hit"  # type: ignore[return-value]
+            return looked.body, b"hit", _NO_HEADERS, None  # type: ignore[return-value]
         try:
             recs = served.recommend(parsed.for_user(user_id), looked.recent)
         except RequestError:
@@ -263,7 +362,47 @@ class RecommendationsFastPath:
             await cache.store(user_id, looked.generation, fp, data)
         except RedisError as exc:
             log.warning("redis cache write failed: %s", exc)
-        return data, b"miss"
+        return data, b"miss", _NO_HEADERS, None
+
+    async def _answer_experiment(
+        self,
+        scope: Scope,
+        served: ServedModel,
+        arms: ActiveExperiment,
+        cache: RecommendationCache,
+        user_id: str,
+        parsed: ParsedQuery,
+        query_string: bytes,
+    ) -> _Answer | None:
+        """The fast path inside an experiment: the user's arm, its cached (or computed) entry,
+        the impression recorded; None (the route answers) as the plain path does."""
+        start = time.perf_counter()
+        app_state = scope["app"].state
+        arm = arms.arm(user_id)
+        fp = arms.fingerprint(served, arm, parsed.digest)
+        try:
+            looked = await cache.lookup(user_id, fp, app_state.events.recent_key(user_id))
+        except RedisError:
+            return None
+        if looked.hit:
+            self._hits.inc()
+            if len(query_string) <= QUERY_MEMO_MAX_BYTES:
+                self.hot.touch((user_id, query_string))
+            entry, result = looked.body, b"hit"
+        else:
+            try:
+                entry = arms.compute(served, arm, parsed.for_user(user_id), looked.recent)
+            except RequestError:
+                scope.setdefault("state", {})[_LOOKUP_STATE] = (fp, looked)
+                return None
+            self._misses.inc()
+            result = b"miss"
+            try:
+                await cache.store(user_id, looked.generation, fp, entry)
+            except RedisError as exc:
+                log.warning("redis cache write failed: %s", exc)
+        body, impression = served_impression(arms, entry, user_id, arm, start, self.metrics)  # type: ignore[arg-type]
+        return body, result, experiment_headers(arms.id, arm), impression
 
 
 async def warm_cache(
@@ -273,11 +412,14 @@ async def warm_cache(
     cache: RecommendationCache,
     events: RedisEvents,
     budget_s: float = WARM_BUDGET_S,
+    arms: ActiveExperiment | None = None,
 ) -> int:
     """Compute and store the lists of ``keys`` (user id, raw query string) for ``served``,
     as a miss would, unless one is cached already (another worker's); stops after
     ``budget_s``. Returns how many it stored. Keys go in an order of this process's own,
-    so that workers warming the same keys mostly find each other's results."""
+    so that workers warming the same keys mostly find each other's results. While an
+    experiment runs (``arms``), each user's arm entry is warmed (the challenger's lists do
+    not change with the champion: those users are skipped)."""
     if not cache.enabled:
         return 0
     order = list(keys)
@@ -290,15 +432,21 @@ async def warm_cache(
         parsed = queries.parse(query_string)
         if parsed is None:
             continue
-        fp = f"{served.version}:{parsed.digest}"
+        arm = arms.arm(user_id) if arms is not None else ""
+        if arm == CHALLENGER_ARM:
+            continue
+        fp = arms.fingerprint(served, arm, parsed.digest) if arms is not None else f"{served.version}:{parsed.digest}"
         looked = await cache.lookup(user_id, fp, events.recent_key(user_id))
         if looked.hit:
             continue
         try:
-            recs = served.recommend(parsed.for_user(user_id), looked.recent)
+            if arms is not None:
+                entry = arms.compute(served, arm, parsed.for_user(user_id), looked.recent)
+            else:
+                entry = served.recommend(parsed.for_user(user_id), looked.recent).model_dump_json().encode()
         except RequestError:
             continue
-        await cache.store(user_id, looked.generation, fp, recs.model_dump_json().encode())
+        await cache.store(user_id, looked.generation, fp, entry)
         stored += 1
     return stored
 
@@ -310,6 +458,7 @@ def cache_warmer(
     queries: QueryParser,
     cache: RecommendationCache,
     events: RedisEvents,
+    experiment: Callable[[], ActiveExperiment | None] | None = None,
 ) -> Callable[[ServedModel], None]:
     """A :attr:`serving.api.state.ServingState.before_swap` hook: from the loading thread, runs
     :func:`warm_cache` on ``loop`` (between requests) over the keys hit within the last
@@ -325,7 +474,8 @@ def cache_warmer(
         except RuntimeError:
             pass
         start = time.perf_counter()
-        future = asyncio.run_coroutine_threadsafe(warm_cache(served, keys, queries, cache, events), loop)
+        arms = experiment() if experiment is not None else None
+        future = asyncio.run_coroutine_threadsafe(warm_cache(served, keys, queries, cache, events, arms=arms), loop)
         try:
             stored = future.result(timeout=WARM_BUDGET_S + 30)
         except Exception as exc:

@@ -34,7 +34,9 @@ from fastapi import HTTPException
 from core.object_store import ObjectStore
 from core.settings import Settings
 from serving.api.metrics import ServingMetrics
+from serving.arms import ActiveExperiment
 from serving.bundle_checks import BundleRefused, check_canary, check_finite, check_version, describe_error
+from serving.experiment import read_experiment
 from serving.recommender import ServedModel
 from serving.store import current_version, fetch
 from training.bundle import load_bundle
@@ -64,6 +66,11 @@ class ServingState:
         self.before_swap: Callable[[ServedModel], None] | None = None
         """Called (in the loading thread) with a loaded, checked model just before it is
         swapped in; its exceptions are logged and the swap goes ahead."""
+        self.experiment: ActiveExperiment | None = None
+        """The running experiment with its challenger loaded (None: serve ``CURRENT`` alone)."""
+        self.experiment_error: str | None = None
+        """Why the experiment descriptor or its challenger could not be loaded last time."""
+        self._experiment_refused: object = None
         self._lock = threading.Lock()
 
     def _digest(self, version: str) -> str:
@@ -122,6 +129,44 @@ class ServingState:
             log.info("serving bundle %s (%s) from %s", version, served.describe(), self.store.uri)
             return served
 
+    def refresh_experiment(self) -> ActiveExperiment | None:
+        """Follow the store's experiment descriptor (:mod:`serving.experiment`): load its
+        challenger (checked as any bundle) and swap the pair in by one assignment, or drop it
+        when the descriptor is gone. Errors go to :attr:`experiment_error`; a challenger that
+        cannot be loaded leaves the experiment off (everyone gets the champion)."""
+        with self._lock:
+            try:
+                experiment = read_experiment(self.store)
+            except Exception as exc:  # keep what runs: the store may be down for a moment
+                self.experiment_error = f"cannot read the experiment descriptor: {describe_error(exc)}"
+                log.warning(self.experiment_error)
+                return self.experiment
+            active = self.experiment
+            if experiment is None:
+                if active is not None:
+                    log.info("experiment %s ended: serving the champion alone", active.id)
+                self.experiment, self.experiment_error = None, None
+                return None
+            if active is not None and active.experiment == experiment:
+                return active
+            challenger = active.challenger if active is not None else None
+            if challenger is None or challenger.version != experiment.challenger:
+                if self._experiment_refused == experiment:
+                    return None  # refused already; another descriptor is tried again
+                try:
+                    folder = fetch(self.store, experiment.challenger, self.cache_dir / experiment.challenger)
+                    challenger = self._load(experiment.challenger, folder)
+                    challenger.warm_up()
+                except Exception as exc:
+                    reason = str(exc) if isinstance(exc, BundleRefused) else describe_error(exc)
+                    self.experiment_error = f"experiment {experiment.id}: challenger {experiment.challenger}: {reason}"
+                    self.experiment, self._experiment_refused = None, experiment
+                    log.error(self.experiment_error)
+                    return None
+            self.experiment, self.experiment_error = ActiveExperiment(experiment, challenger), None
+            log.info("experiment %s: %s against %s", experiment.id, experiment.challenger, experiment.design)
+            return self.experiment
+
     def _load(self, version: str, folder: Path) -> ServedModel:
         """The checked model of the bundle in ``folder`` (:mod:`serving.bundle_checks`)."""
         check_version(folder, version)
@@ -165,6 +210,7 @@ class ServingState:
             await asyncio.sleep(interval_s)
             try:
                 await asyncio.to_thread(self.refresh)
+                await asyncio.to_thread(self.refresh_experiment)
             except Exception:  # refresh keeps its own errors; never let the poller die
                 log.exception("hot-reload poll failed")
 
