@@ -61,6 +61,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from core.net import free_port  # noqa: E402
+from training.bundle import copy_bundle  # noqa: E402
 
 CACHED_USERS = 200
 REQUEST_TIMEOUT_S = 10.0
@@ -156,17 +157,6 @@ def store_ann_index(bundle_dir: Path, serving, stored: bool, repeats: int = 3) -
         f"load_s_index_{origin}": round(stored_s, 3),
         "published_with_stored_index": stored,
     }
-
-
-def copy_version(source: Path, dest: Path, version: str) -> Path:
-    """``source`` copied to ``dest`` with ``metadata.json`` naming ``version``."""
-    if dest.exists():
-        shutil.rmtree(dest)
-    shutil.copytree(source, dest)
-    meta = json.loads((dest / "metadata.json").read_text())
-    meta["version"] = version
-    (dest / "metadata.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
-    return dest
 
 
 # --------------------------------------------------------------------------- driver
@@ -549,7 +539,7 @@ def run_once(args: argparse.Namespace, out: Path, base: Path, users: list[str], 
     if args.experiment_share:  # an online experiment: a copy of the bundle as the challenger
         from serving.experiment import Experiment, write_experiment
 
-        challenger = copy_version(base, out / "bundle-challenger", "c1")
+        challenger = copy_bundle(base, out / "bundle-challenger", "c1")
         publish(challenger, store, "c1", move_current=False)
         write_experiment(store, Experiment("bench", "c1", args.experiment_share))
     config = out / "serve.yaml"
@@ -587,7 +577,7 @@ def run_once(args: argparse.Namespace, out: Path, base: Path, users: list[str], 
         print(f"warm-up: {summarize(warm)['requests']} requests", flush=True)
         rates = {"cached": args.rate_cached, "uncached": args.rate_uncached}
         for number, mode in enumerate(args.phases.split(","), start=2):
-            swap_dir = copy_version(base, out / f"bundle-v{number}", f"v{number}")
+            swap_dir = copy_bundle(base, out / f"bundle-v{number}", f"v{number}")
             print(
                 f"phase {mode}: {args.duration:.0f}s, {args.connections} connections, rate {rates[mode] or 'max'}; "
                 f"publishing v{number} at {args.duration / 2:.0f}s",

@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 
 from core.settings import Settings
+from training.bundle import copy_bundle
 
 SIMPLE_MODELS = ("popularity", "ease", "item_knn")
 """Candidates :func:`fit_bundle` fits on a generated dataset for a self-contained simulation."""
@@ -112,17 +113,6 @@ def _metadata(bundle_dir: Path) -> dict:
     return json.loads((Path(bundle_dir) / "metadata.json").read_text())
 
 
-def _stage(bundle_dir: Path, version: str, dest: Path) -> Path:
-    """A copy of the bundle in ``bundle_dir`` whose ``metadata.json`` names ``version``."""
-    if dest.exists():
-        shutil.rmtree(dest)
-    shutil.copytree(bundle_dir, dest)
-    meta = json.loads((dest / "metadata.json").read_text())
-    meta["version"] = version
-    (dest / "metadata.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
-    return dest
-
-
 def fit_bundle(dataset: Path, model: str, out_dir: Path, version: str) -> Path:
     """A bundle of ``model`` (one of :data:`SIMPLE_MODELS`) fitted on every interaction of
     the generated dataset ``dataset``: the self-contained simulation's arms."""
@@ -194,9 +184,11 @@ def run_experiment(
         role: f"{role}-" + re.sub(r"[^A-Za-z0-9_.-]", "-", str(_metadata(folder).get("model_name") or "model"))[:64]
         for role, folder in (("champion", champion_dir), ("challenger", challenger_dir))
     }
-    champion = publish(_stage(champion_dir, names["champion"], out / "stage" / "champion"), store, names["champion"])
+    champion = publish(
+        copy_bundle(champion_dir, out / "stage" / "champion", names["champion"]), store, names["champion"]
+    )
     challenger = publish(
-        _stage(challenger_dir, names["challenger"], out / "stage" / "challenger"),
+        copy_bundle(challenger_dir, out / "stage" / "challenger", names["challenger"]),
         store,
         names["challenger"],
         move_current=False,

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import scipy.sparse as sp
 
-from core.files import write_atomic
+from core.files import write_atomic, write_text_atomic
 from training.hybrid import InputWeighting, WeightedHybrid
 from training.models import ItemItemModel
 
@@ -254,6 +254,21 @@ def write_bundle(
     text = json.dumps(meta, indent=2, sort_keys=True, default=str)
     write_atomic(out_dir / "metadata.json", lambda tmp: tmp.write_text(text))
     return out_dir
+
+
+def copy_bundle(source: Path, dest: Path, version: str) -> Path:
+    """A copy of the bundle in ``source`` at ``dest`` (replaced if present) whose
+    ``metadata.json`` names ``version``: the same model published under another name."""
+    import shutil
+
+    dest = Path(dest)
+    if dest.exists():
+        shutil.rmtree(dest)
+    shutil.copytree(source, dest)
+    meta = json.loads((dest / "metadata.json").read_text())
+    meta["version"] = version
+    write_text_atomic(dest / "metadata.json", json.dumps(meta, indent=2, sort_keys=True))
+    return dest
 
 
 def _write_blend(directory: Path, hybrid: WeightedHybrid | None) -> None:
