@@ -14,7 +14,14 @@ from functools import lru_cache
 
 import numpy as np
 
-from training.rerank import exposure_rerank, genre_distribution, item_genre_matrix, long_tail_mask, user_offset
+from training.rerank import (
+    exposure_rerank,
+    genre_distribution,
+    item_genre_matrix,
+    long_tail_mask,
+    ranked_pool,
+    user_offset,
+)
 
 
 def normalize_rows(x: np.ndarray) -> np.ndarray:
@@ -48,10 +55,7 @@ def mmr(pool: np.ndarray, relevance: np.ndarray, vectors: np.ndarray, k: int, di
     """
     if not 0.0 <= diversity <= 1.0:
         raise ValueError(f"diversity must be in [0, 1], got {diversity}")
-    pool = np.asarray(pool, dtype=np.int64)
-    relevance = np.asarray(relevance, dtype=np.float64)
-    order = np.lexsort((pool, -relevance))  # best first, ties by item index
-    pool, relevance = pool[order], relevance[order]
+    pool, relevance = ranked_pool(pool, relevance)
     k = min(k, len(pool))
     if diversity == 0.0 or k <= 1:
         return pool[:k]

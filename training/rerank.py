@@ -83,6 +83,15 @@ def kl_divergence(p: np.ndarray, q: np.ndarray, alpha: float = ALPHA) -> float:
     return float(np.sum(p[mask] * np.log(p[mask] / smoothed)))
 
 
+def ranked_pool(pool: np.ndarray, relevance: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``pool`` (item indices) and its ``relevance`` sorted best first, ties to the lower item
+    index: the order every re-ranker starts from."""
+    pool = np.asarray(pool, dtype=np.int64)
+    relevance = np.asarray(relevance, dtype=np.float64)
+    order = np.lexsort((pool, -relevance))
+    return pool[order], relevance[order]
+
+
 def exposure_rerank(
     pool: np.ndarray,
     relevance: np.ndarray,
@@ -112,10 +121,7 @@ def exposure_rerank(
         raise ValueError(f"tail_share must be in [0, 1], got {tail_share}")
     if not 0.0 <= offset < 1.0:
         raise ValueError(f"offset must be in [0, 1), got {offset}")
-    pool = np.asarray(pool, dtype=np.int64)
-    relevance = np.asarray(relevance, dtype=np.float64)
-    order = np.lexsort((pool, -relevance))  # best first, ties by item index
-    pool, relevance = pool[order], relevance[order]
+    pool, relevance = ranked_pool(pool, relevance)
     k = min(k, len(pool))
     if strength == 0.0 or k == 0:
         return pool[:k]
